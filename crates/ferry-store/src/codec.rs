@@ -1,0 +1,326 @@
+//! The store's on-disk formats: key layout, message records, and metadata values.
+//!
+//! Everything lives in one sled tree so that a publish and its bookkeeping, or an ack and the
+//! deletions it allows, change together in one atomic batch. Keys start with a one-byte kind:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `V` | format version |
+//! | `I` | next channel / subscription id (u32) |
+//! | `C` channel(u32) | [`ChannelRecord`]: name and log bounds |
+//! | `S` subscription(u32) | [`SubscriptionRecord`]: channel, name, settings |
+//! | `A` subscription(u32) | [`AckState`]: the ack floor and acked ranges above it |
+//! | `M` channel(u32) first_seq(u64) chunk(u16) | one chunk of a message record |
+//!
+//! A message record holds consecutive messages of one channel (those of one group commit, up to
+//! [`RECORD_TARGET_BYTES`]): many messages share one sled key, which is what lets the store
+//! write and delete at rates far above one sled operation per message. A record is split into
+//! chunks of at most [`CHUNK_BYTES`] so that no single value is large. Its first chunk starts with
+//! a header carrying the message count, the body length and a CRC32 of the body, so corruption
+//! that sled does not notice is detected on read. Integers are big-endian in keys (so that byte
+//! order is numeric order) and little-endian in values.
+
+use bytes::{Buf, BufMut, Bytes};
+
+use crate::{AckState, ChannelId, Message, NewMessage, StoreError, SubscriptionId, SubscriptionSettings};
+
+/// The version of this layout, stored under `V`.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+/// A group's messages for one channel are cut into records of about this many body bytes.
+pub(crate) const RECORD_TARGET_BYTES: usize = 256 * 1024;
+/// The largest chunk value written.
+pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
+const RECORD_MAGIC: u8 = 0xF1;
+const RECORD_HEADER_LEN: usize = 1 + 4 + 4 + 4;
+
+pub(crate) const KEY_VERSION: &[u8] = b"V";
+pub(crate) const KEY_NEXT_ID: &[u8] = b"I";
+
+pub(crate) fn channel_key(id: ChannelId) -> [u8; 5] {
+    prefixed(b'C', id.0)
+}
+
+pub(crate) fn subscription_key(id: SubscriptionId) -> [u8; 5] {
+    prefixed(b'S', id.0)
+}
+
+pub(crate) fn ack_key(id: SubscriptionId) -> [u8; 5] {
+    prefixed(b'A', id.0)
+}
+
+fn prefixed(kind: u8, id: u32) -> [u8; 5] {
+    let mut key = [kind; 5];
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The key of one chunk of the record that starts at `first_seq`.
+pub(crate) fn chunk_key(channel: ChannelId, first_seq: u64, chunk: u16) -> [u8; 15] {
+    let mut key = [b'M'; 15];
+    key[1..5].copy_from_slice(&channel.0.to_be_bytes());
+    key[5..13].copy_from_slice(&first_seq.to_be_bytes());
+    key[13..].copy_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// Every chunk key of a channel sorts within `[channel_start(c), channel_start(c + 1))`.
+pub(crate) fn channel_log_prefix(channel: ChannelId) -> [u8; 5] {
+    prefixed(b'M', channel.0)
+}
+
+/// Splits a chunk key into (first_seq, chunk index).
+pub(crate) fn parse_chunk_key(key: &[u8]) -> Result<(u64, u16), StoreError> {
+    if key.len() != 15 || key[0] != b'M' {
+        return Err(StoreError::Corrupt(format!("bad message key {key:?}")));
+    }
+    let first = u64::from_be_bytes(key[5..13].try_into().expect("8 bytes"));
+    let chunk = u16::from_be_bytes(key[13..].try_into().expect("2 bytes"));
+    Ok((first, chunk))
+}
+
+/// Encodes messages as the body of one record.
+pub(crate) fn encode_body(messages: &[NewMessage], publish_time_ms: u64, body: &mut Vec<u8>) {
+    for m in messages {
+        body.put_u64_le(publish_time_ms);
+        put_str(body, &m.key);
+        put_str(body, &m.id);
+        body.put_u32_le(m.attributes.len() as u32);
+        for (k, v) in &m.attributes {
+            put_str(body, k);
+            put_str(body, v);
+        }
+        body.put_u32_le(m.payload.len() as u32);
+        body.put_slice(&m.payload);
+    }
+}
+
+/// Cuts a record body into chunk values, the first one carrying the header.
+pub(crate) fn chunk_record(count: u32, body: &[u8]) -> Vec<Vec<u8>> {
+    let mut first = Vec::with_capacity(CHUNK_BYTES.min(RECORD_HEADER_LEN + body.len()));
+    first.put_u8(RECORD_MAGIC);
+    first.put_u32_le(count);
+    first.put_u32_le(body.len() as u32);
+    first.put_u32_le(crc32fast::hash(body));
+    let head = body.len().min(CHUNK_BYTES - RECORD_HEADER_LEN);
+    first.extend_from_slice(&body[..head]);
+    let mut chunks = vec![first];
+    chunks.extend(body[head..].chunks(CHUNK_BYTES).map(<[u8]>::to_vec));
+    chunks
+}
+
+/// Decodes a record from its chunks (in order) into messages numbered from `first_seq`.
+pub(crate) fn decode_record<C: AsRef<[u8]>>(first_seq: u64, chunks: &[C]) -> Result<Vec<Message>, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
+    let first = chunks.first().ok_or_else(|| corrupt("no chunks"))?.as_ref();
+    if first.len() < RECORD_HEADER_LEN || first[0] != RECORD_MAGIC {
+        return Err(corrupt("bad header"));
+    }
+    let mut header = &first[1..RECORD_HEADER_LEN];
+    let count = header.get_u32_le();
+    let body_len = header.get_u32_le() as usize;
+    let crc = header.get_u32_le();
+    let mut body = Vec::with_capacity(body_len);
+    body.extend_from_slice(&first[RECORD_HEADER_LEN..]);
+    for chunk in &chunks[1..] {
+        body.extend_from_slice(chunk.as_ref());
+    }
+    if body.len() != body_len {
+        return Err(corrupt(&format!("body is {} bytes, header says {body_len}", body.len())));
+    }
+    if crc32fast::hash(&body) != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let body = Bytes::from(body);
+    let mut cursor = body.clone();
+    let mut messages = Vec::with_capacity(count as usize);
+    for i in 0..u64::from(count) {
+        let truncated = || corrupt("truncated message");
+        if cursor.remaining() < 8 {
+            return Err(truncated());
+        }
+        let publish_time_ms = cursor.get_u64_le();
+        let key = get_str(&mut cursor).ok_or_else(truncated)?;
+        let id = get_str(&mut cursor).ok_or_else(truncated)?;
+        if cursor.remaining() < 4 {
+            return Err(truncated());
+        }
+        let n = cursor.get_u32_le() as usize;
+        let mut attributes = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            let k = get_str(&mut cursor).ok_or_else(truncated)?;
+            let v = get_str(&mut cursor).ok_or_else(truncated)?;
+            attributes.push((k, v));
+        }
+        let payload = get_bytes(&mut cursor).ok_or_else(truncated)?;
+        messages.push(Message { sequence: first_seq + i, publish_time_ms, key, id, attributes, payload });
+    }
+    Ok(messages)
+}
+
+/// The persisted part of a channel: its name and the bounds of its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChannelRecord {
+    pub name: String,
+    /// The sequence the next message gets.
+    pub next_seq: u64,
+    /// The first sequence still stored (== next_seq when the log is empty).
+    pub first_seq: u64,
+    /// Encoded bytes of the records still stored.
+    pub bytes: u64,
+}
+
+impl ChannelRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.name.len());
+        put_str(&mut out, &self.name);
+        out.put_u64_le(self.next_seq);
+        out.put_u64_le(self.first_seq);
+        out.put_u64_le(self.bytes);
+        out
+    }
+
+    pub fn decode(mut raw: &[u8]) -> Result<Self, StoreError> {
+        let bad = || StoreError::Corrupt("bad channel record".into());
+        let name = get_str_slice(&mut raw).ok_or_else(bad)?;
+        if raw.remaining() < 24 {
+            return Err(bad());
+        }
+        Ok(Self { name, next_seq: raw.get_u64_le(), first_seq: raw.get_u64_le(), bytes: raw.get_u64_le() })
+    }
+}
+
+/// The persisted part of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubscriptionRecord {
+    pub channel: ChannelId,
+    pub name: String,
+    pub settings: SubscriptionSettings,
+}
+
+impl SubscriptionRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.name.len());
+        out.put_u32_le(self.channel.0);
+        put_str(&mut out, &self.name);
+        out.put_u64_le(self.settings.ack_deadline_ms);
+        out
+    }
+
+    pub fn decode(mut raw: &[u8]) -> Result<Self, StoreError> {
+        let bad = || StoreError::Corrupt("bad subscription record".into());
+        if raw.remaining() < 4 {
+            return Err(bad());
+        }
+        let channel = ChannelId(raw.get_u32_le());
+        let name = get_str_slice(&mut raw).ok_or_else(bad)?;
+        if raw.remaining() < 8 {
+            return Err(bad());
+        }
+        let settings = SubscriptionSettings { ack_deadline_ms: raw.get_u64_le() };
+        Ok(Self { channel, name, settings })
+    }
+}
+
+pub(crate) fn encode_ack_state(state: &AckState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20 + 16 * state.acked_above_floor.len());
+    out.put_u64_le(state.floor);
+    out.put_u64_le(state.acked_total);
+    out.put_u32_le(state.acked_above_floor.len() as u32);
+    for &(start, end) in &state.acked_above_floor {
+        out.put_u64_le(start);
+        out.put_u64_le(end);
+    }
+    out
+}
+
+pub(crate) fn decode_ack_state(mut raw: &[u8]) -> Result<AckState, StoreError> {
+    let bad = || StoreError::Corrupt("bad ack state".into());
+    if raw.remaining() < 20 {
+        return Err(bad());
+    }
+    let floor = raw.get_u64_le();
+    let acked_total = raw.get_u64_le();
+    let n = raw.get_u32_le() as usize;
+    if raw.remaining() != n * 16 {
+        return Err(bad());
+    }
+    let acked_above_floor = (0..n).map(|_| (raw.get_u64_le(), raw.get_u64_le())).collect();
+    Ok(AckState { floor, acked_total, acked_above_floor })
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.put_u32_le(s.len() as u32);
+    out.put_slice(s.as_bytes());
+}
+
+fn get_bytes(cursor: &mut Bytes) -> Option<Bytes> {
+    if cursor.remaining() < 4 {
+        return None;
+    }
+    let len = cursor.get_u32_le() as usize;
+    (cursor.remaining() >= len).then(|| cursor.split_to(len))
+}
+
+fn get_str(cursor: &mut Bytes) -> Option<String> {
+    get_bytes(cursor).and_then(|b| String::from_utf8(b.to_vec()).ok())
+}
+
+fn get_str_slice(raw: &mut &[u8]) -> Option<String> {
+    if raw.remaining() < 4 {
+        return None;
+    }
+    let len = raw.get_u32_le() as usize;
+    if raw.remaining() < len {
+        return None;
+    }
+    let s = std::str::from_utf8(&raw[..len]).ok()?.to_owned();
+    raw.advance(len);
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload: &[u8]) -> NewMessage {
+        NewMessage {
+            payload: Bytes::copy_from_slice(payload),
+            attributes: vec![("a".into(), "1".into())],
+            key: "k".into(),
+            id: "id-1".into(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_across_chunks() {
+        let messages: Vec<_> = [&b"small"[..], &vec![7u8; 3 * CHUNK_BYTES][..], b""].map(message).into();
+        let mut body = Vec::new();
+        encode_body(&messages, 42, &mut body);
+        let chunks = chunk_record(3, &body);
+        assert!(chunks.len() >= 4 && chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
+        let decoded = decode_record(10, &chunks).unwrap();
+        assert_eq!(decoded.len(), 3);
+        for (i, (d, m)) in decoded.iter().zip(&messages).enumerate() {
+            assert_eq!(d.sequence, 10 + i as u64);
+            assert_eq!(d.publish_time_ms, 42);
+            assert_eq!((&d.payload, &d.key, &d.id, &d.attributes), (&m.payload, &m.key, &m.id, &m.attributes));
+        }
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let mut body = Vec::new();
+        encode_body(&[message(b"hello")], 1, &mut body);
+        let mut chunk = chunk_record(1, &body).remove(0);
+        let last = chunk.len() - 1;
+        chunk[last] ^= 1;
+        let err = decode_record(1, &[chunk]).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn ack_state_round_trips() {
+        let state = AckState { floor: 5, acked_total: 9, acked_above_floor: vec![(7, 9), (12, 20)] };
+        assert_eq!(decode_ack_state(&encode_ack_state(&state)).unwrap(), state);
+    }
+}

@@ -1,0 +1,360 @@
+//! Ferry's durable store: the only crate that names sled.
+//!
+//! It owns the on-disk layout ([`codec`]), the group-commit writer thread ([`writer`]) through
+//! which every change goes, and the read side: a per-channel [`ChannelLog`] that keeps the
+//! newest messages in memory for live subscribers and reads older ones from sled.
+//!
+//! What it promises (with the default [`FsyncMode::Always`]): a write is acknowledged only after
+//! sled has written it to its log file, the log file has been `fdatasync`'d, and every blob file
+//! sled wrote for it has been fsync'd with its directory. sled's own `flush()` only calls
+//! `sync_file_range` on Linux (spacejam/sled#1452) and never syncs blob files; the writer adds the
+//! missing syncs itself. Messages are stored once, however many subscriptions a channel has, in
+//! records of many messages (see [`codec`]); a record is deleted once every subscription's ack
+//! floor has passed it.
+
+mod codec;
+mod log;
+mod writer;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use log::ChannelLog;
+use writer::{Op, Writer};
+
+/// Identifies a channel inside the store (names live in the channel's record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(pub u32);
+
+/// Identifies a subscription inside the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(pub u32);
+
+/// A message as handed in by a publisher, before the store numbers it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The opaque body.
+    pub payload: Bytes,
+    /// String headers, in the order given.
+    pub attributes: Vec<(String, String)>,
+    /// Ordering key ("" = none).
+    pub key: String,
+    /// Publisher-chosen id ("" = none).
+    pub id: String,
+}
+
+impl NewMessage {
+    /// The bytes this message counts for against size limits and flow-control windows.
+    pub fn size(&self) -> usize {
+        message_size(&self.payload, &self.attributes, &self.key, &self.id)
+    }
+}
+
+/// A stored message: immutable once written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Strictly increasing within its channel, from 1.
+    pub sequence: u64,
+    /// When the store accepted it, in milliseconds since the Unix epoch.
+    pub publish_time_ms: u64,
+    /// Ordering key ("" = none).
+    pub key: String,
+    /// Publisher-chosen id ("" = none).
+    pub id: String,
+    /// String headers.
+    pub attributes: Vec<(String, String)>,
+    /// The opaque body.
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// The bytes this message counts for against size limits and flow-control windows.
+    pub fn size(&self) -> usize {
+        message_size(&self.payload, &self.attributes, &self.key, &self.id)
+    }
+}
+
+fn message_size(payload: &Bytes, attributes: &[(String, String)], key: &str, id: &str) -> usize {
+    payload.len() + key.len() + id.len() + attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
+
+/// A subscription's durable acknowledgement state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckState {
+    /// Every sequence below this is acked.
+    pub floor: u64,
+    /// Messages acked since the subscription was created.
+    pub acked_total: u64,
+    /// Acked ranges `[start, end)` above the floor, sorted and disjoint, none touching the floor.
+    pub acked_above_floor: Vec<(u64, u64)>,
+}
+
+/// A subscription's settings, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionSettings {
+    /// How long a delivery may stay unacked before it is redelivered.
+    pub ack_deadline_ms: u64,
+}
+
+/// When a write counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// After it is written and fsync'd: survives a crash of the process and of the machine.
+    Always,
+    /// After it is written to the OS (survives a crash of the process); fsync'd at most this long
+    /// later, so a power loss can lose that window.
+    Interval(Duration),
+    /// As soon as sled has it in memory: a crash can lose sled's flush window (500 ms).
+    Never,
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// When writes are confirmed.
+    pub fsync: FsyncMode,
+    /// sled's page cache size.
+    pub cache_capacity_bytes: u64,
+    /// How many bytes of the newest messages each channel keeps decoded in memory for live
+    /// subscribers; older ones are read from sled.
+    pub tail_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { fsync: FsyncMode::Always, cache_capacity_bytes: 128 << 20, tail_cache_bytes: 16 << 20 }
+    }
+}
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database itself failed (I/O error, disk full, ...).
+    #[error("storage failure: {0}")]
+    Backend(String),
+    /// A file the store must sync could not be.
+    #[error("storage I/O failure on {path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        message: String,
+    },
+    /// Data read back does not match what was written.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// An earlier write failed; the store refuses writes until it is reopened.
+    #[error("the store stopped accepting writes after an earlier failure: {0}")]
+    Failed(String),
+    /// The store was closed.
+    #[error("the store is closed")]
+    Closed,
+    /// No channel with that id (it may have been deleted).
+    #[error("channel does not exist")]
+    ChannelNotFound,
+    /// A channel with that name exists.
+    #[error("channel {0:?} already exists")]
+    ChannelExists(String),
+    /// No subscription with that id (it may have been deleted).
+    #[error("subscription does not exist")]
+    SubscriptionNotFound,
+    /// The channel has a subscription of that name.
+    #[error("subscription {0:?} already exists")]
+    SubscriptionExists(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// Results of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A channel as found when the store is opened.
+#[derive(Debug, Clone)]
+pub struct RecoveredChannel {
+    /// Its id.
+    pub id: ChannelId,
+    /// Its name.
+    pub name: String,
+}
+
+/// A subscription as found when the store is opened.
+#[derive(Debug, Clone)]
+pub struct RecoveredSubscription {
+    /// Its id.
+    pub id: SubscriptionId,
+    /// Its channel.
+    pub channel: ChannelId,
+    /// Its name.
+    pub name: String,
+    /// Its settings.
+    pub settings: SubscriptionSettings,
+    /// Its durable ack state.
+    pub acks: AckState,
+}
+
+/// What the store holds at start-up: metadata and ack state only, never the backlog itself, so
+/// recovery time and memory grow with the number of channels and subscriptions.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// All channels.
+    pub channels: Vec<RecoveredChannel>,
+    /// All subscriptions.
+    pub subscriptions: Vec<RecoveredSubscription>,
+}
+
+/// A channel's log figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// The sequence the next message gets (the durable end of the log).
+    pub next_seq: u64,
+    /// The first sequence still stored.
+    pub first_seq: u64,
+    /// Encoded bytes of the records still stored.
+    pub bytes: u64,
+}
+
+/// How many write requests may wait for the writer before callers wait to enqueue.
+const WRITE_QUEUE: usize = 8192;
+
+/// A handle to the open store; cheap to clone. Writes go to one writer thread that commits them in
+/// groups (one sled batch and one fsync for many callers); reads run on the caller's thread.
+#[derive(Clone)]
+pub struct Store {
+    ops: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
+}
+
+/// State shared by the writer thread and readers.
+struct Shared {
+    /// The open channels' logs; the writer adds and removes entries.
+    logs: RwLock<HashMap<ChannelId, Arc<ChannelLog>>>,
+    /// Set when a write failed: from then on the store refuses writes (sled's I/O errors are
+    /// sticky, and confirming anything after one would be a lie).
+    failure: Mutex<Option<String>>,
+    /// The writer thread, joined on close.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts its writer thread. Returns what it holds.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<(Store, Recovered)> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_capacity_bytes)
+            .open()?;
+        let (writer, recovered, logs) = Writer::recover(db, dir, &options)?;
+        let (ops, rx) = mpsc::channel(WRITE_QUEUE);
+        let shared = Arc::new(Shared {
+            logs: RwLock::new(logs),
+            failure: Mutex::new(None),
+            writer: Mutex::new(None),
+        });
+        let handle = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ferry-store-writer".into())
+                .spawn(move || writer.run(rx, shared))
+                .map_err(|e| io_error(dir, e))?
+        };
+        *shared.writer.lock().expect("writer lock") = Some(handle);
+        Ok((Store { ops, shared }, recovered))
+    }
+
+    /// Appends messages to a channel; resolves once they are durable, with their sequences.
+    pub async fn append(&self, channel: ChannelId, messages: Vec<NewMessage>) -> Result<Range<u64>> {
+        self.call(|reply| Op::Append { channel, messages, reply }).await
+    }
+
+    /// Replaces a subscription's ack state; resolves once it is durable.
+    pub async fn save_acks(&self, subscription: SubscriptionId, state: AckState) -> Result<()> {
+        self.call(|reply| Op::SaveAcks { subscription, state, reply }).await
+    }
+
+    /// Deletes the records of `channel` that lie wholly below `below` (every subscription has
+    /// acked them). Takes effect with the next group commit.
+    pub async fn collect(&self, channel: ChannelId, below: u64) {
+        // If the writer is gone the store is closing; the records will be collected next time.
+        let _ = self.ops.send(Op::Collect { channel, below }).await;
+    }
+
+    /// Creates a channel.
+    pub async fn create_channel(&self, name: String) -> Result<ChannelId> {
+        self.call(|reply| Op::CreateChannel { name, reply }).await
+    }
+
+    /// Deletes a channel with its messages and subscriptions.
+    pub async fn delete_channel(&self, channel: ChannelId) -> Result<()> {
+        self.call(|reply| Op::DeleteChannel { channel, reply }).await
+    }
+
+    /// Creates a subscription that starts at the channel's end; returns its id and ack state.
+    pub async fn create_subscription(
+        &self,
+        channel: ChannelId,
+        name: String,
+        settings: SubscriptionSettings,
+    ) -> Result<(SubscriptionId, AckState)> {
+        self.call(|reply| Op::CreateSubscription { channel, name, settings, reply }).await
+    }
+
+    /// Changes a subscription's settings.
+    pub async fn update_subscription(&self, subscription: SubscriptionId, settings: SubscriptionSettings) -> Result<()> {
+        self.call(|reply| Op::UpdateSubscription { subscription, settings, reply }).await
+    }
+
+    /// Deletes a subscription and its ack state.
+    pub async fn delete_subscription(&self, subscription: SubscriptionId) -> Result<()> {
+        self.call(|reply| Op::DeleteSubscription { subscription, reply }).await
+    }
+
+    /// The log of a channel, for reading and for waiting on new messages.
+    pub fn log(&self, channel: ChannelId) -> Result<Arc<ChannelLog>> {
+        self.shared.logs.read().expect("logs lock").get(&channel).cloned().ok_or(StoreError::ChannelNotFound)
+    }
+
+    /// Why the store stopped accepting writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().expect("failure lock").clone()
+    }
+
+    /// Commits what is queued, syncs everything to disk and stops the writer. Later writes fail
+    /// with [`StoreError::Closed`].
+    pub async fn close(&self) -> Result<()> {
+        let result = self.call(|reply| Op::Close { reply }).await;
+        let handle = self.shared.writer.lock().expect("writer lock").take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        match result {
+            Err(StoreError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io { path: path.to_owned(), message: e.to_string() }
+}
+
+/// A watch on a channel's durable end, so readers can wait for new messages.
+pub type EndWatch = watch::Receiver<u64>;
+
+#[cfg(test)]
+mod tests;

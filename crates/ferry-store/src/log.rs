@@ -1,0 +1,188 @@
+//! The read side of a channel: its newest messages decoded in memory, older ones read from sled.
+//!
+//! Live subscribers read from the tail cache, so fan-out to many subscriptions decodes nothing
+//! and copies no payload; a subscriber that has fallen behind reads whole records from sled,
+//! and the broker's memory stays bounded by the cache budget, not by the backlog.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::codec::{chunk_key, decode_record, parse_chunk_key};
+use crate::{ChannelId, ChannelStats, Message, Result};
+
+/// One channel's log as readers see it. The writer thread updates it after each commit, so
+/// everything readable here is durable.
+pub struct ChannelLog {
+    id: ChannelId,
+    db: sled::Db,
+    /// The durable end (next sequence); readers wait on it for new messages.
+    end: watch::Sender<u64>,
+    state: Mutex<LogState>,
+    tail_budget: usize,
+}
+
+struct LogState {
+    /// Consecutive messages ending at `stats.next_seq - 1`.
+    tail: VecDeque<Arc<Message>>,
+    tail_bytes: usize,
+    stats: ChannelStats,
+}
+
+impl ChannelLog {
+    pub(crate) fn new(id: ChannelId, db: sled::Db, stats: ChannelStats, tail_budget: usize) -> Self {
+        let (end, _) = watch::channel(stats.next_seq);
+        let state = LogState { tail: VecDeque::new(), tail_bytes: 0, stats };
+        Self { id, db, end, state: Mutex::new(state), tail_budget }
+    }
+
+    /// The channel this log belongs to.
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    /// The log's figures now.
+    pub fn stats(&self) -> ChannelStats {
+        self.lock().stats
+    }
+
+    /// Watches the durable end: it changes whenever messages are appended.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+
+    /// Up to `max_messages` consecutive messages from `from` (or from the first one stored after
+    /// it), stopping once `max_bytes` is reached; the first message is returned whatever its size.
+    pub fn read(&self, from: u64, max_messages: usize, max_bytes: usize) -> Result<Vec<Arc<Message>>> {
+        let mut out = Vec::new();
+        let tail_start = {
+            let state = self.lock();
+            let tail_start = state.tail.front().map_or(state.stats.next_seq, |m| m.sequence);
+            if from >= tail_start {
+                take_from_tail(&state, from, max_messages, max_bytes, &mut out);
+                return Ok(out);
+            }
+            tail_start
+        };
+        self.read_stored(from, tail_start, max_messages, max_bytes, &mut out)?;
+        if out.len() < max_messages && bytes_of(&out) < max_bytes {
+            let next = out.last().map_or(tail_start, |m| m.sequence + 1);
+            take_from_tail(&self.lock(), next, max_messages, max_bytes, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The message with this sequence, if it is still stored.
+    pub fn get(&self, sequence: u64) -> Result<Option<Arc<Message>>> {
+        let found = self.read(sequence, 1, 0)?;
+        Ok(found.into_iter().next().filter(|m| m.sequence == sequence))
+    }
+
+    /// Reads whole records from sled, keeping the messages in `[from, until)`.
+    fn read_stored(
+        &self,
+        from: u64,
+        until: u64,
+        max_messages: usize,
+        max_bytes: usize,
+        out: &mut Vec<Arc<Message>>,
+    ) -> Result<()> {
+        let id = self.id;
+        // The record holding `from` is the last one starting at or before it.
+        let start = match self.db.range(chunk_key(id, 0, 0)..=chunk_key(id, from, u16::MAX)).next_back() {
+            Some(entry) => parse_chunk_key(&entry?.0)?.0,
+            None => from,
+        };
+        let mut bytes = 0;
+        // Decodes one record into `out`; true once a limit is reached.
+        let mut take = |first: u64, chunks: &[sled::IVec], out: &mut Vec<Arc<Message>>| -> Result<bool> {
+            for message in decode_record(first, chunks)? {
+                if message.sequence < from || message.sequence >= until {
+                    continue;
+                }
+                bytes += message.size();
+                out.push(Arc::new(message));
+                if out.len() >= max_messages || bytes >= max_bytes {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        let mut record: Option<(u64, Vec<sled::IVec>)> = None;
+        for entry in self.db.range(chunk_key(id, start, 0)..chunk_key(id, until, 0)) {
+            let (key, value) = entry?;
+            let (first, _) = parse_chunk_key(&key)?;
+            match &mut record {
+                Some((current, chunks)) if *current == first => chunks.push(value),
+                _ => {
+                    if let Some((current, chunks)) = record.replace((first, vec![value])) {
+                        if take(current, &chunks, out)? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((current, chunks)) = record {
+            take(current, &chunks, out)?;
+        }
+        Ok(())
+    }
+
+    /// Called by the writer after a commit made these messages durable.
+    pub(crate) fn appended(&self, messages: Vec<Message>, stats: ChannelStats) {
+        let mut state = self.lock();
+        for message in messages {
+            state.tail_bytes += message.size() + TAIL_OVERHEAD;
+            state.tail.push_back(Arc::new(message));
+        }
+        state.stats = stats;
+        self.trim(&mut state);
+        drop(state);
+        self.end.send_replace(stats.next_seq);
+    }
+
+    /// Called by the writer after records were deleted.
+    pub(crate) fn collected(&self, stats: ChannelStats) {
+        let mut state = self.lock();
+        state.stats = stats;
+        self.trim(&mut state);
+    }
+
+    fn trim(&self, state: &mut LogState) {
+        while let Some(front) = state.tail.front() {
+            if state.tail_bytes <= self.tail_budget && front.sequence >= state.stats.first_seq {
+                break;
+            }
+            state.tail_bytes -= front.size() + TAIL_OVERHEAD;
+            state.tail.pop_front();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state.lock().expect("channel log lock")
+    }
+}
+
+/// What a cached message costs beyond its bytes (the Arc, the struct, the strings' headers).
+const TAIL_OVERHEAD: usize = 160;
+
+fn bytes_of(out: &[Arc<Message>]) -> usize {
+    out.iter().map(|m| m.size()).sum()
+}
+
+/// Appends cached messages from `from` to `out` until `out` holds `max_messages` or
+/// `max_bytes` (counting what it held already; a first message always fits).
+fn take_from_tail(state: &LogState, from: u64, max_messages: usize, max_bytes: usize, out: &mut Vec<Arc<Message>>) {
+    let Some(front) = state.tail.front() else { return };
+    let skip = from.saturating_sub(front.sequence) as usize;
+    let mut bytes = bytes_of(out);
+    for message in state.tail.iter().skip(skip) {
+        if out.len() >= max_messages || (bytes >= max_bytes && !out.is_empty()) {
+            break;
+        }
+        bytes += message.size();
+        out.push(message.clone());
+    }
+}

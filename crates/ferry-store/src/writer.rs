@@ -1,0 +1,611 @@
+//! The writer thread: every change to the store goes through it, in groups.
+//!
+//! It takes whatever requests are queued (up to a size bound), turns them into one sled batch,
+//! applies it atomically, makes it durable once (flush, then `fdatasync` of sled's log file and
+//! fsync of any new blob file, see the crate docs), updates the readers' view and only then
+//! answers every caller. Concurrent publishers and ackers therefore share one fsync, and
+//! confirmation order equals commit order. Sequences are assigned here, so a channel's order is
+//! exactly the order of its commits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::codec::{
+    self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, SubscriptionRecord, ack_key, channel_key, chunk_key, subscription_key,
+};
+use crate::{
+    AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered, RecoveredChannel,
+    RecoveredSubscription, Result, Shared, StoreError, StoreOptions, SubscriptionId, SubscriptionSettings, io_error,
+};
+
+/// A group takes at most this many requests...
+const MAX_GROUP_OPS: usize = 4096;
+/// ...or this many payload bytes, whichever comes first.
+const MAX_GROUP_BYTES: usize = 32 << 20;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A request to the writer.
+pub(crate) enum Op {
+    Append { channel: ChannelId, messages: Vec<NewMessage>, reply: Reply<Range<u64>> },
+    SaveAcks { subscription: SubscriptionId, state: AckState, reply: Reply<()> },
+    Collect { channel: ChannelId, below: u64 },
+    CreateChannel { name: String, reply: Reply<ChannelId> },
+    DeleteChannel { channel: ChannelId, reply: Reply<()> },
+    CreateSubscription {
+        channel: ChannelId,
+        name: String,
+        settings: SubscriptionSettings,
+        reply: Reply<(SubscriptionId, AckState)>,
+    },
+    UpdateSubscription { subscription: SubscriptionId, settings: SubscriptionSettings, reply: Reply<()> },
+    DeleteSubscription { subscription: SubscriptionId, reply: Reply<()> },
+    Close { reply: Reply<()> },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { messages, .. } => messages.iter().map(NewMessage::size).sum(),
+            _ => 64,
+        }
+    }
+}
+
+struct WriterChannel {
+    record: ChannelRecord,
+    log: Arc<ChannelLog>,
+}
+
+/// The writer's state: the authoritative view of channels and subscriptions.
+pub(crate) struct Writer {
+    db: sled::Db,
+    fsync: FsyncMode,
+    tail_cache_bytes: usize,
+    files: DurableFiles,
+    channels: HashMap<ChannelId, WriterChannel>,
+    names: HashMap<String, ChannelId>,
+    subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
+    next_id: u32,
+    /// Writes applied but not yet fsync'd (modes other than `Always`).
+    unsynced_since: Option<Instant>,
+}
+
+/// A reply to send once the group's fate is known.
+type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn pending<T: Send + 'static>(reply: Reply<T>, value: T) -> Pending {
+    Box::new(move |failure| {
+        let _ = reply.send(match failure {
+            None => Ok(value),
+            Some(e) => Err(e.clone()),
+        });
+    })
+}
+
+/// What one group changes, collected before it is applied.
+#[derive(Default)]
+struct Group {
+    batch: sled::Batch,
+    /// New messages per channel, with the sequence of the first.
+    appends: BTreeMap<ChannelId, (u64, Vec<NewMessage>)>,
+    /// The highest collection bound asked per channel.
+    collects: HashMap<ChannelId, u64>,
+    /// Channels whose record must be rewritten.
+    touched: HashSet<ChannelId>,
+    /// Logs to publish or withdraw once committed.
+    new_logs: Vec<Arc<ChannelLog>>,
+    dropped_logs: Vec<ChannelId>,
+    replies: Vec<Pending>,
+    close: bool,
+}
+
+impl Writer {
+    /// Reads the metadata and ack state (never the messages) and prepares the writer.
+    pub(crate) fn recover(
+        db: sled::Db,
+        dir: &Path,
+        options: &StoreOptions,
+    ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
+        match db.get(KEY_VERSION)? {
+            Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
+            Some(v) => return Err(StoreError::Corrupt(format!("unsupported store format {v:?} in {}", dir.display()))),
+            None if db.is_empty() => {
+                db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
+            }
+            None => return Err(StoreError::Corrupt(format!("{} holds data that is not a Ferry store", dir.display()))),
+        }
+        let next_id = match db.get(KEY_NEXT_ID)? {
+            Some(raw) => u32::from_le_bytes(raw.as_ref().try_into().map_err(|_| StoreError::Corrupt("bad id counter".into()))?),
+            None => 1,
+        };
+
+        let mut recovered = Recovered::default();
+        let mut channels = HashMap::new();
+        let mut names = HashMap::new();
+        let mut logs = HashMap::new();
+        for entry in db.scan_prefix(b"C") {
+            let (key, value) = entry?;
+            let id = ChannelId(id_of(&key)?);
+            let record = ChannelRecord::decode(&value)?;
+            let stats = ChannelStats { next_seq: record.next_seq, first_seq: record.first_seq, bytes: record.bytes };
+            let log = Arc::new(ChannelLog::new(id, db.clone(), stats, options.tail_cache_bytes));
+            recovered.channels.push(RecoveredChannel { id, name: record.name.clone() });
+            names.insert(record.name.clone(), id);
+            logs.insert(id, log.clone());
+            channels.insert(id, WriterChannel { record, log });
+        }
+        let mut subscriptions = HashMap::new();
+        for entry in db.scan_prefix(b"S") {
+            let (key, value) = entry?;
+            let id = SubscriptionId(id_of(&key)?);
+            let record = SubscriptionRecord::decode(&value)?;
+            if !channels.contains_key(&record.channel) {
+                return Err(StoreError::Corrupt(format!("subscription {:?} names a missing channel", record.name)));
+            }
+            let acks = match db.get(ack_key(id))? {
+                Some(raw) => codec::decode_ack_state(&raw)?,
+                None => return Err(StoreError::Corrupt(format!("subscription {:?} has no ack state", record.name))),
+            };
+            recovered.subscriptions.push(RecoveredSubscription {
+                id,
+                channel: record.channel,
+                name: record.name.clone(),
+                settings: record.settings,
+                acks,
+            });
+            subscriptions.insert(id, record);
+        }
+
+        let files = DurableFiles::open(dir)?;
+        files.sync_directories()?;
+        let writer = Writer {
+            db,
+            fsync: options.fsync,
+            tail_cache_bytes: options.tail_cache_bytes,
+            files,
+            channels,
+            names,
+            subscriptions,
+            next_id,
+            unsynced_since: None,
+        };
+        Ok((writer, recovered, logs))
+    }
+
+    /// The thread's body: commit groups until closed or every handle is gone.
+    pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Op>, shared: Arc<Shared>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "store writer could not start its timer");
+                return;
+            }
+        };
+        loop {
+            let first = match self.sync_deadline() {
+                Some(deadline) => match runtime.block_on(tokio::time::timeout_at(deadline.into(), ops.recv())) {
+                    Ok(op) => op,
+                    Err(_) => {
+                        if let Err(e) = self.sync_now() {
+                            fail(&shared, &e);
+                        }
+                        continue;
+                    }
+                },
+                None => runtime.block_on(ops.recv()),
+            };
+            let Some(first) = first else { break };
+            let mut bytes = first.bytes();
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+                match ops.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.commit(batch, &shared) {
+                break;
+            }
+        }
+        ops.close();
+        // Whatever was already queued behind a close is refused rather than left hanging.
+        while let Ok(op) = ops.try_recv() {
+            refuse(op, &StoreError::Closed);
+        }
+        if shared.failure.lock().expect("failure lock").is_none() {
+            if let Err(e) = self.db.flush().map_err(StoreError::from).and_then(|_| self.files.sync()) {
+                tracing::error!(error = %e, "final store sync failed");
+            }
+        }
+    }
+
+    /// Commits one group; true if it asked the writer to stop.
+    fn commit(&mut self, ops: Vec<Op>, shared: &Shared) -> bool {
+        if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
+            let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
+            for op in ops {
+                refuse(op, &StoreError::Failed(failure.clone()));
+            }
+            return close;
+        }
+        let mut group = Group::default();
+        for op in ops {
+            if let Err((reply, e)) = self.plan(op, &mut group) {
+                reply(Some(&e));
+            }
+        }
+        let collected = match self.plan_collects(&mut group) {
+            Ok(collected) => collected,
+            Err(e) => return self.fail_group(group, e, shared),
+        };
+        let appended = self.encode_appends(&mut group);
+        for id in &group.touched {
+            if let Some(channel) = self.channels.get(id) {
+                group.batch.insert(&channel_key(*id), channel.record.encode());
+            }
+        }
+        let outcome = self.db.apply_batch(std::mem::take(&mut group.batch)).map_err(StoreError::from).and_then(|_| self.make_durable());
+        if let Err(e) = outcome {
+            return self.fail_group(group, e, shared);
+        }
+
+        // Readers see the new state before any caller hears of it.
+        {
+            let mut logs = shared.logs.write().expect("logs lock");
+            for log in group.new_logs.drain(..) {
+                logs.insert(log.id(), log);
+            }
+            for id in group.dropped_logs.drain(..) {
+                logs.remove(&id);
+            }
+        }
+        for (id, messages) in appended {
+            if let Some(channel) = self.channels.get(&id) {
+                channel.log.appended(messages, stats_of(&channel.record));
+            }
+        }
+        for id in collected {
+            if let Some(channel) = self.channels.get(&id) {
+                channel.log.collected(stats_of(&channel.record));
+            }
+        }
+        for reply in group.replies {
+            reply(None);
+        }
+        group.close
+    }
+
+    fn fail_group(&mut self, group: Group, e: StoreError, shared: &Shared) -> bool {
+        fail(shared, &e);
+        for reply in group.replies {
+            reply(Some(&e));
+        }
+        group.close
+    }
+
+    /// Adds one request to the group, or refuses it at once.
+    fn plan(&mut self, op: Op, group: &mut Group) -> Result<(), (Pending, StoreError)> {
+        match op {
+            Op::Append { channel, messages, reply } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    return Err((pending(reply, 0..0), StoreError::ChannelNotFound));
+                };
+                let first = state.record.next_seq;
+                let range = first..first + messages.len() as u64;
+                state.record.next_seq = range.end;
+                group.touched.insert(channel);
+                group.appends.entry(channel).or_insert_with(|| (first, Vec::new())).1.extend(messages);
+                group.replies.push(pending(reply, range));
+            }
+            Op::SaveAcks { subscription, state, reply } => {
+                if !self.subscriptions.contains_key(&subscription) {
+                    return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
+                }
+                group.batch.insert(&ack_key(subscription), codec::encode_ack_state(&state));
+                group.replies.push(pending(reply, ()));
+            }
+            Op::Collect { channel, below } => {
+                let bound = group.collects.entry(channel).or_default();
+                *bound = (*bound).max(below);
+            }
+            Op::CreateChannel { name, reply } => {
+                if self.names.contains_key(&name) {
+                    return Err((pending(reply, ChannelId(0)), StoreError::ChannelExists(name)));
+                }
+                let id = ChannelId(self.allocate_id(group));
+                let record = ChannelRecord { name: name.clone(), next_seq: 1, first_seq: 1, bytes: 0 };
+                let log = Arc::new(ChannelLog::new(id, self.db.clone(), stats_of(&record), self.tail_cache_bytes));
+                group.new_logs.push(log.clone());
+                group.touched.insert(id);
+                self.names.insert(name, id);
+                self.channels.insert(id, WriterChannel { record, log });
+                group.replies.push(pending(reply, id));
+            }
+            Op::DeleteChannel { channel, reply } => {
+                let Some(state) = self.channels.remove(&channel) else {
+                    return Err((pending(reply, ()), StoreError::ChannelNotFound));
+                };
+                self.names.remove(&state.record.name);
+                group.batch.remove(&channel_key(channel));
+                group.touched.remove(&channel);
+                group.appends.remove(&channel);
+                group.collects.remove(&channel);
+                let prefix = codec::channel_log_prefix(channel);
+                for entry in self.db.scan_prefix(prefix) {
+                    match entry {
+                        Ok((key, _)) => group.batch.remove(key),
+                        Err(e) => return Err((pending(reply, ()), e.into())),
+                    }
+                }
+                let doomed: Vec<_> =
+                    self.subscriptions.iter().filter(|(_, s)| s.channel == channel).map(|(id, _)| *id).collect();
+                for id in doomed {
+                    self.subscriptions.remove(&id);
+                    group.batch.remove(&subscription_key(id));
+                    group.batch.remove(&ack_key(id));
+                }
+                group.dropped_logs.push(channel);
+                group.replies.push(pending(reply, ()));
+            }
+            Op::CreateSubscription { channel, name, settings, reply } => {
+                let Some(state) = self.channels.get(&channel) else {
+                    return Err((pending(reply, (SubscriptionId(0), AckState::default())), StoreError::ChannelNotFound));
+                };
+                if self.subscriptions.values().any(|s| s.channel == channel && s.name == name) {
+                    return Err((pending(reply, (SubscriptionId(0), AckState::default())), StoreError::SubscriptionExists(name)));
+                }
+                let acks = AckState { floor: state.record.next_seq, acked_total: 0, acked_above_floor: Vec::new() };
+                let id = SubscriptionId(self.allocate_id(group));
+                let record = SubscriptionRecord { channel, name, settings };
+                group.batch.insert(&subscription_key(id), record.encode());
+                group.batch.insert(&ack_key(id), codec::encode_ack_state(&acks));
+                self.subscriptions.insert(id, record);
+                group.replies.push(pending(reply, (id, acks)));
+            }
+            Op::UpdateSubscription { subscription, settings, reply } => {
+                let Some(record) = self.subscriptions.get_mut(&subscription) else {
+                    return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
+                };
+                record.settings = settings;
+                group.batch.insert(&subscription_key(subscription), record.encode());
+                group.replies.push(pending(reply, ()));
+            }
+            Op::DeleteSubscription { subscription, reply } => {
+                if self.subscriptions.remove(&subscription).is_none() {
+                    return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
+                }
+                group.batch.remove(&subscription_key(subscription));
+                group.batch.remove(&ack_key(subscription));
+                group.replies.push(pending(reply, ()));
+            }
+            Op::Close { reply } => {
+                group.close = true;
+                group.replies.push(pending(reply, ()));
+            }
+        }
+        Ok(())
+    }
+
+    fn allocate_id(&mut self, group: &mut Group) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        group.batch.insert(KEY_NEXT_ID, &self.next_id.to_le_bytes());
+        id
+    }
+
+    /// Deletes the records wholly below each collection bound; returns the channels changed.
+    ///
+    /// A record's last sequence is one before the next record's first, or the channel's last
+    /// committed sequence when it is the newest record, so no record needs to be read.
+    fn plan_collects(&mut self, group: &mut Group) -> Result<Vec<ChannelId>> {
+        let mut changed = Vec::new();
+        for (&id, &below) in &group.collects {
+            let Some(channel) = self.channels.get_mut(&id) else { continue };
+            let committed_end = channel.log.stats().next_seq;
+            let below = below.min(committed_end);
+            if below <= channel.record.first_seq {
+                continue;
+            }
+            let mut doomed: Vec<(u64, sled::IVec, usize)> = Vec::new();
+            for entry in self.db.range(chunk_key(id, 0, 0)..chunk_key(id, below, 0)) {
+                let (key, value) = entry?;
+                doomed.push((codec::parse_chunk_key(&key)?.0, key, value.len()));
+            }
+            let next_record = match self.db.range(chunk_key(id, below, 0)..chunk_key(id, u64::MAX, u16::MAX)).next() {
+                Some(entry) => Some(codec::parse_chunk_key(&entry?.0)?.0),
+                None => None,
+            };
+            // The newest record found may reach past `below`: keep it then.
+            let last_ends_below = match next_record {
+                Some(next) => next <= below,
+                None => committed_end <= below,
+            };
+            let mut new_first = next_record.unwrap_or(committed_end);
+            if !last_ends_below {
+                if let Some(&(last_first, _, _)) = doomed.last() {
+                    doomed.retain(|(first, _, _)| *first != last_first);
+                    new_first = last_first;
+                }
+            }
+            if doomed.is_empty() {
+                continue;
+            }
+            for (_, key, len) in doomed {
+                group.batch.remove(key);
+                channel.record.bytes = channel.record.bytes.saturating_sub(len as u64);
+            }
+            channel.record.first_seq = new_first;
+            group.touched.insert(id);
+            changed.push(id);
+        }
+        Ok(changed)
+    }
+
+    /// Encodes each channel's new messages into records; returns the messages as stored.
+    fn encode_appends(&mut self, group: &mut Group) -> Vec<(ChannelId, Vec<Message>)> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut stored = Vec::with_capacity(group.appends.len());
+        for (id, (first, messages)) in std::mem::take(&mut group.appends) {
+            let Some(channel) = self.channels.get_mut(&id) else { continue };
+            let mut body = Vec::new();
+            let mut start = 0;
+            for end in 1..=messages.len() {
+                let last = end == messages.len();
+                codec::encode_body(&messages[end - 1..end], now, &mut body);
+                if body.len() >= codec::RECORD_TARGET_BYTES || last {
+                    let record_first = first + start as u64;
+                    for (i, chunk) in codec::chunk_record((end - start) as u32, &body).into_iter().enumerate() {
+                        channel.record.bytes += chunk.len() as u64;
+                        group.batch.insert(&chunk_key(id, record_first, i as u16), chunk);
+                    }
+                    body.clear();
+                    start = end;
+                }
+            }
+            let messages = messages
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| Message {
+                    sequence: first + i as u64,
+                    publish_time_ms: now,
+                    key: m.key,
+                    id: m.id,
+                    attributes: m.attributes,
+                    payload: m.payload,
+                })
+                .collect();
+            stored.push((id, messages));
+        }
+        stored
+    }
+
+    fn make_durable(&mut self) -> Result<()> {
+        match self.fsync {
+            FsyncMode::Always => {
+                self.db.flush()?;
+                self.files.sync()
+            }
+            FsyncMode::Interval(_) => {
+                self.db.flush()?;
+                self.unsynced_since.get_or_insert_with(Instant::now);
+                Ok(())
+            }
+            FsyncMode::Never => {
+                self.unsynced_since.get_or_insert_with(Instant::now);
+                Ok(())
+            }
+        }
+    }
+
+    /// When the writer must wake to fsync what it has written, if ever.
+    fn sync_deadline(&self) -> Option<Instant> {
+        match self.fsync {
+            FsyncMode::Interval(every) => self.unsynced_since.map(|since| since + every),
+            _ => None,
+        }
+    }
+
+    fn sync_now(&mut self) -> Result<()> {
+        self.unsynced_since = None;
+        self.db.flush()?;
+        self.files.sync()
+    }
+}
+
+fn stats_of(record: &ChannelRecord) -> ChannelStats {
+    ChannelStats { next_seq: record.next_seq, first_seq: record.first_seq, bytes: record.bytes }
+}
+
+fn id_of(key: &[u8]) -> Result<u32> {
+    key.get(1..5)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad key {key:?}")))
+}
+
+fn fail(shared: &Shared, e: &StoreError) {
+    tracing::error!(error = %e, "store write failed; refusing further writes");
+    shared.failure.lock().expect("failure lock").get_or_insert_with(|| e.to_string());
+}
+
+fn refuse(op: Op, e: &StoreError) {
+    let send = |reply: Pending| reply(Some(e));
+    match op {
+        Op::Append { reply, .. } => send(pending(reply, 0..0)),
+        Op::SaveAcks { reply, .. }
+        | Op::DeleteChannel { reply, .. }
+        | Op::UpdateSubscription { reply, .. }
+        | Op::DeleteSubscription { reply, .. }
+        | Op::Close { reply } => send(pending(reply, ())),
+        Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
+        Op::CreateSubscription { reply, .. } => send(pending(reply, (SubscriptionId(0), AckState::default()))),
+        Op::Collect { .. } => {}
+    }
+}
+
+/// The files sled writes that its own `flush()` does not make durable: its log file (flushed
+/// with `sync_file_range` only) and blob files (never synced, nor their directory).
+struct DurableFiles {
+    dir: PathBuf,
+    log: File,
+    blobs: PathBuf,
+    synced_blobs: HashSet<OsString>,
+}
+
+impl DurableFiles {
+    fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("db");
+        let log = File::options().read(true).open(&path).map_err(|e| io_error(&path, e))?;
+        Ok(Self { dir: dir.to_owned(), log, blobs: dir.join("blobs"), synced_blobs: HashSet::new() })
+    }
+
+    /// Makes the files' existence durable (sled does not fsync its directories).
+    fn sync_directories(&self) -> Result<()> {
+        for dir in [&self.dir, &self.blobs] {
+            if dir.exists() {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.log.sync_data().map_err(|e| io_error(&self.dir.join("db"), e))?;
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error(&self.blobs, e)),
+        };
+        let mut present = HashSet::new();
+        let mut new_blobs = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(&self.blobs, e))?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match File::open(entry.path()).and_then(|f| f.sync_data()) {
+                    Ok(()) => new_blobs = true,
+                    // sled removes blobs it no longer needs; one gone is one we need not sync.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error(&entry.path(), e)),
+                }
+            }
+            present.insert(name);
+        }
+        self.synced_blobs = present;
+        if new_blobs {
+            File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(|e| io_error(&self.blobs, e))?;
+        }
+        Ok(())
+    }
+}
