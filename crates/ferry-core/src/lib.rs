@@ -1,1 +1,281 @@
-//! placeholder
+//! Ferry's broker core: channels, subscriptions, dispatch, acknowledgements and ack deadlines.
+//!
+//! It knows nothing of gRPC or sled: the server crate drives it through [`Broker`], and all
+//! persistence goes through `ferry-store`. Modules:
+//!
+//! - [`broker`]: the registry of channels and subscriptions, publishing, attaching consumers and
+//!   administration;
+//! - `dispatcher`: one task per subscription that owns its delivery state (windows, in-flight
+//!   deliveries, deadlines, redeliveries) and saves acks before confirming them;
+//! - `acks`: the ack floor and the acked ranges above it;
+//! - [`names`]: what a channel or subscription name may be;
+//! - [`error`]: the errors the server maps to gRPC status codes.
+
+pub mod broker;
+pub mod error;
+pub mod names;
+
+mod acks;
+mod dispatcher;
+
+use std::sync::Arc;
+
+pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
+pub use error::{CoreError, Result};
+pub use ferry_store::{
+    FsyncMode, Message, NewMessage, StoreError, StoreOptions, SubscriptionSettings,
+};
+
+/// The default ack deadline of a subscription.
+pub const DEFAULT_ACK_DEADLINE_MS: u64 = 30_000;
+/// The longest ack deadline (and deadline extension) accepted.
+pub const MAX_ACK_DEADLINE_MS: u64 = 3_600_000;
+/// The default window of a consumer: messages, then bytes.
+pub const DEFAULT_WINDOW: Window = Window {
+    max_messages: 1000,
+    max_bytes: 10 << 20,
+};
+/// The largest window a consumer may ask for, in messages.
+pub const MAX_WINDOW_MESSAGES: u32 = 100_000;
+
+/// How the broker is opened.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    /// The store's options.
+    pub store: StoreOptions,
+    /// Size limits on what publishers send.
+    pub limits: Limits,
+}
+
+/// Size limits on publishing.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest message: payload, key, id and attributes together.
+    pub max_message_bytes: usize,
+    /// The most messages in one publish request.
+    pub max_batch_messages: usize,
+    /// The most bytes in one publish request.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            max_batch_messages: 1000,
+            max_batch_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks one publish batch; the error names the limit broken.
+    pub fn check_batch(&self, messages: &[NewMessage]) -> Result<()> {
+        let invalid = |m: String| Err(CoreError::InvalidArgument(m));
+        if messages.is_empty() {
+            return invalid("a publish request needs at least one message".into());
+        }
+        if messages.len() > self.max_batch_messages {
+            return invalid(format!(
+                "the batch has {} messages; the limit is {} (max_batch_messages): split it",
+                messages.len(),
+                self.max_batch_messages
+            ));
+        }
+        let mut total = 0;
+        for (i, message) in messages.iter().enumerate() {
+            let size = message.size();
+            if size > self.max_message_bytes {
+                return invalid(format!(
+                    "message {i} is {size} bytes (payload, key, id and attributes); the limit is {} \
+                     (max_message_bytes)",
+                    self.max_message_bytes
+                ));
+            }
+            if message.attributes.iter().any(|(name, _)| name.is_empty()) {
+                return invalid(format!("message {i} has an attribute with an empty name"));
+            }
+            total += size;
+        }
+        if total > self.max_batch_bytes {
+            return invalid(format!(
+                "the batch is {total} bytes; the limit is {} (max_batch_bytes): split it",
+                self.max_batch_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a subscription's settings.
+pub fn check_settings(settings: &SubscriptionSettings) -> Result<()> {
+    if !(1..=MAX_ACK_DEADLINE_MS).contains(&settings.ack_deadline_ms) {
+        return Err(CoreError::InvalidArgument(format!(
+            "ack deadline of {} ms is out of range: it must be from 1 ms to {MAX_ACK_DEADLINE_MS} ms (1 h)",
+            settings.ack_deadline_ms
+        )));
+    }
+    Ok(())
+}
+
+/// A channel declared in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelDecl {
+    /// Its name.
+    pub name: String,
+    /// Its subscriptions.
+    pub subscriptions: Vec<SubscriptionDecl>,
+}
+
+/// A subscription declared in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionDecl {
+    /// Its name.
+    pub name: String,
+    /// Its settings.
+    pub settings: SubscriptionSettings,
+}
+
+/// A consumer's flow-control window: how much it may hold unacknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Unacked deliveries at most (0 = the default).
+    pub max_messages: u32,
+    /// Unacked payload bytes at most (0 = the default); one message is always allowed when none
+    /// is outstanding.
+    pub max_bytes: u64,
+}
+
+impl Window {
+    /// Fills in defaults for zeros and checks the bounds.
+    pub fn with_defaults(self) -> Result<Window> {
+        if self.max_messages > MAX_WINDOW_MESSAGES {
+            return Err(CoreError::InvalidArgument(format!(
+                "window of {} messages is too large: at most {MAX_WINDOW_MESSAGES} (0 for the default {})",
+                self.max_messages, DEFAULT_WINDOW.max_messages
+            )));
+        }
+        Ok(Window {
+            max_messages: if self.max_messages == 0 {
+                DEFAULT_WINDOW.max_messages
+            } else {
+                self.max_messages
+            },
+            max_bytes: if self.max_bytes == 0 {
+                DEFAULT_WINDOW.max_bytes
+            } else {
+                self.max_bytes
+            },
+        })
+    }
+}
+
+/// The answer to an attach.
+#[derive(Debug, Clone, Copy)]
+pub struct Attached {
+    /// The consumer's id within its subscription.
+    pub consumer_id: u64,
+    /// The subscription's ack deadline.
+    pub ack_deadline_ms: u64,
+    /// The window in force.
+    pub window: Window,
+}
+
+/// What a consumer is told.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    /// Messages to process.
+    Deliveries(Vec<Delivery>),
+    /// The outcome of one ack, nack or extend request.
+    Results {
+        /// Which kind of request.
+        operation: AckOperation,
+        /// One per ack id, in order.
+        results: Vec<AckOutcome>,
+    },
+    /// The consumer was detached (subscription or channel deleted, broker shutting down, store
+    /// failure); nothing follows.
+    Closed(CoreError),
+}
+
+/// One delivery of one message.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: Arc<Message>,
+    /// Names this delivery for acks.
+    pub ack_id: String,
+    /// 1 for the first delivery to this subscription, then 2, ...
+    pub attempt: u32,
+}
+
+/// What a consumer asks of its deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOperation {
+    /// Done: never deliver again.
+    Ack,
+    /// Failed: deliver again now.
+    Nack,
+    /// Still working: push the deadline out.
+    Extend,
+}
+
+/// The outcome for one ack id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// The ack id as given.
+    pub ack_id: String,
+    /// What happened.
+    pub result: AckResult,
+}
+
+/// What happened to one ack id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckResult {
+    /// Done (an ack: durably).
+    Ok,
+    /// Never issued by this subscription.
+    Unknown,
+    /// Issued but no longer valid (already settled, or expired).
+    Stale,
+}
+
+/// A subscription's figures.
+#[derive(Debug, Clone)]
+pub struct SubscriptionStats {
+    /// Its name.
+    pub name: String,
+    /// Its settings.
+    pub settings: SubscriptionSettings,
+    /// Messages waiting to be delivered (redeliveries included).
+    pub backlog: u64,
+    /// Deliveries not yet settled.
+    pub in_flight: u64,
+    /// Messages acked since creation.
+    pub acked: u64,
+    /// Messages not yet acked.
+    pub unacked: u64,
+    /// Publish time of the oldest unacked message, in ms since the Unix epoch.
+    pub oldest_unacked_publish_time_ms: Option<u64>,
+    /// Consumers attached.
+    pub consumers: u32,
+    /// The durable ack floor.
+    pub ack_floor: u64,
+}
+
+/// A channel's figures.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    /// Its name.
+    pub name: String,
+    /// Messages stored.
+    pub messages: u64,
+    /// Bytes stored (encoded records).
+    pub bytes: u64,
+    /// The next sequence.
+    pub next_sequence: u64,
+    /// The first sequence stored.
+    pub first_sequence: u64,
+    /// Its subscriptions, by name.
+    pub subscriptions: Vec<SubscriptionStats>,
+}

@@ -11,4 +11,5 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of every `ferry.v1` file, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));

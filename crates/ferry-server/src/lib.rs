@@ -1,1 +1,191 @@
-//! placeholder
+//! Ferry's gRPC front end and the daemon's lifecycle.
+//!
+//! It maps the broker core onto the `ferry.v1` services ([`publisher`], [`subscriber`],
+//! [`admin`]), converting at the edge ([`convert`]) and turning every broker error into one gRPC
+//! status in one place ([`status`]). It also serves the standard health and reflection services,
+//! loads the configuration ([`config`]) and runs the daemon from start-up to a clean shutdown
+//! ([`serve`]). This is the only crate besides the generated one that knows gRPC.
+
+pub mod admin;
+pub mod config;
+mod convert;
+pub mod publisher;
+pub mod status;
+pub mod subscriber;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_core::{Broker, CoreError};
+use ferry_proto::pb::{
+    admin_server::AdminServer, publisher_server::PublisherServer,
+    subscriber_server::SubscriberServer,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+pub use config::{Config, ConfigError};
+
+/// How long a graceful shutdown waits for open calls to finish before it stops waiting.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the health service re-checks the store.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened or recovered, or the declared channels not created.
+    #[error("cannot start the broker: {0}")]
+    Broker(#[from] CoreError),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not read the descriptors.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    /// The listening socket failed.
+    #[error("listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the daemon on an already bound listener until `shutdown` resolves, then stops
+/// accepting, ends every stream, commits what is queued, syncs the store and returns.
+/// `ready` is called with the listen address once the store is open, recovery is done and the
+/// declared channels exist, just before the first call is accepted.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let address = listener.local_addr()?;
+    let broker = Broker::open(&config.server.data_dir, config.broker_options()).await?;
+    if let Err(e) = broker.declare(&config.declarations()).await {
+        let _ = broker.shutdown().await;
+        return Err(e.into());
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in [
+        "",
+        "ferry.v1.Publisher",
+        "ferry.v1.Subscriber",
+        "ferry.v1.Admin",
+    ] {
+        health
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    // Generic tools (grpcurl, grpcui, Postman) speak either version of the reflection protocol.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let stop = CancellationToken::new();
+    let limits = config.broker_options().limits;
+    // Room for a whole batch with its framing; the broker's own check names the real limit.
+    let max_request = limits.max_batch_bytes * 2 + (1 << 20);
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            PublisherServer::new(publisher::PublisherService::new(
+                broker.clone(),
+                stop.clone(),
+            ))
+            .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            SubscriberServer::new(subscriber::SubscriberService::new(broker.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            AdminServer::new(admin::AdminService::new(broker.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            stop.clone().cancelled_owned(),
+        );
+
+    let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
+    ready(address);
+    tracing::info!(%address, data_dir = %config.server.data_dir.display(), fsync = %config.storage.fsync, "ferry is serving");
+
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            stop.cancel();
+            let _ = broker.shutdown().await;
+            result?;
+            return Ok(());
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!("shutting down: refusing new calls, ending streams, syncing the store");
+    for service in [
+        "",
+        "ferry.v1.Publisher",
+        "ferry.v1.Subscriber",
+        "ferry.v1.Admin",
+    ] {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+    stop.cancel();
+    // Ending the consumers' streams first lets the server's graceful drain complete.
+    let closed = broker.shutdown().await;
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+        Ok(result) => result?,
+        Err(_) => {
+            tracing::warn!("some calls were still open after {DRAIN_TIMEOUT:?}; closing anyway")
+        }
+    }
+    watchdog.abort();
+    closed?;
+    tracing::info!("ferry stopped cleanly");
+    Ok(())
+}
+
+/// Reports NOT_SERVING once the store refuses writes, so orchestrators stop routing to us.
+async fn watch_health(
+    broker: Broker,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Some(failure) = broker.failure() {
+            tracing::error!(%failure, "store failed: reporting NOT_SERVING");
+            for service in [
+                "",
+                "ferry.v1.Publisher",
+                "ferry.v1.Subscriber",
+                "ferry.v1.Admin",
+            ] {
+                health
+                    .set_service_status(service, ServingStatus::NotServing)
+                    .await;
+            }
+            return;
+        }
+    }
+}

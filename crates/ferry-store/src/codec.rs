@@ -22,7 +22,9 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
-use crate::{AckState, ChannelId, Message, NewMessage, StoreError, SubscriptionId, SubscriptionSettings};
+use crate::{
+    AckState, ChannelId, Message, NewMessage, StoreError, SubscriptionId, SubscriptionSettings,
+};
 
 /// The version of this layout, stored under `V`.
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -109,8 +111,12 @@ pub(crate) fn chunk_record(count: u32, body: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// Decodes a record from its chunks (in order) into messages numbered from `first_seq`.
-pub(crate) fn decode_record<C: AsRef<[u8]>>(first_seq: u64, chunks: &[C]) -> Result<Vec<Message>, StoreError> {
-    let corrupt = |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
+pub(crate) fn decode_record<C: AsRef<[u8]>>(
+    first_seq: u64,
+    chunks: &[C],
+) -> Result<Vec<Message>, StoreError> {
+    let corrupt =
+        |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
     let first = chunks.first().ok_or_else(|| corrupt("no chunks"))?.as_ref();
     if first.len() < RECORD_HEADER_LEN || first[0] != RECORD_MAGIC {
         return Err(corrupt("bad header"));
@@ -125,7 +131,10 @@ pub(crate) fn decode_record<C: AsRef<[u8]>>(first_seq: u64, chunks: &[C]) -> Res
         body.extend_from_slice(chunk.as_ref());
     }
     if body.len() != body_len {
-        return Err(corrupt(&format!("body is {} bytes, header says {body_len}", body.len())));
+        return Err(corrupt(&format!(
+            "body is {} bytes, header says {body_len}",
+            body.len()
+        )));
     }
     if crc32fast::hash(&body) != crc {
         return Err(corrupt("checksum mismatch"));
@@ -152,7 +161,14 @@ pub(crate) fn decode_record<C: AsRef<[u8]>>(first_seq: u64, chunks: &[C]) -> Res
             attributes.push((k, v));
         }
         let payload = get_bytes(&mut cursor).ok_or_else(truncated)?;
-        messages.push(Message { sequence: first_seq + i, publish_time_ms, key, id, attributes, payload });
+        messages.push(Message {
+            sequence: first_seq + i,
+            publish_time_ms,
+            key,
+            id,
+            attributes,
+            payload,
+        });
     }
     Ok(messages)
 }
@@ -185,7 +201,12 @@ impl ChannelRecord {
         if raw.remaining() < 24 {
             return Err(bad());
         }
-        Ok(Self { name, next_seq: raw.get_u64_le(), first_seq: raw.get_u64_le(), bytes: raw.get_u64_le() })
+        Ok(Self {
+            name,
+            next_seq: raw.get_u64_le(),
+            first_seq: raw.get_u64_le(),
+            bytes: raw.get_u64_le(),
+        })
     }
 }
 
@@ -216,8 +237,14 @@ impl SubscriptionRecord {
         if raw.remaining() < 8 {
             return Err(bad());
         }
-        let settings = SubscriptionSettings { ack_deadline_ms: raw.get_u64_le() };
-        Ok(Self { channel, name, settings })
+        let settings = SubscriptionSettings {
+            ack_deadline_ms: raw.get_u64_le(),
+        };
+        Ok(Self {
+            channel,
+            name,
+            settings,
+        })
     }
 }
 
@@ -244,8 +271,14 @@ pub(crate) fn decode_ack_state(mut raw: &[u8]) -> Result<AckState, StoreError> {
     if raw.remaining() != n * 16 {
         return Err(bad());
     }
-    let acked_above_floor = (0..n).map(|_| (raw.get_u64_le(), raw.get_u64_le())).collect();
-    Ok(AckState { floor, acked_total, acked_above_floor })
+    let acked_above_floor = (0..n)
+        .map(|_| (raw.get_u64_le(), raw.get_u64_le()))
+        .collect();
+    Ok(AckState {
+        floor,
+        acked_total,
+        acked_above_floor,
+    })
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -293,7 +326,9 @@ mod tests {
 
     #[test]
     fn records_round_trip_across_chunks() {
-        let messages: Vec<_> = [&b"small"[..], &vec![7u8; 3 * CHUNK_BYTES][..], b""].map(message).into();
+        let messages: Vec<_> = [&b"small"[..], &vec![7u8; 3 * CHUNK_BYTES][..], b""]
+            .map(message)
+            .into();
         let mut body = Vec::new();
         encode_body(&messages, 42, &mut body);
         let chunks = chunk_record(3, &body);
@@ -303,7 +338,10 @@ mod tests {
         for (i, (d, m)) in decoded.iter().zip(&messages).enumerate() {
             assert_eq!(d.sequence, 10 + i as u64);
             assert_eq!(d.publish_time_ms, 42);
-            assert_eq!((&d.payload, &d.key, &d.id, &d.attributes), (&m.payload, &m.key, &m.id, &m.attributes));
+            assert_eq!(
+                (&d.payload, &d.key, &d.id, &d.attributes),
+                (&m.payload, &m.key, &m.id, &m.attributes)
+            );
         }
     }
 
@@ -320,7 +358,11 @@ mod tests {
 
     #[test]
     fn ack_state_round_trips() {
-        let state = AckState { floor: 5, acked_total: 9, acked_above_floor: vec![(7, 9), (12, 20)] };
+        let state = AckState {
+            floor: 5,
+            acked_total: 9,
+            acked_above_floor: vec![(7, 9), (12, 20)],
+        };
         assert_eq!(decode_ack_state(&encode_ack_state(&state)).unwrap(), state);
     }
 }

@@ -81,7 +81,13 @@ impl Message {
 }
 
 fn message_size(payload: &Bytes, attributes: &[(String, String)], key: &str, id: &str) -> usize {
-    payload.len() + key.len() + id.len() + attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    payload.len()
+        + key.len()
+        + id.len()
+        + attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// A subscription's durable acknowledgement state.
@@ -128,7 +134,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { fsync: FsyncMode::Always, cache_capacity_bytes: 128 << 20, tail_cache_bytes: 16 << 20 }
+        Self {
+            fsync: FsyncMode::Always,
+            cache_capacity_bytes: 128 << 20,
+            tail_cache_bytes: 16 << 20,
+        }
     }
 }
 
@@ -224,7 +234,7 @@ pub struct ChannelStats {
 }
 
 /// How many write requests may wait for the writer before callers wait to enqueue.
-const WRITE_QUEUE: usize = 8192;
+const WRITE_QUEUE: usize = 1024;
 
 /// A handle to the open store; cheap to clone. Writes go to one writer thread that commits them in
 /// groups (one sled batch and one fsync for many callers); reads run on the caller's thread.
@@ -272,13 +282,53 @@ impl Store {
     }
 
     /// Appends messages to a channel; resolves once they are durable, with their sequences.
-    pub async fn append(&self, channel: ChannelId, messages: Vec<NewMessage>) -> Result<Range<u64>> {
-        self.call(|reply| Op::Append { channel, messages, reply }).await
+    pub async fn append(
+        &self,
+        channel: ChannelId,
+        messages: Vec<NewMessage>,
+    ) -> Result<Range<u64>> {
+        self.submit_append(channel, messages)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Queues an append and returns once it is queued: appends queued one after another from one
+    /// task get increasing sequences in that order. The confirmation resolves once it is durable.
+    pub async fn submit_append(
+        &self,
+        channel: ChannelId,
+        messages: Vec<NewMessage>,
+    ) -> Result<Confirmation<Range<u64>>> {
+        self.submit(|reply| Op::Append {
+            channel,
+            messages,
+            reply,
+        })
+        .await
     }
 
     /// Replaces a subscription's ack state; resolves once it is durable.
     pub async fn save_acks(&self, subscription: SubscriptionId, state: AckState) -> Result<()> {
-        self.call(|reply| Op::SaveAcks { subscription, state, reply }).await
+        self.submit_acks(subscription, state)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Queues a new ack state; states queued one after another are committed in that order, so a
+    /// later state never loses to an earlier one.
+    pub async fn submit_acks(
+        &self,
+        subscription: SubscriptionId,
+        state: AckState,
+    ) -> Result<Confirmation<()>> {
+        self.submit(|reply| Op::SaveAcks {
+            subscription,
+            state,
+            reply,
+        })
+        .await
     }
 
     /// Deletes the records of `channel` that lie wholly below `below` (every subscription has
@@ -295,7 +345,8 @@ impl Store {
 
     /// Deletes a channel with its messages and subscriptions.
     pub async fn delete_channel(&self, channel: ChannelId) -> Result<()> {
-        self.call(|reply| Op::DeleteChannel { channel, reply }).await
+        self.call(|reply| Op::DeleteChannel { channel, reply })
+            .await
     }
 
     /// Creates a subscription that starts at the channel's end; returns its id and ack state.
@@ -305,22 +356,47 @@ impl Store {
         name: String,
         settings: SubscriptionSettings,
     ) -> Result<(SubscriptionId, AckState)> {
-        self.call(|reply| Op::CreateSubscription { channel, name, settings, reply }).await
+        self.call(|reply| Op::CreateSubscription {
+            channel,
+            name,
+            settings,
+            reply,
+        })
+        .await
     }
 
     /// Changes a subscription's settings.
-    pub async fn update_subscription(&self, subscription: SubscriptionId, settings: SubscriptionSettings) -> Result<()> {
-        self.call(|reply| Op::UpdateSubscription { subscription, settings, reply }).await
+    pub async fn update_subscription(
+        &self,
+        subscription: SubscriptionId,
+        settings: SubscriptionSettings,
+    ) -> Result<()> {
+        self.call(|reply| Op::UpdateSubscription {
+            subscription,
+            settings,
+            reply,
+        })
+        .await
     }
 
     /// Deletes a subscription and its ack state.
     pub async fn delete_subscription(&self, subscription: SubscriptionId) -> Result<()> {
-        self.call(|reply| Op::DeleteSubscription { subscription, reply }).await
+        self.call(|reply| Op::DeleteSubscription {
+            subscription,
+            reply,
+        })
+        .await
     }
 
     /// The log of a channel, for reading and for waiting on new messages.
     pub fn log(&self, channel: ChannelId) -> Result<Arc<ChannelLog>> {
-        self.shared.logs.read().expect("logs lock").get(&channel).cloned().ok_or(StoreError::ChannelNotFound)
+        self.shared
+            .logs
+            .read()
+            .expect("logs lock")
+            .get(&channel)
+            .cloned()
+            .ok_or(StoreError::ChannelNotFound)
     }
 
     /// Why the store stopped accepting writes, if it did.
@@ -343,14 +419,40 @@ impl Store {
     }
 
     async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        self.submit(op).await?.confirmed().await
+    }
+
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op,
+    ) -> Result<Confirmation<T>> {
         let (reply, answer) = oneshot::channel();
-        self.ops.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.ops
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(Confirmation { answer })
+    }
+}
+
+/// A write the writer has queued; [`Confirmation::confirmed`] resolves once it is committed.
+#[must_use = "a write is only known to be durable once its confirmation resolves"]
+pub struct Confirmation<T> {
+    answer: oneshot::Receiver<Result<T>>,
+}
+
+impl<T> Confirmation<T> {
+    /// Waits until the write is durable (or failed).
+    pub async fn confirmed(self) -> Result<T> {
+        self.answer.await.map_err(|_| StoreError::Closed)?
     }
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Io { path: path.to_owned(), message: e.to_string() }
+    StoreError::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
 }
 
 /// A watch on a channel's durable end, so readers can wait for new messages.

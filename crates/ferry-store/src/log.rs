@@ -31,10 +31,25 @@ struct LogState {
 }
 
 impl ChannelLog {
-    pub(crate) fn new(id: ChannelId, db: sled::Db, stats: ChannelStats, tail_budget: usize) -> Self {
+    pub(crate) fn new(
+        id: ChannelId,
+        db: sled::Db,
+        stats: ChannelStats,
+        tail_budget: usize,
+    ) -> Self {
         let (end, _) = watch::channel(stats.next_seq);
-        let state = LogState { tail: VecDeque::new(), tail_bytes: 0, stats };
-        Self { id, db, end, state: Mutex::new(state), tail_budget }
+        let state = LogState {
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            stats,
+        };
+        Self {
+            id,
+            db,
+            end,
+            state: Mutex::new(state),
+            tail_budget,
+        }
     }
 
     /// The channel this log belongs to.
@@ -54,11 +69,19 @@ impl ChannelLog {
 
     /// Up to `max_messages` consecutive messages from `from` (or from the first one stored after
     /// it), stopping once `max_bytes` is reached; the first message is returned whatever its size.
-    pub fn read(&self, from: u64, max_messages: usize, max_bytes: usize) -> Result<Vec<Arc<Message>>> {
+    pub fn read(
+        &self,
+        from: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<Message>>> {
         let mut out = Vec::new();
         let tail_start = {
             let state = self.lock();
-            let tail_start = state.tail.front().map_or(state.stats.next_seq, |m| m.sequence);
+            let tail_start = state
+                .tail
+                .front()
+                .map_or(state.stats.next_seq, |m| m.sequence);
             if from >= tail_start {
                 take_from_tail(&state, from, max_messages, max_bytes, &mut out);
                 return Ok(out);
@@ -90,27 +113,35 @@ impl ChannelLog {
     ) -> Result<()> {
         let id = self.id;
         // The record holding `from` is the last one starting at or before it.
-        let start = match self.db.range(chunk_key(id, 0, 0)..=chunk_key(id, from, u16::MAX)).next_back() {
+        let start = match self
+            .db
+            .range(chunk_key(id, 0, 0)..=chunk_key(id, from, u16::MAX))
+            .next_back()
+        {
             Some(entry) => parse_chunk_key(&entry?.0)?.0,
             None => from,
         };
         let mut bytes = 0;
         // Decodes one record into `out`; true once a limit is reached.
-        let mut take = |first: u64, chunks: &[sled::IVec], out: &mut Vec<Arc<Message>>| -> Result<bool> {
-            for message in decode_record(first, chunks)? {
-                if message.sequence < from || message.sequence >= until {
-                    continue;
+        let mut take =
+            |first: u64, chunks: &[sled::IVec], out: &mut Vec<Arc<Message>>| -> Result<bool> {
+                for message in decode_record(first, chunks)? {
+                    if message.sequence < from || message.sequence >= until {
+                        continue;
+                    }
+                    bytes += message.size();
+                    out.push(Arc::new(message));
+                    if out.len() >= max_messages || bytes >= max_bytes {
+                        return Ok(true);
+                    }
                 }
-                bytes += message.size();
-                out.push(Arc::new(message));
-                if out.len() >= max_messages || bytes >= max_bytes {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        };
+                Ok(false)
+            };
         let mut record: Option<(u64, Vec<sled::IVec>)> = None;
-        for entry in self.db.range(chunk_key(id, start, 0)..chunk_key(id, until, 0)) {
+        for entry in self
+            .db
+            .range(chunk_key(id, start, 0)..chunk_key(id, until, 0))
+        {
             let (key, value) = entry?;
             let (first, _) = parse_chunk_key(&key)?;
             match &mut record {
@@ -174,8 +205,16 @@ fn bytes_of(out: &[Arc<Message>]) -> usize {
 
 /// Appends cached messages from `from` to `out` until `out` holds `max_messages` or
 /// `max_bytes` (counting what it held already; a first message always fits).
-fn take_from_tail(state: &LogState, from: u64, max_messages: usize, max_bytes: usize, out: &mut Vec<Arc<Message>>) {
-    let Some(front) = state.tail.front() else { return };
+fn take_from_tail(
+    state: &LogState,
+    from: u64,
+    max_messages: usize,
+    max_bytes: usize,
+    out: &mut Vec<Arc<Message>>,
+) {
+    let Some(front) = state.tail.front() else {
+        return;
+    };
     let skip = from.saturating_sub(front.sequence) as usize;
     let mut bytes = bytes_of(out);
     for message in state.tail.iter().skip(skip) {

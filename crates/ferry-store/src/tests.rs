@@ -4,12 +4,19 @@ use super::*;
 
 fn messages(n: usize, size: usize) -> Vec<NewMessage> {
     (0..n)
-        .map(|i| NewMessage { payload: Bytes::from(vec![i as u8; size]), key: format!("k{i}"), ..Default::default() })
+        .map(|i| NewMessage {
+            payload: Bytes::from(vec![i as u8; size]),
+            key: format!("k{i}"),
+            ..Default::default()
+        })
         .collect()
 }
 
 fn options(tail_cache_bytes: usize) -> StoreOptions {
-    StoreOptions { tail_cache_bytes, ..StoreOptions::default() }
+    StoreOptions {
+        tail_cache_bytes,
+        ..StoreOptions::default()
+    }
 }
 
 #[tokio::test]
@@ -18,21 +25,40 @@ async fn appends_survive_reopen_and_collection_frees_records() {
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
     assert!(recovered.channels.is_empty());
     let channel = store.create_channel("orders".into()).await.unwrap();
-    let settings = SubscriptionSettings { ack_deadline_ms: 1000 };
-    let (sub, acks) = store.create_subscription(channel, "audit".into(), settings).await.unwrap();
+    let settings = SubscriptionSettings {
+        ack_deadline_ms: 1000,
+    };
+    let (sub, acks) = store
+        .create_subscription(channel, "audit".into(), settings)
+        .await
+        .unwrap();
     assert_eq!(acks.floor, 1);
 
     // Large messages span chunks; many small ones span records.
-    assert_eq!(store.append(channel, messages(3, 200_000)).await.unwrap(), 1..4);
-    assert_eq!(store.append(channel, messages(1000, 1000)).await.unwrap(), 4..1004);
+    assert_eq!(
+        store.append(channel, messages(3, 200_000)).await.unwrap(),
+        1..4
+    );
+    assert_eq!(
+        store.append(channel, messages(1000, 1000)).await.unwrap(),
+        4..1004
+    );
     let log = store.log(channel).unwrap();
     let all = log.read(1, usize::MAX, usize::MAX).unwrap();
     assert_eq!(all.len(), 1003);
-    assert!(all.iter().enumerate().all(|(i, m)| m.sequence == i as u64 + 1));
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(i, m)| m.sequence == i as u64 + 1)
+    );
     assert_eq!(all[0].payload.len(), 200_000);
     assert_eq!(log.get(500).unwrap().unwrap().key, "k496");
 
-    let state = AckState { floor: 600, acked_total: 599, acked_above_floor: vec![(700, 710)] };
+    let state = AckState {
+        floor: 600,
+        acked_total: 599,
+        acked_above_floor: vec![(700, 710)],
+    };
     store.save_acks(sub, state.clone()).await.unwrap();
     store.collect(channel, 600).await;
     store.save_acks(sub, state.clone()).await.unwrap(); // a barrier: the collection has committed
@@ -49,7 +75,10 @@ async fn appends_survive_reopen_and_collection_frees_records() {
     assert_eq!(log.stats(), stats);
     let rest = log.read(600, usize::MAX, usize::MAX).unwrap();
     assert_eq!(rest.len(), 404);
-    assert_eq!(store.append(channel, messages(1, 10)).await.unwrap(), 1004..1005);
+    assert_eq!(
+        store.append(channel, messages(1, 10)).await.unwrap(),
+        1004..1005
+    );
     store.close().await.unwrap();
 }
 
@@ -58,16 +87,29 @@ async fn names_are_unique_and_deletes_remove_everything() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let channel = store.create_channel("a".into()).await.unwrap();
-    assert!(matches!(store.create_channel("a".into()).await, Err(StoreError::ChannelExists(_))));
-    let settings = SubscriptionSettings { ack_deadline_ms: 1000 };
-    store.create_subscription(channel, "s".into(), settings).await.unwrap();
     assert!(matches!(
-        store.create_subscription(channel, "s".into(), settings).await,
+        store.create_channel("a".into()).await,
+        Err(StoreError::ChannelExists(_))
+    ));
+    let settings = SubscriptionSettings {
+        ack_deadline_ms: 1000,
+    };
+    store
+        .create_subscription(channel, "s".into(), settings)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .create_subscription(channel, "s".into(), settings)
+            .await,
         Err(StoreError::SubscriptionExists(_))
     ));
     store.append(channel, messages(10, 10)).await.unwrap();
     store.delete_channel(channel).await.unwrap();
-    assert!(matches!(store.append(channel, messages(1, 1)).await, Err(StoreError::ChannelNotFound)));
+    assert!(matches!(
+        store.append(channel, messages(1, 1)).await,
+        Err(StoreError::ChannelNotFound)
+    ));
     assert!(store.log(channel).is_err());
     store.close().await.unwrap();
     drop(store);

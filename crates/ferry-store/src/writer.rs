@@ -18,11 +18,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{
-    self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, SubscriptionRecord, ack_key, channel_key, chunk_key, subscription_key,
+    self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, SubscriptionRecord, ack_key, channel_key,
+    chunk_key, subscription_key,
 };
 use crate::{
-    AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered, RecoveredChannel,
-    RecoveredSubscription, Result, Shared, StoreError, StoreOptions, SubscriptionId, SubscriptionSettings, io_error,
+    AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered,
+    RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
+    SubscriptionId, SubscriptionSettings, io_error,
 };
 
 /// A group takes at most this many requests...
@@ -34,20 +36,46 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 
 /// A request to the writer.
 pub(crate) enum Op {
-    Append { channel: ChannelId, messages: Vec<NewMessage>, reply: Reply<Range<u64>> },
-    SaveAcks { subscription: SubscriptionId, state: AckState, reply: Reply<()> },
-    Collect { channel: ChannelId, below: u64 },
-    CreateChannel { name: String, reply: Reply<ChannelId> },
-    DeleteChannel { channel: ChannelId, reply: Reply<()> },
+    Append {
+        channel: ChannelId,
+        messages: Vec<NewMessage>,
+        reply: Reply<Range<u64>>,
+    },
+    SaveAcks {
+        subscription: SubscriptionId,
+        state: AckState,
+        reply: Reply<()>,
+    },
+    Collect {
+        channel: ChannelId,
+        below: u64,
+    },
+    CreateChannel {
+        name: String,
+        reply: Reply<ChannelId>,
+    },
+    DeleteChannel {
+        channel: ChannelId,
+        reply: Reply<()>,
+    },
     CreateSubscription {
         channel: ChannelId,
         name: String,
         settings: SubscriptionSettings,
         reply: Reply<(SubscriptionId, AckState)>,
     },
-    UpdateSubscription { subscription: SubscriptionId, settings: SubscriptionSettings, reply: Reply<()> },
-    DeleteSubscription { subscription: SubscriptionId, reply: Reply<()> },
-    Close { reply: Reply<()> },
+    UpdateSubscription {
+        subscription: SubscriptionId,
+        settings: SubscriptionSettings,
+        reply: Reply<()>,
+    },
+    DeleteSubscription {
+        subscription: SubscriptionId,
+        reply: Reply<()>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
 }
 
 impl Op {
@@ -116,14 +144,28 @@ impl Writer {
     ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
         match db.get(KEY_VERSION)? {
             Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
-            Some(v) => return Err(StoreError::Corrupt(format!("unsupported store format {v:?} in {}", dir.display()))),
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "unsupported store format {v:?} in {}",
+                    dir.display()
+                )));
+            }
             None if db.is_empty() => {
                 db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
             }
-            None => return Err(StoreError::Corrupt(format!("{} holds data that is not a Ferry store", dir.display()))),
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds data that is not a Ferry store",
+                    dir.display()
+                )));
+            }
         }
         let next_id = match db.get(KEY_NEXT_ID)? {
-            Some(raw) => u32::from_le_bytes(raw.as_ref().try_into().map_err(|_| StoreError::Corrupt("bad id counter".into()))?),
+            Some(raw) => u32::from_le_bytes(
+                raw.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("bad id counter".into()))?,
+            ),
             None => 1,
         };
 
@@ -135,9 +177,21 @@ impl Writer {
             let (key, value) = entry?;
             let id = ChannelId(id_of(&key)?);
             let record = ChannelRecord::decode(&value)?;
-            let stats = ChannelStats { next_seq: record.next_seq, first_seq: record.first_seq, bytes: record.bytes };
-            let log = Arc::new(ChannelLog::new(id, db.clone(), stats, options.tail_cache_bytes));
-            recovered.channels.push(RecoveredChannel { id, name: record.name.clone() });
+            let stats = ChannelStats {
+                next_seq: record.next_seq,
+                first_seq: record.first_seq,
+                bytes: record.bytes,
+            };
+            let log = Arc::new(ChannelLog::new(
+                id,
+                db.clone(),
+                stats,
+                options.tail_cache_bytes,
+            ));
+            recovered.channels.push(RecoveredChannel {
+                id,
+                name: record.name.clone(),
+            });
             names.insert(record.name.clone(), id);
             logs.insert(id, log.clone());
             channels.insert(id, WriterChannel { record, log });
@@ -148,11 +202,19 @@ impl Writer {
             let id = SubscriptionId(id_of(&key)?);
             let record = SubscriptionRecord::decode(&value)?;
             if !channels.contains_key(&record.channel) {
-                return Err(StoreError::Corrupt(format!("subscription {:?} names a missing channel", record.name)));
+                return Err(StoreError::Corrupt(format!(
+                    "subscription {:?} names a missing channel",
+                    record.name
+                )));
             }
             let acks = match db.get(ack_key(id))? {
                 Some(raw) => codec::decode_ack_state(&raw)?,
-                None => return Err(StoreError::Corrupt(format!("subscription {:?} has no ack state", record.name))),
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "subscription {:?} has no ack state",
+                        record.name
+                    )));
+                }
             };
             recovered.subscriptions.push(RecoveredSubscription {
                 id,
@@ -182,7 +244,10 @@ impl Writer {
 
     /// The thread's body: commit groups until closed or every handle is gone.
     pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Op>, shared: Arc<Shared>) {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
             Ok(runtime) => runtime,
             Err(e) => {
                 tracing::error!(error = %e, "store writer could not start its timer");
@@ -191,15 +256,17 @@ impl Writer {
         };
         loop {
             let first = match self.sync_deadline() {
-                Some(deadline) => match runtime.block_on(tokio::time::timeout_at(deadline.into(), ops.recv())) {
-                    Ok(op) => op,
-                    Err(_) => {
-                        if let Err(e) = self.sync_now() {
-                            fail(&shared, &e);
+                Some(deadline) => {
+                    match runtime.block_on(tokio::time::timeout_at(deadline.into(), ops.recv())) {
+                        Ok(op) => op,
+                        Err(_) => {
+                            if let Err(e) = self.sync_now() {
+                                fail(&shared, &e);
+                            }
+                            continue;
                         }
-                        continue;
                     }
-                },
+                }
                 None => runtime.block_on(ops.recv()),
             };
             let Some(first) = first else { break };
@@ -224,7 +291,12 @@ impl Writer {
             refuse(op, &StoreError::Closed);
         }
         if shared.failure.lock().expect("failure lock").is_none() {
-            if let Err(e) = self.db.flush().map_err(StoreError::from).and_then(|_| self.files.sync()) {
+            if let Err(e) = self
+                .db
+                .flush()
+                .map_err(StoreError::from)
+                .and_then(|_| self.files.sync())
+            {
                 tracing::error!(error = %e, "final store sync failed");
             }
         }
@@ -252,10 +324,16 @@ impl Writer {
         let appended = self.encode_appends(&mut group);
         for id in &group.touched {
             if let Some(channel) = self.channels.get(id) {
-                group.batch.insert(&channel_key(*id), channel.record.encode());
+                group
+                    .batch
+                    .insert(&channel_key(*id), channel.record.encode());
             }
         }
-        let outcome = self.db.apply_batch(std::mem::take(&mut group.batch)).map_err(StoreError::from).and_then(|_| self.make_durable());
+        let outcome = self
+            .db
+            .apply_batch(std::mem::take(&mut group.batch))
+            .map_err(StoreError::from)
+            .and_then(|_| self.make_durable());
         if let Err(e) = outcome {
             return self.fail_group(group, e, shared);
         }
@@ -297,7 +375,11 @@ impl Writer {
     /// Adds one request to the group, or refuses it at once.
     fn plan(&mut self, op: Op, group: &mut Group) -> Result<(), (Pending, StoreError)> {
         match op {
-            Op::Append { channel, messages, reply } => {
+            Op::Append {
+                channel,
+                messages,
+                reply,
+            } => {
                 let Some(state) = self.channels.get_mut(&channel) else {
                     return Err((pending(reply, 0..0), StoreError::ChannelNotFound));
                 };
@@ -305,14 +387,25 @@ impl Writer {
                 let range = first..first + messages.len() as u64;
                 state.record.next_seq = range.end;
                 group.touched.insert(channel);
-                group.appends.entry(channel).or_insert_with(|| (first, Vec::new())).1.extend(messages);
+                group
+                    .appends
+                    .entry(channel)
+                    .or_insert_with(|| (first, Vec::new()))
+                    .1
+                    .extend(messages);
                 group.replies.push(pending(reply, range));
             }
-            Op::SaveAcks { subscription, state, reply } => {
+            Op::SaveAcks {
+                subscription,
+                state,
+                reply,
+            } => {
                 if !self.subscriptions.contains_key(&subscription) {
                     return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
                 }
-                group.batch.insert(&ack_key(subscription), codec::encode_ack_state(&state));
+                group
+                    .batch
+                    .insert(&ack_key(subscription), codec::encode_ack_state(&state));
                 group.replies.push(pending(reply, ()));
             }
             Op::Collect { channel, below } => {
@@ -321,11 +414,24 @@ impl Writer {
             }
             Op::CreateChannel { name, reply } => {
                 if self.names.contains_key(&name) {
-                    return Err((pending(reply, ChannelId(0)), StoreError::ChannelExists(name)));
+                    return Err((
+                        pending(reply, ChannelId(0)),
+                        StoreError::ChannelExists(name),
+                    ));
                 }
                 let id = ChannelId(self.allocate_id(group));
-                let record = ChannelRecord { name: name.clone(), next_seq: 1, first_seq: 1, bytes: 0 };
-                let log = Arc::new(ChannelLog::new(id, self.db.clone(), stats_of(&record), self.tail_cache_bytes));
+                let record = ChannelRecord {
+                    name: name.clone(),
+                    next_seq: 1,
+                    first_seq: 1,
+                    bytes: 0,
+                };
+                let log = Arc::new(ChannelLog::new(
+                    id,
+                    self.db.clone(),
+                    stats_of(&record),
+                    self.tail_cache_bytes,
+                ));
                 group.new_logs.push(log.clone());
                 group.touched.insert(id);
                 self.names.insert(name, id);
@@ -348,8 +454,12 @@ impl Writer {
                         Err(e) => return Err((pending(reply, ()), e.into())),
                     }
                 }
-                let doomed: Vec<_> =
-                    self.subscriptions.iter().filter(|(_, s)| s.channel == channel).map(|(id, _)| *id).collect();
+                let doomed: Vec<_> = self
+                    .subscriptions
+                    .iter()
+                    .filter(|(_, s)| s.channel == channel)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in doomed {
                     self.subscriptions.remove(&id);
                     group.batch.remove(&subscription_key(id));
@@ -358,30 +468,64 @@ impl Writer {
                 group.dropped_logs.push(channel);
                 group.replies.push(pending(reply, ()));
             }
-            Op::CreateSubscription { channel, name, settings, reply } => {
+            Op::CreateSubscription {
+                channel,
+                name,
+                settings,
+                reply,
+            } => {
                 let Some(state) = self.channels.get(&channel) else {
-                    return Err((pending(reply, (SubscriptionId(0), AckState::default())), StoreError::ChannelNotFound));
+                    return Err((
+                        pending(reply, (SubscriptionId(0), AckState::default())),
+                        StoreError::ChannelNotFound,
+                    ));
                 };
-                if self.subscriptions.values().any(|s| s.channel == channel && s.name == name) {
-                    return Err((pending(reply, (SubscriptionId(0), AckState::default())), StoreError::SubscriptionExists(name)));
+                if self
+                    .subscriptions
+                    .values()
+                    .any(|s| s.channel == channel && s.name == name)
+                {
+                    return Err((
+                        pending(reply, (SubscriptionId(0), AckState::default())),
+                        StoreError::SubscriptionExists(name),
+                    ));
                 }
-                let acks = AckState { floor: state.record.next_seq, acked_total: 0, acked_above_floor: Vec::new() };
+                let acks = AckState {
+                    floor: state.record.next_seq,
+                    acked_total: 0,
+                    acked_above_floor: Vec::new(),
+                };
                 let id = SubscriptionId(self.allocate_id(group));
-                let record = SubscriptionRecord { channel, name, settings };
+                let record = SubscriptionRecord {
+                    channel,
+                    name,
+                    settings,
+                };
                 group.batch.insert(&subscription_key(id), record.encode());
-                group.batch.insert(&ack_key(id), codec::encode_ack_state(&acks));
+                group
+                    .batch
+                    .insert(&ack_key(id), codec::encode_ack_state(&acks));
                 self.subscriptions.insert(id, record);
                 group.replies.push(pending(reply, (id, acks)));
             }
-            Op::UpdateSubscription { subscription, settings, reply } => {
+            Op::UpdateSubscription {
+                subscription,
+                settings,
+                reply,
+            } => {
                 let Some(record) = self.subscriptions.get_mut(&subscription) else {
                     return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
                 };
                 record.settings = settings;
-                group.batch.insert(&subscription_key(subscription), record.encode());
+                group
+                    .batch
+                    .insert(&subscription_key(subscription), record.encode());
                 group.replies.push(pending(reply, ()));
             }
-            Op::DeleteSubscription { subscription, reply } => {
+            Op::DeleteSubscription {
+                subscription,
+                reply,
+            } => {
                 if self.subscriptions.remove(&subscription).is_none() {
                     return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
                 }
@@ -411,7 +555,9 @@ impl Writer {
     fn plan_collects(&mut self, group: &mut Group) -> Result<Vec<ChannelId>> {
         let mut changed = Vec::new();
         for (&id, &below) in &group.collects {
-            let Some(channel) = self.channels.get_mut(&id) else { continue };
+            let Some(channel) = self.channels.get_mut(&id) else {
+                continue;
+            };
             let committed_end = channel.log.stats().next_seq;
             let below = below.min(committed_end);
             if below <= channel.record.first_seq {
@@ -422,7 +568,11 @@ impl Writer {
                 let (key, value) = entry?;
                 doomed.push((codec::parse_chunk_key(&key)?.0, key, value.len()));
             }
-            let next_record = match self.db.range(chunk_key(id, below, 0)..chunk_key(id, u64::MAX, u16::MAX)).next() {
+            let next_record = match self
+                .db
+                .range(chunk_key(id, below, 0)..chunk_key(id, u64::MAX, u16::MAX))
+                .next()
+            {
                 Some(entry) => Some(codec::parse_chunk_key(&entry?.0)?.0),
                 None => None,
             };
@@ -454,10 +604,14 @@ impl Writer {
 
     /// Encodes each channel's new messages into records; returns the messages as stored.
     fn encode_appends(&mut self, group: &mut Group) -> Vec<(ChannelId, Vec<Message>)> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut stored = Vec::with_capacity(group.appends.len());
         for (id, (first, messages)) in std::mem::take(&mut group.appends) {
-            let Some(channel) = self.channels.get_mut(&id) else { continue };
+            let Some(channel) = self.channels.get_mut(&id) else {
+                continue;
+            };
             let mut body = Vec::new();
             let mut start = 0;
             for end in 1..=messages.len() {
@@ -465,9 +619,14 @@ impl Writer {
                 codec::encode_body(&messages[end - 1..end], now, &mut body);
                 if body.len() >= codec::RECORD_TARGET_BYTES || last {
                     let record_first = first + start as u64;
-                    for (i, chunk) in codec::chunk_record((end - start) as u32, &body).into_iter().enumerate() {
+                    for (i, chunk) in codec::chunk_record((end - start) as u32, &body)
+                        .into_iter()
+                        .enumerate()
+                    {
                         channel.record.bytes += chunk.len() as u64;
-                        group.batch.insert(&chunk_key(id, record_first, i as u16), chunk);
+                        group
+                            .batch
+                            .insert(&chunk_key(id, record_first, i as u16), chunk);
                     }
                     body.clear();
                     start = end;
@@ -524,7 +683,11 @@ impl Writer {
 }
 
 fn stats_of(record: &ChannelRecord) -> ChannelStats {
-    ChannelStats { next_seq: record.next_seq, first_seq: record.first_seq, bytes: record.bytes }
+    ChannelStats {
+        next_seq: record.next_seq,
+        first_seq: record.first_seq,
+        bytes: record.bytes,
+    }
 }
 
 fn id_of(key: &[u8]) -> Result<u32> {
@@ -536,7 +699,11 @@ fn id_of(key: &[u8]) -> Result<u32> {
 
 fn fail(shared: &Shared, e: &StoreError) {
     tracing::error!(error = %e, "store write failed; refusing further writes");
-    shared.failure.lock().expect("failure lock").get_or_insert_with(|| e.to_string());
+    shared
+        .failure
+        .lock()
+        .expect("failure lock")
+        .get_or_insert_with(|| e.to_string());
 }
 
 fn refuse(op: Op, e: &StoreError) {
@@ -549,7 +716,9 @@ fn refuse(op: Op, e: &StoreError) {
         | Op::DeleteSubscription { reply, .. }
         | Op::Close { reply } => send(pending(reply, ())),
         Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
-        Op::CreateSubscription { reply, .. } => send(pending(reply, (SubscriptionId(0), AckState::default()))),
+        Op::CreateSubscription { reply, .. } => {
+            send(pending(reply, (SubscriptionId(0), AckState::default())))
+        }
         Op::Collect { .. } => {}
     }
 }
@@ -566,22 +735,34 @@ struct DurableFiles {
 impl DurableFiles {
     fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("db");
-        let log = File::options().read(true).open(&path).map_err(|e| io_error(&path, e))?;
-        Ok(Self { dir: dir.to_owned(), log, blobs: dir.join("blobs"), synced_blobs: HashSet::new() })
+        let log = File::options()
+            .read(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            log,
+            blobs: dir.join("blobs"),
+            synced_blobs: HashSet::new(),
+        })
     }
 
     /// Makes the files' existence durable (sled does not fsync its directories).
     fn sync_directories(&self) -> Result<()> {
         for dir in [&self.dir, &self.blobs] {
             if dir.exists() {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))?;
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io_error(dir, e))?;
             }
         }
         Ok(())
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.log.sync_data().map_err(|e| io_error(&self.dir.join("db"), e))?;
+        self.log
+            .sync_data()
+            .map_err(|e| io_error(&self.dir.join("db"), e))?;
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -604,7 +785,9 @@ impl DurableFiles {
         }
         self.synced_blobs = present;
         if new_blobs {
-            File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(|e| io_error(&self.blobs, e))?;
+            File::open(&self.blobs)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_error(&self.blobs, e))?;
         }
         Ok(())
     }

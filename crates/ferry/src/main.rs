@@ -1,1 +1,149 @@
-fn main() {}
+//! The `ferry` command: the broker daemon (`ferry serve`), the default configuration
+//! (`ferry config`) and a load generator that measures a broker over gRPC (`ferry bench`).
+
+mod bench;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferry_server::Config;
+use tracing_subscriber::EnvFilter;
+
+/// Ferry: a durable message broker in one small binary.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker daemon until SIGINT or SIGTERM.
+    ///
+    /// Without --config it runs on the built-in default (the one `ferry config` prints): listen on
+    /// 127.0.0.1:50051, data in ./data, every publish fsync'd before it is confirmed. When ready it
+    /// prints `ferry listening on ADDRESS` on standard output; logs go to standard error.
+    Serve(ServeArgs),
+    /// Print the default configuration file, every key documented.
+    Config,
+    /// Measure a broker: publish and consume rates, end-to-end latency, the broker's memory.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML configuration file (see `ferry config`); without it the built-in default is used.
+    #[arg(short, long, value_name = "FILE", env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen on this address instead of the configured one (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Keep the store here instead of the configured data directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, decides instead.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config => {
+            print!("{}", ferry_server::config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let level = match args.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut config = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("ferry: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::builtin(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.server.data_dir = dir;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| {
+                ferry_server::ServeError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", config.server.listen),
+                ))
+            })?;
+        ferry_server::serve(config, listener, shutdown_signal(), |address| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "ferry listening on {address}");
+            let _ = out.flush();
+        })
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,671 @@
+//! The broker: the registry of channels and subscriptions, publishing, attaching consumers, and
+//! administration. It owns the store handle and one dispatcher task per subscription.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ferry_store::{
+    ChannelId, ChannelLog, Confirmation, NewMessage, Store, StoreError, SubscriptionId,
+    SubscriptionSettings,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::acks::AckSet;
+use crate::dispatcher::{Command, Dispatcher};
+use crate::error::{CoreError, Result};
+use crate::{
+    AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerEvent, Limits,
+    SubscriptionStats, Window, names,
+};
+
+/// How many commands may wait for a dispatcher before senders wait.
+const COMMAND_QUEUE: usize = 1024;
+/// Room in a consumer's event queue beyond one event per message of its window.
+const EVENT_SLACK: usize = 64;
+
+/// The broker core; cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    limits: Limits,
+    channels: RwLock<BTreeMap<String, Arc<ChannelShared>>>,
+    /// Serialises creations and deletions so that the registry and the store always agree.
+    admin: tokio::sync::Mutex<()>,
+    dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    closing: AtomicBool,
+}
+
+/// What the broker knows of one channel.
+pub(crate) struct ChannelShared {
+    pub id: ChannelId,
+    pub name: String,
+    pub log: Arc<ChannelLog>,
+    subscriptions: RwLock<BTreeMap<String, Arc<SubscriptionHandle>>>,
+    /// Each subscription's durable ack floor: records below the lowest can be deleted.
+    floors: Mutex<HashMap<SubscriptionId, u64>>,
+    /// The bound most recently handed to the store for collection.
+    collected: AtomicU64,
+}
+
+struct SubscriptionHandle {
+    id: SubscriptionId,
+    commands: mpsc::Sender<Command>,
+    settings: Mutex<SubscriptionSettings>,
+}
+
+impl ChannelShared {
+    /// Records a subscription's new durable floor and lets the store delete what all have acked.
+    pub(crate) async fn report_floor(
+        &self,
+        store: &Store,
+        subscription: SubscriptionId,
+        floor: u64,
+    ) {
+        let low = {
+            let mut floors = self.floors.lock().expect("floors lock");
+            if let Some(current) = floors.get_mut(&subscription) {
+                *current = (*current).max(floor);
+            }
+            floors.values().copied().min()
+        };
+        self.collect(store, low).await;
+    }
+
+    async fn forget_floor(&self, store: &Store, subscription: SubscriptionId) {
+        let low = {
+            let mut floors = self.floors.lock().expect("floors lock");
+            floors.remove(&subscription);
+            floors.values().copied().min()
+        };
+        self.collect(store, low).await;
+    }
+
+    /// With no subscription, nobody will ever want a message: everything stored may go.
+    async fn collect(&self, store: &Store, low: Option<u64>) {
+        let low = low.unwrap_or_else(|| self.log.stats().next_seq);
+        if self.collected.fetch_max(low, Ordering::AcqRel) < low {
+            store.collect(self.id, low).await;
+        }
+    }
+
+    fn subscription(&self, name: &str) -> Result<Arc<SubscriptionHandle>> {
+        self.subscriptions
+            .read()
+            .expect("subscriptions lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::SubscriptionNotFound {
+                channel: self.name.clone(),
+                name: name.to_owned(),
+            })
+    }
+
+    fn has_subscriptions(&self) -> bool {
+        !self
+            .subscriptions
+            .read()
+            .expect("subscriptions lock")
+            .is_empty()
+    }
+}
+
+/// A publish the store has queued; resolves once it is durable.
+pub struct PublishConfirmation {
+    confirmation: Confirmation<Range<u64>>,
+    channel: Arc<ChannelShared>,
+    store: Store,
+}
+
+impl PublishConfirmation {
+    /// Waits until the batch is durable; returns the sequences it got.
+    pub async fn confirmed(self) -> Result<Range<u64>> {
+        let range = self.confirmation.confirmed().await.map_err(|e| match e {
+            StoreError::ChannelNotFound => CoreError::ChannelNotFound(self.channel.name.clone()),
+            e => e.into(),
+        })?;
+        if !self.channel.has_subscriptions() {
+            self.channel.collect(&self.store, None).await;
+        }
+        Ok(range)
+    }
+}
+
+/// A consumer's side of its attachment: acks, nacks, extensions and window changes go through
+/// it. Clones share the attachment; when the last one is dropped the consumer is detached, which
+/// releases its unacked deliveries at once.
+#[derive(Clone)]
+pub struct ConsumerHandle {
+    attachment: Arc<Attachment>,
+}
+
+struct Attachment {
+    consumer: u64,
+    commands: mpsc::Sender<Command>,
+}
+
+impl ConsumerHandle {
+    /// Acks, nacks or extends deliveries; the outcome comes back as [`ConsumerEvent::Results`].
+    pub async fn settle(
+        &self,
+        operation: AckOperation,
+        ack_ids: Vec<String>,
+        extension: Duration,
+    ) -> Result<()> {
+        let command = Command::Settle {
+            consumer: self.attachment.consumer,
+            operation,
+            ack_ids,
+            extension,
+        };
+        self.attachment
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| CoreError::ShuttingDown)
+    }
+
+    /// Changes the consumer's window (zeros take the defaults).
+    pub async fn set_window(&self, window: Window) -> Result<()> {
+        let command = Command::SetWindow {
+            consumer: self.attachment.consumer,
+            window: window.with_defaults()?,
+        };
+        self.attachment
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| CoreError::ShuttingDown)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let detach = Command::Detach {
+            consumer: self.consumer,
+        };
+        if let Err(mpsc::error::TrySendError::Full(detach)) = self.commands.try_send(detach) {
+            // The detach must not be lost, or the deliveries would wait for their deadlines.
+            let commands = self.commands.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = commands.send(detach).await;
+                });
+            }
+        }
+    }
+}
+
+impl Broker {
+    /// Opens the store in `dir`, recovers every channel and subscription, and starts their
+    /// dispatchers. Must run inside a tokio runtime.
+    pub async fn open(dir: &Path, options: BrokerOptions) -> Result<Broker> {
+        let dir = dir.to_owned();
+        let store_options = options.store.clone();
+        let (store, recovered) =
+            tokio::task::spawn_blocking(move || ferry_store::Store::open(&dir, store_options))
+                .await
+                .map_err(|e| CoreError::Storage(StoreError::Backend(e.to_string())))??;
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                store,
+                limits: options.limits,
+                channels: RwLock::new(BTreeMap::new()),
+                admin: tokio::sync::Mutex::new(()),
+                dispatchers: Mutex::new(Vec::new()),
+                closing: AtomicBool::new(false),
+            }),
+        };
+        let mut by_id = HashMap::new();
+        for channel in recovered.channels {
+            let shared = broker.register_channel(channel.id, channel.name)?;
+            by_id.insert(channel.id, shared);
+        }
+        for sub in recovered.subscriptions {
+            let channel = by_id.get(&sub.channel).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "subscription {:?} names a missing channel",
+                    sub.name
+                ))
+            })?;
+            broker.start_subscription(
+                channel,
+                sub.id,
+                sub.name,
+                sub.settings,
+                AckSet::from_state(&sub.acks),
+            );
+        }
+        for channel in by_id.values() {
+            // Resume collection where the floors stand (a crash may have left some undone).
+            let low = channel
+                .floors
+                .lock()
+                .expect("floors lock")
+                .values()
+                .copied()
+                .min();
+            channel.collect(&broker.inner.store, low).await;
+        }
+        Ok(broker)
+    }
+
+    fn register_channel(&self, id: ChannelId, name: String) -> Result<Arc<ChannelShared>> {
+        let log = self.inner.store.log(id)?;
+        let shared = Arc::new(ChannelShared {
+            id,
+            name: name.clone(),
+            log,
+            subscriptions: RwLock::new(BTreeMap::new()),
+            floors: Mutex::new(HashMap::new()),
+            collected: AtomicU64::new(0),
+        });
+        self.inner
+            .channels
+            .write()
+            .expect("channels lock")
+            .insert(name, shared.clone());
+        Ok(shared)
+    }
+
+    fn start_subscription(
+        &self,
+        channel: &Arc<ChannelShared>,
+        id: SubscriptionId,
+        name: String,
+        settings: SubscriptionSettings,
+        acks: AckSet,
+    ) {
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        channel
+            .floors
+            .lock()
+            .expect("floors lock")
+            .insert(id, acks.floor());
+        let dispatcher = Dispatcher::new(
+            id,
+            name.clone(),
+            channel.clone(),
+            self.inner.store.clone(),
+            settings,
+            acks,
+            commands.clone(),
+        );
+        let task = tokio::spawn(dispatcher.run(rx));
+        let handle = Arc::new(SubscriptionHandle {
+            id,
+            commands,
+            settings: Mutex::new(settings),
+        });
+        channel
+            .subscriptions
+            .write()
+            .expect("subscriptions lock")
+            .insert(name, handle);
+        let mut dispatchers = self.inner.dispatchers.lock().expect("dispatchers lock");
+        dispatchers.retain(|task| !task.is_finished());
+        dispatchers.push(task);
+    }
+
+    fn channel(&self, name: &str) -> Result<Arc<ChannelShared>> {
+        self.inner
+            .channels
+            .read()
+            .expect("channels lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::ChannelNotFound(name.to_owned()))
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Err(CoreError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Creates the declared channels and subscriptions that do not exist, and applies changed
+    /// settings to those that do. Nothing is deleted: what the config no longer names stays.
+    pub async fn declare(&self, channels: &[ChannelDecl]) -> Result<()> {
+        for decl in channels {
+            match self.create_channel(&decl.name).await {
+                Ok(_) | Err(CoreError::ChannelExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+            for sub in &decl.subscriptions {
+                match self
+                    .create_subscription(&decl.name, &sub.name, sub.settings)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(CoreError::SubscriptionExists { .. }) => {
+                        self.update_subscription(&decl.name, &sub.name, sub.settings)
+                            .await?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a batch against the limits and queues it; the confirmation resolves once durable.
+    /// Batches queued one after another from one task get increasing sequences in that order.
+    pub async fn submit_publish(
+        &self,
+        channel: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<PublishConfirmation> {
+        self.check_open()?;
+        let shared = self.channel(channel)?;
+        self.inner.limits.check_batch(&messages)?;
+        let confirmation = self.inner.store.submit_append(shared.id, messages).await?;
+        Ok(PublishConfirmation {
+            confirmation,
+            channel: shared,
+            store: self.inner.store.clone(),
+        })
+    }
+
+    /// Publishes a batch and waits until it is durable; returns the sequences assigned.
+    pub async fn publish(&self, channel: &str, messages: Vec<NewMessage>) -> Result<Range<u64>> {
+        self.submit_publish(channel, messages)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Attaches a consumer to a subscription. Events (deliveries, ack results, the end) come on
+    /// the receiver; the handle sends acks. The window's zeros are replaced by defaults.
+    pub async fn attach(
+        &self,
+        channel: &str,
+        subscription: &str,
+        window: Window,
+    ) -> Result<(ConsumerHandle, mpsc::Receiver<ConsumerEvent>, Attached)> {
+        self.check_open()?;
+        let window = window.with_defaults()?;
+        let handle = self.channel(channel)?.subscription(subscription)?;
+        let (events, receiver) = mpsc::channel(window.max_messages as usize + EVENT_SLACK);
+        let (reply, attached) = oneshot::channel();
+        handle
+            .commands
+            .send(Command::Attach {
+                window,
+                events,
+                reply,
+            })
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
+        let attached = attached.await.map_err(|_| CoreError::ShuttingDown)?;
+        let attachment = Attachment {
+            consumer: attached.consumer_id,
+            commands: handle.commands.clone(),
+        };
+        let consumer = ConsumerHandle {
+            attachment: Arc::new(attachment),
+        };
+        Ok((consumer, receiver, attached))
+    }
+
+    /// Creates a channel.
+    pub async fn create_channel(&self, name: &str) -> Result<ChannelInfo> {
+        self.check_open()?;
+        names::validate("channel", name)?;
+        let _admin = self.inner.admin.lock().await;
+        if self.channel(name).is_ok() {
+            return Err(CoreError::ChannelExists(name.to_owned()));
+        }
+        let id = self
+            .inner
+            .store
+            .create_channel(name.to_owned())
+            .await
+            .map_err(|e| match e {
+                StoreError::ChannelExists(name) => CoreError::ChannelExists(name),
+                e => e.into(),
+            })?;
+        self.register_channel(id, name.to_owned())?;
+        tracing::info!(channel = name, "channel created");
+        self.channel_info(name).await
+    }
+
+    /// Deletes a channel with its messages and subscriptions; their consumers are disconnected.
+    pub async fn delete_channel(&self, name: &str) -> Result<()> {
+        self.check_open()?;
+        let _admin = self.inner.admin.lock().await;
+        let shared = self.channel(name)?;
+        self.inner.store.delete_channel(shared.id).await?;
+        self.inner
+            .channels
+            .write()
+            .expect("channels lock")
+            .remove(name);
+        let subscriptions =
+            std::mem::take(&mut *shared.subscriptions.write().expect("subscriptions lock"));
+        for handle in subscriptions.values() {
+            let reason = CoreError::ChannelNotFound(name.to_owned());
+            let _ = handle.commands.send(Command::Stop { reason }).await;
+        }
+        tracing::info!(channel = name, "channel deleted");
+        Ok(())
+    }
+
+    /// Describes a channel and its subscriptions.
+    pub async fn channel_info(&self, name: &str) -> Result<ChannelInfo> {
+        let shared = self.channel(name)?;
+        let stats = shared.log.stats();
+        let subscriptions = self.subscription_stats(&shared).await;
+        Ok(ChannelInfo {
+            name: shared.name.clone(),
+            messages: stats.next_seq - stats.first_seq,
+            bytes: stats.bytes,
+            next_sequence: stats.next_seq,
+            first_sequence: stats.first_seq,
+            subscriptions,
+        })
+    }
+
+    /// Describes every channel, by name.
+    pub async fn list_channels(&self) -> Vec<ChannelInfo> {
+        let names: Vec<String> = self
+            .inner
+            .channels
+            .read()
+            .expect("channels lock")
+            .keys()
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            // A channel deleted meanwhile is simply left out.
+            if let Ok(info) = self.channel_info(&name).await {
+                out.push(info);
+            }
+        }
+        out
+    }
+
+    async fn subscription_stats(&self, channel: &ChannelShared) -> Vec<SubscriptionStats> {
+        let handles: Vec<_> = channel
+            .subscriptions
+            .read()
+            .expect("subscriptions lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for handle in handles {
+            if let Ok(stats) = stats_of(&handle).await {
+                out.push(stats);
+            }
+        }
+        out
+    }
+
+    /// Creates a subscription; it receives the messages published from now on.
+    pub async fn create_subscription(
+        &self,
+        channel: &str,
+        name: &str,
+        settings: SubscriptionSettings,
+    ) -> Result<SubscriptionStats> {
+        self.check_open()?;
+        names::validate("subscription", name)?;
+        crate::check_settings(&settings)?;
+        let _admin = self.inner.admin.lock().await;
+        let shared = self.channel(channel)?;
+        let exists = || CoreError::SubscriptionExists {
+            channel: channel.to_owned(),
+            name: name.to_owned(),
+        };
+        if shared.subscription(name).is_ok() {
+            return Err(exists());
+        }
+        let (id, acks) = self
+            .inner
+            .store
+            .create_subscription(shared.id, name.to_owned(), settings)
+            .await
+            .map_err(|e| match e {
+                StoreError::SubscriptionExists(_) => exists(),
+                StoreError::ChannelNotFound => CoreError::ChannelNotFound(channel.to_owned()),
+                e => e.into(),
+            })?;
+        self.start_subscription(
+            &shared,
+            id,
+            name.to_owned(),
+            settings,
+            AckSet::from_state(&acks),
+        );
+        tracing::info!(channel, subscription = name, "subscription created");
+        let handle = shared.subscription(name)?;
+        stats_of(&handle).await
+    }
+
+    async fn update_subscription(
+        &self,
+        channel: &str,
+        name: &str,
+        settings: SubscriptionSettings,
+    ) -> Result<()> {
+        crate::check_settings(&settings)?;
+        let _admin = self.inner.admin.lock().await;
+        let handle = self.channel(channel)?.subscription(name)?;
+        if *handle.settings.lock().expect("settings lock") == settings {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .update_subscription(handle.id, settings)
+            .await?;
+        *handle.settings.lock().expect("settings lock") = settings;
+        let _ = handle
+            .commands
+            .send(Command::Reconfigure { settings })
+            .await;
+        tracing::info!(
+            channel,
+            subscription = name,
+            ?settings,
+            "subscription updated"
+        );
+        Ok(())
+    }
+
+    /// Describes a subscription.
+    pub async fn subscription_info(&self, channel: &str, name: &str) -> Result<SubscriptionStats> {
+        let handle = self.channel(channel)?.subscription(name)?;
+        stats_of(&handle).await
+    }
+
+    /// Describes the subscriptions of a channel, by name.
+    pub async fn list_subscriptions(&self, channel: &str) -> Result<Vec<SubscriptionStats>> {
+        let shared = self.channel(channel)?;
+        Ok(self.subscription_stats(&shared).await)
+    }
+
+    /// Deletes a subscription; its consumers are disconnected and its unacked messages dropped.
+    pub async fn delete_subscription(&self, channel: &str, name: &str) -> Result<()> {
+        self.check_open()?;
+        let _admin = self.inner.admin.lock().await;
+        let shared = self.channel(channel)?;
+        let handle = shared.subscription(name)?;
+        self.inner.store.delete_subscription(handle.id).await?;
+        shared
+            .subscriptions
+            .write()
+            .expect("subscriptions lock")
+            .remove(name);
+        let reason = CoreError::SubscriptionNotFound {
+            channel: channel.to_owned(),
+            name: name.to_owned(),
+        };
+        let _ = handle.commands.send(Command::Stop { reason }).await;
+        shared.forget_floor(&self.inner.store, handle.id).await;
+        tracing::info!(channel, subscription = name, "subscription deleted");
+        Ok(())
+    }
+
+    /// Why the broker cannot confirm writes, if it cannot.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.store.failure()
+    }
+
+    /// Refuses new work, disconnects every consumer, commits what is queued and closes the store.
+    pub async fn shutdown(&self) -> Result<()> {
+        if self.inner.closing.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let channels: Vec<_> = self
+            .inner
+            .channels
+            .read()
+            .expect("channels lock")
+            .values()
+            .cloned()
+            .collect();
+        for channel in channels {
+            let handles: Vec<_> = channel
+                .subscriptions
+                .read()
+                .expect("subscriptions lock")
+                .values()
+                .cloned()
+                .collect();
+            for handle in handles {
+                let _ = handle
+                    .commands
+                    .send(Command::Stop {
+                        reason: CoreError::ShuttingDown,
+                    })
+                    .await;
+            }
+        }
+        let tasks = std::mem::take(&mut *self.inner.dispatchers.lock().expect("dispatchers lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.inner.store.close().await?;
+        Ok(())
+    }
+}
+
+async fn stats_of(handle: &SubscriptionHandle) -> Result<SubscriptionStats> {
+    let (reply, stats) = oneshot::channel();
+    handle
+        .commands
+        .send(Command::Stats { reply })
+        .await
+        .map_err(|_| CoreError::ShuttingDown)?;
+    stats.await.map_err(|_| CoreError::ShuttingDown)
+}

@@ -1,0 +1,573 @@
+//! One subscription's dispatcher: a task that owns all of the subscription's delivery state.
+//!
+//! It hands messages to the attached consumers within their flow-control windows (redeliveries
+//! first, then new messages in sequence order), tracks every delivery until it is acked, nacked,
+//! released or its deadline passes, and saves the ack state through the store before it confirms
+//! an ack. Being one task, it needs no locks; everything reaches it as a [`Command`] over a
+//! bounded channel, or as a change of the channel's durable end.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_store::{ChannelLog, Message, Store, SubscriptionId, SubscriptionSettings};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::acks::AckSet;
+use crate::broker::ChannelShared;
+use crate::error::CoreError;
+use crate::{
+    AckOperation, AckOutcome, AckResult, Attached, ConsumerEvent, Delivery, SubscriptionStats,
+    Window,
+};
+
+/// How many new messages the dispatcher reads ahead of its consumers at most.
+const PREFETCH_MESSAGES: usize = 512;
+const PREFETCH_BYTES: usize = 4 << 20;
+/// The most payload bytes in one deliveries event (a larger single message goes alone).
+const EVENT_BYTES: usize = 1 << 20;
+
+/// A request to a dispatcher.
+pub(crate) enum Command {
+    Attach {
+        window: Window,
+        events: mpsc::Sender<ConsumerEvent>,
+        reply: oneshot::Sender<Attached>,
+    },
+    Detach {
+        consumer: u64,
+    },
+    Settle {
+        consumer: u64,
+        operation: AckOperation,
+        ack_ids: Vec<String>,
+        extension: Duration,
+    },
+    SetWindow {
+        consumer: u64,
+        window: Window,
+    },
+    Stats {
+        reply: oneshot::Sender<SubscriptionStats>,
+    },
+    Reconfigure {
+        settings: SubscriptionSettings,
+    },
+    AcksDurable {
+        floor: u64,
+    },
+    Stop {
+        reason: CoreError,
+    },
+}
+
+struct InFlight {
+    consumer: u64,
+    delivery: u64,
+    attempt: u32,
+    deadline: Instant,
+    bytes: u64,
+}
+
+struct Consumer {
+    events: mpsc::Sender<ConsumerEvent>,
+    window: Window,
+    messages: u32,
+    bytes: u64,
+    /// Its event queue was full: skip it until it speaks again.
+    congested: bool,
+    /// Deliveries made this round, sent together.
+    batch: Vec<Delivery>,
+}
+
+impl Consumer {
+    fn fits(&self, size: u64) -> bool {
+        !self.congested
+            && self.messages < self.window.max_messages
+            && (self.messages == 0 || self.bytes + size <= self.window.max_bytes)
+    }
+}
+
+/// The dispatcher's state.
+pub(crate) struct Dispatcher {
+    id: SubscriptionId,
+    name: String,
+    channel: Arc<ChannelShared>,
+    log: Arc<ChannelLog>,
+    store: Store,
+    settings: SubscriptionSettings,
+    commands: mpsc::Sender<Command>,
+    acks: AckSet,
+    /// The floor the store has confirmed (what a crash would come back to).
+    durable_floor: u64,
+    /// New messages read ahead, all unacked and never delivered, from `cursor` on.
+    prefetch: VecDeque<Arc<Message>>,
+    /// The next sequence to read into `prefetch`.
+    cursor: u64,
+    in_flight: HashMap<u64, InFlight>,
+    /// Delivered before and to be delivered again, lowest first.
+    redeliver: BTreeSet<u64>,
+    /// Attempts so far of the messages in `redeliver`.
+    attempts: HashMap<u64, u32>,
+    /// Deadlines, checked lazily against `in_flight`.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    consumers: BTreeMap<u64, Consumer>,
+    next_consumer: u64,
+    /// Delivery ids start from the clock, so an ack id from before a restart never matches a
+    /// delivery made after it.
+    next_delivery: u64,
+    round_robin: u64,
+}
+
+impl Dispatcher {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: SubscriptionId,
+        name: String,
+        channel: Arc<ChannelShared>,
+        store: Store,
+        settings: SubscriptionSettings,
+        acks: AckSet,
+        commands: mpsc::Sender<Command>,
+    ) -> Self {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        Self {
+            id,
+            name,
+            log: channel.log.clone(),
+            channel,
+            store,
+            settings,
+            commands,
+            durable_floor: acks.floor(),
+            cursor: acks.floor(),
+            acks,
+            prefetch: VecDeque::new(),
+            in_flight: HashMap::new(),
+            redeliver: BTreeSet::new(),
+            attempts: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            consumers: BTreeMap::new(),
+            next_consumer: 1,
+            next_delivery: epoch,
+            round_robin: 0,
+        }
+    }
+
+    /// Runs until stopped or until every handle to it is gone.
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut end = self.log.watch_end();
+        loop {
+            let deadline = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if !self.handle(command).await {
+                        return;
+                    }
+                    // Take what else is queued before dispatching once for all of it.
+                    for _ in 0..64 {
+                        match commands.try_recv() {
+                            Ok(command) => if !self.handle(command).await { return },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                changed = end.changed(), if !self.consumers.is_empty() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.expire();
+                }
+            }
+            self.dispatch();
+        }
+        self.stop(CoreError::ShuttingDown);
+    }
+
+    /// Handles one command; false when the dispatcher must stop.
+    async fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Attach {
+                window,
+                events,
+                reply,
+            } => {
+                let id = self.next_consumer;
+                self.next_consumer += 1;
+                let consumer = Consumer {
+                    events,
+                    window,
+                    messages: 0,
+                    bytes: 0,
+                    congested: false,
+                    batch: Vec::new(),
+                };
+                self.consumers.insert(id, consumer);
+                let _ = reply.send(Attached {
+                    consumer_id: id,
+                    ack_deadline_ms: self.settings.ack_deadline_ms,
+                    window,
+                });
+                tracing::debug!(subscription = %self.name, consumer = id, "consumer attached");
+            }
+            Command::Detach { consumer } => self.detach(consumer),
+            Command::Settle {
+                consumer,
+                operation,
+                ack_ids,
+                extension,
+            } => {
+                if let Some(c) = self.consumers.get_mut(&consumer) {
+                    c.congested = false;
+                }
+                self.settle(consumer, operation, ack_ids, extension).await;
+            }
+            Command::SetWindow { consumer, window } => {
+                if let Some(c) = self.consumers.get_mut(&consumer) {
+                    c.window = window;
+                    c.congested = false;
+                }
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            Command::Reconfigure { settings } => self.settings = settings,
+            Command::AcksDurable { floor } => {
+                if floor > self.durable_floor {
+                    self.durable_floor = floor;
+                    self.channel.report_floor(&self.store, self.id, floor).await;
+                }
+            }
+            Command::Stop { reason } => {
+                self.stop(reason);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn stop(&mut self, reason: CoreError) {
+        for (_, consumer) in std::mem::take(&mut self.consumers) {
+            let _ = consumer
+                .events
+                .try_send(ConsumerEvent::Closed(reason.clone()));
+        }
+    }
+
+    fn detach(&mut self, consumer: u64) {
+        if self.consumers.remove(&consumer).is_none() {
+            return;
+        }
+        let released: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.consumer == consumer)
+            .map(|(&seq, _)| seq)
+            .collect();
+        for seq in &released {
+            self.requeue(*seq);
+        }
+        tracing::debug!(subscription = %self.name, consumer, released = released.len(), "consumer detached");
+    }
+
+    /// Takes a delivery back (nack, expiry, release) so that it is delivered again.
+    fn requeue(&mut self, seq: u64) -> Option<InFlight> {
+        let flight = self.in_flight.remove(&seq)?;
+        if let Some(c) = self.consumers.get_mut(&flight.consumer) {
+            c.messages -= 1;
+            c.bytes -= flight.bytes;
+        }
+        self.attempts.insert(seq, flight.attempt);
+        self.redeliver.insert(seq);
+        Some(flight)
+    }
+
+    async fn settle(
+        &mut self,
+        consumer: u64,
+        operation: AckOperation,
+        ack_ids: Vec<String>,
+        extension: Duration,
+    ) {
+        let mut results = Vec::with_capacity(ack_ids.len());
+        let mut acked = false;
+        for ack_id in ack_ids {
+            let result = match self.lookup(&ack_id) {
+                Err(result) => result,
+                Ok(seq) => {
+                    match operation {
+                        AckOperation::Ack => {
+                            let flight = self.in_flight.remove(&seq).expect("looked up");
+                            if let Some(c) = self.consumers.get_mut(&flight.consumer) {
+                                c.messages -= 1;
+                                c.bytes -= flight.bytes;
+                            }
+                            self.acks.insert(seq);
+                            acked = true;
+                        }
+                        AckOperation::Nack => {
+                            self.requeue(seq);
+                        }
+                        AckOperation::Extend => {
+                            let flight = self.in_flight.get_mut(&seq).expect("looked up");
+                            flight.deadline = Instant::now() + extension;
+                            self.deadlines
+                                .push(Reverse((flight.deadline, seq, flight.delivery)));
+                        }
+                    }
+                    AckResult::Ok
+                }
+            };
+            results.push(AckOutcome { ack_id, result });
+        }
+        let Some(events) = self.consumers.get(&consumer).map(|c| c.events.clone()) else {
+            return;
+        };
+        let event = ConsumerEvent::Results { operation, results };
+        if !acked {
+            // Nothing to make durable: answer at once (or drop it if the consumer is gone).
+            let _ = events.try_send(event);
+            return;
+        }
+        // Queued from this task, ack states reach the writer in order; the answer waits for the
+        // commit in its own task so that dispatching goes on meanwhile.
+        let floor = self.acks.floor();
+        let submitted = self.store.submit_acks(self.id, self.acks.to_state()).await;
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            let outcome = match submitted {
+                Ok(confirmation) => confirmation.confirmed().await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    let _ = events.send(event).await;
+                    let _ = commands.send(Command::AcksDurable { floor }).await;
+                }
+                Err(e) => {
+                    let _ = events.send(ConsumerEvent::Closed(e.into())).await;
+                }
+            }
+        });
+    }
+
+    /// Finds the in-flight delivery an ack id names.
+    fn lookup(&self, ack_id: &str) -> Result<u64, AckResult> {
+        let (subscription, seq, delivery) = parse_ack_id(ack_id).ok_or(AckResult::Unknown)?;
+        if subscription != self.id.0 || delivery >= self.next_delivery {
+            return Err(AckResult::Unknown);
+        }
+        match self.in_flight.get(&seq) {
+            Some(flight) if flight.delivery == delivery => Ok(seq),
+            _ => Err(AckResult::Stale),
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, seq, delivery))) = self.deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let current = self
+                .in_flight
+                .get(&seq)
+                .is_some_and(|f| f.delivery == delivery && f.deadline == at);
+            if current {
+                self.requeue(seq);
+            }
+        }
+    }
+
+    /// Hands out as many messages as the consumers' windows allow.
+    fn dispatch(&mut self) {
+        if !self.consumers.values().any(|c| c.fits(0)) {
+            return;
+        }
+        loop {
+            let Some((message, attempt)) = self.next_message() else {
+                break;
+            };
+            let Some(consumer) = self.pick_consumer(message.size() as u64) else {
+                // Nobody has room for it now: put it back where it came from.
+                if attempt > 1 {
+                    self.attempts.insert(message.sequence, attempt - 1);
+                    self.redeliver.insert(message.sequence);
+                } else {
+                    self.prefetch.push_front(message);
+                }
+                break;
+            };
+            let delivery = self.next_delivery;
+            self.next_delivery += 1;
+            let deadline = Instant::now() + Duration::from_millis(self.settings.ack_deadline_ms);
+            let bytes = message.size() as u64;
+            let seq = message.sequence;
+            self.in_flight.insert(
+                seq,
+                InFlight {
+                    consumer,
+                    delivery,
+                    attempt,
+                    deadline,
+                    bytes,
+                },
+            );
+            self.deadlines.push(Reverse((deadline, seq, delivery)));
+            let c = self.consumers.get_mut(&consumer).expect("picked");
+            c.messages += 1;
+            c.bytes += bytes;
+            c.batch.push(Delivery {
+                ack_id: format_ack_id(self.id.0, seq, delivery),
+                message,
+                attempt,
+            });
+        }
+        self.flush_batches();
+    }
+
+    /// The next message to deliver with its attempt number: redeliveries first.
+    fn next_message(&mut self) -> Option<(Arc<Message>, u32)> {
+        while let Some(seq) = self.redeliver.pop_first() {
+            let attempt = self.attempts.remove(&seq).unwrap_or(0) + 1;
+            match self.log.get(seq) {
+                Ok(Some(message)) => return Some((message, attempt)),
+                Ok(None) => {
+                    tracing::warn!(subscription = %self.name, seq, "unacked message is no longer stored")
+                }
+                Err(e) => {
+                    tracing::error!(subscription = %self.name, seq, error = %e, "cannot read message");
+                    self.attempts.insert(seq, attempt - 1);
+                    self.redeliver.insert(seq);
+                    return None;
+                }
+            }
+        }
+        loop {
+            if let Some(message) = self.prefetch.pop_front() {
+                if self.acks.contains(message.sequence) {
+                    continue;
+                }
+                return Some((message, 1));
+            }
+            self.cursor = self.acks.next_unacked(self.cursor);
+            match self
+                .log
+                .read(self.cursor, PREFETCH_MESSAGES, PREFETCH_BYTES)
+            {
+                Ok(messages) if messages.is_empty() => return None,
+                Ok(messages) => {
+                    self.cursor = messages.last().map_or(self.cursor, |m| m.sequence + 1);
+                    self.prefetch.extend(messages);
+                }
+                Err(e) => {
+                    tracing::error!(subscription = %self.name, error = %e, "cannot read messages");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next consumer, in turn, with room for a message of this size.
+    fn pick_consumer(&mut self, size: u64) -> Option<u64> {
+        let start = self.round_robin;
+        let found = self
+            .consumers
+            .range(start..)
+            .chain(self.consumers.range(..start))
+            .find(|(_, c)| c.fits(size))
+            .map(|(&id, _)| id)?;
+        self.round_robin = found + 1;
+        Some(found)
+    }
+
+    fn flush_batches(&mut self) {
+        let mut gone = Vec::new();
+        let mut congested = Vec::new();
+        for (&id, consumer) in &mut self.consumers {
+            let mut batch = std::mem::take(&mut consumer.batch).into_iter().peekable();
+            while batch.peek().is_some() {
+                // Each event stays well below gRPC clients' default 4 MiB message limit.
+                let mut bytes = 0;
+                let mut event = Vec::new();
+                while let Some(delivery) =
+                    batch.next_if(|d| event.is_empty() || bytes + d.message.size() <= EVENT_BYTES)
+                {
+                    bytes += delivery.message.size();
+                    event.push(delivery);
+                }
+                match consumer.events.try_send(ConsumerEvent::Deliveries(event)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        gone.push(id);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        consumer.congested = true;
+                        if let ConsumerEvent::Deliveries(event) = event {
+                            congested.extend(event.into_iter().map(|d| d.message.sequence));
+                        }
+                        congested.extend(batch.by_ref().map(|d| d.message.sequence));
+                    }
+                }
+            }
+        }
+        // Deliveries that never left go back without counting as an attempt.
+        for seq in congested {
+            if let Some(flight) = self.requeue(seq) {
+                self.attempts.insert(seq, flight.attempt - 1);
+            }
+        }
+        for id in gone {
+            self.detach(id);
+        }
+    }
+
+    fn stats(&self) -> SubscriptionStats {
+        let end = self.log.stats().next_seq;
+        let undelivered_from = self.prefetch.front().map_or(self.cursor, |m| m.sequence);
+        let floor = self.acks.floor();
+        let oldest = if floor < end {
+            self.log
+                .get(floor)
+                .ok()
+                .flatten()
+                .map(|m| m.publish_time_ms)
+        } else {
+            None
+        };
+        SubscriptionStats {
+            name: self.name.clone(),
+            settings: self.settings,
+            backlog: end.saturating_sub(undelivered_from) + self.redeliver.len() as u64,
+            in_flight: self.in_flight.len() as u64,
+            acked: self.acks.total(),
+            unacked: end
+                .saturating_sub(floor)
+                .saturating_sub(self.acks.acked_above_floor()),
+            oldest_unacked_publish_time_ms: oldest,
+            consumers: self.consumers.len() as u32,
+            ack_floor: self.durable_floor,
+        }
+    }
+}
+
+fn format_ack_id(subscription: u32, seq: u64, delivery: u64) -> String {
+    format!("{subscription}-{seq}-{delivery}")
+}
+
+fn parse_ack_id(ack_id: &str) -> Option<(u32, u64, u64)> {
+    let mut parts = ack_id.splitn(3, '-');
+    let subscription = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let delivery = parts.next()?.parse().ok()?;
+    Some((subscription, seq, delivery))
+}

@@ -1,0 +1,42 @@
+//! The broker core's errors. The server maps each variant to one gRPC status code, in one place.
+
+use ferry_store::StoreError;
+
+/// Everything the broker core can refuse or fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CoreError {
+    /// A request is malformed or outside a limit; the message says what to fix.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No channel of that name.
+    #[error("channel {0:?} does not exist")]
+    ChannelNotFound(String),
+    /// No subscription of that name on that channel.
+    #[error("subscription {name:?} of channel {channel:?} does not exist")]
+    SubscriptionNotFound {
+        /// The channel.
+        channel: String,
+        /// The subscription.
+        name: String,
+    },
+    /// A channel of that name exists already.
+    #[error("channel {0:?} already exists")]
+    ChannelExists(String),
+    /// The channel has a subscription of that name already.
+    #[error("subscription {name:?} of channel {channel:?} already exists")]
+    SubscriptionExists {
+        /// The channel.
+        channel: String,
+        /// The subscription.
+        name: String,
+    },
+    /// The broker is shutting down; try another instance or later.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// The store failed: nothing more is confirmed until the broker is restarted.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+/// Results of the broker core.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;

@@ -1,0 +1,140 @@
+//! The `Admin` service: channels, subscriptions and their figures.
+
+use ferry_core::{Broker, SubscriptionSettings};
+use ferry_proto::pb::{self, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::status::to_status;
+
+/// Serves `ferry.v1.Admin`.
+pub struct AdminService {
+    broker: Broker,
+}
+
+impl AdminService {
+    /// A service over `broker`.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_channel(
+        &self,
+        request: Request<pb::CreateChannelRequest>,
+    ) -> Answer<pb::ChannelInfo> {
+        let info = self
+            .broker
+            .create_channel(&request.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::channel_info(info)))
+    }
+
+    async fn get_channel(
+        &self,
+        request: Request<pb::GetChannelRequest>,
+    ) -> Answer<pb::ChannelInfo> {
+        let info = self
+            .broker
+            .channel_info(&request.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::channel_info(info)))
+    }
+
+    async fn list_channels(
+        &self,
+        _: Request<pb::ListChannelsRequest>,
+    ) -> Answer<pb::ListChannelsResponse> {
+        let channels = self
+            .broker
+            .list_channels()
+            .await
+            .into_iter()
+            .map(convert::channel_info)
+            .collect();
+        Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+
+    async fn delete_channel(
+        &self,
+        request: Request<pb::DeleteChannelRequest>,
+    ) -> Answer<pb::DeleteChannelResponse> {
+        self.broker
+            .delete_channel(&request.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteChannelResponse {}))
+    }
+
+    async fn create_subscription(
+        &self,
+        request: Request<pb::CreateSubscriptionRequest>,
+    ) -> Answer<pb::SubscriptionInfo> {
+        let request = request.into_inner();
+        let settings = SubscriptionSettings {
+            ack_deadline_ms: convert::ack_deadline_ms(request.ack_deadline)?,
+        };
+        let stats = self
+            .broker
+            .create_subscription(&request.channel, &request.name, settings)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::subscription_info(
+            &request.channel,
+            stats,
+        )))
+    }
+
+    async fn get_subscription(
+        &self,
+        request: Request<pb::GetSubscriptionRequest>,
+    ) -> Answer<pb::SubscriptionInfo> {
+        let request = request.into_inner();
+        let stats = self
+            .broker
+            .subscription_info(&request.channel, &request.name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::subscription_info(
+            &request.channel,
+            stats,
+        )))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<pb::ListSubscriptionsRequest>,
+    ) -> Answer<pb::ListSubscriptionsResponse> {
+        let channel = request.into_inner().channel;
+        let subscriptions = self
+            .broker
+            .list_subscriptions(&channel)
+            .await
+            .map_err(to_status)?;
+        let subscriptions = subscriptions
+            .into_iter()
+            .map(|s| convert::subscription_info(&channel, s))
+            .collect();
+        Ok(Response::new(pb::ListSubscriptionsResponse {
+            subscriptions,
+        }))
+    }
+
+    async fn delete_subscription(
+        &self,
+        request: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Answer<pb::DeleteSubscriptionResponse> {
+        let request = request.into_inner();
+        self.broker
+            .delete_subscription(&request.channel, &request.name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteSubscriptionResponse {}))
+    }
+}

@@ -1,0 +1,454 @@
+//! The daemon's configuration: the TOML file, its defaults and its validation.
+//!
+//! The documented default file, `config/ferry.toml`, is embedded in the binary and is what the
+//! daemon runs on without `--config`; a test keeps it equal to the defaults written here. Every
+//! error names the file, the key and what is wrong; unknown keys are errors, so a typo is never
+//! silently ignored.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_core::{
+    BrokerOptions, ChannelDecl, DEFAULT_ACK_DEADLINE_MS, FsyncMode, Limits, StoreOptions,
+    SubscriptionDecl, SubscriptionSettings,
+};
+use serde::Deserialize;
+
+/// The default configuration file, as shipped in `config/ferry.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/ferry.toml");
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    /// The file (or "built-in default").
+    pub source_name: String,
+    /// What is wrong, with the key and, for syntax errors, the line.
+    pub message: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Network and data directory.
+    pub server: ServerConfig,
+    /// Durability and caches.
+    pub storage: StorageConfig,
+    /// Size limits on publishing.
+    pub limits: LimitsConfig,
+    /// Channels (and their subscriptions) created at start-up.
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where the gRPC server listens.
+    pub listen: SocketAddr,
+    /// Where the store keeps its files.
+    pub data_dir: PathBuf,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// "always", "interval" or "never".
+    pub fsync: FsyncSetting,
+    /// With `fsync = "interval"`: how often.
+    pub fsync_interval: HumanDuration,
+    /// sled's page cache.
+    pub cache_capacity: ByteSize,
+    /// Per channel: newest messages kept decoded in memory.
+    pub tail_cache: ByteSize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// The largest message (payload, key, id and attributes).
+    pub max_message_bytes: ByteSize,
+    /// The most messages in one publish request.
+    pub max_batch_messages: usize,
+    /// The most bytes in one publish request.
+    pub max_batch_bytes: ByteSize,
+}
+
+/// `[[channels]]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// The channel's name.
+    pub name: String,
+    /// `[[channels.subscriptions]]`
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// `[[channels.subscriptions]]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// The subscription's name.
+    pub name: String,
+    /// How long a delivery may stay unacked.
+    #[serde(default = "default_ack_deadline")]
+    pub ack_deadline: HumanDuration,
+}
+
+fn default_ack_deadline() -> HumanDuration {
+    HumanDuration(Duration::from_millis(DEFAULT_ACK_DEADLINE_MS))
+}
+
+/// The `fsync` setting.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncSetting {
+    /// Confirm after fsync.
+    #[default]
+    Always,
+    /// Confirm after the OS has the data; fsync every `fsync_interval`.
+    Interval,
+    /// Confirm once in memory.
+    Never,
+}
+
+/// A duration written like "30s", "250ms", "5m" or "1h".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// A size written as a number of bytes or like "64KiB", "128MiB", "1GiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("data"),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncSetting::Always,
+            fsync_interval: HumanDuration(Duration::from_millis(100)),
+            cache_capacity: ByteSize(128 << 20),
+            tail_cache: ByteSize(16 << 20),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            max_message_bytes: ByteSize(limits.max_message_bytes as u64),
+            max_batch_messages: limits.max_batch_messages,
+            max_batch_bytes: ByteSize(limits.max_batch_bytes as u64),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
+            limits: LimitsConfig::default(),
+            channels: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and checks a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(&text, &source_name)
+    }
+
+    /// The built-in default configuration.
+    pub fn builtin() -> Config {
+        Self::parse(DEFAULT_CONFIG, "built-in default")
+            .expect("the embedded default config is valid")
+    }
+
+    /// Parses and checks TOML text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let error = |message: String| ConfigError {
+            source_name: source_name.to_owned(),
+            message,
+        };
+        let config: Config =
+            toml::from_str(text).map_err(|e| error(e.to_string().trim_end().to_owned()))?;
+        config.validate().map_err(error)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let storage = &self.storage;
+        if storage.fsync == FsyncSetting::Interval && storage.fsync_interval.0.is_zero() {
+            return Err("storage.fsync_interval must be above 0 with fsync = \"interval\"".into());
+        }
+        if storage.cache_capacity.0 < 1 << 20 {
+            return Err(format!(
+                "storage.cache_capacity is {} bytes; it must be at least 1MiB",
+                storage.cache_capacity.0
+            ));
+        }
+        let limits = &self.limits;
+        if !(1..=64 << 20).contains(&limits.max_message_bytes.0) {
+            return Err(format!(
+                "limits.max_message_bytes is {}; it must be from 1 to 64MiB",
+                limits.max_message_bytes.0
+            ));
+        }
+        if !(1..=100_000).contains(&limits.max_batch_messages) {
+            return Err(format!(
+                "limits.max_batch_messages is {}; it must be from 1 to 100000",
+                limits.max_batch_messages
+            ));
+        }
+        if limits.max_batch_bytes.0 < limits.max_message_bytes.0
+            || limits.max_batch_bytes.0 > 256 << 20
+        {
+            return Err(format!(
+                "limits.max_batch_bytes is {}; it must be at least limits.max_message_bytes ({}) and at most 256MiB",
+                limits.max_batch_bytes.0, limits.max_message_bytes.0
+            ));
+        }
+        let mut channels = HashSet::new();
+        for (i, channel) in self.channels.iter().enumerate() {
+            let key = format!("channels[{i}]");
+            ferry_core::names::validate("channel", &channel.name)
+                .map_err(|e| format!("{key}.name: {e}"))?;
+            if !channels.insert(&channel.name) {
+                return Err(format!(
+                    "{key}.name: channel {:?} is declared twice",
+                    channel.name
+                ));
+            }
+            let mut subscriptions = HashSet::new();
+            for (j, sub) in channel.subscriptions.iter().enumerate() {
+                let key = format!("{key}.subscriptions[{j}]");
+                ferry_core::names::validate("subscription", &sub.name)
+                    .map_err(|e| format!("{key}.name: {e}"))?;
+                if !subscriptions.insert(&sub.name) {
+                    return Err(format!(
+                        "{key}.name: subscription {:?} is declared twice in channel {:?}",
+                        sub.name, channel.name
+                    ));
+                }
+                ferry_core::check_settings(&sub.settings())
+                    .map_err(|e| format!("{key}.ack_deadline: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker options this configuration gives.
+    pub fn broker_options(&self) -> BrokerOptions {
+        let storage = &self.storage;
+        BrokerOptions {
+            store: StoreOptions {
+                fsync: match storage.fsync {
+                    FsyncSetting::Always => FsyncMode::Always,
+                    FsyncSetting::Interval => FsyncMode::Interval(storage.fsync_interval.0),
+                    FsyncSetting::Never => FsyncMode::Never,
+                },
+                cache_capacity_bytes: storage.cache_capacity.0,
+                tail_cache_bytes: storage.tail_cache.0 as usize,
+            },
+            limits: Limits {
+                max_message_bytes: self.limits.max_message_bytes.0 as usize,
+                max_batch_messages: self.limits.max_batch_messages,
+                max_batch_bytes: self.limits.max_batch_bytes.0 as usize,
+            },
+        }
+    }
+
+    /// The declared channels, for [`ferry_core::Broker::declare`].
+    pub fn declarations(&self) -> Vec<ChannelDecl> {
+        self.channels
+            .iter()
+            .map(|c| ChannelDecl {
+                name: c.name.clone(),
+                subscriptions: c
+                    .subscriptions
+                    .iter()
+                    .map(|s| SubscriptionDecl {
+                        name: s.name.clone(),
+                        settings: s.settings(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl SubscriptionConfig {
+    fn settings(&self) -> SubscriptionSettings {
+        SubscriptionSettings {
+            ack_deadline_ms: self.ack_deadline.0.as_millis() as u64,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Number(n)) => Ok(ByteSize(n)),
+            Ok(Raw::Text(text)) => parse_size(&text)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a size: a number of bytes or a string like \"64MiB\"",
+            )),
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || {
+        format!(
+            "invalid duration {text:?}: write a whole number and a unit, like \"30s\", \"250ms\", \"5m\" or \"1h\""
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || {
+        format!(
+            "invalid size {text:?}: write a number of bytes, or a number and KiB, MiB or GiB, like \"64MiB\""
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
+}
+
+impl fmt::Display for FsyncSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FsyncSetting::Always => "always",
+            FsyncSetting::Interval => "interval",
+            FsyncSetting::Never => "never",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_file_is_the_default() {
+        assert_eq!(Config::builtin(), Config::default());
+    }
+
+    #[test]
+    fn declarations_parse() {
+        let config = Config::parse(
+            r#"
+            [storage]
+            fsync = "interval"
+            fsync_interval = "50ms"
+            cache_capacity = "64MiB"
+
+            [[channels]]
+            name = "orders.created"
+            [[channels.subscriptions]]
+            name = "billing"
+            ack_deadline = "5s"
+            "#,
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.broker_options().store.fsync,
+            FsyncMode::Interval(Duration::from_millis(50))
+        );
+        assert_eq!(config.storage.cache_capacity, ByteSize(64 << 20));
+        let decls = config.declarations();
+        assert_eq!(decls[0].subscriptions[0].settings.ack_deadline_ms, 5000);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_problem() {
+        let cases = [
+            ("[server]\nlisten = \"nowhere\"\n", "listen"),
+            ("[storage]\nfsync = \"sometimes\"\n", "fsync"),
+            ("[storage]\nfsink = \"always\"\n", "unknown field `fsink`"),
+            (
+                "[[channels]]\nname = \"a\"\n[[channels]]\nname = \"a\"\n",
+                "channels[1].name: channel \"a\" is declared twice",
+            ),
+            ("[[channels]]\nname = \"a b\"\n", "channels[0].name"),
+            (
+                "[[channels]]\nname = \"a\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"soon\"\n",
+                "invalid duration \"soon\"",
+            ),
+            ("[limits]\nmax_batch_bytes = 10\n", "limits.max_batch_bytes"),
+        ];
+        for (text, expected) in cases {
+            let message = Config::parse(text, "bad.toml").unwrap_err().to_string();
+            assert!(message.starts_with("bad.toml: "), "{message}");
+            assert!(message.contains(expected), "{expected:?} not in {message}");
+        }
+        let message = Config::parse("[storage]\nfsync = \"sometimes\"\n", "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("line 2"), "{message}");
+    }
+}

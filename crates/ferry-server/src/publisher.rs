@@ -1,0 +1,122 @@
+//! The `Publisher` service: unary batches and pipelined publish streams.
+
+use std::pin::Pin;
+
+use ferry_core::{Broker, PublishConfirmation};
+use ferry_proto::pb::{self, publisher_server::Publisher};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::status::to_status;
+
+/// How many batches one publish stream may have queued but not yet confirmed; past that the
+/// broker stops reading the stream, which pushes back on the client through HTTP/2 flow control.
+const PIPELINE_DEPTH: usize = 1024;
+
+/// Serves `ferry.v1.Publisher`.
+pub struct PublisherService {
+    broker: Broker,
+    shutdown: CancellationToken,
+}
+
+impl PublisherService {
+    /// A service over `broker`; its streams end when `shutdown` is cancelled.
+    pub fn new(broker: Broker, shutdown: CancellationToken) -> Self {
+        Self { broker, shutdown }
+    }
+}
+
+async fn submit(
+    broker: &Broker,
+    request: pb::PublishRequest,
+) -> Result<PublishConfirmation, Status> {
+    let messages = request
+        .messages
+        .into_iter()
+        .map(convert::new_message)
+        .collect();
+    broker
+        .submit_publish(&request.channel, messages)
+        .await
+        .map_err(to_status)
+}
+
+fn response(range: std::ops::Range<u64>) -> pb::PublishResponse {
+    pb::PublishResponse {
+        sequences: range.collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Publisher for PublisherService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let confirmation = submit(&self.broker, request.into_inner()).await?;
+        let range = confirmation.confirmed().await.map_err(to_status)?;
+        Ok(Response::new(response(range)))
+    }
+
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (pipeline, mut queued) =
+            mpsc::channel::<Result<PublishConfirmation, Status>>(PIPELINE_DEPTH);
+        let (responses, outbound) = mpsc::channel(PIPELINE_DEPTH);
+        let broker = self.broker.clone();
+        let shutdown = self.shutdown.clone();
+
+        // Reads and queues batches in order; stops at the first one that is refused.
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = pipeline.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                        return;
+                    }
+                    request = inbound.message() => request,
+                };
+                let item = match request {
+                    Ok(Some(request)) => submit(&broker, request).await,
+                    Ok(None) => return,
+                    // The client is gone or broke the stream: nothing more to confirm to it.
+                    Err(_) => return,
+                };
+                let refused = item.is_err();
+                if pipeline.send(item).await.is_err() || refused {
+                    return;
+                }
+            }
+        });
+
+        // Confirms queued batches in order, each once it is durable.
+        tokio::spawn(async move {
+            while let Some(item) = queued.recv().await {
+                let answer = match item {
+                    Ok(confirmation) => confirmation
+                        .confirmed()
+                        .await
+                        .map(response)
+                        .map_err(to_status),
+                    Err(status) => Err(status),
+                };
+                let failed = answer.is_err();
+                if responses.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+    }
+}

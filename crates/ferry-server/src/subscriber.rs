@@ -1,0 +1,198 @@
+//! The `Subscriber` service: one bidirectional stream per consumer.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ferry_core::{AckOperation, Broker, ConsumerEvent, ConsumerHandle, MAX_ACK_DEADLINE_MS};
+use ferry_proto::pb::subscriber_server::Subscriber;
+use ferry_proto::pb::{
+    self, subscribe_request::Request as Req, subscribe_response::Response as Resp,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::status::to_status;
+
+/// Serves `ferry.v1.Subscriber`.
+pub struct SubscriberService {
+    broker: Broker,
+}
+
+impl SubscriberService {
+    /// A service over `broker`.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+}
+
+#[tonic::async_trait]
+impl Subscriber for SubscriberService {
+    type SubscribeStream = ConsumerStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let attach = match inbound.message().await? {
+            Some(pb::SubscribeRequest {
+                request: Some(Req::Attach(attach)),
+            }) => attach,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first request on a Subscribe stream must be an attach naming the channel and subscription",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the Subscribe stream ended before its attach request",
+                ));
+            }
+        };
+        let window = convert::window(attach.window);
+        let (consumer, events, attached) = self
+            .broker
+            .attach(&attach.channel, &attach.subscription, window)
+            .await
+            .map_err(to_status)?;
+        tracing::debug!(channel = %attach.channel, subscription = %attach.subscription, consumer = attached.consumer_id, "consumer attached");
+
+        let (abort, aborted) = oneshot::channel();
+        tokio::spawn(read_requests(inbound, consumer.clone(), abort));
+        let first = pb::SubscribeResponse {
+            response: Some(Resp::Attached(pb::Attached {
+                consumer_id: attached.consumer_id,
+                ack_deadline_ms: attached.ack_deadline_ms,
+                window: Some(convert::flow_control(attached.window)),
+            })),
+        };
+        Ok(Response::new(ConsumerStream {
+            first: Some(first),
+            events,
+            aborted,
+            _consumer: consumer,
+            done: false,
+        }))
+    }
+}
+
+/// Applies a consumer's requests until its stream ends. A malformed request ends the whole
+/// stream with INVALID_ARGUMENT (through `abort`).
+async fn read_requests(
+    mut inbound: Streaming<pb::SubscribeRequest>,
+    consumer: ConsumerHandle,
+    abort: oneshot::Sender<Status>,
+) {
+    loop {
+        let request = match inbound.message().await {
+            Ok(Some(request)) => request,
+            // A clean half-close leaves the consumer attached for as long as it keeps reading.
+            Ok(None) => return,
+            Err(_) => return,
+        };
+        let outcome = match request.request {
+            Some(Req::Ack(ids)) => {
+                consumer
+                    .settle(AckOperation::Ack, ids.ack_ids, Duration::ZERO)
+                    .await
+            }
+            Some(Req::Nack(ids)) => {
+                consumer
+                    .settle(AckOperation::Nack, ids.ack_ids, Duration::ZERO)
+                    .await
+            }
+            Some(Req::Extend(extend)) => {
+                let ms = u64::from(extend.extension_ms);
+                if !(1..=MAX_ACK_DEADLINE_MS).contains(&ms) {
+                    let _ = abort.send(Status::invalid_argument(format!(
+                        "extension_ms is {ms}; it must be from 1 to {MAX_ACK_DEADLINE_MS}"
+                    )));
+                    return;
+                }
+                consumer
+                    .settle(
+                        AckOperation::Extend,
+                        extend.ack_ids,
+                        Duration::from_millis(ms),
+                    )
+                    .await
+            }
+            Some(Req::Flow(window)) => consumer.set_window(convert::window(Some(window))).await,
+            Some(Req::Attach(_)) => {
+                let _ = abort.send(Status::invalid_argument(
+                    "this stream is attached already: attach only once, first",
+                ));
+                return;
+            }
+            None => {
+                let _ = abort.send(Status::invalid_argument(
+                    "empty request: set one of attach, ack, nack, extend, flow",
+                ));
+                return;
+            }
+        };
+        if let Err(e) = outcome {
+            let _ = abort.send(to_status(e));
+            return;
+        }
+    }
+}
+
+/// The server side of a Subscribe stream: the attach answer, then the consumer's events. It
+/// holds a handle to the consumer, so that when the client goes away and the stream is dropped
+/// the consumer is detached and its deliveries released.
+pub struct ConsumerStream {
+    first: Option<pb::SubscribeResponse>,
+    events: mpsc::Receiver<ConsumerEvent>,
+    aborted: oneshot::Receiver<Status>,
+    _consumer: ConsumerHandle,
+    done: bool,
+}
+
+impl Stream for ConsumerStream {
+    type Item = Result<pb::SubscribeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        if let Poll::Ready(Ok(status)) = Pin::new(&mut self.aborted).poll(cx) {
+            self.done = true;
+            return Poll::Ready(Some(Err(status)));
+        }
+        let item = match self.events.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => Err(Status::unavailable("the consumer was detached")),
+            Poll::Ready(Some(ConsumerEvent::Closed(e))) => Err(to_status(e)),
+            Poll::Ready(Some(ConsumerEvent::Deliveries(deliveries))) => {
+                Ok(Resp::Deliveries(pb::Deliveries {
+                    deliveries: deliveries.into_iter().map(convert::delivery).collect(),
+                }))
+            }
+            Poll::Ready(Some(ConsumerEvent::Results { operation, results })) => {
+                Ok(Resp::Results(pb::AckResults {
+                    operation: match operation {
+                        AckOperation::Ack => pb::AckOperation::Ack,
+                        AckOperation::Nack => pb::AckOperation::Nack,
+                        AckOperation::Extend => pb::AckOperation::Extend,
+                    } as i32,
+                    results: results.into_iter().map(convert::ack_result).collect(),
+                }))
+            }
+        };
+        if item.is_err() {
+            self.done = true;
+        }
+        Poll::Ready(Some(item.map(|response| pb::SubscribeResponse {
+            response: Some(response),
+        })))
+    }
+}
+
+use std::future::Future as _;
