@@ -1,1 +1,541 @@
+//! Operating the broker through the real binary: administration and its figures, declared
+//! configuration, bad input and bad configuration, health, reflection and graceful shutdown.
 
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Consumer, Daemon, Options, ack_ids, message};
+use ferry_proto::pb::{self, subscribe_request::Request as Req};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+#[tokio::test]
+async fn admin_manages_channels_and_subscriptions_that_persist_and_shows_their_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    let mut admin = daemon.admin().await;
+    let created = admin
+        .create_channel(pb::CreateChannelRequest {
+            name: "orders.created".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (created.get_ref().messages, created.get_ref().next_sequence),
+        (0, 1)
+    );
+    daemon.create("zeta", &[]).await;
+    let sub = admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "orders.created".into(),
+            name: "billing".into(),
+            ack_deadline: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sub.ack_deadline.unwrap().seconds,
+        30,
+        "the default ack deadline"
+    );
+    let again = admin
+        .create_channel(pb::CreateChannelRequest {
+            name: "orders.created".into(),
+        })
+        .await;
+    assert_eq!(again.unwrap_err().code(), Code::AlreadyExists);
+    let again = admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "orders.created".into(),
+            name: "billing".into(),
+            ack_deadline: None,
+        })
+        .await;
+    assert_eq!(again.unwrap_err().code(), Code::AlreadyExists);
+
+    daemon
+        .publish("orders.created", (0..10u8).map(|i| vec![i; 100]))
+        .await;
+    let mut consumer = Consumer::attach(&daemon, "orders.created", "billing", 4).await;
+    let four = consumer.take(4).await;
+    consumer.ack(ack_ids(&four[..1])).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let channel = admin
+        .get_channel(pb::GetChannelRequest {
+            name: "orders.created".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((channel.messages, channel.next_sequence), (10, 11));
+    assert!(channel.bytes >= 1000, "{channel:?}");
+    let billing = &channel.subscriptions[0];
+    assert_eq!(billing.name, "billing");
+    // One acked, so a fifth fits the window of four.
+    assert_eq!(
+        (
+            billing.backlog,
+            billing.in_flight,
+            billing.acked,
+            billing.unacked
+        ),
+        (5, 4, 1, 9)
+    );
+    assert_eq!((billing.consumers, billing.ack_floor), (1, 2));
+    assert!(billing.oldest_unacked_age.is_some() && billing.oldest_unacked_publish_time.is_some());
+
+    let listed = admin
+        .list_channels(pb::ListChannelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = listed.channels.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["orders.created", "zeta"]);
+    drop(consumer);
+    daemon.stop().await;
+
+    // What the Admin API created is still there after a restart.
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    let mut admin = daemon.admin().await;
+    let subs = admin
+        .list_subscriptions(pb::ListSubscriptionsRequest {
+            channel: "orders.created".into(),
+        })
+        .await
+        .unwrap();
+    let billing = &subs.get_ref().subscriptions[0];
+    assert_eq!(
+        (billing.name.as_str(), billing.acked, billing.unacked),
+        ("billing", 1, 9)
+    );
+
+    admin
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            channel: "orders.created".into(),
+            name: "billing".into(),
+        })
+        .await
+        .unwrap();
+    let gone = admin
+        .get_subscription(pb::GetSubscriptionRequest {
+            channel: "orders.created".into(),
+            name: "billing".into(),
+        })
+        .await;
+    assert_eq!(gone.unwrap_err().code(), Code::NotFound);
+    admin
+        .delete_channel(pb::DeleteChannelRequest {
+            name: "zeta".into(),
+        })
+        .await
+        .unwrap();
+    daemon.stop().await;
+
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    let listed = daemon
+        .admin()
+        .await
+        .list_channels(pb::ListChannelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.channels.len(), 1);
+    assert!(listed.channels[0].subscriptions.is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_subscription_disconnects_its_consumers() {
+    let daemon = Daemon::start().await;
+    daemon.create("c", &[("s", 30_000)]).await;
+    let mut consumer = Consumer::attach(&daemon, "c", "s", 10).await;
+    let mut admin = daemon.admin().await;
+    admin
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            channel: "c".into(),
+            name: "s".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(consumer.closed().await.code(), Code::NotFound);
+    // With no subscription left, nothing needs the messages: they are not kept.
+    daemon.publish("c", [vec![1u8; 10]]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let info = admin
+        .get_channel(pb::GetChannelRequest { name: "c".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.messages, 0, "{info:?}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_precise_status_and_changes_nothing() {
+    let daemon = Daemon::start().await;
+    daemon.create("ok", &[("s", 30_000)]).await;
+    let mut admin = daemon.admin().await;
+    let mut publisher = daemon.publisher().await;
+
+    let bad_name = admin
+        .create_channel(pb::CreateChannelRequest {
+            name: "no spaces!".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.code(), Code::InvalidArgument);
+    assert!(
+        bad_name.message().contains("letters, digits, '_' and '-'"),
+        "{}",
+        bad_name.message()
+    );
+    let bad_sub = admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "ok".into(),
+            name: "a..b".into(),
+            ack_deadline: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_sub.code(), Code::InvalidArgument);
+    let bad_deadline = admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "ok".into(),
+            name: "late".into(),
+            ack_deadline: Some(prost_types::Duration {
+                seconds: 7200,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_deadline.code(), Code::InvalidArgument);
+    assert!(
+        bad_deadline.message().contains("1 h"),
+        "{}",
+        bad_deadline.message()
+    );
+    let no_channel = admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "nope".into(),
+            name: "s".into(),
+            ack_deadline: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_channel.code(), Code::NotFound);
+
+    let publish = |channel: &str, messages: Vec<pb::OutgoingMessage>| pb::PublishRequest {
+        channel: channel.into(),
+        messages,
+    };
+    let unknown = publisher
+        .publish(publish("nope", vec![message(vec![1], &[], "")]))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(unknown.message().contains("\"nope\""));
+    let empty = publisher.publish(publish("ok", vec![])).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    let too_big = publisher
+        .publish(publish(
+            "ok",
+            vec![message(vec![0; (1 << 20) + 1], &[], "")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_big.code(), Code::InvalidArgument);
+    assert!(
+        too_big.message().contains("1048576") && too_big.message().contains("max_message_bytes"),
+        "{}",
+        too_big.message()
+    );
+    let too_many = publisher
+        .publish(publish(
+            "ok",
+            (0..1001).map(|_| message(vec![1], &[], "")).collect(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(
+        too_many.message().contains("1000"),
+        "{}",
+        too_many.message()
+    );
+    let too_heavy = publisher
+        .publish(publish(
+            "ok",
+            (0..5).map(|_| message(vec![0; 1 << 20], &[], "")).collect(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_heavy.code(), Code::InvalidArgument);
+    assert!(
+        too_heavy.message().contains("max_batch_bytes"),
+        "{}",
+        too_heavy.message()
+    );
+    let info = admin
+        .get_channel(pb::GetChannelRequest { name: "ok".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.messages, info.next_sequence),
+        (0, 1),
+        "refused batches changed nothing"
+    );
+
+    // A Subscribe stream must start with an attach, to something that exists.
+    let not_attach = Consumer::open(&daemon, Req::Ack(pb::AckIds { ack_ids: vec![] }))
+        .await
+        .unwrap_err();
+    assert_eq!(not_attach.code(), Code::InvalidArgument);
+    assert!(not_attach.message().contains("attach"));
+    let window = pb::FlowControl::default();
+    let missing = Consumer::try_attach(&daemon, "ok", "nobody", window)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(missing.code(), Code::NotFound);
+    let huge = pb::FlowControl {
+        max_messages: 1_000_000,
+        max_bytes: 0,
+    };
+    assert_eq!(
+        Consumer::try_attach(&daemon, "ok", "s", huge)
+            .await
+            .err()
+            .unwrap()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    // Unknown ack ids are answered one by one, and the stream carries on.
+    let mut consumer = Consumer::attach(&daemon, "ok", "s", 10).await;
+    let results = consumer.ack(vec!["garbage".into(), "999-1-1".into()]).await;
+    assert_eq!(
+        results,
+        vec![pb::AckStatus::Unknown, pb::AckStatus::Unknown]
+    );
+    daemon.publish("ok", [b"still works".to_vec()]).await;
+    let delivered = consumer.take(1).await;
+    assert_eq!(
+        consumer.ack(ack_ids(&delivered)).await,
+        vec![pb::AckStatus::Ok]
+    );
+
+    // A second attach on the same stream ends it.
+    consumer
+        .send(Req::Attach(pb::Attach {
+            channel: "ok".into(),
+            subscription: "s".into(),
+            window: None,
+        }))
+        .await;
+    assert_eq!(consumer.closed().await.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn declared_channels_are_created_and_a_bad_config_stops_start_up_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        r#"
+[storage]
+fsync = "always"
+
+[[channels]]
+name = "user.signed_up"
+
+[[channels.subscriptions]]
+name = "welcome-email"
+ack_deadline = "5s"
+"#,
+    )
+    .unwrap();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        Options {
+            config: Some(config.clone()),
+        },
+    )
+    .await;
+    let info = daemon.subscription("user.signed_up", "welcome-email").await;
+    assert_eq!(info.ack_deadline.unwrap().seconds, 5);
+    daemon.stop().await;
+
+    // A changed setting is applied on the next start.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("\"5s\"", "\"7s\""),
+    )
+    .unwrap();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        Options {
+            config: Some(config.clone()),
+        },
+    )
+    .await;
+    assert_eq!(
+        daemon
+            .subscription("user.signed_up", "welcome-email")
+            .await
+            .ack_deadline
+            .unwrap()
+            .seconds,
+        7
+    );
+    daemon.stop().await;
+
+    for (text, expected) in [
+        ("[storage]\nfsync = \"sometimes\"\n", "line 2"),
+        ("[server]\nlisten_on = \"x\"\n", "unknown field `listen_on`"),
+        (
+            "[[channels]]\nname = \"a\"\n[[channels]]\nname = \"a\"\n",
+            "channels[1].name",
+        ),
+        ("[[channels]]\nname = \"bad name\"\n", "channels[0].name"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("never"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&config.display().to_string()),
+            "names the file: {stderr}"
+        );
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn health_and_reflection_serve_generic_grpc_tools() {
+    let daemon = Daemon::start().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(daemon.channel().await);
+    for service in [
+        "",
+        "ferry.v1.Publisher",
+        "ferry.v1.Subscriber",
+        "ferry.v1.Admin",
+    ] {
+        let response = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            response.into_inner().status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
+    }
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(daemon.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "ferry.v1.Publisher",
+        "ferry.v1.Subscriber",
+        "ferry.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_and_exits_cleanly() {
+    let daemon = Daemon::start().await;
+    daemon.create("c", &[("s", 30_000)]).await;
+    let mut consumer = Consumer::attach(&daemon, "c", "s", 10).await;
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(pb::PublishRequest {
+            channel: "c".into(),
+            messages: vec![message(vec![1], &[], "")],
+        })
+        .await
+        .unwrap();
+    let mut publishing = daemon
+        .publisher()
+        .await
+        .publish_stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        publishing.message().await.unwrap().unwrap().sequences,
+        vec![1]
+    );
+    assert_eq!(consumer.take(1).await.len(), 1);
+
+    let started = Instant::now();
+    daemon.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped promptly: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(consumer.closed().await.code(), Code::Unavailable);
+    assert_eq!(
+        publishing.message().await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    drop(requests);
+}
+
+#[test]
+fn serve_help_documents_every_flag() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--data-dir",
+        "--verbose",
+        "SIGTERM",
+        "ferry listening on",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("fsync = \"always\""));
+}

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_proto::pb::{
-    self, admin_client::AdminClient, publisher_client::PublisherClient, subscribe_request::Request as Req,
-    subscribe_response::Response as Resp, subscriber_client::SubscriberClient,
+    self, admin_client::AdminClient, publisher_client::PublisherClient,
+    subscribe_request::Request as Req, subscribe_response::Response as Resp,
+    subscriber_client::SubscriberClient,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -64,9 +65,18 @@ impl Daemon {
     pub async fn try_start_in(dir: &Path, options: Options) -> Result<Daemon, String> {
         let data_dir = dir.join("data");
         let log = dir.join("ferry.log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-        command.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(&data_dir);
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir);
         if let Some(config) = &options.config {
             command.arg("--config").arg(config);
         }
@@ -92,12 +102,20 @@ impl Daemon {
             Ok(Some(address)) => {
                 // Keep draining stdout so the child never blocks on a full pipe.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                Ok(Daemon { child, url: format!("http://{address}"), data_dir, log, _dir: None })
+                Ok(Daemon {
+                    child,
+                    url: format!("http://{address}"),
+                    data_dir,
+                    log,
+                    _dir: None,
+                })
             }
             _ => {
                 let status = tokio::time::timeout(PATIENCE, child.wait()).await;
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
-                Err(format!("ferry did not come up (exit: {status:?}); its log:\n{log}"))
+                Err(format!(
+                    "ferry did not come up (exit: {status:?}); its log:\n{log}"
+                ))
             }
         }
     }
@@ -115,18 +133,27 @@ impl Daemon {
             .expect("ferry exits within the patience after SIGTERM")
             .expect("wait");
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        assert!(status.success(), "ferry exited with {status} after SIGTERM; log:\n{log}");
+        assert!(
+            status.success(),
+            "ferry exited with {status} after SIGTERM; log:\n{log}"
+        );
     }
 
     /// Kills the process with SIGKILL: no chance to flush anything.
     pub async fn kill(mut self) {
         signal(self.pid(), "KILL");
-        let _ = tokio::time::timeout(PATIENCE, self.child.wait()).await.expect("ferry dies after SIGKILL");
+        let _ = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("ferry dies after SIGKILL");
     }
 
     /// A connected channel.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone()).expect("url").connect().await.expect("connect to ferry")
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect to ferry")
     }
 
     /// A publisher client.
@@ -142,7 +169,12 @@ impl Daemon {
     /// Creates a channel with subscriptions (ack deadline in ms).
     pub async fn create(&self, channel: &str, subscriptions: &[(&str, u64)]) {
         let mut admin = self.admin().await;
-        admin.create_channel(pb::CreateChannelRequest { name: channel.into() }).await.expect("create channel");
+        admin
+            .create_channel(pb::CreateChannelRequest {
+                name: channel.into(),
+            })
+            .await
+            .expect("create channel");
         for (name, deadline_ms) in subscriptions {
             admin
                 .create_subscription(pb::CreateSubscriptionRequest {
@@ -159,30 +191,60 @@ impl Daemon {
     }
 
     /// Publishes payloads as one batch; returns their sequences.
-    pub async fn publish(&self, channel: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> Vec<u64> {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payloads: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Vec<u64> {
         let messages = payloads.into_iter().map(|p| message(p, &[], "")).collect();
-        let request = pb::PublishRequest { channel: channel.into(), messages };
-        self.publisher().await.publish(request).await.expect("publish").into_inner().sequences
+        let request = pb::PublishRequest {
+            channel: channel.into(),
+            messages,
+        };
+        self.publisher()
+            .await
+            .publish(request)
+            .await
+            .expect("publish")
+            .into_inner()
+            .sequences
     }
 
     /// The figures of one subscription.
     pub async fn subscription(&self, channel: &str, name: &str) -> pb::SubscriptionInfo {
-        let request = pb::GetSubscriptionRequest { channel: channel.into(), name: name.into() };
-        self.admin().await.get_subscription(request).await.expect("get subscription").into_inner()
+        let request = pb::GetSubscriptionRequest {
+            channel: channel.into(),
+            name: name.into(),
+        };
+        self.admin()
+            .await
+            .get_subscription(request)
+            .await
+            .expect("get subscription")
+            .into_inner()
     }
 }
 
 /// Sends a signal with the system's `kill` (the tests use no FFI).
 pub fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
-    assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid} failed");
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "kill -{name} {pid} failed"
+    );
 }
 
 /// An outgoing message.
 pub fn message(payload: Vec<u8>, attributes: &[(&str, &str)], key: &str) -> pb::OutgoingMessage {
     pb::OutgoingMessage {
         payload: Bytes::from(payload),
-        attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         key: key.into(),
         id: String::new(),
     }
@@ -202,10 +264,23 @@ pub struct Consumer {
 
 impl Consumer {
     /// Attaches with a window of `max_messages` (0 = default).
-    pub async fn attach(daemon: &Daemon, channel: &str, subscription: &str, max_messages: u32) -> Consumer {
-        Consumer::try_attach(daemon, channel, subscription, pb::FlowControl { max_messages, max_bytes: 0 })
-            .await
-            .expect("attach")
+    pub async fn attach(
+        daemon: &Daemon,
+        channel: &str,
+        subscription: &str,
+        max_messages: u32,
+    ) -> Consumer {
+        Consumer::try_attach(
+            daemon,
+            channel,
+            subscription,
+            pb::FlowControl {
+                max_messages,
+                max_bytes: 0,
+            },
+        )
+        .await
+        .expect("attach")
     }
 
     /// Attaches with a full window; returns the status if the broker refuses.
@@ -231,7 +306,10 @@ impl Consumer {
         };
         match consumer.next().await {
             Some(Resp::Attached(attached)) => consumer.attached = attached,
-            other => panic!("expected Attached first, got {other:?} / {:?}", consumer.ended),
+            other => panic!(
+                "expected Attached first, got {other:?} / {:?}",
+                consumer.ended
+            ),
         }
         Ok(consumer)
     }
@@ -240,11 +318,25 @@ impl Consumer {
     pub async fn open(
         daemon: &Daemon,
         first: Req,
-    ) -> Result<(mpsc::Sender<pb::SubscribeRequest>, Streaming<pb::SubscribeResponse>), Status> {
+    ) -> Result<
+        (
+            mpsc::Sender<pb::SubscribeRequest>,
+            Streaming<pb::SubscribeResponse>,
+        ),
+        Status,
+    > {
         let (requests, rx) = mpsc::channel(64);
-        requests.send(pb::SubscribeRequest { request: Some(first) }).await.expect("queue first request");
+        requests
+            .send(pb::SubscribeRequest {
+                request: Some(first),
+            })
+            .await
+            .expect("queue first request");
         let mut client = SubscriberClient::new(daemon.channel().await);
-        let responses = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+        let responses = client
+            .subscribe(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         Ok((requests, responses))
     }
 
@@ -288,7 +380,11 @@ impl Consumer {
         while self.deliveries.len() < n {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if !self.pump(left).await {
-                panic!("expected {n} deliveries, got {} (stream end: {:?})", self.deliveries.len(), self.ended);
+                panic!(
+                    "expected {n} deliveries, got {} (stream end: {:?})",
+                    self.deliveries.len(),
+                    self.ended
+                );
             }
         }
         self.deliveries.drain(..n).collect()
@@ -308,7 +404,12 @@ impl Consumer {
 
     /// Sends a request without waiting for an answer.
     pub async fn send(&mut self, request: Req) {
-        self.requests.send(pb::SubscribeRequest { request: Some(request) }).await.expect("stream open");
+        self.requests
+            .send(pb::SubscribeRequest {
+                request: Some(request),
+            })
+            .await
+            .expect("stream open");
     }
 
     /// Acks and waits for the (durable) results, in order of the ids given.
@@ -325,7 +426,11 @@ impl Consumer {
 
     /// Extends deadlines and waits for the results.
     pub async fn extend(&mut self, ack_ids: Vec<String>, extension_ms: u32) -> Vec<pb::AckStatus> {
-        self.send(Req::Extend(pb::ExtendDeadline { ack_ids, extension_ms })).await;
+        self.send(Req::Extend(pb::ExtendDeadline {
+            ack_ids,
+            extension_ms,
+        }))
+        .await;
         self.results_of(pb::AckOperation::Extend).await
     }
 
@@ -359,7 +464,10 @@ impl Consumer {
 
 /// The sequences of deliveries.
 pub fn sequences(deliveries: &[pb::Delivery]) -> Vec<u64> {
-    deliveries.iter().map(|d| d.message.as_ref().expect("message").sequence).collect()
+    deliveries
+        .iter()
+        .map(|d| d.message.as_ref().expect("message").sequence)
+        .collect()
 }
 
 /// The ack ids of deliveries.
@@ -373,9 +481,14 @@ pub struct Rng(u64);
 impl Rng {
     /// Seeds from the clock unless FERRY_TEST_SEED is set; prints the seed.
     pub fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("FERRY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-        });
+        let seed = std::env::var("FERRY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
         println!("{test}: seed {seed} (set FERRY_TEST_SEED to repeat)");
         Rng(seed | 1)
     }

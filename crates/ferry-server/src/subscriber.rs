@@ -79,15 +79,22 @@ impl Subscriber for SubscriberService {
     }
 }
 
-/// Applies a consumer's requests until its stream ends. A malformed request ends the whole
+/// Applies a consumer's requests until either side of the call ends. A malformed request ends the whole
 /// stream with INVALID_ARGUMENT (through `abort`).
 async fn read_requests(
     mut inbound: Streaming<pb::SubscribeRequest>,
     consumer: ConsumerHandle,
-    abort: oneshot::Sender<Status>,
+    mut abort: oneshot::Sender<Status>,
 ) {
     loop {
-        let request = match inbound.message().await {
+        let next = tokio::select! {
+            // Once the response stream is over (the consumer was closed, or the client left),
+            // the requests are of no use; dropping them lets the call end even while the client
+            // still holds its side open.
+            _ = abort.closed() => return,
+            next = inbound.message() => next,
+        };
+        let request = match next {
             Ok(Some(request)) => request,
             // A clean half-close leaves the consumer attached for as long as it keeps reading.
             Ok(None) => return,
