@@ -167,7 +167,7 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
         }
     })
     .await;
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     println!(
         "crash: {cycles} kills, {} confirmed publishes, {} confirmed acks, {} deliveries, {} redeliveries",
         ledger.confirmed.len(),
@@ -195,7 +195,6 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
     );
     let info = daemon.subscription("crash", "s").await;
     assert_eq!(info.unacked, 0, "{info:?}");
-    drop(ledger);
     daemon.stop().await;
 }
 

@@ -75,10 +75,10 @@ impl AckSet {
         self.total += 1;
         let mut start = seq;
         let mut end = seq + 1;
-        if let Some((&prev_start, &prev_end)) = self.above.range(..seq).next_back() {
-            if prev_end == seq {
-                start = prev_start;
-            }
+        if let Some((&prev_start, &prev_end)) = self.above.range(..seq).next_back()
+            && prev_end == seq
+        {
+            start = prev_start;
         }
         if let Some(next_end) = self.above.remove(&end) {
             end = next_end;

@@ -31,7 +31,7 @@ pub struct ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Network and data directory.
@@ -154,17 +154,6 @@ impl Default for LimitsConfig {
             max_message_bytes: ByteSize(limits.max_message_bytes as u64),
             max_batch_messages: limits.max_batch_messages,
             max_batch_bytes: ByteSize(limits.max_batch_bytes as u64),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            storage: StorageConfig::default(),
-            limits: LimitsConfig::default(),
-            channels: Vec::new(),
         }
     }
 }

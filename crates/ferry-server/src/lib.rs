@@ -96,8 +96,10 @@ pub async fn serve(
     let limits = config.broker_options().limits;
     // Room for a whole batch with its framing; the broker's own check names the real limit.
     let max_request = limits.max_batch_bytes * 2 + (1 << 20);
+    // Small frames (acks, single-message publishes) must not wait for Nagle's algorithm; the
+    // builder's own nodelay setting does not reach an incoming stream we hand it.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -116,10 +118,7 @@ pub async fn serve(
             AdminServer::new(admin::AdminService::new(broker.clone()))
                 .max_decoding_message_size(max_request),
         )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            stop.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
 
     let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
     ready(address);

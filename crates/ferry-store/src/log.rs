@@ -147,10 +147,10 @@ impl ChannelLog {
             match &mut record {
                 Some((current, chunks)) if *current == first => chunks.push(value),
                 _ => {
-                    if let Some((current, chunks)) = record.replace((first, vec![value])) {
-                        if take(current, &chunks, out)? {
-                            return Ok(());
-                        }
+                    if let Some((current, chunks)) = record.replace((first, vec![value]))
+                        && take(current, &chunks, out)?
+                    {
+                        return Ok(());
                     }
                 }
             }

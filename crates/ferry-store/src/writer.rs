@@ -290,15 +290,15 @@ impl Writer {
         while let Ok(op) = ops.try_recv() {
             refuse(op, &StoreError::Closed);
         }
-        if shared.failure.lock().expect("failure lock").is_none() {
-            if let Err(e) = self
+        let failed = shared.failure.lock().expect("failure lock").is_some();
+        if !failed
+            && let Err(e) = self
                 .db
                 .flush()
                 .map_err(StoreError::from)
                 .and_then(|_| self.files.sync())
-            {
-                tracing::error!(error = %e, "final store sync failed");
-            }
+        {
+            tracing::error!(error = %e, "final store sync failed");
         }
     }
 
@@ -582,11 +582,9 @@ impl Writer {
                 None => committed_end <= below,
             };
             let mut new_first = next_record.unwrap_or(committed_end);
-            if !last_ends_below {
-                if let Some(&(last_first, _, _)) = doomed.last() {
-                    doomed.retain(|(first, _, _)| *first != last_first);
-                    new_first = last_first;
-                }
+            if !last_ends_below && let Some(&(last_first, _, _)) = doomed.last() {
+                doomed.retain(|(first, _, _)| *first != last_first);
+                new_first = last_first;
             }
             if doomed.is_empty() {
                 continue;

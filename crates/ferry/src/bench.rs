@@ -1,10 +1,1404 @@
-//! `ferry bench`: a load generator (filled in below).
+//! `ferry bench`: the load generator. It owns everything a benchmark run needs: starting a
+//! private broker (this same executable running `ferry serve` on a throw-away data directory)
+//! or checking that an existing one is on loopback, the scenarios (publish throughput, draining
+//! a backlog with acks, publishing and consuming at once, end-to-end latency at a fixed rate and
+//! the broker's peak memory), the publisher and consumer loops those scenarios share, and the
+//! report printed on standard output. It measures through the public gRPC API only, exactly as
+//! any other client would see the broker.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use clap::ValueEnum;
+use ferry_proto::pb::{
+    self, admin_client::AdminClient, publisher_client::PublisherClient,
+    subscribe_request::Request as SubscribeReq, subscribe_response::Response as SubscribeResp,
+    subscriber_client::SubscriberClient,
+};
+use ferry_server::Config;
+use ferry_server::config::FsyncSetting;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::{self, Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Status, Streaming};
+
+/// Message sizes of the publish and consume scenarios, largest first.
+const SIZES: [usize; 2] = [1024, 128];
+/// Concurrent publishers of the publish scenario.
+const PUBLISHERS: [u32; 3] = [1, 4, 16];
+/// The size used by the mixed and latency scenarios.
+const KIB: usize = 1024;
+/// Filling a backlog is preparation, not measurement, so it uses big pipelined batches.
+const FILL_BATCH: u32 = 100;
+const FILL_IN_FLIGHT: u32 = 16 * FILL_BATCH;
+/// The latency consumer's window: large enough that flow control never holds back a delivery.
+const LATENCY_WINDOW: u32 = 1000;
+/// The latency publisher's pacing step: fine enough to look like a steady stream.
+const PACING_TICK: Duration = Duration::from_millis(1);
+/// The send time stamped at the start of each latency payload (u64 little-endian nanoseconds).
+const STAMP_BYTES: usize = 8;
+/// Every bench channel gets one subscription of this name.
+const SUBSCRIPTION: &str = "bench";
+/// Requests queued between a loop and its gRPC stream; the in-flight limit bounds the rest.
+const REQUEST_QUEUE: usize = 64;
+/// The line `ferry serve` prints once it accepts connections.
+const READY_PREFIX: &str = "ferry listening on ";
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long confirmations and acks may still arrive after a scenario's time limit before the
+/// broker is declared stuck: the limit stops sending, not the wait for what was already sent.
+const CONFIRM_GRACE: Duration = Duration::from_secs(10);
+/// How long the latency consumer may lag behind the end of publishing.
+const LATENCY_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Options of `ferry bench`.
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Measure the broker already listening at this URL (e.g. http://127.0.0.1:50051) instead of
+    /// starting a private one. Only loopback addresses are accepted; the broker's memory is then
+    /// not reported.
+    #[arg(long, value_name = "URL")]
+    addr: Option<String>,
+    /// Start the private broker with this configuration file, e.g. to compare fsync modes.
+    #[arg(short, long, value_name = "FILE", conflicts_with = "addr")]
+    config: Option<PathBuf>,
+    /// Messages per scenario; each scenario also stops at --max-seconds. (The latency scenario
+    /// sends --rate × --latency-seconds instead.)
+    #[arg(long, value_name = "N", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    messages: u64,
+    /// Time limit of each scenario, in seconds: it stops sending then and reports what was done.
+    #[arg(long, value_name = "S", default_value = "20", value_parser = parse_seconds)]
+    max_seconds: Duration,
+    /// Messages each publisher may have sent and not yet had confirmed.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    in_flight: u32,
+    /// Messages per publish request. With 1 the figures compare with other brokers' per-message
+    /// publishing; larger batches show what the broker does with batching clients.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// The consumers' flow-control window, in messages (the latency consumer always uses 1000).
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    window: u32,
+    /// Publish rate of the latency scenario, in messages per second.
+    #[arg(long, value_name = "MSGS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    rate: u64,
+    /// How long the latency scenario publishes, in seconds.
+    #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
+    latency_seconds: Duration,
+    /// Run only these scenarios, comma-separated (default: all). The broker's memory is reported
+    /// whenever the bench started the broker.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SCENARIOS")]
+    only: Vec<Scenario>,
+}
 
-/// Runs the benchmark.
-pub fn run(_args: BenchArgs) -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE
+/// The scenarios `--only` can pick; they always run in this order.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Scenario {
+    /// Publish throughput: 1 KiB and 128 B messages, 1, 4 and 16 publishers.
+    Publish,
+    /// Draining a backlog with one acking consumer.
+    Consume,
+    /// One publisher and one acking consumer at once.
+    Mixed,
+    /// End-to-end latency at a fixed publish rate.
+    Latency,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Publish => "publish",
+            Scenario::Consume => "consume",
+            Scenario::Mixed => "mixed",
+            Scenario::Latency => "latency",
+        }
+    }
+}
+
+/// Runs the benchmark and prints its report; the exit code says whether every scenario ran.
+pub fn run(args: BenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferry bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(bench(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(format!(
+            "{text} is out of range: give more than 0 and at most 86400"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Why a bench run stopped, worded for the user.
+#[derive(Debug)]
+struct BenchError(String);
+
+impl BenchError {
+    /// `what` failed because of `cause`; the cause's sources are kept because the useful part of
+    /// a transport error ("Connection refused") is usually several levels down.
+    fn caused(what: impl fmt::Display, cause: &dyn StdError) -> Self {
+        Self(format!("{what}: {cause}{}", sources(cause.source())))
+    }
+
+    /// `what` failed with a gRPC status. `Status`'s own `Display` dumps metadata and details;
+    /// the message and code are what a user can act on.
+    fn status(what: impl fmt::Display, status: &Status) -> Self {
+        Self(format!(
+            "{what}: {} ({:?}){}",
+            status.message(),
+            status.code(),
+            sources(status.source())
+        ))
+    }
+
+    fn join(e: JoinError) -> Self {
+        Self(format!("a bench task failed: {e}"))
+    }
+}
+
+fn sources(mut source: Option<&(dyn StdError + 'static)>) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    while let Some(cause) = source {
+        // Wrappers often repeat their cause's text; once is enough.
+        let line = cause.to_string();
+        if line != previous {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        previous = line;
+        source = cause.source();
+    }
+    text
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for BenchError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for BenchError {
+    fn from(message: &str) -> Self {
+        Self(message.to_owned())
+    }
+}
+
+type Result<T, E = BenchError> = std::result::Result<T, E>;
+
+/// The whole run: header, broker, scenarios, memory, broker shutdown.
+async fn bench(args: BenchArgs) -> Result<()> {
+    let scenarios = selected(&args.only);
+    let external = args.addr.as_deref().map(loopback_url).transpose()?;
+    // The private broker's configuration is known, so bad settings are caught before it starts.
+    let config = match (&external, &args.config) {
+        (Some(_), _) => None,
+        (None, Some(path)) => {
+            Some(Config::load(path).map_err(|e| format!("bad broker configuration: {e}"))?)
+        }
+        (None, None) => Some(Config::builtin()),
+    };
+    if let Some(config) = &config {
+        let limit = config.limits.max_batch_messages;
+        if args.batch as usize > limit {
+            return Err(format!(
+                "--batch {} is more than the broker's max_batch_messages ({limit})",
+                args.batch
+            )
+            .into());
+        }
+    }
+    print_header(&args, config.as_ref(), &scenarios);
+
+    let (broker, url) = match external {
+        Some(url) => {
+            println!("  broker    : {url} (already running)");
+            (None, url)
+        }
+        None => {
+            let broker = BrokerChild::start(args.config.as_deref()).await?;
+            println!(
+                "  broker    : started, pid {}, listening on {}",
+                broker.pid, broker.address
+            );
+            let url = format!("http://{}", broker.address);
+            (Some(broker), url)
+        }
+    };
+
+    // Ctrl-C still goes through the orderly stop below, so the temporary directory is removed.
+    let outcome = tokio::select! {
+        outcome = run_scenarios(&args, &scenarios, &url, config.as_ref()) => outcome,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    };
+    // Read before stopping: the figures vanish with the process.
+    let memory = broker.as_ref().map(BrokerChild::memory);
+    let stopped = match broker {
+        Some(broker) => broker.stop().await,
+        None => Ok(()),
+    };
+    outcome?;
+    if let Some(memory) = memory {
+        print_memory(memory);
+    }
+    stopped
+}
+
+/// The scenarios to run: each once and in the fixed order, however `--only` listed them.
+fn selected(only: &[Scenario]) -> Vec<Scenario> {
+    let mut scenarios = if only.is_empty() {
+        Scenario::value_variants().to_vec()
+    } else {
+        only.to_vec()
+    };
+    scenarios.sort();
+    scenarios.dedup();
+    scenarios
+}
+
+fn print_header(args: &BenchArgs, config: Option<&Config>, scenarios: &[Scenario]) {
+    let fsync = match (config, &args.config) {
+        (None, _) => "unknown (broker not started by the bench)".to_owned(),
+        (Some(_), None) => "always (default)".to_owned(),
+        (Some(config), Some(path)) => {
+            let mode = match config.storage.fsync {
+                FsyncSetting::Always => "always".to_owned(),
+                FsyncSetting::Interval => {
+                    format!("interval, every {:?}", config.storage.fsync_interval.0)
+                }
+                FsyncSetting::Never => "never".to_owned(),
+            };
+            format!("{mode} (from {})", path.display())
+        }
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let names: Vec<&str> = scenarios.iter().map(|s| s.name()).collect();
+    println!("ferry bench");
+    println!("  fsync     : {fsync}");
+    println!("  cpus      : {cpus}");
+    println!(
+        "  options   : --messages {} --max-seconds {} --in-flight {} --batch {} --window {} \
+         --rate {} --latency-seconds {}",
+        args.messages,
+        args.max_seconds.as_secs_f64(),
+        args.in_flight,
+        args.batch,
+        args.window,
+        args.rate,
+        args.latency_seconds.as_secs_f64(),
+    );
+    println!("  scenarios : {}", names.join(", "));
+}
+
+/// Checks that `addr` names a broker on this machine and returns it as an `http://` URL. The
+/// bench generates heavy load, so it must never be pointed at another host by mistake.
+fn loopback_url(addr: &str) -> Result<String> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("--addr {addr:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("--addr {addr}: only http:// is supported").into());
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("--addr {addr:?} names no host"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(format!(
+            "--addr {addr}: the bench only targets this machine (127.0.0.0/8, ::1 or localhost), \
+             not {host}"
+        )
+        .into());
+    }
+    Ok(url)
+}
+
+/// The private broker: this executable running `ferry serve` on a fresh temporary directory.
+/// Dropping it kills the process (`kill_on_drop`), so no error path leaves a broker behind;
+/// `stop` is the orderly way out.
+struct BrokerChild {
+    process: tokio::process::Child,
+    pid: u32,
+    address: String,
+    /// Holds the data directory and the broker's log; removed when the bench ends.
+    dir: tempfile::TempDir,
+}
+
+impl BrokerChild {
+    async fn start(config: Option<&Path>) -> Result<Self> {
+        let exe = std::env::current_exe()
+            .map_err(|e| BenchError::caused("cannot find the ferry executable", &e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-bench-")
+            .tempdir()
+            .map_err(|e| BenchError::caused("cannot create a temporary directory", &e))?;
+        // The broker logs on stderr; in a file they stay out of the report yet can explain a
+        // failure.
+        let log = std::fs::File::create(dir.path().join("broker.log"))
+            .map_err(|e| BenchError::caused("cannot create the broker's log file", &e))?;
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"));
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        // `ferry serve` would pick up FERRY_CONFIG, making the fsync mode in the header a lie.
+        command
+            .env_remove("FERRY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut process = command
+            .spawn()
+            .map_err(|e| BenchError::caused("cannot start the broker", &e))?;
+        let pid = process
+            .id()
+            .ok_or("the broker exited as soon as it started")?;
+        let stdout = process
+            .stdout
+            .take()
+            .ok_or("the broker's standard output is not captured")?;
+
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = time::timeout(STARTUP_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(address) = line.strip_prefix(READY_PREFIX) {
+                    return Ok(Some(address.trim().to_owned()));
+                }
+            }
+            Ok::<_, std::io::Error>(None)
+        })
+        .await;
+        let address = match ready {
+            Ok(Ok(Some(address))) => address,
+            Ok(Ok(None)) => {
+                let exit = match time::timeout(Duration::from_secs(2), process.wait()).await {
+                    Ok(Ok(status)) => status.to_string(),
+                    _ => "still running".to_owned(),
+                };
+                return Err(format!(
+                    "the broker stopped before it was ready ({exit}){}",
+                    log_tail(dir.path())
+                )
+                .into());
+            }
+            Ok(Err(e)) => {
+                return Err(BenchError::caused("cannot read the broker's output", &e));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "the broker was not ready within {} s{}",
+                    STARTUP_TIMEOUT.as_secs(),
+                    log_tail(dir.path())
+                )
+                .into());
+            }
+        };
+        // Nothing more is expected on stdout, but a full pipe would block the broker.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            process,
+            pid,
+            address,
+            dir,
+        })
+    }
+
+    /// The broker's resident memory now and at its peak, from `/proc/PID/status`.
+    fn memory(&self) -> Result<Memory, String> {
+        let path = format!("/proc/{}/status", self.pid);
+        let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .ok_or_else(|| format!("{path} has no {name} line"))
+        };
+        Ok(Memory {
+            peak_kib: field("VmHWM:")?,
+            now_kib: field("VmRSS:")?,
+        })
+    }
+
+    /// Stops the broker with SIGTERM, as an operator would, and checks that it exits cleanly.
+    async fn stop(mut self) -> Result<()> {
+        // libc is not a dependency; the `kill` command sends the signal.
+        let signalled = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        if !matches!(&signalled, Ok(status) if status.success()) {
+            let _ = self.process.start_kill();
+            return Err(format!(
+                "cannot send SIGTERM to the broker (kill: {signalled:?}); killed it instead"
+            )
+            .into());
+        }
+        match time::timeout(STOP_TIMEOUT, self.process.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!(
+                "the broker exited with {status} after SIGTERM{}",
+                log_tail(self.dir.path())
+            )
+            .into()),
+            Ok(Err(e)) => Err(BenchError::caused("cannot wait for the broker", &e)),
+            Err(_) => {
+                let _ = self.process.kill().await;
+                Err(format!(
+                    "the broker did not stop within {} s of SIGTERM; it was killed",
+                    STOP_TIMEOUT.as_secs()
+                )
+                .into())
+            }
+        }
+    }
+}
+
+/// The last lines of the private broker's log, to append to an error message.
+fn log_tail(dir: &Path) -> String {
+    const LINES: usize = 20;
+    let Ok(log) = std::fs::read_to_string(dir.join("broker.log")) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = log.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(LINES)..];
+    format!("\nbroker log (last lines):\n  {}", tail.join("\n  "))
+}
+
+/// The broker's resident set size, in KiB as the kernel reports it.
+struct Memory {
+    peak_kib: u64,
+    now_kib: u64,
+}
+
+fn print_memory(memory: Result<Memory, String>) {
+    println!("\n== memory: the bench's broker process");
+    match memory {
+        Ok(memory) => println!(
+            "{:<32}: {:.1} MiB  (RSS at the end {:.1} MiB)",
+            "broker peak RSS (VmHWM)",
+            memory.peak_kib as f64 / 1024.0,
+            memory.now_kib as f64 / 1024.0
+        ),
+        Err(e) => println!("{:<32}: unavailable ({e})", "broker peak RSS (VmHWM)"),
+    }
+}
+
+/// What every scenario needs: where the broker is, the options, and a tag that keeps this run's
+/// channel names apart from earlier runs' on a broker that is not the bench's own.
+struct Bench<'a> {
+    args: &'a BenchArgs,
+    endpoint: Endpoint,
+    admin: AdminClient<Channel>,
+    tag: String,
+    max_batch: Option<usize>,
+}
+
+impl Bench<'_> {
+    /// A new connection. Each publisher and consumer gets its own, as separate client processes
+    /// would, so that one HTTP/2 connection is not what is being measured.
+    async fn connect(&self) -> Result<Channel> {
+        self.endpoint.connect().await.map_err(|e| {
+            BenchError::caused(format!("cannot connect to {}", self.endpoint.uri()), &e)
+        })
+    }
+
+    /// Creates the channel `bench.TAG.WHAT` with one subscription.
+    async fn fresh_channel(&self, what: &str) -> Result<String> {
+        let name = format!("bench.{}.{what}", self.tag);
+        let mut admin = self.admin.clone();
+        admin
+            .create_channel(pb::CreateChannelRequest { name: name.clone() })
+            .await
+            .map_err(|s| BenchError::status(format!("cannot create channel {name}"), &s))?;
+        admin
+            .create_subscription(pb::CreateSubscriptionRequest {
+                channel: name.clone(),
+                name: SUBSCRIPTION.to_owned(),
+                ack_deadline: None,
+            })
+            .await
+            .map_err(|s| {
+                BenchError::status(format!("cannot create a subscription of {name}"), &s)
+            })?;
+        Ok(name)
+    }
+
+    /// Deletes a scenario's channel, so that what it retained neither fills a shared broker's
+    /// disk nor weighs on the next scenario. A failure only warrants a warning.
+    async fn remove_channel(&self, name: &str) {
+        let request = pb::DeleteChannelRequest {
+            name: name.to_owned(),
+        };
+        if let Err(status) = self.admin.clone().delete_channel(request).await {
+            eprintln!(
+                "ferry bench: warning: {}",
+                BenchError::status(format!("cannot delete channel {name}"), &status)
+            );
+        }
+    }
+
+    fn deadline(&self, started: Instant) -> Instant {
+        started + self.args.max_seconds
+    }
+}
+
+/// Runs the chosen scenarios one after the other, so that none measures another's load.
+async fn run_scenarios(
+    args: &BenchArgs,
+    scenarios: &[Scenario],
+    url: &str,
+    config: Option<&Config>,
+) -> Result<()> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| BenchError::caused(format!("bad broker address {url}"), &e))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let admin_connection = endpoint
+        .connect()
+        .await
+        .map_err(|e| BenchError::caused(format!("cannot connect to {url}"), &e))?;
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|t| t.as_secs())
+        .unwrap_or_default();
+    let bench = Bench {
+        args,
+        endpoint,
+        admin: AdminClient::new(admin_connection),
+        tag: format!("r{started}-{}", std::process::id()),
+        max_batch: config.map(|c| c.limits.max_batch_messages),
+    };
+    for scenario in scenarios {
+        match scenario {
+            Scenario::Publish => {
+                println!(
+                    "\n== publish: one idle subscription; one PublishStream per publisher, \
+                     {} in flight; MB = 10^6 payload bytes",
+                    args.in_flight
+                );
+                for size in SIZES {
+                    for publishers in PUBLISHERS {
+                        publish_scenario(&bench, size, publishers).await?;
+                    }
+                }
+            }
+            Scenario::Consume => {
+                println!(
+                    "\n== consume: drain a backlog with one consumer, window {}, acking each \
+                     delivery batch",
+                    args.window
+                );
+                for size in SIZES {
+                    consume_scenario(&bench, size).await?;
+                }
+            }
+            Scenario::Mixed => {
+                println!(
+                    "\n== mixed: one publisher (batch {}) and one acking consumer (window {}) at once",
+                    args.batch, args.window
+                );
+                mixed_scenario(&bench).await?;
+            }
+            Scenario::Latency => {
+                println!(
+                    "\n== latency: publish to receive, {} msgs/s for {} s, window {LATENCY_WINDOW}",
+                    args.rate,
+                    args.latency_seconds.as_secs_f64()
+                );
+                latency_scenario(&bench).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Scenario 1: `publishers` concurrent publishers fill a channel nobody consumes.
+async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Result<()> {
+    let args = bench.args;
+    let channel = bench
+        .fresh_channel(&format!(
+            "pub.{}.c{publishers}.b{}",
+            size_word(size),
+            args.batch
+        ))
+        .await?;
+    let mut connections = Vec::new();
+    for _ in 0..publishers {
+        connections.push(bench.connect().await?);
+    }
+    let payload = Payload::Fixed(Bytes::from(vec![b'x'; size]));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (index, connection) in (0..).zip(connections) {
+        let limit = share(args.messages, publishers, index);
+        if limit == 0 {
+            continue;
+        }
+        tasks.spawn(publish(
+            connection,
+            PublishPlan {
+                channel: channel.clone(),
+                limit,
+                batch: args.batch,
+                in_flight: args.in_flight,
+                deadline: bench.deadline(started),
+                rate: None,
+                payload: payload.clone(),
+            },
+        ));
+    }
+    let mut total = Published {
+        confirmed: 0,
+        finished: started,
+        timed_out: false,
+    };
+    // In completion order, so that the first failure ends the scenario (and, by dropping the
+    // set, aborts the other publishers) without waiting for the rest.
+    while let Some(joined) = tasks.join_next().await {
+        let one = joined.map_err(BenchError::join)??;
+        total.confirmed += one.confirmed;
+        total.finished = total.finished.max(one.finished);
+        total.timed_out |= one.timed_out;
+    }
+    let label = format!(
+        "publish  {:<5} c={publishers:<3} batch={}",
+        size_label(size),
+        args.batch
+    );
+    print_rate(&label, size, &total.figure(started, args.messages));
+    bench.remove_channel(&channel).await;
+    Ok(())
+}
+
+/// Scenario 2: a backlog, published untimed, drained by one consumer acking every batch.
+async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
+    let args = bench.args;
+    let channel = bench
+        .fresh_channel(&format!("consume.{}", size_word(size)))
+        .await?;
+    let fill_started = Instant::now();
+    let batch = bench.max_batch.map_or(FILL_BATCH, |max| {
+        FILL_BATCH.min(max.try_into().unwrap_or(FILL_BATCH))
+    });
+    let filled = publish(
+        bench.connect().await?,
+        PublishPlan {
+            channel: channel.clone(),
+            limit: args.messages,
+            batch,
+            in_flight: FILL_IN_FLIGHT,
+            deadline: bench.deadline(fill_started),
+            rate: None,
+            payload: Payload::Fixed(Bytes::from(vec![b'x'; size])),
+        },
+    )
+    .await?;
+
+    let connection = bench.connect().await?;
+    let started = Instant::now();
+    let consumer = Consumer::attach(connection, &channel, args.window).await?;
+    let consumed = consumer
+        .drain(DrainPlan {
+            goal: fixed_goal(filled.confirmed),
+            deadline: bench.deadline(started),
+            stamps: None,
+        })
+        .await?;
+    let label = format!("consume  {:<5} window={}", size_label(size), args.window);
+    print_rate(&label, size, &consumed.figure(started, filled.confirmed));
+    if filled.timed_out {
+        println!(
+            "{:<32}  (the backlog was only {} msgs: filling it hit --max-seconds)",
+            "",
+            thousands(filled.confirmed)
+        );
+    }
+    bench.remove_channel(&channel).await;
+    Ok(())
+}
+
+/// Scenario 3: one publisher and one acking consumer on the same subscription at once.
+async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
+    let args = bench.args;
+    let channel = bench.fresh_channel("mixed.1k").await?;
+    let publisher_connection = bench.connect().await?;
+    let consumer = Consumer::attach(bench.connect().await?, &channel, args.window).await?;
+    let started = Instant::now();
+    let plan = PublishPlan {
+        channel: channel.clone(),
+        limit: args.messages,
+        batch: args.batch,
+        in_flight: args.in_flight,
+        deadline: bench.deadline(started),
+        rate: None,
+        payload: Payload::Fixed(Bytes::from(vec![b'x'; KIB])),
+    };
+    let (published, consumed) = publish_and_consume(
+        publisher_connection,
+        plan,
+        consumer,
+        args.messages,
+        bench.deadline(started),
+        None,
+    )
+    .await?;
+    print_rate(
+        "mixed    1KiB  publish",
+        KIB,
+        &published.figure(started, args.messages),
+    );
+    print_rate(
+        "mixed    1KiB  consume",
+        KIB,
+        &consumed.figure(started, published.confirmed),
+    );
+    bench.remove_channel(&channel).await;
+    Ok(())
+}
+
+/// Scenario 4: end-to-end latency of 1 KiB messages published at a steady rate.
+async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
+    let args = bench.args;
+    let channel = bench.fresh_channel("latency.1k").await?;
+    let publisher_connection = bench.connect().await?;
+    // Attached before publishing starts, so that no message waits for the consumer to arrive.
+    let consumer = Consumer::attach(bench.connect().await?, &channel, LATENCY_WINDOW).await?;
+    let limit = ((args.rate as f64 * args.latency_seconds.as_secs_f64()).ceil() as u64).max(1);
+    // Publisher and consumer stamp and read times against one base, so their clocks agree.
+    let base = Instant::now();
+    let deadline = base + args.latency_seconds;
+    let plan = PublishPlan {
+        channel: channel.clone(),
+        limit,
+        // One message per request: a latency figure for batches would measure the batching.
+        batch: 1,
+        in_flight: args.in_flight,
+        deadline,
+        rate: Some(args.rate),
+        payload: Payload::Stamped { size: KIB, base },
+    };
+    let (published, consumed) = publish_and_consume(
+        publisher_connection,
+        plan,
+        consumer,
+        limit,
+        deadline + LATENCY_DRAIN_GRACE,
+        Some(base),
+    )
+    .await?;
+
+    let publishing = published.finished.saturating_duration_since(base);
+    let achieved = published.confirmed as f64 / publishing.as_secs_f64().max(1e-9);
+    let mut latencies = consumed.latencies;
+    latencies.sort_unstable();
+    let label = format!("latency  1KiB  rate={}/s", thousands(args.rate));
+    match (
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        latencies.last(),
+    ) {
+        (Some(p50), Some(p99), Some(p999), Some(&max)) => println!(
+            "{label:<32}: p50 {}  p99 {}  p99.9 {}  max {}  (achieved {} msgs/s, {} msgs)",
+            millis(p50),
+            millis(p99),
+            millis(p999),
+            millis(max),
+            thousands(achieved.round() as u64),
+            thousands(published.confirmed)
+        ),
+        _ => println!("{label:<32}: no message was received"),
+    }
+    if consumed.timed_out {
+        println!(
+            "{:<32}  (the consumer received {} of {} msgs before giving up)",
+            "",
+            thousands(consumed.acked),
+            thousands(published.confirmed)
+        );
+    }
+    bench.remove_channel(&channel).await;
+    Ok(())
+}
+
+/// Runs a publisher and an attached consumer concurrently, on their own tasks. The consumer's
+/// goal starts at `expected` and becomes what the publisher got confirmed once it is done, so
+/// that a publisher stopped by its time limit does not leave the consumer waiting for more.
+async fn publish_and_consume(
+    connection: Channel,
+    plan: PublishPlan,
+    consumer: Consumer,
+    expected: u64,
+    consumer_deadline: Instant,
+    stamps: Option<Instant>,
+) -> Result<(Published, Consumed)> {
+    let (goal_sender, goal) = watch::channel(expected);
+    let mut publisher = Worker::spawn(async move {
+        let published = publish(connection, plan).await?;
+        goal_sender.send_replace(published.confirmed);
+        Ok(published)
+    });
+    let mut consumer = Worker::spawn(consumer.drain(DrainPlan {
+        goal,
+        deadline: consumer_deadline,
+        stamps,
+    }));
+    tokio::try_join!(publisher.join(), consumer.join())
+}
+
+/// A spawned half of a scenario. Dropping it aborts the task, so that when one half fails the
+/// other does not go on loading the broker.
+struct Worker<T>(JoinHandle<Result<T>>);
+
+impl<T: Send + 'static> Worker<T> {
+    fn spawn(work: impl Future<Output = Result<T>> + Send + 'static) -> Self {
+        Self(tokio::spawn(work))
+    }
+
+    async fn join(&mut self) -> Result<T> {
+        (&mut self.0).await.map_err(BenchError::join)?
+    }
+}
+
+impl<T> Drop for Worker<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What each message carries.
+#[derive(Clone)]
+enum Payload {
+    /// The same bytes every time: cloning `Bytes` shares them, so the bench itself stays cheap.
+    Fixed(Bytes),
+    /// `size` bytes starting with the send time, in nanoseconds since `base`.
+    Stamped { size: usize, base: Instant },
+}
+
+impl Payload {
+    fn next(&self) -> Bytes {
+        match self {
+            Payload::Fixed(bytes) => bytes.clone(),
+            Payload::Stamped { size, base } => {
+                let mut bytes = BytesMut::zeroed((*size).max(STAMP_BYTES));
+                bytes[..STAMP_BYTES].copy_from_slice(&nanos_since(*base).to_le_bytes());
+                bytes.freeze()
+            }
+        }
+    }
+}
+
+fn nanos_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn read_stamp(payload: &[u8]) -> Option<u64> {
+    let stamp = payload.get(..STAMP_BYTES)?;
+    Some(u64::from_le_bytes(stamp.try_into().ok()?))
+}
+
+/// What one publisher sends and when it stops.
+struct PublishPlan {
+    channel: String,
+    /// Stop after this many messages…
+    limit: u64,
+    /// …or at this time, whichever comes first.
+    deadline: Instant,
+    /// Messages per request.
+    batch: u32,
+    /// Messages sent and not yet confirmed, at most.
+    in_flight: u32,
+    /// Messages per second; `None` publishes as fast as confirmations allow.
+    rate: Option<u64>,
+    payload: Payload,
+}
+
+/// What one publisher got confirmed.
+struct Published {
+    confirmed: u64,
+    /// When the last confirmation arrived.
+    finished: Instant,
+    /// Sending stopped at the deadline rather than the message limit.
+    timed_out: bool,
+}
+
+impl Published {
+    fn figure(&self, started: Instant, target: u64) -> Figure {
+        Figure {
+            done: self.confirmed,
+            target,
+            elapsed: self.finished.saturating_duration_since(started),
+            timed_out: self.timed_out,
+        }
+    }
+}
+
+/// The shared publisher loop: one `PublishStream`, requests pipelined up to the plan's in-flight
+/// limit, each confirmation checked against the batch it answers. Sending and confirming run
+/// side by side; the confirming side finishes once everything sent is confirmed.
+async fn publish(connection: Channel, plan: PublishPlan) -> Result<Published> {
+    let started = Instant::now();
+    let (requests, outbound) = mpsc::channel(REQUEST_QUEUE);
+    let mut responses = PublisherClient::new(connection)
+        .publish_stream(ReceiverStream::new(outbound))
+        .await
+        .map_err(|s| BenchError::status("cannot open a publish stream", &s))?
+        .into_inner();
+    // A batch larger than the in-flight limit still has to go, alone.
+    let permits = Semaphore::new(plan.in_flight.max(plan.batch) as usize);
+    // Tells the confirming side the size of every batch sent, in order; its end means "done".
+    let (sizes, mut expected) = mpsc::unbounded_channel::<u32>();
+
+    let send = async {
+        let mut sent = 0u64;
+        let mut timed_out = false;
+        let mut ticker = time::interval(PACING_TICK);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        'sending: while sent < plan.limit {
+            let due = match plan.rate {
+                None => plan.limit,
+                Some(rate) => {
+                    ticker.tick().await;
+                    due_by(rate, started.elapsed()).min(plan.limit)
+                }
+            };
+            if Instant::now() >= plan.deadline {
+                timed_out = true;
+                break;
+            }
+            while sent < due {
+                let count = (due - sent).min(u64::from(plan.batch)) as u32;
+                let Ok(Ok(permit)) =
+                    time::timeout_at(plan.deadline, permits.acquire_many(count)).await
+                else {
+                    timed_out = true;
+                    break 'sending;
+                };
+                permit.forget();
+                let request = pb::PublishRequest {
+                    channel: plan.channel.clone(),
+                    messages: (0..count)
+                        .map(|_| pb::OutgoingMessage {
+                            payload: plan.payload.next(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                // A closed stream is reported by the confirming side, which has the status.
+                if requests.send(request).await.is_err() || sizes.send(count).is_err() {
+                    break 'sending;
+                }
+                sent += u64::from(count);
+                if Instant::now() >= plan.deadline {
+                    timed_out = sent < plan.limit;
+                    break 'sending;
+                }
+            }
+        }
+        // Half-closes the stream, so the broker sees a clean end, and ends `expected`.
+        drop(requests);
+        drop(sizes);
+        Ok::<_, BenchError>(timed_out)
+    };
+
+    let confirm = async {
+        let mut confirmed = 0u64;
+        let mut finished = started;
+        let give_up = plan.deadline + CONFIRM_GRACE;
+        while let Some(count) = expected.recv().await {
+            let response = match time::timeout_at(give_up, responses.message()).await {
+                Ok(Ok(Some(response))) => response,
+                Ok(Ok(None)) => return Err("the broker ended a publish stream early".into()),
+                Ok(Err(status)) => return Err(BenchError::status("publishing failed", &status)),
+                Err(_) => {
+                    return Err(format!(
+                        "the broker stopped confirming publishes ({} still unconfirmed {} s \
+                         after the time limit)",
+                        count,
+                        CONFIRM_GRACE.as_secs()
+                    )
+                    .into());
+                }
+            };
+            if response.sequences.len() != count as usize {
+                return Err(format!(
+                    "the broker confirmed {} sequences for a batch of {count}",
+                    response.sequences.len()
+                )
+                .into());
+            }
+            confirmed += u64::from(count);
+            finished = Instant::now();
+            permits.add_permits(count as usize);
+        }
+        Ok::<_, BenchError>((confirmed, finished))
+    };
+
+    let (timed_out, (confirmed, finished)) = tokio::try_join!(send, confirm)?;
+    Ok(Published {
+        confirmed,
+        finished,
+        timed_out,
+    })
+}
+
+/// How many messages a paced publisher should have sent `elapsed` after it started.
+fn due_by(rate: u64, elapsed: Duration) -> u64 {
+    u64::try_from(u128::from(rate) * elapsed.as_nanos() / 1_000_000_000).unwrap_or(u64::MAX)
+}
+
+/// Publisher `index`'s part of `total` messages split over `parts` publishers.
+fn share(total: u64, parts: u32, index: u32) -> u64 {
+    let parts = u64::from(parts);
+    total / parts + u64::from(u64::from(index) < total % parts)
+}
+
+/// A consumer attached to the bench subscription of a channel, before it starts draining.
+struct Consumer {
+    requests: mpsc::Sender<pb::SubscribeRequest>,
+    responses: Streaming<pb::SubscribeResponse>,
+}
+
+/// When a consumer stops and what it measures.
+struct DrainPlan {
+    /// Stop once this many acks were confirmed; the value may drop while draining.
+    goal: watch::Receiver<u64>,
+    /// Or at this time.
+    deadline: Instant,
+    /// Payloads are stamped against this base: record each first delivery's latency.
+    stamps: Option<Instant>,
+}
+
+/// What a consumer got done.
+struct Consumed {
+    /// Acks the broker confirmed OK.
+    acked: u64,
+    /// Acks it refused as stale or unknown (none are expected).
+    refused: u64,
+    /// When the last OK ack arrived, or the deadline.
+    finished: Instant,
+    /// Stopped at the deadline before reaching the goal.
+    timed_out: bool,
+    /// Publish-to-receive times of first deliveries, in nanoseconds, when measured.
+    latencies: Vec<u64>,
+}
+
+impl Consumed {
+    fn figure(&self, started: Instant, target: u64) -> Figure {
+        Figure {
+            done: self.acked,
+            target,
+            elapsed: self.finished.saturating_duration_since(started),
+            // A consumer that acked everything published was not cut short, even if the time
+            // limit came before the publisher's last confirmation told it so.
+            timed_out: self.timed_out && self.acked < target,
+        }
+    }
+
+    /// Counts the outcome of one ack request; true if some ack was confirmed.
+    fn count(&mut self, results: &pb::AckResults) -> bool {
+        if results.operation() != pb::AckOperation::Ack {
+            return false;
+        }
+        let ok = results
+            .results
+            .iter()
+            .filter(|r| r.status() == pb::AckStatus::Ok)
+            .count() as u64;
+        self.acked += ok;
+        self.refused += results.results.len() as u64 - ok;
+        ok > 0
+    }
+}
+
+impl Consumer {
+    async fn attach(connection: Channel, channel: &str, window: u32) -> Result<Self> {
+        let (requests, outbound) = mpsc::channel(REQUEST_QUEUE);
+        let attach = pb::SubscribeRequest {
+            request: Some(SubscribeReq::Attach(pb::Attach {
+                channel: channel.to_owned(),
+                subscription: SUBSCRIPTION.to_owned(),
+                window: Some(pb::FlowControl {
+                    max_messages: window,
+                    max_bytes: 0,
+                }),
+            })),
+        };
+        // The broker reads the attach before it answers the call, so it must be queued first.
+        requests
+            .send(attach)
+            .await
+            .map_err(|_| "cannot queue the attach request")?;
+        let mut responses = SubscriberClient::new(connection)
+            .subscribe(ReceiverStream::new(outbound))
+            .await
+            .map_err(|s| BenchError::status(format!("cannot subscribe to {channel}"), &s))?
+            .into_inner();
+        match time::timeout(CONNECT_TIMEOUT, responses.message()).await {
+            Ok(Ok(Some(pb::SubscribeResponse {
+                response: Some(SubscribeResp::Attached(_)),
+            }))) => Ok(Self {
+                requests,
+                responses,
+            }),
+            Ok(Ok(_)) => Err(format!("the broker did not answer the attach to {channel}").into()),
+            Ok(Err(status)) => Err(BenchError::status(
+                format!("cannot attach to {channel}"),
+                &status,
+            )),
+            Err(_) => Err(format!("no answer to the attach to {channel}").into()),
+        }
+    }
+
+    /// The shared consumer loop: acks every delivery batch as one request and counts the acks
+    /// the broker confirms, until the goal or the deadline.
+    async fn drain(mut self, mut plan: DrainPlan) -> Result<Consumed> {
+        let mut consumed = Consumed {
+            acked: 0,
+            refused: 0,
+            finished: Instant::now(),
+            timed_out: false,
+            latencies: Vec::new(),
+        };
+        // A fixed goal's sender is gone from the start; `changed` would then fail at once forever.
+        let mut goal_may_change = true;
+        let deadline = time::sleep_until(plan.deadline);
+        tokio::pin!(deadline);
+        while consumed.acked < *plan.goal.borrow() {
+            tokio::select! {
+                () = &mut deadline => {
+                    consumed.timed_out = true;
+                    consumed.finished = Instant::now();
+                    break;
+                }
+                changed = plan.goal.changed(), if goal_may_change => {
+                    goal_may_change = changed.is_ok();
+                }
+                response = self.responses.message() => {
+                    let response = response
+                        .map_err(|s| BenchError::status("consuming failed", &s))?
+                        .ok_or("the broker ended a subscribe stream")?;
+                    match response.response {
+                        Some(SubscribeResp::Deliveries(batch)) => {
+                            self.ack(batch, plan.stamps, &mut consumed.latencies).await;
+                        }
+                        Some(SubscribeResp::Results(results)) => {
+                            if consumed.count(&results) {
+                                consumed.finished = Instant::now();
+                            }
+                        }
+                        // Nothing else is expected after the attach, and nothing else counts.
+                        Some(SubscribeResp::Attached(_)) | None => {}
+                    }
+                }
+            }
+        }
+        if consumed.refused > 0 {
+            eprintln!(
+                "ferry bench: warning: the broker refused {} acks as stale or unknown",
+                consumed.refused
+            );
+        }
+        Ok(consumed)
+    }
+
+    async fn ack(&self, batch: pb::Deliveries, stamps: Option<Instant>, latencies: &mut Vec<u64>) {
+        // One clock reading for the whole batch: its messages arrived together.
+        let now = stamps.map(nanos_since);
+        let mut ack_ids = Vec::with_capacity(batch.deliveries.len());
+        for delivery in batch.deliveries {
+            if let (Some(now), Some(message), 1) = (now, &delivery.message, delivery.attempt)
+                && let Some(stamp) = read_stamp(&message.payload)
+            {
+                latencies.push(now.saturating_sub(stamp));
+            }
+            ack_ids.push(delivery.ack_id);
+        }
+        let request = pb::SubscribeRequest {
+            request: Some(SubscribeReq::Ack(pb::AckIds { ack_ids })),
+        };
+        // If the stream is gone, the next response says why; that is where it is reported.
+        let _ = self.requests.send(request).await;
+    }
+}
+
+/// A goal that never changes.
+fn fixed_goal(goal: u64) -> watch::Receiver<u64> {
+    watch::channel(goal).1
+}
+
+/// A throughput measurement, ready to print.
+struct Figure {
+    done: u64,
+    target: u64,
+    elapsed: Duration,
+    timed_out: bool,
+}
+
+fn print_rate(label: &str, message_size: usize, figure: &Figure) {
+    let seconds = figure.elapsed.as_secs_f64().max(1e-9);
+    let rate = figure.done as f64 / seconds;
+    let megabytes = rate * message_size as f64 / 1e6;
+    let done = if figure.done < figure.target {
+        format!("{} of {}", thousands(figure.done), thousands(figure.target))
+    } else {
+        thousands(figure.done)
+    };
+    let stopped = if figure.timed_out {
+        ", stopped by --max-seconds"
+    } else {
+        ""
+    };
+    println!(
+        "{label:<32}: {:>9} msgs/s {megabytes:>7.1} MB/s  ({done} msgs in {seconds:.2} s{stopped})",
+        thousands(rate.round() as u64)
+    );
+}
+
+/// The value below which a fraction `p` of the sorted samples lie (nearest rank).
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied()
+}
+
+fn millis(nanos: u64) -> String {
+    format!("{:.2} ms", nanos as f64 / 1e6)
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut text = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            text.push(',');
+        }
+        text.push(digit);
+    }
+    text
+}
+
+/// "1KiB" or "128B", for the report.
+fn size_label(size: usize) -> String {
+    if size.is_multiple_of(KIB) {
+        format!("{}KiB", size / KIB)
+    } else {
+        format!("{size}B")
+    }
+}
+
+/// "1k" or "128b", for channel names.
+fn size_word(size: usize) -> String {
+    if size.is_multiple_of(KIB) {
+        format!("{}k", size / KIB)
+    } else {
+        format!("{size}b")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_addresses_are_accepted() {
+        for ok in [
+            "http://127.0.0.1:50051",
+            "127.0.0.1:50051",
+            "http://127.3.2.1:1",
+            "http://[::1]:50051",
+            "http://localhost:50051",
+            "http://LOCALHOST:50051",
+        ] {
+            assert!(loopback_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:50051",
+            "http://example.com:50051",
+            "http://[::2]:50051",
+            "https://127.0.0.1:50051",
+            "http://0.0.0.0:50051",
+        ] {
+            assert!(loopback_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn helpers_format_and_split() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(
+            (0..4).map(|i| share(10, 4, i)).collect::<Vec<_>>(),
+            [3, 3, 2, 2]
+        );
+        assert_eq!(percentile(&[], 0.5), None);
+        let samples: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&samples, 0.5), Some(500));
+        assert_eq!(percentile(&samples, 0.999), Some(999));
+        assert_eq!(due_by(5000, Duration::from_millis(3)), 15);
+        assert_eq!(read_stamp(&7u64.to_le_bytes()), Some(7));
+    }
 }
