@@ -326,3 +326,35 @@ async fn consume(url: String, ledger: Arc<Mutex<Ledger>>, idle: Option<Duration>
         }
     }
 }
+
+#[tokio::test]
+async fn the_weaker_fsync_modes_confirm_and_keep_messages_across_a_clean_restart() {
+    for mode in ["interval", "never"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ferry.toml");
+        let text = format!(
+            "[storage]\nfsync = \"{mode}\"\nfsync_interval = \"20ms\"\n\n\
+             [[channels]]\nname = \"c\"\n[[channels.subscriptions]]\nname = \"s\"\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        let options = Options {
+            config: Some(config),
+        };
+        let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+        for i in 0..20u8 {
+            daemon.publish("c", [vec![i; 10]]).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        daemon.stop().await;
+
+        let daemon = Daemon::start_in(dir.path(), options).await;
+        let mut consumer = Consumer::attach(&daemon, "c", "s", 100).await;
+        assert_eq!(
+            sequences(&consumer.take(20).await),
+            (1..=20).collect::<Vec<_>>(),
+            "{mode}"
+        );
+        drop(consumer);
+        daemon.stop().await;
+    }
+}

@@ -332,8 +332,12 @@ impl Dispatcher {
         };
         let event = ConsumerEvent::Results { operation, results };
         if !acked {
-            // Nothing to make durable: answer at once (or drop it if the consumer is gone).
-            let _ = events.try_send(event);
+            // Nothing to make durable: answer now, or as soon as the consumer reads again.
+            if let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event) {
+                tokio::spawn(async move {
+                    let _ = events.send(event).await;
+                });
+            }
             return;
         }
         // Queued from this task, ack states reach the writer in order; the answer waits for the

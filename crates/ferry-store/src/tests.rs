@@ -116,3 +116,33 @@ async fn names_are_unique_and_deletes_remove_everything() {
     let (_store, recovered) = Store::open(dir.path(), StoreOptions::default()).unwrap();
     assert!(recovered.channels.is_empty() && recovered.subscriptions.is_empty());
 }
+
+#[tokio::test]
+async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_close() {
+    for fsync in [
+        FsyncMode::Interval(Duration::from_millis(5)),
+        FsyncMode::Never,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            fsync,
+            ..StoreOptions::default()
+        };
+        let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+        let channel = store.create_channel("c".into()).await.unwrap();
+        for _ in 0..10 {
+            store.append(channel, messages(10, 100)).await.unwrap();
+            // Let the interval's timer fire between some writes.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        store.close().await.unwrap();
+        drop(store);
+        let (store, _) = Store::open(dir.path(), options).unwrap();
+        let log = store.log(channel).unwrap();
+        assert_eq!(
+            log.read(1, usize::MAX, usize::MAX).unwrap().len(),
+            100,
+            "{fsync:?}"
+        );
+    }
+}

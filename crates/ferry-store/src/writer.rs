@@ -257,7 +257,11 @@ impl Writer {
         loop {
             let first = match self.sync_deadline() {
                 Some(deadline) => {
-                    match runtime.block_on(tokio::time::timeout_at(deadline.into(), ops.recv())) {
+                    // The timer must be created inside the runtime, hence the async block.
+                    let next = runtime.block_on(async {
+                        tokio::time::timeout_at(deadline.into(), ops.recv()).await
+                    });
+                    match next {
                         Ok(op) => op,
                         Err(_) => {
                             if let Err(e) = self.sync_now() {
