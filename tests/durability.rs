@@ -109,7 +109,8 @@ async fn large_messages_survive_a_crash() {
 struct Ledger {
     /// Sequences whose publish was confirmed.
     confirmed: BTreeSet<u64>,
-    /// Sequences whose ack was confirmed OK.
+    /// Sequences whose ack was confirmed OK (to the client: some acks become durable with their
+    /// confirmation lost in a kill).
     acked: BTreeSet<u64>,
     /// Deliveries of a sequence whose ack had been confirmed before.
     violations: Vec<u64>,
@@ -155,15 +156,17 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
     // Last start: no more publishing; drain until everything confirmed has been acked.
     let daemon = Daemon::start_in(dir.path(), options).await;
     let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        // Consume until idle at least once: batches that were durable but never confirmed
+        // before a kill are delivered too, and must be acked like the rest.
         loop {
+            consume_until_refused_or_idle(daemon.url.clone(), ledger.clone()).await;
             let done = {
                 let ledger = ledger.lock().unwrap();
-                ledger.confirmed.is_subset(&ledger.acked)
+                ledger.confirmed.is_subset(&ledger.seen)
             };
             if done {
                 break;
             }
-            consume_until_refused_or_idle(daemon.url.clone(), ledger.clone()).await;
         }
     })
     .await;
@@ -184,17 +187,34 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
         "messages delivered again after a confirmed ack: {:?}",
         ledger.violations
     );
-    let missing: Vec<_> = ledger
-        .confirmed
-        .difference(&ledger.acked)
-        .take(20)
-        .collect();
-    assert!(
-        drained.is_ok() && missing.is_empty(),
-        "confirmed messages never delivered and acked: {missing:?}"
-    );
-    let info = daemon.subscription("crash", "s").await;
-    assert_eq!(info.unacked, 0, "{info:?}");
+    // An ack can become durable with its confirmation lost in the kill, so "acked" is judged by
+    // the broker's final state; "not lost" is judged by every confirmed message having been
+    // delivered at least once.
+    let missing: Vec<_> = ledger.confirmed.difference(&ledger.seen).take(20).collect();
+    let channel = daemon
+        .admin()
+        .await
+        .get_channel(pb::GetChannelRequest {
+            name: "crash".into(),
+        })
+        .await;
+    let channel = channel.unwrap().into_inner();
+    let sub = &channel.subscriptions[0];
+    let last_confirmed = ledger.confirmed.last().copied().unwrap_or(0);
+    if drained.is_err()
+        || !missing.is_empty()
+        || sub.unacked != 0
+        || sub.ack_floor <= last_confirmed
+    {
+        let kept = dir.keep();
+        panic!(
+            "confirmed messages never delivered: {missing:?}; drained in time: {}; channel: {channel:?}; \
+             data kept in {}; log:\n{}",
+            drained.is_ok(),
+            kept.display(),
+            std::fs::read_to_string(&daemon.log).unwrap_or_default()
+        );
+    }
     daemon.stop().await;
 }
 
@@ -243,7 +263,7 @@ async fn consume_until_refused(url: String, ledger: Arc<Mutex<Ledger>>) {
 }
 
 async fn consume_until_refused_or_idle(url: String, ledger: Arc<Mutex<Ledger>>) {
-    consume(url, ledger, Some(Duration::from_secs(3))).await
+    consume(url, ledger, Some(Duration::from_secs(1))).await
 }
 
 /// Consumes and acks everything, checking each delivery against the confirmed acks.

@@ -12,7 +12,8 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +28,8 @@ use crate::{
     SubscriptionId, SubscriptionSettings, io_error,
 };
 
+/// How many flushed groups may wait for the syncer before the writer waits for it.
+const SYNC_QUEUE: usize = 4;
 /// A group takes at most this many requests...
 const MAX_GROUP_OPS: usize = 4096;
 /// ...or this many payload bytes, whichever comes first.
@@ -97,7 +100,8 @@ pub(crate) struct Writer {
     db: sled::Db,
     fsync: FsyncMode,
     tail_cache_bytes: usize,
-    files: DurableFiles,
+    /// Shared with the syncer thread, which fsyncs them in `Always` mode.
+    files: Arc<Mutex<DurableFiles>>,
     channels: HashMap<ChannelId, WriterChannel>,
     names: HashMap<String, ChannelId>,
     subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
@@ -228,6 +232,7 @@ impl Writer {
 
         let files = DurableFiles::open(dir)?;
         files.sync_directories()?;
+        let files = Arc::new(Mutex::new(files));
         let writer = Writer {
             db,
             fsync: options.fsync,
@@ -244,6 +249,26 @@ impl Writer {
 
     /// The thread's body: commit groups until closed or every handle is gone.
     pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Op>, shared: Arc<Shared>) {
+        let (syncer, syncer_thread) = match self.fsync {
+            FsyncMode::Always => {
+                let (sender, receiver) = sync_channel(SYNC_QUEUE);
+                let (files, sync_shared) = (self.files.clone(), shared.clone());
+                let thread = std::thread::Builder::new()
+                    .name("ferry-store-sync".into())
+                    .spawn(move || sync_loop(receiver, files, sync_shared));
+                match thread {
+                    Ok(thread) => (Some(sender), Some(thread)),
+                    Err(e) => {
+                        fail(
+                            &shared,
+                            &StoreError::Failed(format!("cannot start the sync thread: {e}")),
+                        );
+                        (None, None)
+                    }
+                }
+            }
+            _ => (None, None),
+        };
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -285,9 +310,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if self.commit(batch, &shared) {
+            if self.commit(batch, &shared, syncer.as_ref()) {
                 break;
             }
+        }
+        // Let the syncer answer every group it holds before the final sync.
+        drop(syncer);
+        if let Some(thread) = syncer_thread {
+            let _ = thread.join();
         }
         ops.close();
         // Whatever was already queued behind a close is refused rather than left hanging.
@@ -300,14 +330,19 @@ impl Writer {
                 .db
                 .flush()
                 .map_err(StoreError::from)
-                .and_then(|_| self.files.sync())
+                .and_then(|_| self.files.lock().expect("files lock").sync())
         {
             tracing::error!(error = %e, "final store sync failed");
         }
     }
 
     /// Commits one group; true if it asked the writer to stop.
-    fn commit(&mut self, ops: Vec<Op>, shared: &Shared) -> bool {
+    fn commit(
+        &mut self,
+        ops: Vec<Op>,
+        shared: &Shared,
+        syncer: Option<&SyncSender<Committed>>,
+    ) -> bool {
         if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
             let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
             for op in ops {
@@ -337,33 +372,36 @@ impl Writer {
             .db
             .apply_batch(std::mem::take(&mut group.batch))
             .map_err(StoreError::from)
-            .and_then(|_| self.make_durable());
+            .and_then(|_| self.write_out());
         if let Err(e) = outcome {
             return self.fail_group(group, e, shared);
         }
 
-        // Readers see the new state before any caller hears of it.
-        {
-            let mut logs = shared.logs.write().expect("logs lock");
-            for log in group.new_logs.drain(..) {
-                logs.insert(log.id(), log);
+        let stats = |id: &ChannelId| {
+            self.channels
+                .get(id)
+                .map(|c| (c.log.clone(), stats_of(&c.record)))
+        };
+        let committed = Committed {
+            new_logs: std::mem::take(&mut group.new_logs),
+            dropped_logs: std::mem::take(&mut group.dropped_logs),
+            appended: appended
+                .into_iter()
+                .filter_map(|(id, messages)| stats(&id).map(|(log, stats)| (log, messages, stats)))
+                .collect(),
+            collected: collected.iter().filter_map(stats).collect(),
+            replies: std::mem::take(&mut group.replies),
+        };
+        match syncer {
+            // The syncer fsyncs and answers while this thread already writes the next group.
+            Some(syncer) => {
+                if let Err(std::sync::mpsc::SendError(committed)) = syncer.send(committed) {
+                    let e = StoreError::Failed("the store's sync thread is gone".into());
+                    fail(shared, &e);
+                    committed.refuse(&e);
+                }
             }
-            for id in group.dropped_logs.drain(..) {
-                logs.remove(&id);
-            }
-        }
-        for (id, messages) in appended {
-            if let Some(channel) = self.channels.get(&id) {
-                channel.log.appended(messages, stats_of(&channel.record));
-            }
-        }
-        for id in collected {
-            if let Some(channel) = self.channels.get(&id) {
-                channel.log.collected(stats_of(&channel.record));
-            }
-        }
-        for reply in group.replies {
-            reply(None);
+            None => committed.announce(shared),
         }
         group.close
     }
@@ -651,12 +689,11 @@ impl Writer {
         stored
     }
 
-    fn make_durable(&mut self) -> Result<()> {
+    /// Gets the group's writes out of sled's buffers into its log file, as the mode requires;
+    /// in `Always` mode the syncer thread then fsyncs them.
+    fn write_out(&mut self) -> Result<()> {
         match self.fsync {
-            FsyncMode::Always => {
-                self.db.flush()?;
-                self.files.sync()
-            }
+            FsyncMode::Always => self.db.flush().map(drop).map_err(Into::into),
             FsyncMode::Interval(_) => {
                 self.db.flush()?;
                 self.unsynced_since.get_or_insert_with(Instant::now);
@@ -680,7 +717,70 @@ impl Writer {
     fn sync_now(&mut self) -> Result<()> {
         self.unsynced_since = None;
         self.db.flush()?;
-        self.files.sync()
+        self.files.lock().expect("files lock").sync()
+    }
+}
+
+/// A group applied to sled, waiting to be fsync'd (in `Always` mode) and then announced.
+struct Committed {
+    new_logs: Vec<Arc<ChannelLog>>,
+    dropped_logs: Vec<ChannelId>,
+    appended: Vec<(Arc<ChannelLog>, Vec<Message>, ChannelStats)>,
+    collected: Vec<(Arc<ChannelLog>, ChannelStats)>,
+    replies: Vec<Pending>,
+}
+
+impl Committed {
+    /// Shows the group to readers, then answers its callers: readers see the new state before
+    /// any caller hears of it.
+    fn announce(self, shared: &Shared) {
+        {
+            let mut logs = shared.logs.write().expect("logs lock");
+            for log in self.new_logs {
+                logs.insert(log.id(), log);
+            }
+            for id in self.dropped_logs {
+                logs.remove(&id);
+            }
+        }
+        for (log, messages, stats) in self.appended {
+            log.appended(messages, stats);
+        }
+        for (log, stats) in self.collected {
+            log.collected(stats);
+        }
+        for reply in self.replies {
+            reply(None);
+        }
+    }
+
+    fn refuse(self, e: &StoreError) {
+        for reply in self.replies {
+            reply(Some(e));
+        }
+    }
+}
+
+/// The syncer thread of `Always` mode: one fsync for every group the writer has flushed since
+/// the last one, then their announcements, in order. Because the writer goes on applying and
+/// flushing the next group meanwhile, a commit's two waits on the disk (sled's flush, our fsync)
+/// overlap with the next group's instead of adding up.
+fn sync_loop(groups: Receiver<Committed>, files: Arc<Mutex<DurableFiles>>, shared: Arc<Shared>) {
+    while let Ok(first) = groups.recv() {
+        let mut ready = vec![first];
+        ready.extend(groups.try_iter());
+        let failure = shared.failure.lock().expect("failure lock").clone();
+        let synced = match failure {
+            Some(failure) => Err(StoreError::Failed(failure)),
+            None => files.lock().expect("files lock").sync(),
+        };
+        match synced {
+            Ok(()) => ready.into_iter().for_each(|group| group.announce(&shared)),
+            Err(e) => {
+                fail(&shared, &e);
+                ready.into_iter().for_each(|group| group.refuse(&e));
+            }
+        }
     }
 }
 

@@ -1,10 +1,10 @@
 //! `ferry bench`: the load generator. It owns everything a benchmark run needs: starting a
 //! private broker (this same executable running `ferry serve` on a throw-away data directory)
 //! or checking that an existing one is on loopback, the scenarios (publish throughput, draining
-//! a backlog with acks, publishing and consuming at once, end-to-end latency at a fixed rate and
-//! the broker's peak memory), the publisher and consumer loops those scenarios share, and the
-//! report printed on standard output. It measures through the public gRPC API only, exactly as
-//! any other client would see the broker.
+//! a backlog with acks, publishing and consuming at once, end-to-end latency at a fixed rate, on
+//! request a big backlog kept on disk across a broker restart, and the broker's peak memory), the
+//! publisher and consumer loops those scenarios share, and the report printed on standard output.
+//! It measures through the public gRPC API only, exactly as any other client would see the broker.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -22,7 +22,7 @@ use ferry_proto::pb::{
     subscriber_client::SubscriberClient,
 };
 use ferry_server::Config;
-use ferry_server::config::FsyncSetting;
+use ferry_server::config::{FsyncSetting, LimitsConfig};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
@@ -60,6 +60,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONFIRM_GRACE: Duration = Duration::from_secs(10);
 /// How long the latency consumer may lag behind the end of publishing.
 const LATENCY_DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long the backlog scenario waits after its drain before reading what is left: the broker
+/// deletes acked messages in the background, once their acks are durable.
+const DELETION_SETTLE: Duration = Duration::from_secs(2);
 
 /// Options of `ferry bench`.
 #[derive(clap::Args)]
@@ -100,10 +103,23 @@ pub struct BenchArgs {
     /// How long the latency scenario publishes, in seconds.
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
     latency_seconds: Duration,
-    /// Run only these scenarios, comma-separated (default: all). The broker's memory is reported
-    /// whenever the bench started the broker.
+    /// Run only these scenarios, comma-separated (default: all but backlog, which is heavy and
+    /// runs only when named here). The broker's memory is reported whenever the bench started the
+    /// broker.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "SCENARIOS")]
     only: Vec<Scenario>,
+    /// Messages the backlog scenario stores before restarting the broker and draining them.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    backlog: u64,
+    /// Payload size of the backlog scenario's messages, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = KIB,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    backlog_size: usize,
+    /// Time limit of each phase of the backlog scenario (filling, draining), in seconds. It is
+    /// separate from --max-seconds because a backlog worth measuring takes minutes to build.
+    #[arg(long, value_name = "S", default_value = "600", value_parser = parse_seconds)]
+    backlog_seconds: Duration,
 }
 
 /// The scenarios `--only` can pick; they always run in this order.
@@ -117,6 +133,9 @@ enum Scenario {
     Mixed,
     /// End-to-end latency at a fixed publish rate.
     Latency,
+    /// A big backlog on disk: its footprint, a broker restart on it, draining it from disk.
+    /// Last, because it restarts the broker; not in the default set, because it is heavy.
+    Backlog,
 }
 
 impl Scenario {
@@ -126,6 +145,7 @@ impl Scenario {
             Scenario::Consume => "consume",
             Scenario::Mixed => "mixed",
             Scenario::Latency => "latency",
+            Scenario::Backlog => "backlog",
         }
     }
 }
@@ -247,10 +267,18 @@ async fn bench(args: BenchArgs) -> Result<()> {
             )
             .into());
         }
+        let limit = config.limits.max_message_bytes.0;
+        if scenarios.contains(&Scenario::Backlog) && args.backlog_size as u64 > limit {
+            return Err(format!(
+                "--backlog-size {} is more than the broker's max_message_bytes ({limit})",
+                args.backlog_size
+            )
+            .into());
+        }
     }
     print_header(&args, config.as_ref(), &scenarios);
 
-    let (broker, url) = match external {
+    let (mut broker, url) = match external {
         Some(url) => {
             println!("  broker    : {url} (already running)");
             (None, url)
@@ -259,27 +287,31 @@ async fn bench(args: BenchArgs) -> Result<()> {
             let broker = BrokerChild::start(args.config.as_deref()).await?;
             println!(
                 "  broker    : started, pid {}, listening on {}",
-                broker.pid, broker.address
+                broker.process.pid, broker.process.address
             );
-            let url = format!("http://{}", broker.address);
+            let url = format!("http://{}", broker.process.address);
             (Some(broker), url)
         }
     };
 
     // Ctrl-C still goes through the orderly stop below, so the temporary directory is removed.
     let outcome = tokio::select! {
-        outcome = run_scenarios(&args, &scenarios, &url, config.as_ref()) => outcome,
+        outcome = run_scenarios(&args, &scenarios, &url, config.as_ref(), broker.as_mut()) => {
+            outcome
+        }
         _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
     };
     // Read before stopping: the figures vanish with the process.
-    let memory = broker.as_ref().map(BrokerChild::memory);
+    let memory = broker
+        .as_ref()
+        .map(|broker| (broker.memory(), broker.restarted));
     let stopped = match broker {
         Some(broker) => broker.stop().await,
         None => Ok(()),
     };
     outcome?;
-    if let Some(memory) = memory {
-        print_memory(memory);
+    if let Some((memory, restarted)) = memory {
+        print_memory(memory, restarted);
     }
     stopped
 }
@@ -287,7 +319,9 @@ async fn bench(args: BenchArgs) -> Result<()> {
 /// The scenarios to run: each once and in the fixed order, however `--only` listed them.
 fn selected(only: &[Scenario]) -> Vec<Scenario> {
     let mut scenarios = if only.is_empty() {
-        Scenario::value_variants().to_vec()
+        let mut all = Scenario::value_variants().to_vec();
+        all.retain(|&s| s != Scenario::Backlog);
+        all
     } else {
         only.to_vec()
     };
@@ -329,6 +363,14 @@ fn print_header(args: &BenchArgs, config: Option<&Config>, scenarios: &[Scenario
         args.rate,
         args.latency_seconds.as_secs_f64(),
     );
+    if scenarios.contains(&Scenario::Backlog) {
+        println!(
+            "  backlog   : --backlog {} --backlog-size {} --backlog-seconds {}",
+            args.backlog,
+            args.backlog_size,
+            args.backlog_seconds.as_secs_f64()
+        );
+    }
     println!("  scenarios : {}", names.join(", "));
 }
 
@@ -363,33 +405,105 @@ fn loopback_url(addr: &str) -> Result<String> {
 }
 
 /// The private broker: this executable running `ferry serve` on a fresh temporary directory.
-/// Dropping it kills the process (`kill_on_drop`), so no error path leaves a broker behind;
-/// `stop` is the orderly way out.
+/// It can be restarted on the same directory. `stop` is the orderly way out; dropping it kills
+/// the process, then removes the directory, so no error path leaves a broker or its files behind.
 struct BrokerChild {
-    process: tokio::process::Child,
-    pid: u32,
-    address: String,
-    /// Holds the data directory and the broker's log; removed when the bench ends.
-    dir: tempfile::TempDir,
+    // Declared before `home` so that it is dropped first: the process dies before its directory
+    // is removed from under it.
+    process: BrokerProcess,
+    home: BrokerHome,
+    /// The process running now replaced the first one (the backlog scenario's restart).
+    restarted: bool,
 }
 
 impl BrokerChild {
+    /// Starts a broker on a new temporary directory, on a free loopback port.
     async fn start(config: Option<&Path>) -> Result<Self> {
+        let home = BrokerHome::create(config)?;
+        let process = home.spawn("127.0.0.1:0").await?;
+        Ok(Self {
+            process,
+            home,
+            restarted: false,
+        })
+    }
+
+    /// Stops the broker with SIGTERM and starts it again on the same data directory and
+    /// configuration, as an operator's restart would. It listens where it did before, so that
+    /// clients find it again at the same URL. Returns how long the new process took from being
+    /// spawned to listening.
+    async fn restart(&mut self) -> Result<Duration> {
+        self.process.stop().await?;
+        let address = self.process.address.clone();
+        self.process = self.home.spawn(&address).await?;
+        self.restarted = true;
+        Ok(self.process.startup)
+    }
+
+    /// What the store's files take on disk, in bytes.
+    fn data_size(&self) -> std::io::Result<u64> {
+        disk_usage(&self.home.data_dir())
+    }
+
+    /// The memory of the process running now (a restart starts its peak afresh).
+    fn memory(&self) -> Result<Memory, String> {
+        self.process.memory()
+    }
+
+    /// Stops the broker (see [`BrokerProcess::stop`]); the directory goes when `self` does.
+    async fn stop(mut self) -> Result<()> {
+        self.process.stop().await
+    }
+}
+
+/// Where the private broker lives and how it is started: a temporary directory holding its data
+/// and its log, which outlives the processes run on it and is removed when this is dropped.
+struct BrokerHome {
+    /// Holds `data/` and `broker.log`.
+    dir: tempfile::TempDir,
+    /// This executable, which also serves.
+    exe: PathBuf,
+    /// The `--config` file given to the bench, passed on to every process.
+    config: Option<PathBuf>,
+}
+
+impl BrokerHome {
+    /// A new, empty home whose broker runs on `config` (the built-in default if none).
+    fn create(config: Option<&Path>) -> Result<Self> {
         let exe = std::env::current_exe()
             .map_err(|e| BenchError::caused("cannot find the ferry executable", &e))?;
         let dir = tempfile::Builder::new()
             .prefix("ferry-bench-")
             .tempdir()
             .map_err(|e| BenchError::caused("cannot create a temporary directory", &e))?;
+        Ok(Self {
+            dir,
+            exe,
+            config: config.map(Path::to_path_buf),
+        })
+    }
+
+    /// The store's directory, given to every process as `--data-dir`.
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts `ferry serve` on this home's data directory, listening on `listen`, and waits
+    /// until it says it is ready.
+    async fn spawn(&self, listen: &str) -> Result<BrokerProcess> {
         // The broker logs on stderr; in a file they stay out of the report yet can explain a
-        // failure.
-        let log = std::fs::File::create(dir.path().join("broker.log"))
-            .map_err(|e| BenchError::caused("cannot create the broker's log file", &e))?;
-        let mut command = tokio::process::Command::new(exe);
+        // failure. Appended to, so that a restart keeps the previous process's lines.
+        let log_path = self.dir.path().join("broker.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| BenchError::caused("cannot open the broker's log file", &e))?;
+        let mut command = tokio::process::Command::new(&self.exe);
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"));
-        if let Some(config) = config {
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(self.data_dir());
+        if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
         // `ferry serve` would pick up FERRY_CONFIG, making the fsync mode in the header a lie.
@@ -399,6 +513,7 @@ impl BrokerChild {
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true);
+        let spawned = Instant::now();
         let mut process = command
             .spawn()
             .map_err(|e| BenchError::caused("cannot start the broker", &e))?;
@@ -420,6 +535,7 @@ impl BrokerChild {
             Ok::<_, std::io::Error>(None)
         })
         .await;
+        let startup = spawned.elapsed();
         let address = match ready {
             Ok(Ok(Some(address))) => address,
             Ok(Ok(None)) => {
@@ -429,7 +545,7 @@ impl BrokerChild {
                 };
                 return Err(format!(
                     "the broker stopped before it was ready ({exit}){}",
-                    log_tail(dir.path())
+                    log_tail(&log_path)
                 )
                 .into());
             }
@@ -440,21 +556,37 @@ impl BrokerChild {
                 return Err(format!(
                     "the broker was not ready within {} s{}",
                     STARTUP_TIMEOUT.as_secs(),
-                    log_tail(dir.path())
+                    log_tail(&log_path)
                 )
                 .into());
             }
         };
         // Nothing more is expected on stdout, but a full pipe would block the broker.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self {
+        Ok(BrokerProcess {
             process,
             pid,
             address,
-            dir,
+            log: log_path,
+            startup,
         })
     }
+}
 
+/// One `ferry serve` process of the private broker. Dropping it kills the process
+/// (`kill_on_drop`), so no error path leaves a broker behind; `stop` is the orderly way out.
+struct BrokerProcess {
+    process: tokio::process::Child,
+    pid: u32,
+    /// Where it listens, as it printed it.
+    address: String,
+    /// Its log file, quoted when it fails.
+    log: PathBuf,
+    /// From spawning the process to its `ferry listening on` line.
+    startup: Duration,
+}
+
+impl BrokerProcess {
     /// The broker's resident memory now and at its peak, from `/proc/PID/status`.
     fn memory(&self) -> Result<Memory, String> {
         let path = format!("/proc/{}/status", self.pid);
@@ -479,7 +611,16 @@ impl BrokerChild {
     }
 
     /// Stops the broker with SIGTERM, as an operator would, and checks that it exits cleanly.
-    async fn stop(mut self) -> Result<()> {
+    async fn stop(&mut self) -> Result<()> {
+        // A process already waited for must not be signalled: its pid may be another's by now.
+        // That happens when a restart stopped it and then could not start the next one.
+        if let Ok(Some(status)) = self.process.try_wait() {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(format!("the broker had exited with {status}{}", log_tail(&self.log)).into())
+            };
+        }
         // libc is not a dependency; the `kill` command sends the signal.
         let signalled = tokio::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
@@ -496,7 +637,7 @@ impl BrokerChild {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => Err(format!(
                 "the broker exited with {status} after SIGTERM{}",
-                log_tail(self.dir.path())
+                log_tail(&self.log)
             )
             .into()),
             Ok(Err(e)) => Err(BenchError::caused("cannot wait for the broker", &e)),
@@ -513,9 +654,9 @@ impl BrokerChild {
 }
 
 /// The last lines of the private broker's log, to append to an error message.
-fn log_tail(dir: &Path) -> String {
+fn log_tail(path: &Path) -> String {
     const LINES: usize = 20;
-    let Ok(log) = std::fs::read_to_string(dir.join("broker.log")) else {
+    let Ok(log) = std::fs::read_to_string(path) else {
         return String::new();
     };
     let lines: Vec<&str> = log.lines().collect();
@@ -526,22 +667,50 @@ fn log_tail(dir: &Path) -> String {
     format!("\nbroker log (last lines):\n  {}", tail.join("\n  "))
 }
 
+/// The bytes of the files under `dir`, counted recursively: what a store takes on disk.
+fn disk_usage(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        // The broker runs while this walks: a file it removed meanwhile takes no space.
+        let metadata = match entry.metadata() {
+            Ok(metadata) => metadata,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if metadata.is_dir() {
+            total += disk_usage(&entry.path())?;
+        } else {
+            total += metadata.len();
+        }
+    }
+    Ok(total)
+}
+
 /// The broker's resident set size, in KiB as the kernel reports it.
 struct Memory {
     peak_kib: u64,
     now_kib: u64,
 }
 
-fn print_memory(memory: Result<Memory, String>) {
+/// The final memory report. `restarted` says the process measured is the one the backlog
+/// scenario started, whose peak does not cover the scenarios before it.
+fn print_memory(memory: Result<Memory, String>, restarted: bool) {
     println!("\n== memory: the bench's broker process");
     match memory {
         Ok(memory) => println!(
-            "{:<32}: {:.1} MiB  (RSS at the end {:.1} MiB)",
+            "{:<32}: {}  (RSS at the end {})",
             "broker peak RSS (VmHWM)",
-            memory.peak_kib as f64 / 1024.0,
-            memory.now_kib as f64 / 1024.0
+            mib(memory.peak_kib * 1024),
+            mib(memory.now_kib * 1024)
         ),
         Err(e) => println!("{:<32}: unavailable ({e})", "broker peak RSS (VmHWM)"),
+    }
+    if restarted {
+        println!(
+            "{:<32}  (of the process the backlog scenario restarted: earlier peaks are not in it)",
+            ""
+        );
     }
 }
 
@@ -552,7 +721,8 @@ struct Bench<'a> {
     endpoint: Endpoint,
     admin: AdminClient<Channel>,
     tag: String,
-    max_batch: Option<usize>,
+    /// The broker's publishing limits, when the bench knows its configuration.
+    limits: Option<&'a LimitsConfig>,
 }
 
 impl Bench<'_> {
@@ -602,14 +772,46 @@ impl Bench<'_> {
     fn deadline(&self, started: Instant) -> Instant {
         started + self.args.max_seconds
     }
+
+    /// Fills `channel` with up to `limit` messages of `size` bytes before `deadline`, on a
+    /// connection of its own. Filling is preparation, not measurement, so it uses big pipelined
+    /// batches, as big as the broker's limits allow.
+    async fn fill(
+        &self,
+        channel: &str,
+        limit: u64,
+        size: usize,
+        deadline: Instant,
+    ) -> Result<Published> {
+        let batch = self.limits.map_or(FILL_BATCH, |limits| {
+            let by_bytes = usize::try_from(limits.max_batch_bytes.0).unwrap_or(usize::MAX) / size;
+            let most = limits.max_batch_messages.min(by_bytes).max(1);
+            FILL_BATCH.min(u32::try_from(most).unwrap_or(FILL_BATCH))
+        });
+        publish(
+            self.connect().await?,
+            PublishPlan {
+                channel: channel.to_owned(),
+                limit,
+                batch,
+                in_flight: FILL_IN_FLIGHT,
+                deadline,
+                rate: None,
+                payload: Payload::Fixed(Bytes::from(vec![b'x'; size])),
+            },
+        )
+        .await
+    }
 }
 
 /// Runs the chosen scenarios one after the other, so that none measures another's load.
+/// `broker` is the bench's own broker, which the backlog scenario measures and restarts.
 async fn run_scenarios(
     args: &BenchArgs,
     scenarios: &[Scenario],
     url: &str,
     config: Option<&Config>,
+    mut broker: Option<&mut BrokerChild>,
 ) -> Result<()> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| BenchError::caused(format!("bad broker address {url}"), &e))?
@@ -628,7 +830,7 @@ async fn run_scenarios(
         endpoint,
         admin: AdminClient::new(admin_connection),
         tag: format!("r{started}-{}", std::process::id()),
-        max_batch: config.map(|c| c.limits.max_batch_messages),
+        limits: config.map(|c| &c.limits),
     };
     for scenario in scenarios {
         match scenario {
@@ -668,6 +870,16 @@ async fn run_scenarios(
                     args.latency_seconds.as_secs_f64()
                 );
                 latency_scenario(&bench).await?;
+            }
+            Scenario::Backlog => {
+                println!(
+                    "\n== backlog: store {} msgs of {}, restart the broker on them, drain them \
+                     with one acking consumer (window {}); each phase stops at --backlog-seconds",
+                    thousands(args.backlog),
+                    size_label(args.backlog_size),
+                    args.window
+                );
+                backlog_scenario(&bench, broker.as_deref_mut()).await?;
             }
         }
     }
@@ -738,23 +950,14 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
     let channel = bench
         .fresh_channel(&format!("consume.{}", size_word(size)))
         .await?;
-    let fill_started = Instant::now();
-    let batch = bench.max_batch.map_or(FILL_BATCH, |max| {
-        FILL_BATCH.min(max.try_into().unwrap_or(FILL_BATCH))
-    });
-    let filled = publish(
-        bench.connect().await?,
-        PublishPlan {
-            channel: channel.clone(),
-            limit: args.messages,
-            batch,
-            in_flight: FILL_IN_FLIGHT,
-            deadline: bench.deadline(fill_started),
-            rate: None,
-            payload: Payload::Fixed(Bytes::from(vec![b'x'; size])),
-        },
-    )
-    .await?;
+    let filled = bench
+        .fill(
+            &channel,
+            args.messages,
+            size,
+            bench.deadline(Instant::now()),
+        )
+        .await?;
 
     let connection = bench.connect().await?;
     let started = Instant::now();
@@ -883,6 +1086,135 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Scenario 5: a big backlog on disk. It is stored, weighed on disk and in memory, the broker is
+/// restarted on it (emptying its in-memory tail cache, so that the drain reads from disk), one
+/// acking consumer drains it, and what the deletions leave behind is weighed again.
+async fn backlog_scenario(bench: &Bench<'_>, mut broker: Option<&mut BrokerChild>) -> Result<()> {
+    let args = bench.args;
+    let size = args.backlog_size;
+    let channel = bench
+        .fresh_channel(&format!("backlog.{}", size_word(size)))
+        .await?;
+    let limited = |figure: Figure| Figure {
+        limit: "--backlog-seconds",
+        ..figure
+    };
+
+    let fill_started = Instant::now();
+    let filled = bench
+        .fill(
+            &channel,
+            args.backlog,
+            size,
+            fill_started + args.backlog_seconds,
+        )
+        .await?;
+    print_rate(
+        &format!("backlog  {:<5} publish", size_label(size)),
+        size,
+        &limited(filled.figure(fill_started, args.backlog)),
+    );
+
+    // Kept for the end: the first process's peak is gone once the restart stops it.
+    let mut peak_before_restart = None;
+    match broker.as_deref_mut() {
+        Some(broker) => {
+            print_data_size("backlog  data dir on disk", broker);
+            match broker.memory() {
+                Ok(memory) => {
+                    println!(
+                        "{:<32}: {}  (peak so far {})",
+                        "backlog  broker RSS (VmRSS)",
+                        mib(memory.now_kib * 1024),
+                        mib(memory.peak_kib * 1024)
+                    );
+                    peak_before_restart = Some(memory.peak_kib);
+                }
+                Err(e) => println!("{:<32}: unavailable ({e})", "backlog  broker RSS (VmRSS)"),
+            }
+            let startup = broker.restart().await?;
+            let rss = match broker.memory() {
+                Ok(memory) => mib(memory.now_kib * 1024),
+                Err(e) => format!("unavailable ({e})"),
+            };
+            println!(
+                "{:<32}: {:.2} s  (new pid {}, RSS when ready {rss})",
+                "backlog  restart to ready",
+                startup.as_secs_f64(),
+                broker.process.pid
+            );
+        }
+        None => println!(
+            "{:<32}: skipped: the broker was not started by the bench",
+            "backlog  disk, memory, restart"
+        ),
+    }
+
+    let connection = bench.connect().await?;
+    let started = Instant::now();
+    let consumer = Consumer::attach(connection, &channel, args.window).await?;
+    let drained = consumer
+        .drain(DrainPlan {
+            goal: fixed_goal(filled.confirmed),
+            deadline: started + args.backlog_seconds,
+            stamps: None,
+        })
+        .await?;
+    print_rate(
+        &format!("backlog  {:<5} drain", size_label(size)),
+        size,
+        &limited(drained.figure(started, filled.confirmed)),
+    );
+
+    time::sleep(DELETION_SETTLE).await;
+    // The admin connection predates the restart; the broker came back at the same address, so
+    // tonic reconnects it.
+    let left = bench
+        .admin
+        .clone()
+        .get_channel(pb::GetChannelRequest {
+            name: channel.clone(),
+        })
+        .await
+        .map_err(|s| BenchError::status(format!("cannot describe channel {channel}"), &s))?
+        .into_inner();
+    println!(
+        "{:<32}: {} msgs, {} bytes  (GetChannel {} s after the drain)",
+        "backlog  left in the channel",
+        thousands(left.messages),
+        thousands(left.bytes),
+        DELETION_SETTLE.as_secs()
+    );
+    if let Some(broker) = broker {
+        // Weighed again because sled keeps the space deletions free for its own reuse rather
+        // than giving it back: this is what a drained broker still occupies.
+        print_data_size("backlog  data dir after drain", broker);
+        let peak_after = broker.memory().map(|memory| mib(memory.peak_kib * 1024));
+        let before =
+            peak_before_restart.map_or_else(|| "unavailable".to_owned(), |kib| mib(kib * 1024));
+        match peak_after {
+            Ok(after) => println!(
+                "{:<32}: {before} before the restart, {after} after it",
+                "backlog  broker peak RSS (VmHWM)"
+            ),
+            Err(e) => println!(
+                "{:<32}: {before} before the restart, unavailable after it ({e})",
+                "backlog  broker peak RSS (VmHWM)"
+            ),
+        }
+    }
+    bench.remove_channel(&channel).await;
+    Ok(())
+}
+
+/// Prints what the private broker's data directory takes on disk.
+fn print_data_size(label: &str, broker: &BrokerChild) {
+    match broker.data_size() {
+        Ok(bytes) => println!("{label:<32}: {}  ({} bytes)", mib(bytes), thousands(bytes)),
+        Err(e) => println!("{label:<32}: unavailable ({e})"),
+    }
+}
+
 /// Runs a publisher and an attached consumer concurrently, on their own tasks. The consumer's
 /// goal starts at `expected` and becomes what the publisher got confirmed once it is done, so
 /// that a publisher stopped by its time limit does not leave the consumer waiting for more.
@@ -991,6 +1323,7 @@ impl Published {
             target,
             elapsed: self.finished.saturating_duration_since(started),
             timed_out: self.timed_out,
+            limit: "--max-seconds",
         }
     }
 }
@@ -1154,6 +1487,7 @@ impl Consumed {
             // A consumer that acked everything published was not cut short, even if the time
             // limit came before the publisher's last confirmation told it so.
             timed_out: self.timed_out && self.acked < target,
+            limit: "--max-seconds",
         }
     }
 
@@ -1295,6 +1629,8 @@ struct Figure {
     target: u64,
     elapsed: Duration,
     timed_out: bool,
+    /// The option whose time limit applied, named in the report when it cut the work short.
+    limit: &'static str,
 }
 
 fn print_rate(label: &str, message_size: usize, figure: &Figure) {
@@ -1307,9 +1643,9 @@ fn print_rate(label: &str, message_size: usize, figure: &Figure) {
         thousands(figure.done)
     };
     let stopped = if figure.timed_out {
-        ", stopped by --max-seconds"
+        format!(", stopped by {}", figure.limit)
     } else {
-        ""
+        String::new()
     };
     println!(
         "{label:<32}: {:>9} msgs/s {megabytes:>7.1} MB/s  ({done} msgs in {seconds:.2} s{stopped})",
@@ -1325,6 +1661,11 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 
 fn millis(nanos: u64) -> String {
     format!("{:.2} ms", nanos as f64 / 1e6)
+}
+
+/// Bytes as MiB, the unit the kernel's memory figures and most disk tools use.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 fn thousands(n: u64) -> String {
@@ -1400,5 +1741,24 @@ mod tests {
         assert_eq!(percentile(&samples, 0.999), Some(999));
         assert_eq!(due_by(5000, Duration::from_millis(3)), 15);
         assert_eq!(read_stamp(&7u64.to_le_bytes()), Some(7));
+        assert_eq!(mib(3 << 19), "1.5 MiB");
+    }
+
+    #[test]
+    fn backlog_runs_only_when_asked_for() {
+        assert!(!selected(&[]).contains(&Scenario::Backlog));
+        assert!(
+            selected(&[Scenario::Backlog, Scenario::Publish])
+                == [Scenario::Publish, Scenario::Backlog]
+        );
+    }
+
+    #[test]
+    fn disk_usage_counts_nested_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), [0; 10]).unwrap();
+        std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
+        std::fs::write(dir.path().join("b/c/d"), [0; 32]).unwrap();
+        assert_eq!(disk_usage(dir.path()).unwrap(), 42);
     }
 }

@@ -110,7 +110,8 @@ fn serve(args: ServeArgs) -> ExitCode {
                     format!("cannot listen on {}: {e}", config.server.listen),
                 ))
             })?;
-        ferry_server::serve(config, listener, shutdown_signal(), |address| {
+        let shutdown = shutdown_signal().map_err(ferry_server::ServeError::Io)?;
+        ferry_server::serve(config, listener, shutdown, |address| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "ferry listening on {address}");
             let _ = out.flush();
@@ -126,24 +127,24 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// A future that resolves on SIGINT or SIGTERM. The handlers are installed when this is called,
+/// not when the future is first polled, so a signal sent right after the ready line still stops
+/// the broker cleanly instead of killing it.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
