@@ -377,3 +377,42 @@ async fn a_publish_stream_confirms_pipelined_batches_in_order() {
     assert!(status.message().contains("nowhere"));
     drop(requests);
 }
+
+#[tokio::test]
+async fn a_consumer_that_half_closes_its_requests_keeps_receiving() {
+    let daemon = Daemon::start().await;
+    daemon.create("feed", &[("reader", 30_000)]).await;
+    let attach = Req::Attach(pb::Attach {
+        channel: "feed".into(),
+        subscription: "reader".into(),
+        window: None,
+    });
+    // The request side ends right after the attach, as with `grpcurl -d '{"attach": ...}'`.
+    let (requests, mut responses) = Consumer::open(&daemon, attach).await.unwrap();
+    drop(requests);
+    let first = responses.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.response,
+        Some(pb::subscribe_response::Response::Attached(_))
+    ));
+    for round in 0..3u8 {
+        daemon.publish("feed", [vec![round]]).await;
+        let next = tokio::time::timeout(common::PATIENCE, responses.message())
+            .await
+            .unwrap();
+        let Some(pb::subscribe_response::Response::Deliveries(batch)) =
+            next.unwrap().unwrap().response
+        else {
+            panic!("expected deliveries");
+        };
+        assert_eq!(
+            batch.deliveries[0]
+                .message
+                .as_ref()
+                .unwrap()
+                .payload
+                .as_ref(),
+            [round]
+        );
+    }
+}

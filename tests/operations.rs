@@ -217,6 +217,18 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         "{}",
         bad_deadline.message()
     );
+    let overflowing = admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "ok".into(),
+            name: "late".into(),
+            ack_deadline: Some(prost_types::Duration {
+                seconds: i64::MAX,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(overflowing.code(), Code::InvalidArgument);
     let no_channel = admin
         .create_subscription(pb::CreateSubscriptionRequest {
             channel: "nope".into(),

@@ -109,6 +109,12 @@ impl ChannelShared {
             })
     }
 
+    /// The subscriptions now, so that no lock is held while talking to them.
+    fn handles(&self) -> Vec<Arc<SubscriptionHandle>> {
+        let subscriptions = self.subscriptions.read().expect("subscriptions lock");
+        subscriptions.values().cloned().collect()
+    }
+
     fn has_subscriptions(&self) -> bool {
         !self
             .subscriptions
@@ -495,13 +501,7 @@ impl Broker {
     }
 
     async fn subscription_stats(&self, channel: &ChannelShared) -> Vec<SubscriptionStats> {
-        let handles: Vec<_> = channel
-            .subscriptions
-            .read()
-            .expect("subscriptions lock")
-            .values()
-            .cloned()
-            .collect();
+        let handles = channel.handles();
         let mut out = Vec::with_capacity(handles.len());
         for handle in handles {
             if let Ok(stats) = stats_of(&handle).await {
@@ -635,14 +635,7 @@ impl Broker {
             .cloned()
             .collect();
         for channel in channels {
-            let handles: Vec<_> = channel
-                .subscriptions
-                .read()
-                .expect("subscriptions lock")
-                .values()
-                .cloned()
-                .collect();
-            for handle in handles {
+            for handle in channel.handles() {
                 let _ = handle
                     .commands
                     .send(Command::Stop {

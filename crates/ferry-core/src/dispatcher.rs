@@ -9,6 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_store::{ChannelLog, Message, Store, SubscriptionId, SubscriptionSettings};
@@ -26,6 +27,10 @@ use crate::{
 /// How many new messages the dispatcher reads ahead of its consumers at most.
 const PREFETCH_MESSAGES: usize = 512;
 const PREFETCH_BYTES: usize = 4 << 20;
+/// How many results a consumer may leave unread before it is detached.
+const MAX_UNREAD_RESULTS: usize = 1024;
+/// How soon the dispatcher looks again at a consumer whose event queue was full.
+const STALL_RETRY: Duration = Duration::from_millis(10);
 /// The most payload bytes in one deliveries event (a larger single message goes alone).
 const EVENT_BYTES: usize = 1 << 20;
 
@@ -73,20 +78,53 @@ struct InFlight {
 
 struct Consumer {
     events: mpsc::Sender<ConsumerEvent>,
+    results: ResultSink,
     window: Window,
     messages: u32,
     bytes: u64,
-    /// Its event queue was full: skip it until it speaks again.
-    congested: bool,
     /// Deliveries made this round, sent together.
     batch: Vec<Delivery>,
 }
 
 impl Consumer {
     fn fits(&self, size: u64) -> bool {
-        !self.congested
-            && self.messages < self.window.max_messages
+        self.messages < self.window.max_messages
             && (self.messages == 0 || self.bytes + size <= self.window.max_bytes)
+    }
+
+    /// Room in its window but none in its event queue: it is not reading fast enough, and the
+    /// dispatcher must look again later, since nothing else would wake it for this consumer.
+    fn stalled(&self) -> bool {
+        self.fits(0) && self.events.capacity() == 0
+    }
+}
+
+/// Sends ack, nack and extend results to a consumer without ever blocking the dispatcher: at
+/// once when its queue has room, else from a task that waits for room. A consumer that leaves
+/// more than [`MAX_UNREAD_RESULTS`] results waiting is not reading its stream and is detached.
+#[derive(Clone)]
+struct ResultSink {
+    events: mpsc::Sender<ConsumerEvent>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl ResultSink {
+    /// False when the consumer must be detached for not reading.
+    fn send(&self, event: ConsumerEvent) -> bool {
+        let event = match self.events.try_send(event) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return true,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_UNREAD_RESULTS {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let sink = self.clone();
+        tokio::spawn(async move {
+            let _ = sink.events.send(event).await;
+            sink.waiting.fetch_sub(1, Ordering::AcqRel);
+        });
+        true
     }
 }
 
@@ -185,6 +223,7 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.expire();
                 }
+                _ = tokio::time::sleep(STALL_RETRY), if self.consumers.values().any(Consumer::stalled) => {}
             }
             self.dispatch();
         }
@@ -201,12 +240,16 @@ impl Dispatcher {
             } => {
                 let id = self.next_consumer;
                 self.next_consumer += 1;
+                let results = ResultSink {
+                    events: events.clone(),
+                    waiting: Arc::new(AtomicUsize::new(0)),
+                };
                 let consumer = Consumer {
                     events,
+                    results,
                     window,
                     messages: 0,
                     bytes: 0,
-                    congested: false,
                     batch: Vec::new(),
                 };
                 self.consumers.insert(id, consumer);
@@ -223,16 +266,10 @@ impl Dispatcher {
                 operation,
                 ack_ids,
                 extension,
-            } => {
-                if let Some(c) = self.consumers.get_mut(&consumer) {
-                    c.congested = false;
-                }
-                self.settle(consumer, operation, ack_ids, extension).await;
-            }
+            } => self.settle(consumer, operation, ack_ids, extension).await,
             Command::SetWindow { consumer, window } => {
                 if let Some(c) = self.consumers.get_mut(&consumer) {
                     c.window = window;
-                    c.congested = false;
                 }
             }
             Command::Stats { reply } => {
@@ -296,7 +333,7 @@ impl Dispatcher {
         ack_ids: Vec<String>,
         extension: Duration,
     ) {
-        let mut results = Vec::with_capacity(ack_ids.len());
+        let mut outcomes = Vec::with_capacity(ack_ids.len());
         let mut acked = false;
         for ack_id in ack_ids {
             let result = match self.lookup(&ack_id) {
@@ -325,23 +362,23 @@ impl Dispatcher {
                     AckResult::Ok
                 }
             };
-            results.push(AckOutcome { ack_id, result });
+            outcomes.push(AckOutcome { ack_id, result });
         }
-        let Some(events) = self.consumers.get(&consumer).map(|c| c.events.clone()) else {
-            return;
+        let results = self.consumers.get(&consumer).map(|c| c.results.clone());
+        let event = ConsumerEvent::Results {
+            operation,
+            results: outcomes,
         };
-        let event = ConsumerEvent::Results { operation, results };
         if !acked {
-            // Nothing to make durable: answer now, or as soon as the consumer reads again.
-            if let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event) {
-                tokio::spawn(async move {
-                    let _ = events.send(event).await;
-                });
+            // Nothing to make durable: answer now.
+            if results.is_some_and(|sink| !sink.send(event)) {
+                self.drop_unread(consumer);
             }
             return;
         }
-        // Queued from this task, ack states reach the writer in order; the answer waits for the
-        // commit in its own task so that dispatching goes on meanwhile.
+        // Queued from this task, ack states reach the writer in order (even when the consumer
+        // has just left); the answer waits for the commit in its own task, so that dispatching
+        // goes on meanwhile.
         let floor = self.acks.floor();
         let submitted = self.store.submit_acks(self.id, self.acks.to_state()).await;
         let commands = self.commands.clone();
@@ -352,14 +389,25 @@ impl Dispatcher {
             };
             match outcome {
                 Ok(()) => {
-                    let _ = events.send(event).await;
+                    // The floor first: collection must not wait on a consumer that reads slowly.
                     let _ = commands.send(Command::AcksDurable { floor }).await;
+                    if results.is_some_and(|sink| !sink.send(event)) {
+                        let _ = commands.send(Command::Detach { consumer }).await;
+                    }
                 }
                 Err(e) => {
-                    let _ = events.send(ConsumerEvent::Closed(e.into())).await;
+                    if let Some(sink) = results {
+                        sink.send(ConsumerEvent::Closed(e.into()));
+                    }
                 }
             }
         });
+    }
+
+    /// Detaches a consumer that has stopped reading its stream.
+    fn drop_unread(&mut self, consumer: u64) {
+        tracing::warn!(subscription = %self.name, consumer, "consumer does not read its stream: detached");
+        self.detach(consumer);
     }
 
     /// Finds the in-flight delivery an ack id names.
@@ -393,7 +441,11 @@ impl Dispatcher {
 
     /// Hands out as many messages as the consumers' windows allow.
     fn dispatch(&mut self) {
-        if !self.consumers.values().any(|c| c.fits(0)) {
+        if !self
+            .consumers
+            .values()
+            .any(|c| c.fits(0) && c.events.capacity() > 0)
+        {
             return;
         }
         loop {
@@ -487,7 +539,7 @@ impl Dispatcher {
             .consumers
             .range(start..)
             .chain(self.consumers.range(..start))
-            .find(|(_, c)| c.fits(size))
+            .find(|(_, c)| c.fits(size) && c.events.capacity() > 0)
             .map(|(&id, _)| id)?;
         self.round_robin = found + 1;
         Some(found)
@@ -495,7 +547,7 @@ impl Dispatcher {
 
     fn flush_batches(&mut self) {
         let mut gone = Vec::new();
-        let mut congested = Vec::new();
+        let mut unsent = Vec::new();
         for (&id, consumer) in &mut self.consumers {
             let mut batch = std::mem::take(&mut consumer.batch).into_iter().peekable();
             while batch.peek().is_some() {
@@ -514,18 +566,18 @@ impl Dispatcher {
                         gone.push(id);
                         break;
                     }
+                    // Results sent meanwhile took the room: take these back and retry later.
                     Err(mpsc::error::TrySendError::Full(event)) => {
-                        consumer.congested = true;
                         if let ConsumerEvent::Deliveries(event) = event {
-                            congested.extend(event.into_iter().map(|d| d.message.sequence));
+                            unsent.extend(event.into_iter().map(|d| d.message.sequence));
                         }
-                        congested.extend(batch.by_ref().map(|d| d.message.sequence));
+                        unsent.extend(batch.by_ref().map(|d| d.message.sequence));
                     }
                 }
             }
         }
         // Deliveries that never left go back without counting as an attempt.
-        for seq in congested {
+        for seq in unsent {
             if let Some(flight) = self.requeue(seq) {
                 self.attempts.insert(seq, flight.attempt - 1);
             }

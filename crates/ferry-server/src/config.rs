@@ -189,8 +189,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         let storage = &self.storage;
-        if storage.fsync == FsyncSetting::Interval && storage.fsync_interval.0.is_zero() {
-            return Err("storage.fsync_interval must be above 0 with fsync = \"interval\"".into());
+        let interval = storage.fsync_interval.0;
+        if interval.is_zero() || interval > Duration::from_secs(3600) {
+            return Err(format!(
+                "storage.fsync_interval is {interval:?}; it must be from 1ms to 1h"
+            ));
         }
         if storage.cache_capacity.0 < 1 << 20 {
             return Err(format!(
@@ -325,39 +328,42 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Splits "250ms" into (250, "ms"); None when it does not start with a whole number.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
             "invalid duration {text:?}: write a whole number and a unit, like \"30s\", \"250ms\", \"5m\" or \"1h\""
         )
     };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
+    let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => return Err(bad()),
     };
-    Ok(Duration::from_millis(ms))
+    n.checked_mul(scale)
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
     let bad = || {
         format!(
             "invalid size {text:?}: write a number of bytes, or a number and KiB, MiB or GiB, like \"64MiB\""
         )
     };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let scale = match unit.trim() {
+    let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
+    let scale = match unit {
         "" | "B" => 1,
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
@@ -429,6 +435,14 @@ mod tests {
                 "invalid duration \"soon\"",
             ),
             ("[limits]\nmax_batch_bytes = 10\n", "limits.max_batch_bytes"),
+            (
+                "[storage]\nfsync_interval = \"99999999999999999h\"\n",
+                "invalid duration",
+            ),
+            (
+                "[storage]\ntail_cache = \"99999999999999GiB\"\n",
+                "invalid size",
+            ),
         ];
         for (text, expected) in cases {
             let message = Config::parse(text, "bad.toml").unwrap_err().to_string();

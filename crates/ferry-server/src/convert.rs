@@ -89,7 +89,10 @@ pub fn ack_deadline_ms(d: Option<prost_types::Duration>) -> Result<u64, Status> 
             "ack_deadline must not be negative",
         ));
     }
-    Ok(d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000)
+    (d.seconds as u64)
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(d.nanos as u64 / 1_000_000))
+        .ok_or_else(|| Status::invalid_argument("ack_deadline is out of range: at most 1 h"))
 }
 
 pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::SubscriptionInfo {

@@ -69,16 +69,7 @@ pub async fn serve(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for service in [
-        "",
-        "ferry.v1.Publisher",
-        "ferry.v1.Subscriber",
-        "ferry.v1.Admin",
-    ] {
-        health
-            .set_service_status(service, ServingStatus::Serving)
-            .await;
-    }
+    set_health(&health, ServingStatus::Serving).await;
     // Generic tools (grpcurl, grpcui, Postman) speak either version of the reflection protocol.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -135,16 +126,7 @@ pub async fn serve(
         _ = shutdown => {}
     }
     tracing::info!("shutting down: refusing new calls, ending streams, syncing the store");
-    for service in [
-        "",
-        "ferry.v1.Publisher",
-        "ferry.v1.Subscriber",
-        "ferry.v1.Admin",
-    ] {
-        health
-            .set_service_status(service, ServingStatus::NotServing)
-            .await;
-    }
+    set_health(&health, ServingStatus::NotServing).await;
     stop.cancel();
     // Ending the consumers' streams first lets the server's graceful drain complete.
     let closed = broker.shutdown().await;
@@ -158,6 +140,20 @@ pub async fn serve(
     closed?;
     tracing::info!("ferry stopped cleanly");
     Ok(())
+}
+
+/// The names the health service answers for: the server as a whole ("") and each service.
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "ferry.v1.Publisher",
+    "ferry.v1.Subscriber",
+    "ferry.v1.Admin",
+];
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
 }
 
 /// Reports NOT_SERVING once the store refuses writes, so orchestrators stop routing to us.
@@ -174,16 +170,7 @@ async fn watch_health(
         }
         if let Some(failure) = broker.failure() {
             tracing::error!(%failure, "store failed: reporting NOT_SERVING");
-            for service in [
-                "",
-                "ferry.v1.Publisher",
-                "ferry.v1.Subscriber",
-                "ferry.v1.Admin",
-            ] {
-                health
-                    .set_service_status(service, ServingStatus::NotServing)
-                    .await;
-            }
+            set_health(&health, ServingStatus::NotServing).await;
             return;
         }
     }

@@ -72,7 +72,7 @@ impl Subscriber for SubscriberService {
         Ok(Response::new(ConsumerStream {
             first: Some(first),
             events,
-            aborted,
+            aborted: Some(aborted),
             _consumer: consumer,
             done: false,
         }))
@@ -154,7 +154,9 @@ async fn read_requests(
 pub struct ConsumerStream {
     first: Option<pb::SubscribeResponse>,
     events: mpsc::Receiver<ConsumerEvent>,
-    aborted: oneshot::Receiver<Status>,
+    /// Where the request reader reports a malformed request; None once it has answered (a
+    /// oneshot must not be polled again after it completes).
+    aborted: Option<oneshot::Receiver<Status>>,
     _consumer: ConsumerHandle,
     done: bool,
 }
@@ -169,9 +171,14 @@ impl Stream for ConsumerStream {
         if let Some(first) = self.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        if let Poll::Ready(Ok(status)) = Pin::new(&mut self.aborted).poll(cx) {
-            self.done = true;
-            return Poll::Ready(Some(Err(status)));
+        if let Some(aborted) = &mut self.aborted
+            && let Poll::Ready(outcome) = Pin::new(aborted).poll(cx)
+        {
+            self.aborted = None;
+            if let Ok(status) = outcome {
+                self.done = true;
+                return Poll::Ready(Some(Err(status)));
+            }
         }
         let item = match self.events.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,

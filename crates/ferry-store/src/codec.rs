@@ -141,7 +141,8 @@ pub(crate) fn decode_record<C: AsRef<[u8]>>(
     }
     let body = Bytes::from(body);
     let mut cursor = body.clone();
-    let mut messages = Vec::with_capacity(count as usize);
+    // The count is outside the checksum: do not let a damaged one size an allocation.
+    let mut messages = Vec::with_capacity((count as usize).min(body.len() / 24 + 1));
     for i in 0..u64::from(count) {
         let truncated = || corrupt("truncated message");
         if cursor.remaining() < 8 {

@@ -76,24 +76,33 @@ impl ChannelLog {
         max_bytes: usize,
     ) -> Result<Vec<Arc<Message>>> {
         let mut out = Vec::new();
-        let tail_start = {
-            let state = self.lock();
-            let tail_start = state
-                .tail
-                .front()
-                .map_or(state.stats.next_seq, |m| m.sequence);
-            if from >= tail_start {
-                take_from_tail(&state, from, max_messages, max_bytes, &mut out);
+        loop {
+            let cached_from = {
+                let state = self.lock();
+                let cached_from = tail_start(&state);
+                if from >= cached_from {
+                    take_from_tail(&state, from, max_messages, max_bytes, &mut out);
+                    return Ok(out);
+                }
+                cached_from
+            };
+            self.read_stored(from, cached_from, max_messages, max_bytes, &mut out)?;
+            if out.len() >= max_messages || bytes_of(&out) >= max_bytes {
                 return Ok(out);
             }
-            tail_start
-        };
-        self.read_stored(from, tail_start, max_messages, max_bytes, &mut out)?;
-        if out.len() < max_messages && bytes_of(&out) < max_bytes {
-            let next = out.last().map_or(tail_start, |m| m.sequence + 1);
-            take_from_tail(&self.lock(), next, max_messages, max_bytes, &mut out);
+            let next = out.last().map_or(cached_from, |m| m.sequence + 1);
+            let state = self.lock();
+            if next >= tail_start(&state) {
+                take_from_tail(&state, next, max_messages, max_bytes, &mut out);
+                return Ok(out);
+            }
+            // While sled was read the tail moved on past `next`: what lies between is in sled
+            // by now. Hand back what was read (the caller asks again from its end), or, with
+            // nothing read, read again rather than skip those messages.
+            if !out.is_empty() {
+                return Ok(out);
+            }
         }
-        Ok(out)
     }
 
     /// The message with this sequence, if it is still stored.
@@ -203,6 +212,14 @@ fn bytes_of(out: &[Arc<Message>]) -> usize {
     out.iter().map(|m| m.size()).sum()
 }
 
+/// The first sequence held in the tail cache (the end of the log when it is empty).
+fn tail_start(state: &LogState) -> u64 {
+    state
+        .tail
+        .front()
+        .map_or(state.stats.next_seq, |m| m.sequence)
+}
+
 /// Appends cached messages from `from` to `out` until `out` holds `max_messages` or
 /// `max_bytes` (counting what it held already; a first message always fits).
 fn take_from_tail(
@@ -215,7 +232,11 @@ fn take_from_tail(
     let Some(front) = state.tail.front() else {
         return;
     };
-    let skip = from.saturating_sub(front.sequence) as usize;
+    // Messages before the cache's front are not here: returning later ones would skip them.
+    if front.sequence > from {
+        return;
+    }
+    let skip = (from - front.sequence) as usize;
     let mut bytes = bytes_of(out);
     for message in state.tail.iter().skip(skip) {
         if out.len() >= max_messages || (bytes >= max_bytes && !out.is_empty()) {

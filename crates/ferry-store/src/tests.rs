@@ -146,3 +146,101 @@ async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_c
         );
     }
 }
+
+#[tokio::test]
+async fn collection_never_passes_the_lowest_subscription_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let channel = store.create_channel("c".into()).await.unwrap();
+    let settings = SubscriptionSettings {
+        ack_deadline_ms: 1000,
+    };
+    let (slow, _) = store
+        .create_subscription(channel, "slow".into(), settings)
+        .await
+        .unwrap();
+    let (fast, _) = store
+        .create_subscription(channel, "fast".into(), settings)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        store.append(channel, messages(10, 100)).await.unwrap();
+    }
+    // A caller asking too much (here: past the slow subscription's floor of 1) is held back.
+    store
+        .save_acks(
+            fast,
+            AckState {
+                floor: 51,
+                acked_total: 50,
+                acked_above_floor: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    store.collect(channel, 51).await;
+    store
+        .save_acks(
+            fast,
+            AckState {
+                floor: 51,
+                acked_total: 50,
+                acked_above_floor: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    let log = store.log(channel).unwrap();
+    assert_eq!(log.stats().first_seq, 1);
+    assert_eq!(log.read(1, usize::MAX, usize::MAX).unwrap().len(), 50);
+
+    // Once the slow one moves, records wholly below both floors go.
+    store
+        .save_acks(
+            slow,
+            AckState {
+                floor: 31,
+                acked_total: 30,
+                acked_above_floor: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    store.collect(channel, 51).await;
+    store
+        .save_acks(
+            slow,
+            AckState {
+                floor: 31,
+                acked_total: 30,
+                acked_above_floor: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    let first = log.stats().first_seq;
+    assert!(first > 1 && first <= 31, "{first}");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_are_contiguous_across_disk_and_a_tiny_tail_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(2_000)).unwrap();
+    let channel = store.create_channel("c".into()).await.unwrap();
+    for _ in 0..50 {
+        store.append(channel, messages(20, 300)).await.unwrap();
+    }
+    let log = store.log(channel).unwrap();
+    let mut next = 1;
+    while next <= 1000 {
+        let batch = log.read(next, 37, 5_000).unwrap();
+        assert!(!batch.is_empty());
+        for m in batch {
+            assert_eq!(m.sequence, next, "no gap, no repeat");
+            next += 1;
+        }
+    }
+    assert!(log.read(1001, 10, 10_000).unwrap().is_empty());
+    store.close().await.unwrap();
+}

@@ -105,6 +105,9 @@ pub(crate) struct Writer {
     channels: HashMap<ChannelId, WriterChannel>,
     names: HashMap<String, ChannelId>,
     subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
+    /// Each subscription's ack floor as last written: no record at or above the lowest floor of
+    /// a channel is ever collected, whatever bound a caller asks for.
+    floors: HashMap<SubscriptionId, u64>,
     next_id: u32,
     /// Writes applied but not yet fsync'd (modes other than `Always`).
     unsynced_since: Option<Instant>,
@@ -201,6 +204,7 @@ impl Writer {
             channels.insert(id, WriterChannel { record, log });
         }
         let mut subscriptions = HashMap::new();
+        let mut floors = HashMap::new();
         for entry in db.scan_prefix(b"S") {
             let (key, value) = entry?;
             let id = SubscriptionId(id_of(&key)?);
@@ -220,6 +224,7 @@ impl Writer {
                     )));
                 }
             };
+            floors.insert(id, acks.floor);
             recovered.subscriptions.push(RecoveredSubscription {
                 id,
                 channel: record.channel,
@@ -241,6 +246,7 @@ impl Writer {
             channels,
             names,
             subscriptions,
+            floors,
             next_id,
             unsynced_since: None,
         };
@@ -312,6 +318,15 @@ impl Writer {
             }
             if self.commit(batch, &shared, syncer.as_ref()) {
                 break;
+            }
+            // Under a steady stream of writes the idle timeout above never fires: keep the
+            // interval's promise here too.
+            if self
+                .sync_deadline()
+                .is_some_and(|deadline| Instant::now() >= deadline)
+                && let Err(e) = self.sync_now()
+            {
+                fail(&shared, &e);
             }
         }
         // Let the syncer answer every group it holds before the final sync.
@@ -448,6 +463,7 @@ impl Writer {
                 group
                     .batch
                     .insert(&ack_key(subscription), codec::encode_ack_state(&state));
+                self.floors.insert(subscription, state.floor);
                 group.replies.push(pending(reply, ()));
             }
             Op::Collect { channel, below } => {
@@ -481,20 +497,25 @@ impl Writer {
                 group.replies.push(pending(reply, id));
             }
             Op::DeleteChannel { channel, reply } => {
-                let Some(state) = self.channels.remove(&channel) else {
+                if !self.channels.contains_key(&channel) {
                     return Err((pending(reply, ()), StoreError::ChannelNotFound));
+                }
+                // Read everything to delete before changing anything, so that a failed read
+                // leaves the channel whole.
+                let prefix = codec::channel_log_prefix(channel);
+                let keys: Result<Vec<_>, _> = self.db.scan_prefix(prefix).keys().collect();
+                let keys = match keys {
+                    Ok(keys) => keys,
+                    Err(e) => return Err((pending(reply, ()), e.into())),
                 };
+                let state = self.channels.remove(&channel).expect("checked above");
                 self.names.remove(&state.record.name);
                 group.batch.remove(&channel_key(channel));
                 group.touched.remove(&channel);
                 group.appends.remove(&channel);
                 group.collects.remove(&channel);
-                let prefix = codec::channel_log_prefix(channel);
-                for entry in self.db.scan_prefix(prefix) {
-                    match entry {
-                        Ok((key, _)) => group.batch.remove(key),
-                        Err(e) => return Err((pending(reply, ()), e.into())),
-                    }
+                for key in keys {
+                    group.batch.remove(key);
                 }
                 let doomed: Vec<_> = self
                     .subscriptions
@@ -504,6 +525,7 @@ impl Writer {
                     .collect();
                 for id in doomed {
                     self.subscriptions.remove(&id);
+                    self.floors.remove(&id);
                     group.batch.remove(&subscription_key(id));
                     group.batch.remove(&ack_key(id));
                 }
@@ -548,6 +570,7 @@ impl Writer {
                     .batch
                     .insert(&ack_key(id), codec::encode_ack_state(&acks));
                 self.subscriptions.insert(id, record);
+                self.floors.insert(id, acks.floor);
                 group.replies.push(pending(reply, (id, acks)));
             }
             Op::UpdateSubscription {
@@ -571,6 +594,7 @@ impl Writer {
                 if self.subscriptions.remove(&subscription).is_none() {
                     return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
                 }
+                self.floors.remove(&subscription);
                 group.batch.remove(&subscription_key(subscription));
                 group.batch.remove(&ack_key(subscription));
                 group.replies.push(pending(reply, ()));
@@ -601,7 +625,15 @@ impl Writer {
                 continue;
             };
             let committed_end = channel.log.stats().next_seq;
-            let below = below.min(committed_end);
+            let lowest_floor = self
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| s.channel == id)
+                .filter_map(|(sub, _)| self.floors.get(sub))
+                .min();
+            let below = below
+                .min(committed_end)
+                .min(lowest_floor.copied().unwrap_or(u64::MAX));
             if below <= channel.record.first_seq {
                 continue;
             }
