@@ -66,6 +66,8 @@ pub struct StorageConfig {
     pub cache_capacity: ByteSize,
     /// Per channel: newest messages kept decoded in memory.
     pub tail_cache: ByteSize,
+    /// Message records go to segment files of about this size, each deleted once all is acked.
+    pub segment_size: ByteSize,
 }
 
 /// `[limits]`
@@ -143,6 +145,7 @@ impl Default for StorageConfig {
             fsync_interval: HumanDuration(Duration::from_millis(100)),
             cache_capacity: ByteSize(128 << 20),
             tail_cache: ByteSize(16 << 20),
+            segment_size: ByteSize(64 << 20),
         }
     }
 }
@@ -199,6 +202,12 @@ impl Config {
             return Err(format!(
                 "storage.cache_capacity is {} bytes; it must be at least 1MiB",
                 storage.cache_capacity.0
+            ));
+        }
+        if !(1 << 20..=1 << 30).contains(&storage.segment_size.0) {
+            return Err(format!(
+                "storage.segment_size is {} bytes; it must be from 1MiB to 1GiB",
+                storage.segment_size.0
             ));
         }
         let limits = &self.limits;
@@ -263,6 +272,7 @@ impl Config {
                 },
                 cache_capacity_bytes: storage.cache_capacity.0,
                 tail_cache_bytes: storage.tail_cache.0 as usize,
+                segment_bytes: storage.segment_size.0,
             },
             limits: Limits {
                 max_message_bytes: self.limits.max_message_bytes.0 as usize,

@@ -1,7 +1,8 @@
 //! The store's on-disk formats: key layout, message records, and metadata values.
 //!
-//! Everything lives in one sled tree so that a publish and its bookkeeping, or an ack and the
-//! deletions it allows, change together in one atomic batch. Keys start with a one-byte kind:
+//! Metadata, ack state and the index of message records live in one sled tree, so that a
+//! publish and its bookkeeping, or an ack and the deletions it allows, change together in one
+//! atomic batch. Keys start with a one-byte kind:
 //!
 //! | key | value |
 //! | --- | --- |
@@ -10,15 +11,17 @@
 //! | `C` channel(u32) | [`ChannelRecord`]: name and log bounds |
 //! | `S` subscription(u32) | [`SubscriptionRecord`]: channel, name, settings |
 //! | `A` subscription(u32) | [`AckState`]: the ack floor and acked ranges above it |
-//! | `M` channel(u32) first_seq(u64) chunk(u16) | one chunk of a message record |
+//! | `M` channel(u32) first_seq(u64) | [`RecordLocation`]: where a message record is |
+//! | `G` segment(u32) | [`SegmentUsage`]: how many indexed records a segment file still holds |
 //!
-//! A message record holds consecutive messages of one channel (those of one group commit, up to
-//! [`RECORD_TARGET_BYTES`]): many messages share one sled key, which is what lets the store
-//! write and delete at rates far above one sled operation per message. A record is split into
-//! chunks of at most [`CHUNK_BYTES`] so that no single value is large. Its first chunk starts with
-//! a header carrying the message count, the body length and a CRC32 of the body, so corruption
-//! that sled does not notice is detected on read. Integers are big-endian in keys (so that byte
-//! order is numeric order) and little-endian in values.
+//! The message records themselves are appended to segment files (see `segment.rs`), not to
+//! sled: sled stores large values by rewriting whole tree pages, which costs CPU, memory and
+//! disk space that it never gives back, while a segment file is written once and deleted whole.
+//! A record holds consecutive messages of one channel (those of one group commit, up to
+//! [`RECORD_TARGET_BYTES`]), so many messages share one index entry. It starts with a header
+//! carrying the message count, the body length and a CRC32 of the body, so a torn or damaged
+//! record is detected on read. Integers are big-endian in keys (so that byte order is numeric
+//! order) and little-endian in values.
 
 use bytes::{Buf, BufMut, Bytes};
 
@@ -27,11 +30,9 @@ use crate::{
 };
 
 /// The version of this layout, stored under `V`.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// A group's messages for one channel are cut into records of about this many body bytes.
 pub(crate) const RECORD_TARGET_BYTES: usize = 256 * 1024;
-/// The largest chunk value written.
-pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
 const RECORD_MAGIC: u8 = 0xF1;
 const RECORD_HEADER_LEN: usize = 1 + 4 + 4 + 4;
 
@@ -56,28 +57,86 @@ fn prefixed(kind: u8, id: u32) -> [u8; 5] {
     key
 }
 
-/// The key of one chunk of the record that starts at `first_seq`.
-pub(crate) fn chunk_key(channel: ChannelId, first_seq: u64, chunk: u16) -> [u8; 15] {
-    let mut key = [b'M'; 15];
+/// The index key of the record that starts at `first_seq`.
+pub(crate) fn record_key(channel: ChannelId, first_seq: u64) -> [u8; 13] {
+    let mut key = [b'M'; 13];
     key[1..5].copy_from_slice(&channel.0.to_be_bytes());
-    key[5..13].copy_from_slice(&first_seq.to_be_bytes());
-    key[13..].copy_from_slice(&chunk.to_be_bytes());
+    key[5..].copy_from_slice(&first_seq.to_be_bytes());
     key
 }
 
-/// Every chunk key of a channel sorts within `[channel_start(c), channel_start(c + 1))`.
+/// Every record key of a channel starts with this.
 pub(crate) fn channel_log_prefix(channel: ChannelId) -> [u8; 5] {
     prefixed(b'M', channel.0)
 }
 
-/// Splits a chunk key into (first_seq, chunk index).
-pub(crate) fn parse_chunk_key(key: &[u8]) -> Result<(u64, u16), StoreError> {
-    if key.len() != 15 || key[0] != b'M' {
-        return Err(StoreError::Corrupt(format!("bad message key {key:?}")));
+/// The first sequence of the record an index key names.
+pub(crate) fn parse_record_key(key: &[u8]) -> Result<u64, StoreError> {
+    match key {
+        [b'M', _, _, _, _, seq @ ..] if seq.len() == 8 => {
+            Ok(u64::from_be_bytes(seq.try_into().expect("8 bytes")))
+        }
+        _ => Err(StoreError::Corrupt(format!("bad record key {key:?}"))),
     }
-    let first = u64::from_be_bytes(key[5..13].try_into().expect("8 bytes"));
-    let chunk = u16::from_be_bytes(key[13..].try_into().expect("2 bytes"));
-    Ok((first, chunk))
+}
+
+pub(crate) fn segment_key(segment: u32) -> [u8; 5] {
+    prefixed(b'G', segment)
+}
+
+/// Where a record is: its segment file, offset and length (header included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordLocation {
+    pub segment: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl RecordLocation {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..4].copy_from_slice(&self.segment.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    pub fn decode(mut raw: &[u8]) -> Result<Self, StoreError> {
+        if raw.len() != 16 {
+            return Err(StoreError::Corrupt("bad record location".into()));
+        }
+        Ok(Self {
+            segment: raw.get_u32_le(),
+            offset: raw.get_u64_le(),
+            len: raw.get_u32_le(),
+        })
+    }
+}
+
+/// How much of a segment file is still indexed; at zero records the file can go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SegmentUsage {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl SegmentUsage {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.records.to_le_bytes());
+        out[8..].copy_from_slice(&self.bytes.to_le_bytes());
+        out
+    }
+
+    pub fn decode(mut raw: &[u8]) -> Result<Self, StoreError> {
+        if raw.len() != 16 {
+            return Err(StoreError::Corrupt("bad segment usage".into()));
+        }
+        Ok(Self {
+            records: raw.get_u64_le(),
+            bytes: raw.get_u64_le(),
+        })
+    }
 }
 
 /// Encodes messages as the body of one record.
@@ -96,50 +155,37 @@ pub(crate) fn encode_body(messages: &[NewMessage], publish_time_ms: u64, body: &
     }
 }
 
-/// Cuts a record body into chunk values, the first one carrying the header.
-pub(crate) fn chunk_record(count: u32, body: &[u8]) -> Vec<Vec<u8>> {
-    let mut first = Vec::with_capacity(CHUNK_BYTES.min(RECORD_HEADER_LEN + body.len()));
-    first.put_u8(RECORD_MAGIC);
-    first.put_u32_le(count);
-    first.put_u32_le(body.len() as u32);
-    first.put_u32_le(crc32fast::hash(body));
-    let head = body.len().min(CHUNK_BYTES - RECORD_HEADER_LEN);
-    first.extend_from_slice(&body[..head]);
-    let mut chunks = vec![first];
-    chunks.extend(body[head..].chunks(CHUNK_BYTES).map(<[u8]>::to_vec));
-    chunks
+/// Appends a framed record (header, then the body) to `out`.
+pub(crate) fn frame_record(count: u32, body: &[u8], out: &mut Vec<u8>) {
+    out.put_u8(RECORD_MAGIC);
+    out.put_u32_le(count);
+    out.put_u32_le(body.len() as u32);
+    out.put_u32_le(crc32fast::hash(body));
+    out.extend_from_slice(body);
 }
 
-/// Decodes a record from its chunks (in order) into messages numbered from `first_seq`.
-pub(crate) fn decode_record<C: AsRef<[u8]>>(
-    first_seq: u64,
-    chunks: &[C],
-) -> Result<Vec<Message>, StoreError> {
+/// Decodes a framed record into messages numbered from `first_seq`.
+pub(crate) fn decode_record(first_seq: u64, framed: &[u8]) -> Result<Vec<Message>, StoreError> {
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
-    let first = chunks.first().ok_or_else(|| corrupt("no chunks"))?.as_ref();
-    if first.len() < RECORD_HEADER_LEN || first[0] != RECORD_MAGIC {
+    if framed.len() < RECORD_HEADER_LEN || framed[0] != RECORD_MAGIC {
         return Err(corrupt("bad header"));
     }
-    let mut header = &first[1..RECORD_HEADER_LEN];
+    let mut header = &framed[1..RECORD_HEADER_LEN];
     let count = header.get_u32_le();
     let body_len = header.get_u32_le() as usize;
     let crc = header.get_u32_le();
-    let mut body = Vec::with_capacity(body_len);
-    body.extend_from_slice(&first[RECORD_HEADER_LEN..]);
-    for chunk in &chunks[1..] {
-        body.extend_from_slice(chunk.as_ref());
-    }
+    let body = &framed[RECORD_HEADER_LEN..];
     if body.len() != body_len {
         return Err(corrupt(&format!(
             "body is {} bytes, header says {body_len}",
             body.len()
         )));
     }
-    if crc32fast::hash(&body) != crc {
+    if crc32fast::hash(body) != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    let body = Bytes::from(body);
+    let body = Bytes::copy_from_slice(body);
     let mut cursor = body.clone();
     // The count is outside the checksum: do not let a damaged one size an allocation.
     let mut messages = Vec::with_capacity((count as usize).min(body.len() / 24 + 1));
@@ -326,15 +372,15 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_across_chunks() {
-        let messages: Vec<_> = [&b"small"[..], &vec![7u8; 3 * CHUNK_BYTES][..], b""]
+    fn records_round_trip() {
+        let messages: Vec<_> = [&b"small"[..], &vec![7u8; 300_000][..], b""]
             .map(message)
             .into();
         let mut body = Vec::new();
         encode_body(&messages, 42, &mut body);
-        let chunks = chunk_record(3, &body);
-        assert!(chunks.len() >= 4 && chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
-        let decoded = decode_record(10, &chunks).unwrap();
+        let mut framed = Vec::new();
+        frame_record(3, &body, &mut framed);
+        let decoded = decode_record(10, &framed).unwrap();
         assert_eq!(decoded.len(), 3);
         for (i, (d, m)) in decoded.iter().zip(&messages).enumerate() {
             assert_eq!(d.sequence, 10 + i as u64);
@@ -344,17 +390,32 @@ mod tests {
                 (&m.payload, &m.key, &m.id, &m.attributes)
             );
         }
+        let location = RecordLocation {
+            segment: 3,
+            offset: 1 << 40,
+            len: 77,
+        };
+        assert_eq!(
+            RecordLocation::decode(&location.encode()).unwrap(),
+            location
+        );
+        assert_eq!(
+            parse_record_key(&record_key(ChannelId(9), 1234)).unwrap(),
+            1234
+        );
     }
 
     #[test]
     fn corruption_is_detected() {
         let mut body = Vec::new();
         encode_body(&[message(b"hello")], 1, &mut body);
-        let mut chunk = chunk_record(1, &body).remove(0);
-        let last = chunk.len() - 1;
-        chunk[last] ^= 1;
-        let err = decode_record(1, &[chunk]).unwrap_err();
+        let mut framed = Vec::new();
+        frame_record(1, &body, &mut framed);
+        let last = framed.len() - 1;
+        framed[last] ^= 1;
+        let err = decode_record(1, &framed).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
+        assert!(decode_record(1, &framed[..5]).is_err(), "a torn record");
     }
 
     #[test]

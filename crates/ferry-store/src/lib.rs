@@ -1,19 +1,24 @@
 //! Ferry's durable store: the only crate that names sled.
 //!
-//! It owns the on-disk layout ([`codec`]), the group-commit writer thread ([`writer`]) through
-//! which every change goes, and the read side: a per-channel [`ChannelLog`] that keeps the
-//! newest messages in memory for live subscribers and reads older ones from sled.
+//! It owns the on-disk layout ([`codec`]): message records appended to segment files
+//! ([`segment`]), indexed in sled next to the metadata and ack state; the group-commit writer
+//! thread ([`writer`]) through which every change goes; and the read side, a per-channel
+//! [`ChannelLog`] that keeps the newest messages in memory for live subscribers and reads older
+//! ones from their segment files.
 //!
 //! What it promises (with the default [`FsyncMode::Always`]): a write is acknowledged only after
-//! sled has written it to its log file, the log file has been `fdatasync`'d, and every blob file
-//! sled wrote for it has been fsync'd with its directory. sled's own `flush()` only calls
-//! `sync_file_range` on Linux (spacejam/sled#1452) and never syncs blob files; the writer adds the
-//! missing syncs itself. Messages are stored once, however many subscriptions a channel has, in
-//! records of many messages (see [`codec`]); a record is deleted once every subscription's ack
-//! floor has passed it.
+//! its records are written to their segment file and `fdatasync`'d, and then the sled batch that
+//! indexes them (with the metadata and ack state it changes) has been flushed, sled's log file
+//! `fdatasync`'d and any blob file sled wrote fsync'd with its directory. sled's own `flush()`
+//! only calls `sync_file_range` on Linux (spacejam/sled#1452) and never syncs blob files; the
+//! writer adds the missing syncs itself. Messages are stored once, however many subscriptions a
+//! channel has, in records of many messages; a record is dropped from the index once every
+//! subscription's ack floor has passed it, and a segment file is deleted once no record in it is
+//! indexed.
 
 mod codec;
 mod log;
+mod segment;
 mod writer;
 
 use std::collections::HashMap;
@@ -128,8 +133,11 @@ pub struct StoreOptions {
     /// sled's page cache size.
     pub cache_capacity_bytes: u64,
     /// How many bytes of the newest messages each channel keeps decoded in memory for live
-    /// subscribers; older ones are read from sled.
+    /// subscribers; older ones are read from disk.
     pub tail_cache_bytes: usize,
+    /// The size at which a segment file is finished and a new one started. Disk space comes
+    /// back a whole segment file at a time, once every record in it is acked.
+    pub segment_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -138,6 +146,7 @@ impl Default for StoreOptions {
             fsync: FsyncMode::Always,
             cache_capacity_bytes: 128 << 20,
             tail_cache_bytes: 16 << 20,
+            segment_bytes: 64 << 20,
         }
     }
 }

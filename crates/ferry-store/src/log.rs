@@ -1,15 +1,17 @@
-//! The read side of a channel: its newest messages decoded in memory, older ones read from sled.
+//! The read side of a channel: its newest messages decoded in memory, older ones read from disk.
 //!
 //! Live subscribers read from the tail cache, so fan-out to many subscriptions decodes nothing
-//! and copies no payload; a subscriber that has fallen behind reads whole records from sled,
-//! and the broker's memory stays bounded by the cache budget, not by the backlog.
+//! and copies no payload; a subscriber that has fallen behind finds records through the sled
+//! index and reads them from their segment files, and the broker's memory stays bounded by the
+//! cache budget, not by the backlog.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::codec::{chunk_key, decode_record, parse_chunk_key};
+use crate::codec::{RecordLocation, decode_record, parse_record_key, record_key};
+use crate::segment::Segments;
 use crate::{ChannelId, ChannelStats, Message, Result};
 
 /// One channel's log as readers see it. The writer thread updates it after each commit, so
@@ -17,6 +19,7 @@ use crate::{ChannelId, ChannelStats, Message, Result};
 pub struct ChannelLog {
     id: ChannelId,
     db: sled::Db,
+    segments: Arc<Segments>,
     /// The durable end (next sequence); readers wait on it for new messages.
     end: watch::Sender<u64>,
     state: Mutex<LogState>,
@@ -34,6 +37,7 @@ impl ChannelLog {
     pub(crate) fn new(
         id: ChannelId,
         db: sled::Db,
+        segments: Arc<Segments>,
         stats: ChannelStats,
         tail_budget: usize,
     ) -> Self {
@@ -46,6 +50,7 @@ impl ChannelLog {
         Self {
             id,
             db,
+            segments,
             end,
             state: Mutex::new(state),
             tail_budget,
@@ -124,48 +129,27 @@ impl ChannelLog {
         // The record holding `from` is the last one starting at or before it.
         let start = match self
             .db
-            .range(chunk_key(id, 0, 0)..=chunk_key(id, from, u16::MAX))
+            .range(record_key(id, 0)..=record_key(id, from))
             .next_back()
         {
-            Some(entry) => parse_chunk_key(&entry?.0)?.0,
+            Some(entry) => parse_record_key(&entry?.0)?,
             None => from,
         };
         let mut bytes = 0;
-        // Decodes one record into `out`; true once a limit is reached.
-        let mut take =
-            |first: u64, chunks: &[sled::IVec], out: &mut Vec<Arc<Message>>| -> Result<bool> {
-                for message in decode_record(first, chunks)? {
-                    if message.sequence < from || message.sequence >= until {
-                        continue;
-                    }
-                    bytes += message.size();
-                    out.push(Arc::new(message));
-                    if out.len() >= max_messages || bytes >= max_bytes {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
-            };
-        let mut record: Option<(u64, Vec<sled::IVec>)> = None;
-        for entry in self
-            .db
-            .range(chunk_key(id, start, 0)..chunk_key(id, until, 0))
-        {
+        for entry in self.db.range(record_key(id, start)..record_key(id, until)) {
             let (key, value) = entry?;
-            let (first, _) = parse_chunk_key(&key)?;
-            match &mut record {
-                Some((current, chunks)) if *current == first => chunks.push(value),
-                _ => {
-                    if let Some((current, chunks)) = record.replace((first, vec![value]))
-                        && take(current, &chunks, out)?
-                    {
-                        return Ok(());
-                    }
+            let first = parse_record_key(&key)?;
+            let framed = self.segments.read(RecordLocation::decode(&value)?)?;
+            for message in decode_record(first, &framed)? {
+                if message.sequence < from || message.sequence >= until {
+                    continue;
+                }
+                bytes += message.size();
+                out.push(Arc::new(message));
+                if out.len() >= max_messages || bytes >= max_bytes {
+                    return Ok(());
                 }
             }
-        }
-        if let Some((current, chunks)) = record {
-            take(current, &chunks, out)?;
         }
         Ok(())
     }

@@ -244,3 +244,76 @@ async fn reads_are_contiguous_across_disk_and_a_tiny_tail_cache() {
     assert!(log.read(1001, 10, 10_000).unwrap().is_empty());
     store.close().await.unwrap();
 }
+
+fn segment_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("segments")).unwrap().count()
+}
+
+#[tokio::test]
+async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        segment_bytes: 64 * 1024,
+        tail_cache_bytes: 0,
+        ..StoreOptions::default()
+    };
+    let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+    let channel = store.create_channel("c".into()).await.unwrap();
+    let settings = SubscriptionSettings {
+        ack_deadline_ms: 1000,
+    };
+    let (sub, _) = store
+        .create_subscription(channel, "s".into(), settings)
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        store.append(channel, messages(10, 1000)).await.unwrap();
+    }
+    assert!(
+        segment_files(dir.path()) > 5,
+        "400 KB of records span several 64 KiB segments"
+    );
+
+    // Ack the first 300 of 400: the segments holding only those go, the rest stay readable.
+    let acks = AckState {
+        floor: 301,
+        acked_total: 300,
+        acked_above_floor: vec![],
+    };
+    store.save_acks(sub, acks.clone()).await.unwrap();
+    store.collect(channel, 301).await;
+    store.save_acks(sub, acks).await.unwrap();
+    let log = store.log(channel).unwrap();
+    assert!(log.stats().first_seq > 250, "{:?}", log.stats());
+    let left = segment_files(dir.path());
+    assert!(left <= 3, "{left} segment files left");
+    assert_eq!(log.read(301, usize::MAX, usize::MAX).unwrap().len(), 100);
+    store.close().await.unwrap();
+    drop((store, log));
+
+    // A restart keeps what is indexed and starts a new segment.
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let log = store.log(channel).unwrap();
+    let rest = log.read(301, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(
+        rest.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        (301..=400).collect::<Vec<_>>()
+    );
+    store.append(channel, messages(1, 10)).await.unwrap();
+    assert_eq!(log.get(401).unwrap().unwrap().payload.len(), 10);
+    let acks = AckState {
+        floor: 402,
+        acked_total: 401,
+        acked_above_floor: vec![],
+    };
+    store.save_acks(sub, acks.clone()).await.unwrap();
+    store.collect(channel, 402).await;
+    store.save_acks(sub, acks).await.unwrap();
+    assert_eq!(log.stats().bytes, 0);
+    assert_eq!(
+        segment_files(dir.path()),
+        1,
+        "only the segment being appended to is left"
+    );
+    store.close().await.unwrap();
+}

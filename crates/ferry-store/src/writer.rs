@@ -19,9 +19,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{
-    self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, SubscriptionRecord, ack_key, channel_key,
-    chunk_key, subscription_key,
+    self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, RecordLocation, SegmentUsage,
+    SubscriptionRecord, ack_key, channel_key, record_key, segment_key, subscription_key,
 };
+use crate::segment::{Appender, Segments};
 use crate::{
     AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered,
     RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
@@ -102,6 +103,11 @@ pub(crate) struct Writer {
     tail_cache_bytes: usize,
     /// Shared with the syncer thread, which fsyncs them in `Always` mode.
     files: Arc<Mutex<DurableFiles>>,
+    /// Where message records go; their index goes to sled.
+    segments: Arc<Segments>,
+    appender: Appender,
+    /// Indexed records per segment file, as last written.
+    usage: HashMap<u32, SegmentUsage>,
     channels: HashMap<ChannelId, WriterChannel>,
     names: HashMap<String, ChannelId>,
     subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
@@ -139,6 +145,10 @@ struct Group {
     new_logs: Vec<Arc<ChannelLog>>,
     dropped_logs: Vec<ChannelId>,
     replies: Vec<Pending>,
+    /// Segment files whose usage changed.
+    segments: HashSet<u32>,
+    /// Segment files no record is left in: deleted once the group is durable.
+    emptied: Vec<u32>,
     close: bool,
 }
 
@@ -176,6 +186,14 @@ impl Writer {
             None => 1,
         };
 
+        let mut usage = HashMap::new();
+        for entry in db.scan_prefix(b"G") {
+            let (key, value) = entry?;
+            usage.insert(id_of(&key)?, SegmentUsage::decode(&value)?);
+        }
+        let live = |id: u32| usage.get(&id).is_some_and(|u: &SegmentUsage| u.records > 0);
+        let (segments, appender) = Segments::open(dir, live, options.segment_bytes)?;
+
         let mut recovered = Recovered::default();
         let mut channels = HashMap::new();
         let mut names = HashMap::new();
@@ -192,6 +210,7 @@ impl Writer {
             let log = Arc::new(ChannelLog::new(
                 id,
                 db.clone(),
+                segments.clone(),
                 stats,
                 options.tail_cache_bytes,
             ));
@@ -243,6 +262,9 @@ impl Writer {
             fsync: options.fsync,
             tail_cache_bytes: options.tail_cache_bytes,
             files,
+            segments,
+            appender,
+            usage,
             channels,
             names,
             subscriptions,
@@ -345,6 +367,7 @@ impl Writer {
                 .db
                 .flush()
                 .map_err(StoreError::from)
+                .and_then(|_| self.appender.sync())
                 .and_then(|_| self.files.lock().expect("files lock").sync())
         {
             tracing::error!(error = %e, "final store sync failed");
@@ -375,7 +398,19 @@ impl Writer {
             Ok(collected) => collected,
             Err(e) => return self.fail_group(group, e, shared),
         };
-        let appended = self.encode_appends(&mut group);
+        let appended = match self.encode_appends(&mut group) {
+            Ok(appended) => appended,
+            Err(e) => return self.fail_group(group, e, shared),
+        };
+        self.plan_segments(&mut group);
+        // The records must be on disk before the index that points at them.
+        let written = self.appender.write().and_then(|()| match self.fsync {
+            FsyncMode::Always => self.appender.sync(),
+            _ => Ok(()),
+        });
+        if let Err(e) = written {
+            return self.fail_group(group, e, shared);
+        }
         for id in &group.touched {
             if let Some(channel) = self.channels.get(id) {
                 group
@@ -405,6 +440,8 @@ impl Writer {
                 .filter_map(|(id, messages)| stats(&id).map(|(log, stats)| (log, messages, stats)))
                 .collect(),
             collected: collected.iter().filter_map(stats).collect(),
+            emptied: std::mem::take(&mut group.emptied),
+            segments: self.segments.clone(),
             replies: std::mem::take(&mut group.replies),
         };
         match syncer {
@@ -487,6 +524,7 @@ impl Writer {
                 let log = Arc::new(ChannelLog::new(
                     id,
                     self.db.clone(),
+                    self.segments.clone(),
                     stats_of(&record),
                     self.tail_cache_bytes,
                 ));
@@ -503,10 +541,17 @@ impl Writer {
                 // Read everything to delete before changing anything, so that a failed read
                 // leaves the channel whole.
                 let prefix = codec::channel_log_prefix(channel);
-                let keys: Result<Vec<_>, _> = self.db.scan_prefix(prefix).keys().collect();
-                let keys = match keys {
-                    Ok(keys) => keys,
-                    Err(e) => return Err((pending(reply, ()), e.into())),
+                let records: Result<Vec<_>> = self
+                    .db
+                    .scan_prefix(prefix)
+                    .map(|entry| {
+                        let (key, value) = entry?;
+                        Ok((key, RecordLocation::decode(&value)?))
+                    })
+                    .collect();
+                let records = match records {
+                    Ok(records) => records,
+                    Err(e) => return Err((pending(reply, ()), e)),
                 };
                 let state = self.channels.remove(&channel).expect("checked above");
                 self.names.remove(&state.record.name);
@@ -514,8 +559,9 @@ impl Writer {
                 group.touched.remove(&channel);
                 group.appends.remove(&channel);
                 group.collects.remove(&channel);
-                for key in keys {
+                for (key, at) in records {
                     group.batch.remove(key);
+                    self.release(at, group);
                 }
                 let doomed: Vec<_> = self
                     .subscriptions
@@ -620,6 +666,7 @@ impl Writer {
     /// committed sequence when it is the newest record, so no record needs to be read.
     fn plan_collects(&mut self, group: &mut Group) -> Result<Vec<ChannelId>> {
         let mut changed = Vec::new();
+        let mut releases = Vec::new();
         for (&id, &below) in &group.collects {
             let Some(channel) = self.channels.get_mut(&id) else {
                 continue;
@@ -637,17 +684,21 @@ impl Writer {
             if below <= channel.record.first_seq {
                 continue;
             }
-            let mut doomed: Vec<(u64, sled::IVec, usize)> = Vec::new();
-            for entry in self.db.range(chunk_key(id, 0, 0)..chunk_key(id, below, 0)) {
+            let mut doomed: Vec<(u64, sled::IVec, RecordLocation)> = Vec::new();
+            for entry in self.db.range(record_key(id, 0)..record_key(id, below)) {
                 let (key, value) = entry?;
-                doomed.push((codec::parse_chunk_key(&key)?.0, key, value.len()));
+                doomed.push((
+                    codec::parse_record_key(&key)?,
+                    key,
+                    RecordLocation::decode(&value)?,
+                ));
             }
             let next_record = match self
                 .db
-                .range(chunk_key(id, below, 0)..chunk_key(id, u64::MAX, u16::MAX))
+                .range(record_key(id, below)..=record_key(id, u64::MAX))
                 .next()
             {
-                Some(entry) => Some(codec::parse_chunk_key(&entry?.0)?.0),
+                Some(entry) => Some(codec::parse_record_key(&entry?.0)?),
                 None => None,
             };
             // The newest record found may reach past `below`: keep it then.
@@ -663,19 +714,48 @@ impl Writer {
             if doomed.is_empty() {
                 continue;
             }
-            for (_, key, len) in doomed {
+            let mut freed = 0;
+            for (_, key, at) in doomed {
                 group.batch.remove(key);
-                channel.record.bytes = channel.record.bytes.saturating_sub(len as u64);
+                freed += u64::from(at.len);
+                releases.push(at);
             }
+            channel.record.bytes = channel.record.bytes.saturating_sub(freed);
             channel.record.first_seq = new_first;
             group.touched.insert(id);
             changed.push(id);
         }
+        for at in releases {
+            self.release(at, group);
+        }
         Ok(changed)
     }
 
+    /// Counts a record out of its segment file.
+    fn release(&mut self, at: RecordLocation, group: &mut Group) {
+        let usage = self.usage.entry(at.segment).or_default();
+        usage.records = usage.records.saturating_sub(1);
+        usage.bytes = usage.bytes.saturating_sub(u64::from(at.len));
+        group.segments.insert(at.segment);
+    }
+
+    /// Writes the usage of the segments the group touched; a segment no record is left in (and
+    /// that is no longer appended to) loses its entry, and its file goes once that is durable.
+    fn plan_segments(&mut self, group: &mut Group) {
+        for segment in std::mem::take(&mut group.segments) {
+            let usage = self.usage.get(&segment).copied().unwrap_or_default();
+            if usage.records == 0 && segment != self.appender.current() {
+                self.usage.remove(&segment);
+                group.batch.remove(&segment_key(segment));
+                group.emptied.push(segment);
+            } else {
+                group.batch.insert(&segment_key(segment), &usage.encode());
+            }
+        }
+    }
+
     /// Encodes each channel's new messages into records; returns the messages as stored.
-    fn encode_appends(&mut self, group: &mut Group) -> Vec<(ChannelId, Vec<Message>)> {
+    fn encode_appends(&mut self, group: &mut Group) -> Result<Vec<(ChannelId, Vec<Message>)>> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -690,16 +770,18 @@ impl Writer {
                 let last = end == messages.len();
                 codec::encode_body(&messages[end - 1..end], now, &mut body);
                 if body.len() >= codec::RECORD_TARGET_BYTES || last {
-                    let record_first = first + start as u64;
-                    for (i, chunk) in codec::chunk_record((end - start) as u32, &body)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        channel.record.bytes += chunk.len() as u64;
-                        group
-                            .batch
-                            .insert(&chunk_key(id, record_first, i as u16), chunk);
-                    }
+                    let count = (end - start) as u32;
+                    let at = self
+                        .appender
+                        .append(|out| codec::frame_record(count, &body, out))?;
+                    group
+                        .batch
+                        .insert(&record_key(id, first + start as u64), &at.encode());
+                    channel.record.bytes += u64::from(at.len);
+                    let usage = self.usage.entry(at.segment).or_default();
+                    usage.records += 1;
+                    usage.bytes += u64::from(at.len);
+                    group.segments.insert(at.segment);
                     body.clear();
                     start = end;
                 }
@@ -718,7 +800,7 @@ impl Writer {
                 .collect();
             stored.push((id, messages));
         }
-        stored
+        Ok(stored)
     }
 
     /// Gets the group's writes out of sled's buffers into its log file, as the mode requires;
@@ -748,6 +830,7 @@ impl Writer {
 
     fn sync_now(&mut self) -> Result<()> {
         self.unsynced_since = None;
+        self.appender.sync()?;
         self.db.flush()?;
         self.files.lock().expect("files lock").sync()
     }
@@ -759,6 +842,8 @@ struct Committed {
     dropped_logs: Vec<ChannelId>,
     appended: Vec<(Arc<ChannelLog>, Vec<Message>, ChannelStats)>,
     collected: Vec<(Arc<ChannelLog>, ChannelStats)>,
+    emptied: Vec<u32>,
+    segments: Arc<Segments>,
     replies: Vec<Pending>,
 }
 
@@ -780,6 +865,10 @@ impl Committed {
         }
         for (log, stats) in self.collected {
             log.collected(stats);
+        }
+        // Only now is it durable that no index entry names these files.
+        if let Err(e) = self.segments.remove(&self.emptied) {
+            tracing::warn!(error = %e, "cannot delete an emptied segment file; it goes at the next start");
         }
         for reply in self.replies {
             reply(None);

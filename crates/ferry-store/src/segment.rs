@@ -1,0 +1,215 @@
+//! Segment files: where message records are stored, appended once and deleted whole.
+//!
+//! Records of all channels are appended to the current segment file (`segments/NNNNNNNNNN.seg`)
+//! until it passes the segment size; then a new one is started. The index in sled says where
+//! each record is and how many indexed records each segment still holds; when that falls to
+//! zero the file is deleted, which is how disk space comes back after a backlog drains.
+//!
+//! Ordering is what keeps this crash-safe: a group's records are written and `fdatasync`'d here
+//! before the sled batch that indexes them is applied, so an index entry only ever points at
+//! durable bytes (with `fsync = "always"`). After a restart, writing resumes in a new file, so a
+//! torn tail of the old current file is never appended to; files that no index entry names
+//! (written just before a crash, or already emptied) are deleted at start-up.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::codec::RecordLocation;
+use crate::{Result, StoreError, io_error};
+
+/// The segment files of one store.
+pub(crate) struct Segments {
+    dir: PathBuf,
+    /// Open handles for reading, by segment id.
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+/// The segment being appended to; owned by the writer thread.
+pub(crate) struct Appender {
+    segments: Arc<Segments>,
+    id: u32,
+    file: File,
+    len: u64,
+    limit: u64,
+    /// Bytes of the current group, written in one call.
+    pending: Vec<u8>,
+    /// Files written to since the last sync (the current one, and any just finished).
+    unsynced: Vec<Arc<File>>,
+    /// A file was created since the last sync: the directory must be synced too.
+    created: bool,
+}
+
+impl Segments {
+    /// Opens the segment directory, deletes the files `live` does not name, and starts a new
+    /// segment after the highest id seen.
+    pub(crate) fn open(
+        dir: &Path,
+        live: impl Fn(u32) -> bool,
+        limit: u64,
+    ) -> Result<(Arc<Segments>, Appender)> {
+        let dir = dir.join("segments");
+        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        let mut highest = 0;
+        for entry in std::fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {
+            let entry = entry.map_err(|e| io_error(&dir, e))?;
+            let Some(id) = parse_name(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            highest = highest.max(id);
+            if !live(id) {
+                std::fs::remove_file(entry.path()).map_err(|e| io_error(&entry.path(), e))?;
+            }
+        }
+        let segments = Arc::new(Segments {
+            dir,
+            readers: Mutex::new(HashMap::new()),
+        });
+        let (id, file) = segments.create(highest + 1)?;
+        sync_dir(&segments.dir)?;
+        let appender = Appender {
+            segments: segments.clone(),
+            id,
+            file,
+            len: 0,
+            limit,
+            pending: Vec::new(),
+            unsynced: Vec::new(),
+            created: false,
+        };
+        Ok((segments, appender))
+    }
+
+    fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(format!("{id:010}.seg"))
+    }
+
+    fn create(&self, id: u32) -> Result<(u32, File)> {
+        let path = self.path(id);
+        let file = File::options()
+            .create_new(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
+        Ok((id, file))
+    }
+
+    /// Reads one record's bytes.
+    pub(crate) fn read(&self, at: RecordLocation) -> Result<Vec<u8>> {
+        let file = self.reader(at.segment)?;
+        let mut buf = vec![0; at.len as usize];
+        file.read_exact_at(&mut buf, at.offset).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "cannot read {} bytes at {} of segment {}: {e}",
+                at.len, at.offset, at.segment
+            ))
+        })?;
+        Ok(buf)
+    }
+
+    fn reader(&self, id: u32) -> Result<Arc<File>> {
+        let mut readers = self.readers.lock().expect("readers lock");
+        if let Some(file) = readers.get(&id) {
+            return Ok(file.clone());
+        }
+        let path = self.path(id);
+        let file = Arc::new(File::open(&path).map_err(|e| io_error(&path, e))?);
+        readers.insert(id, file.clone());
+        Ok(file)
+    }
+
+    /// Deletes segment files once no index entry names them any more.
+    pub(crate) fn remove(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut readers = self.readers.lock().expect("readers lock");
+        for id in ids {
+            readers.remove(id);
+            let path = self.path(*id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path, e)),
+            }
+        }
+        drop(readers);
+        sync_dir(&self.dir)
+    }
+}
+
+impl Appender {
+    /// Adds a framed record to the current group; it is written by [`Appender::write`].
+    pub(crate) fn append(&mut self, framed: impl FnOnce(&mut Vec<u8>)) -> Result<RecordLocation> {
+        if self.len > 0 && self.len + self.pending.len() as u64 >= self.limit {
+            self.roll()?;
+        }
+        let offset = self.len + self.pending.len() as u64;
+        let start = self.pending.len();
+        framed(&mut self.pending);
+        let len = (self.pending.len() - start) as u32;
+        Ok(RecordLocation {
+            segment: self.id,
+            offset,
+            len,
+        })
+    }
+
+    /// The segment records are appended to now.
+    pub(crate) fn current(&self) -> u32 {
+        self.id
+    }
+
+    fn roll(&mut self) -> Result<()> {
+        self.write()?;
+        let (id, file) = self.segments.create(self.id + 1)?;
+        let finished = std::mem::replace(&mut self.file, file);
+        self.unsynced.push(Arc::new(finished));
+        self.id = id;
+        self.len = 0;
+        self.created = true;
+        Ok(())
+    }
+
+    /// Writes the group's records to the file (not yet synced).
+    pub(crate) fn write(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(&self.pending)
+            .map_err(|e| io_error(&self.segments.path(self.id), e))?;
+        self.len += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        for file in self.unsynced.drain(..) {
+            file.sync_data()
+                .map_err(|e| io_error(&self.segments.dir, e))?;
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| io_error(&self.segments.path(self.id), e))?;
+        if std::mem::take(&mut self.created) {
+            sync_dir(&self.segments.dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_name(name: &str) -> Option<u32> {
+    name.strip_suffix(".seg")?.parse().ok()
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(dir, e))
+}
