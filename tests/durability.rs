@@ -131,7 +131,9 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
     let config = dir.path().join("ferry.toml");
     std::fs::write(
         &config,
-        "[[channels]]\nname = \"crash\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n",
+        // Small segments, so that kills also land while segment files are started and deleted.
+        "[storage]\nsegment_size = \"1MiB\"\n\n\
+         [[channels]]\nname = \"crash\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n",
     )
     .unwrap();
     let options = Options {
@@ -215,6 +217,19 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
             std::fs::read_to_string(&daemon.log).unwrap_or_default()
         );
     }
+    // Everything is acked, so the segment files (1 MiB each, dozens written) are deleted but for
+    // the one being appended to and one that a crash may have left for the next start.
+    let segments = dir.path().join("data/segments");
+    let files = || std::fs::read_dir(&segments).map_or(usize::MAX, |d| d.count());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while files() > 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        files() <= 2,
+        "{} segment files left after everything was acked",
+        files()
+    );
     daemon.stop().await;
 }
 
@@ -237,7 +252,11 @@ async fn publish_until_refused(url: String, ledger: Arc<Mutex<Ledger>>) {
     let feeder = tokio::spawn(async move {
         for i in 0u64..1000 {
             let messages = (0..10)
-                .map(|j| message((i * 10 + j).to_le_bytes().to_vec(), &[], ""))
+                .map(|j| {
+                    let mut payload = (i * 10 + j).to_le_bytes().to_vec();
+                    payload.resize(512, 0xAB);
+                    message(payload, &[], "")
+                })
                 .collect();
             if requests
                 .send(pb::PublishRequest {

@@ -191,8 +191,13 @@ impl Writer {
             let (key, value) = entry?;
             usage.insert(id_of(&key)?, SegmentUsage::decode(&value)?);
         }
-        let live = |id: u32| usage.get(&id).is_some_and(|u: &SegmentUsage| u.records > 0);
-        let (segments, appender) = Segments::open(dir, live, options.segment_bytes)?;
+        // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
+        for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
+            db.remove(segment_key(*id))?;
+        }
+        usage.retain(|_, u| u.records > 0);
+        let (segments, appender) =
+            Segments::open(dir, |id| usage.contains_key(&id), options.segment_bytes)?;
 
         let mut recovered = Recovered::default();
         let mut channels = HashMap::new();
