@@ -12,6 +12,25 @@ fn messages(n: usize, size: usize) -> Vec<NewMessage> {
         .collect()
 }
 
+/// Saves `floor` as a subscription's ack floor and asks for collection below `below`; returns once
+/// both have committed (the second save is a barrier behind the collection).
+async fn ack_and_collect(
+    store: &Store,
+    sub: SubscriptionId,
+    channel: ChannelId,
+    floor: u64,
+    below: u64,
+) {
+    let state = AckState {
+        floor,
+        acked_total: floor - 1,
+        acked_above_floor: vec![],
+    };
+    store.save_acks(sub, state.clone()).await.unwrap();
+    store.collect(channel, below).await;
+    store.save_acks(sub, state).await.unwrap();
+}
+
 fn options(tail_cache_bytes: usize) -> StoreOptions {
     StoreOptions {
         tail_cache_bytes,
@@ -167,57 +186,13 @@ async fn collection_never_passes_the_lowest_subscription_floor() {
         store.append(channel, messages(10, 100)).await.unwrap();
     }
     // A caller asking too much (here: past the slow subscription's floor of 1) is held back.
-    store
-        .save_acks(
-            fast,
-            AckState {
-                floor: 51,
-                acked_total: 50,
-                acked_above_floor: vec![],
-            },
-        )
-        .await
-        .unwrap();
-    store.collect(channel, 51).await;
-    store
-        .save_acks(
-            fast,
-            AckState {
-                floor: 51,
-                acked_total: 50,
-                acked_above_floor: vec![],
-            },
-        )
-        .await
-        .unwrap();
+    ack_and_collect(&store, fast, channel, 51, 51).await;
     let log = store.log(channel).unwrap();
     assert_eq!(log.stats().first_seq, 1);
     assert_eq!(log.read(1, usize::MAX, usize::MAX).unwrap().len(), 50);
 
     // Once the slow one moves, records wholly below both floors go.
-    store
-        .save_acks(
-            slow,
-            AckState {
-                floor: 31,
-                acked_total: 30,
-                acked_above_floor: vec![],
-            },
-        )
-        .await
-        .unwrap();
-    store.collect(channel, 51).await;
-    store
-        .save_acks(
-            slow,
-            AckState {
-                floor: 31,
-                acked_total: 30,
-                acked_above_floor: vec![],
-            },
-        )
-        .await
-        .unwrap();
+    ack_and_collect(&store, slow, channel, 31, 51).await;
     let first = log.stats().first_seq;
     assert!(first > 1 && first <= 31, "{first}");
     store.close().await.unwrap();
@@ -275,14 +250,7 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     );
 
     // Ack the first 300 of 400: the segments holding only those go, the rest stay readable.
-    let acks = AckState {
-        floor: 301,
-        acked_total: 300,
-        acked_above_floor: vec![],
-    };
-    store.save_acks(sub, acks.clone()).await.unwrap();
-    store.collect(channel, 301).await;
-    store.save_acks(sub, acks).await.unwrap();
+    ack_and_collect(&store, sub, channel, 301, 301).await;
     let log = store.log(channel).unwrap();
     assert!(log.stats().first_seq > 250, "{:?}", log.stats());
     let left = segment_files(dir.path());
@@ -301,14 +269,7 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     );
     store.append(channel, messages(1, 10)).await.unwrap();
     assert_eq!(log.get(401).unwrap().unwrap().payload.len(), 10);
-    let acks = AckState {
-        floor: 402,
-        acked_total: 401,
-        acked_above_floor: vec![],
-    };
-    store.save_acks(sub, acks.clone()).await.unwrap();
-    store.collect(channel, 402).await;
-    store.save_acks(sub, acks).await.unwrap();
+    ack_and_collect(&store, sub, channel, 402, 402).await;
     assert_eq!(log.stats().bytes, 0);
     assert_eq!(
         segment_files(dir.path()),
