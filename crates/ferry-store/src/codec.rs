@@ -155,17 +155,39 @@ pub(crate) fn encode_body(messages: &[NewMessage], publish_time_ms: u64, body: &
     }
 }
 
+/// The checksum of a record: it covers where the record belongs (channel, first sequence) and
+/// its count as well as its body, so that neither a damaged header nor an index entry pointing
+/// at the wrong bytes goes unnoticed.
+fn record_crc(channel: ChannelId, first_seq: u64, count: u32, body: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&channel.0.to_le_bytes());
+    hasher.update(&first_seq.to_le_bytes());
+    hasher.update(&count.to_le_bytes());
+    hasher.update(body);
+    hasher.finalize()
+}
+
 /// Appends a framed record (header, then the body) to `out`.
-pub(crate) fn frame_record(count: u32, body: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn frame_record(
+    channel: ChannelId,
+    first_seq: u64,
+    count: u32,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) {
     out.put_u8(RECORD_MAGIC);
     out.put_u32_le(count);
     out.put_u32_le(body.len() as u32);
-    out.put_u32_le(crc32fast::hash(body));
+    out.put_u32_le(record_crc(channel, first_seq, count, body));
     out.extend_from_slice(body);
 }
 
-/// Decodes a framed record into messages numbered from `first_seq`.
-pub(crate) fn decode_record(first_seq: u64, framed: &[u8]) -> Result<Vec<Message>, StoreError> {
+/// Decodes the framed record of `channel` that starts at `first_seq`.
+pub(crate) fn decode_record(
+    channel: ChannelId,
+    first_seq: u64,
+    framed: &[u8],
+) -> Result<Vec<Message>, StoreError> {
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
     if framed.len() < RECORD_HEADER_LEN || framed[0] != RECORD_MAGIC {
@@ -182,12 +204,11 @@ pub(crate) fn decode_record(first_seq: u64, framed: &[u8]) -> Result<Vec<Message
             body.len()
         )));
     }
-    if crc32fast::hash(body) != crc {
+    if record_crc(channel, first_seq, count, body) != crc {
         return Err(corrupt("checksum mismatch"));
     }
     let body = Bytes::copy_from_slice(body);
     let mut cursor = body.clone();
-    // The count is outside the checksum: do not let a damaged one size an allocation.
     let mut messages = Vec::with_capacity((count as usize).min(body.len() / 24 + 1));
     for i in 0..u64::from(count) {
         let truncated = || corrupt("truncated message");
@@ -216,6 +237,9 @@ pub(crate) fn decode_record(first_seq: u64, framed: &[u8]) -> Result<Vec<Message
             attributes,
             payload,
         });
+    }
+    if cursor.has_remaining() {
+        return Err(corrupt("bytes left after the last message"));
     }
     Ok(messages)
 }
@@ -379,8 +403,16 @@ mod tests {
         let mut body = Vec::new();
         encode_body(&messages, 42, &mut body);
         let mut framed = Vec::new();
-        frame_record(3, &body, &mut framed);
-        let decoded = decode_record(10, &framed).unwrap();
+        frame_record(ChannelId(4), 10, 3, &body, &mut framed);
+        let decoded = decode_record(ChannelId(4), 10, &framed).unwrap();
+        assert!(
+            decode_record(ChannelId(5), 10, &framed).is_err(),
+            "another channel's record"
+        );
+        assert!(
+            decode_record(ChannelId(4), 11, &framed).is_err(),
+            "another place in the log"
+        );
         assert_eq!(decoded.len(), 3);
         for (i, (d, m)) in decoded.iter().zip(&messages).enumerate() {
             assert_eq!(d.sequence, 10 + i as u64);
@@ -410,12 +442,15 @@ mod tests {
         let mut body = Vec::new();
         encode_body(&[message(b"hello")], 1, &mut body);
         let mut framed = Vec::new();
-        frame_record(1, &body, &mut framed);
+        frame_record(ChannelId(1), 1, 1, &body, &mut framed);
         let last = framed.len() - 1;
         framed[last] ^= 1;
-        let err = decode_record(1, &framed).unwrap_err();
+        let err = decode_record(ChannelId(1), 1, &framed).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
-        assert!(decode_record(1, &framed[..5]).is_err(), "a torn record");
+        assert!(
+            decode_record(ChannelId(1), 1, &framed[..5]).is_err(),
+            "a torn record"
+        );
     }
 
     #[test]

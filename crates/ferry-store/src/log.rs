@@ -140,7 +140,7 @@ impl ChannelLog {
             let (key, value) = entry?;
             let first = parse_record_key(&key)?;
             let framed = self.segments.read(RecordLocation::decode(&value)?)?;
-            for message in decode_record(first, &framed)? {
+            for message in decode_record(id, first, &framed)? {
                 if message.sequence < from || message.sequence >= until {
                     continue;
                 }

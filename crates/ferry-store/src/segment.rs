@@ -37,23 +37,31 @@ pub(crate) struct Appender {
     limit: u64,
     /// Bytes of the current group, written in one call.
     pending: Vec<u8>,
-    /// Files written to since the last sync (the current one, and any just finished).
+    /// Files finished since the last sync, kept open to be synced (only when something will
+    /// sync them: in `fsync = "never"` mode they are closed at once).
     unsynced: Vec<Arc<File>>,
+    keep_finished: bool,
+    /// Segments finished since the writer last asked: their usage must be looked at again,
+    /// since one emptied while it was current can only be deleted now.
+    finished: Vec<u32>,
     /// A file was created since the last sync: the directory must be synced too.
     created: bool,
 }
 
 impl Segments {
     /// Opens the segment directory, deletes the files `live` does not name, and starts a new
-    /// segment after the highest id seen.
+    /// segment after the highest id seen on disk or in the index (`highest_indexed`), so that an
+    /// id is never used twice. `keep_finished` says whether finished files will be synced.
     pub(crate) fn open(
         dir: &Path,
         live: impl Fn(u32) -> bool,
+        highest_indexed: u32,
         limit: u64,
+        keep_finished: bool,
     ) -> Result<(Arc<Segments>, Appender)> {
         let dir = dir.join("segments");
         std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
-        let mut highest = 0;
+        let mut highest = highest_indexed;
         for entry in std::fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {
             let entry = entry.map_err(|e| io_error(&dir, e))?;
             let Some(id) = parse_name(&entry.file_name().to_string_lossy()) else {
@@ -68,7 +76,7 @@ impl Segments {
             dir,
             readers: Mutex::new(HashMap::new()),
         });
-        let (id, file) = segments.create(highest + 1)?;
+        let (id, file) = segments.create(next_id(highest)?)?;
         sync_dir(&segments.dir)?;
         let appender = Appender {
             segments: segments.clone(),
@@ -78,6 +86,8 @@ impl Segments {
             limit,
             pending: Vec::new(),
             unsynced: Vec::new(),
+            keep_finished,
+            finished: Vec::new(),
             created: false,
         };
         Ok((segments, appender))
@@ -100,6 +110,13 @@ impl Segments {
 
     /// Reads one record's bytes.
     pub(crate) fn read(&self, at: RecordLocation) -> Result<Vec<u8>> {
+        // An index entry is not trusted to size an allocation.
+        if at.len > MAX_RECORD_BYTES {
+            return Err(StoreError::Corrupt(format!(
+                "record of {} bytes in segment {}: larger than any record written",
+                at.len, at.segment
+            )));
+        }
         let file = self.reader(at.segment)?;
         let mut buf = vec![0; at.len as usize];
         file.read_exact_at(&mut buf, at.offset).map_err(|e| {
@@ -164,11 +181,19 @@ impl Appender {
         self.id
     }
 
+    /// The segments finished since the last call.
+    pub(crate) fn take_finished(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.finished)
+    }
+
     fn roll(&mut self) -> Result<()> {
         self.write()?;
-        let (id, file) = self.segments.create(self.id + 1)?;
+        let (id, file) = self.segments.create(next_id(self.id)?)?;
         let finished = std::mem::replace(&mut self.file, file);
-        self.unsynced.push(Arc::new(finished));
+        if self.keep_finished {
+            self.unsynced.push(Arc::new(finished));
+        }
+        self.finished.push(self.id);
         self.id = id;
         self.len = 0;
         self.created = true;
@@ -202,6 +227,14 @@ impl Appender {
         }
         Ok(())
     }
+}
+
+/// A record is at most a group's cut (256 KiB) plus one message (at most 64 MiB).
+const MAX_RECORD_BYTES: u32 = 128 << 20;
+
+fn next_id(id: u32) -> Result<u32> {
+    id.checked_add(1)
+        .ok_or_else(|| StoreError::Corrupt("segment ids are exhausted".into()))
 }
 
 fn parse_name(name: &str) -> Option<u32> {

@@ -278,3 +278,35 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     );
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_segment_emptied_while_current_is_deleted_once_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        segment_bytes: 16 * 1024,
+        tail_cache_bytes: 0,
+        ..StoreOptions::default()
+    };
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let channel = store.create_channel("c".into()).await.unwrap();
+    let settings = SubscriptionSettings {
+        ack_deadline_ms: 1000,
+    };
+    let (sub, _) = store
+        .create_subscription(channel, "s".into(), settings)
+        .await
+        .unwrap();
+    // One record fills the first segment past its size; it is acked before anything follows.
+    store.append(channel, messages(20, 1000)).await.unwrap();
+    ack_and_collect(&store, sub, channel, 21, 21).await;
+    assert_eq!(
+        segment_files(dir.path()),
+        1,
+        "still the segment being appended to"
+    );
+    // The next append finishes that segment: now it can go.
+    store.append(channel, messages(1, 10)).await.unwrap();
+    ack_and_collect(&store, sub, channel, 22, 22).await;
+    assert_eq!(segment_files(dir.path()), 1);
+    store.close().await.unwrap();
+}

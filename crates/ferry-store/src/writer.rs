@@ -192,12 +192,19 @@ impl Writer {
             usage.insert(id_of(&key)?, SegmentUsage::decode(&value)?);
         }
         // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
+        let highest_indexed = usage.keys().copied().max().unwrap_or(0);
         for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
             db.remove(segment_key(*id))?;
         }
         usage.retain(|_, u| u.records > 0);
-        let (segments, appender) =
-            Segments::open(dir, |id| usage.contains_key(&id), options.segment_bytes)?;
+        let keep_finished = options.fsync != FsyncMode::Never;
+        let (segments, appender) = Segments::open(
+            dir,
+            |id| usage.contains_key(&id),
+            highest_indexed,
+            options.segment_bytes,
+            keep_finished,
+        )?;
 
         let mut recovered = Recovered::default();
         let mut channels = HashMap::new();
@@ -407,6 +414,8 @@ impl Writer {
             Ok(appended) => appended,
             Err(e) => return self.fail_group(group, e, shared),
         };
+        // A segment finished in this group may have been emptied while it was current.
+        group.segments.extend(self.appender.take_finished());
         self.plan_segments(&mut group);
         // The records must be on disk before the index that points at them.
         let written = self.appender.write().and_then(|()| match self.fsync {
@@ -430,6 +439,16 @@ impl Writer {
             .and_then(|_| self.write_out());
         if let Err(e) = outcome {
             return self.fail_group(group, e, shared);
+        }
+
+        // Without the sync thread, files are deleted right after this; the index change that
+        // empties them must reach the log file first, or a crash could bring back entries that
+        // name a deleted file. (`interval` flushed already.)
+        if self.fsync == FsyncMode::Never
+            && !group.emptied.is_empty()
+            && let Err(e) = self.db.flush()
+        {
+            return self.fail_group(group, e.into(), shared);
         }
 
         let stats = |id: &ChannelId| {
@@ -776,12 +795,13 @@ impl Writer {
                 codec::encode_body(&messages[end - 1..end], now, &mut body);
                 if body.len() >= codec::RECORD_TARGET_BYTES || last {
                     let count = (end - start) as u32;
+                    let record_first = first + start as u64;
                     let at = self
                         .appender
-                        .append(|out| codec::frame_record(count, &body, out))?;
+                        .append(|out| codec::frame_record(id, record_first, count, &body, out))?;
                     group
                         .batch
-                        .insert(&record_key(id, first + start as u64), &at.encode());
+                        .insert(&record_key(id, record_first), &at.encode());
                     channel.record.bytes += u64::from(at.len);
                     let usage = self.usage.entry(at.segment).or_default();
                     usage.records += 1;
