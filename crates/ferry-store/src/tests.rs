@@ -53,7 +53,7 @@ async fn appends_survive_reopen_and_collection_frees_records() {
         .unwrap();
     assert_eq!(acks.floor, 1);
 
-    // Large messages span chunks; many small ones span records.
+    // Large messages make large records; many small ones span several records.
     assert_eq!(
         store.append(channel, messages(3, 200_000)).await.unwrap(),
         1..4

@@ -1,11 +1,13 @@
 //! The writer thread: every change to the store goes through it, in groups.
 //!
-//! It takes whatever requests are queued (up to a size bound), turns them into one sled batch,
-//! applies it atomically, makes it durable once (flush, then `fdatasync` of sled's log file and
-//! fsync of any new blob file, see the crate docs), updates the readers' view and only then
-//! answers every caller. Concurrent publishers and ackers therefore share one fsync, and
-//! confirmation order equals commit order. Sequences are assigned here, so a channel's order is
-//! exactly the order of its commits.
+//! It takes whatever requests are queued (up to a size bound), appends the group's message
+//! records to the current segment file and syncs it, turns everything else (the records' index,
+//! channel bounds, ack state, metadata) into one sled batch and applies it atomically. In
+//! `fsync = "always"` mode the sync thread then makes the batch durable (`fdatasync` of sled's
+//! log file and fsync of any new blob file, see the crate docs) while the writer goes on with the
+//! next group; only then are the readers' view updated and the callers answered. Concurrent
+//! publishers and ackers therefore share each fsync, and confirmation order equals commit
+//! order. Sequences are assigned here, so a channel's order is exactly the order of its commits.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
