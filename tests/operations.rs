@@ -191,24 +191,21 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         "{}",
         bad_name.message()
     );
+    // Subscriptions refused for their name, their deadline (too long, or overflowing), or a
+    // missing channel.
+    let subscription =
+        |channel: &str, name: &str, seconds: Option<i64>| pb::CreateSubscriptionRequest {
+            channel: channel.into(),
+            name: name.into(),
+            ack_deadline: seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+        };
     let bad_sub = admin
-        .create_subscription(pb::CreateSubscriptionRequest {
-            channel: "ok".into(),
-            name: "a..b".into(),
-            ack_deadline: None,
-        })
+        .create_subscription(subscription("ok", "a..b", None))
         .await
         .unwrap_err();
     assert_eq!(bad_sub.code(), Code::InvalidArgument);
     let bad_deadline = admin
-        .create_subscription(pb::CreateSubscriptionRequest {
-            channel: "ok".into(),
-            name: "late".into(),
-            ack_deadline: Some(prost_types::Duration {
-                seconds: 7200,
-                nanos: 0,
-            }),
-        })
+        .create_subscription(subscription("ok", "late", Some(7200)))
         .await
         .unwrap_err();
     assert_eq!(bad_deadline.code(), Code::InvalidArgument);
@@ -218,23 +215,12 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         bad_deadline.message()
     );
     let overflowing = admin
-        .create_subscription(pb::CreateSubscriptionRequest {
-            channel: "ok".into(),
-            name: "late".into(),
-            ack_deadline: Some(prost_types::Duration {
-                seconds: i64::MAX,
-                nanos: 0,
-            }),
-        })
+        .create_subscription(subscription("ok", "late", Some(i64::MAX)))
         .await
         .unwrap_err();
     assert_eq!(overflowing.code(), Code::InvalidArgument);
     let no_channel = admin
-        .create_subscription(pb::CreateSubscriptionRequest {
-            channel: "nope".into(),
-            name: "s".into(),
-            ack_deadline: None,
-        })
+        .create_subscription(subscription("nope", "s", None))
         .await
         .unwrap_err();
     assert_eq!(no_channel.code(), Code::NotFound);
