@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -45,15 +45,11 @@ struct Inner {
 }
 
 /// What the broker knows of one channel.
-pub(crate) struct ChannelShared {
-    pub id: ChannelId,
-    pub name: String,
-    pub log: Arc<ChannelLog>,
+struct ChannelShared {
+    id: ChannelId,
+    name: String,
+    log: Arc<ChannelLog>,
     subscriptions: RwLock<BTreeMap<String, Arc<SubscriptionHandle>>>,
-    /// Each subscription's durable ack floor: records below the lowest can be deleted.
-    floors: Mutex<HashMap<SubscriptionId, u64>>,
-    /// The bound most recently handed to the store for collection.
-    collected: AtomicU64,
 }
 
 struct SubscriptionHandle {
@@ -63,40 +59,6 @@ struct SubscriptionHandle {
 }
 
 impl ChannelShared {
-    /// Records a subscription's new durable floor and lets the store delete what all have acked.
-    pub(crate) async fn report_floor(
-        &self,
-        store: &Store,
-        subscription: SubscriptionId,
-        floor: u64,
-    ) {
-        let low = {
-            let mut floors = self.floors.lock().expect("floors lock");
-            if let Some(current) = floors.get_mut(&subscription) {
-                *current = (*current).max(floor);
-            }
-            floors.values().copied().min()
-        };
-        self.collect(store, low).await;
-    }
-
-    async fn forget_floor(&self, store: &Store, subscription: SubscriptionId) {
-        let low = {
-            let mut floors = self.floors.lock().expect("floors lock");
-            floors.remove(&subscription);
-            floors.values().copied().min()
-        };
-        self.collect(store, low).await;
-    }
-
-    /// With no subscription, nobody will ever want a message: everything stored may go.
-    async fn collect(&self, store: &Store, low: Option<u64>) {
-        let low = low.unwrap_or_else(|| self.log.stats().next_seq);
-        if self.collected.fetch_max(low, Ordering::AcqRel) < low {
-            store.collect(self.id, low).await;
-        }
-    }
-
     fn subscription(&self, name: &str) -> Result<Arc<SubscriptionHandle>> {
         self.subscriptions
             .read()
@@ -114,34 +76,21 @@ impl ChannelShared {
         let subscriptions = self.subscriptions.read().expect("subscriptions lock");
         subscriptions.values().cloned().collect()
     }
-
-    fn has_subscriptions(&self) -> bool {
-        !self
-            .subscriptions
-            .read()
-            .expect("subscriptions lock")
-            .is_empty()
-    }
 }
 
 /// A publish the store has queued; resolves once it is durable.
 pub struct PublishConfirmation {
     confirmation: Confirmation<Range<u64>>,
     channel: Arc<ChannelShared>,
-    store: Store,
 }
 
 impl PublishConfirmation {
     /// Waits until the batch is durable; returns the sequences it got.
     pub async fn confirmed(self) -> Result<Range<u64>> {
-        let range = self.confirmation.confirmed().await.map_err(|e| match e {
+        self.confirmation.confirmed().await.map_err(|e| match e {
             StoreError::ChannelNotFound => CoreError::ChannelNotFound(self.channel.name.clone()),
             e => e.into(),
-        })?;
-        if !self.channel.has_subscriptions() {
-            self.channel.collect(&self.store, None).await;
-        }
-        Ok(range)
+        })
     }
 }
 
@@ -250,17 +199,6 @@ impl Broker {
                 AckSet::from_state(&sub.acks),
             );
         }
-        for channel in by_id.values() {
-            // Resume collection where the floors stand (a crash may have left some undone).
-            let low = channel
-                .floors
-                .lock()
-                .expect("floors lock")
-                .values()
-                .copied()
-                .min();
-            channel.collect(&broker.inner.store, low).await;
-        }
         Ok(broker)
     }
 
@@ -271,8 +209,6 @@ impl Broker {
             name: name.clone(),
             log,
             subscriptions: RwLock::new(BTreeMap::new()),
-            floors: Mutex::new(HashMap::new()),
-            collected: AtomicU64::new(0),
         });
         self.inner
             .channels
@@ -291,15 +227,10 @@ impl Broker {
         acks: AckSet,
     ) {
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
-        channel
-            .floors
-            .lock()
-            .expect("floors lock")
-            .insert(id, acks.floor());
         let dispatcher = Dispatcher::new(
             id,
             name.clone(),
-            channel.clone(),
+            channel.log.clone(),
             self.inner.store.clone(),
             settings,
             acks,
@@ -377,7 +308,6 @@ impl Broker {
         Ok(PublishConfirmation {
             confirmation,
             channel: shared,
-            store: self.inner.store.clone(),
         })
     }
 
@@ -611,7 +541,6 @@ impl Broker {
             name: name.to_owned(),
         };
         let _ = handle.commands.send(Command::Stop { reason }).await;
-        shared.forget_floor(&self.inner.store, handle.id).await;
         tracing::info!(channel, subscription = name, "subscription deleted");
         Ok(())
     }

@@ -16,7 +16,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::acks::AckSet;
-use crate::broker::ChannelShared;
 use crate::error::CoreError;
 use crate::{
     AckOperation, AckOutcome, AckResult, Attached, ConsumerEvent, Delivery, SubscriptionStats,
@@ -131,7 +130,6 @@ impl ResultSink {
 pub(crate) struct Dispatcher {
     id: SubscriptionId,
     name: String,
-    channel: Arc<ChannelShared>,
     log: Arc<ChannelLog>,
     store: Store,
     settings: SubscriptionSettings,
@@ -165,7 +163,7 @@ impl Dispatcher {
     pub(crate) fn new(
         id: SubscriptionId,
         name: String,
-        channel: Arc<ChannelShared>,
+        log: Arc<ChannelLog>,
         store: Store,
         settings: SubscriptionSettings,
         acks: AckSet,
@@ -177,8 +175,7 @@ impl Dispatcher {
         Self {
             id,
             name,
-            log: channel.log.clone(),
-            channel,
+            log,
             store,
             settings,
             commands,
@@ -277,12 +274,7 @@ impl Dispatcher {
                 let _ = reply.send(self.stats());
             }
             Command::Reconfigure { settings } => self.settings = settings,
-            Command::AcksDurable { floor } => {
-                if floor > self.durable_floor {
-                    self.durable_floor = floor;
-                    self.channel.report_floor(&self.store, self.id, floor).await;
-                }
-            }
+            Command::AcksDurable { floor } => self.durable_floor = self.durable_floor.max(floor),
             Command::Stop { reason } => {
                 self.stop(reason);
                 return false;

@@ -340,13 +340,6 @@ impl Store {
         .await
     }
 
-    /// Deletes the records of `channel` that lie wholly below `below` (every subscription has
-    /// acked them). Takes effect with the next group commit.
-    pub async fn collect(&self, channel: ChannelId, below: u64) {
-        // If the writer is gone the store is closing; the records will be collected next time.
-        let _ = self.ops.send(Op::Collect { channel, below }).await;
-    }
-
     /// Creates a channel.
     pub async fn create_channel(&self, name: String) -> Result<ChannelId> {
         self.call(|reply| Op::CreateChannel { name, reply }).await

@@ -12,23 +12,26 @@ fn messages(n: usize, size: usize) -> Vec<NewMessage> {
         .collect()
 }
 
-/// Saves `floor` as a subscription's ack floor and asks for collection below `below`; returns once
-/// both have committed (the second save is a barrier behind the collection).
-async fn ack_and_collect(
-    store: &Store,
-    sub: SubscriptionId,
-    channel: ChannelId,
-    floor: u64,
-    below: u64,
-) {
+/// Saves `floor` as a subscription's ack floor; the records below every floor of the channel
+/// are collected in the same commit.
+async fn ack(store: &Store, sub: SubscriptionId, floor: u64) {
     let state = AckState {
         floor,
         acked_total: floor - 1,
         acked_above_floor: vec![],
     };
-    store.save_acks(sub, state.clone()).await.unwrap();
-    store.collect(channel, below).await;
     store.save_acks(sub, state).await.unwrap();
+}
+
+async fn subscribe(store: &Store, channel: ChannelId) -> SubscriptionId {
+    let settings = SubscriptionSettings {
+        ack_deadline_ms: 1000,
+    };
+    store
+        .create_subscription(channel, "s".into(), settings)
+        .await
+        .unwrap()
+        .0
 }
 
 fn options(tail_cache_bytes: usize) -> StoreOptions {
@@ -79,8 +82,6 @@ async fn appends_survive_reopen_and_collection_frees_records() {
         acked_above_floor: vec![(700, 710)],
     };
     store.save_acks(sub, state.clone()).await.unwrap();
-    store.collect(channel, 600).await;
-    store.save_acks(sub, state.clone()).await.unwrap(); // a barrier: the collection has committed
     let stats = log.stats();
     assert!(stats.first_seq > 1 && stats.first_seq <= 600, "{stats:?}");
     assert!(log.get(600).unwrap().is_some());
@@ -149,6 +150,8 @@ async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_c
         };
         let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
         let channel = store.create_channel("c".into()).await.unwrap();
+        // Messages are only stored for a channel that has a subscription.
+        subscribe(&store, channel).await;
         for _ in 0..10 {
             store.append(channel, messages(10, 100)).await.unwrap();
             // Let the interval's timer fire between some writes.
@@ -185,14 +188,14 @@ async fn collection_never_passes_the_lowest_subscription_floor() {
     for _ in 0..5 {
         store.append(channel, messages(10, 100)).await.unwrap();
     }
-    // A caller asking too much (here: past the slow subscription's floor of 1) is held back.
-    ack_and_collect(&store, fast, channel, 51, 51).await;
+    // The fast one's floor alone moves nothing: the slow one still needs everything.
+    ack(&store, fast, 51).await;
     let log = store.log(channel).unwrap();
     assert_eq!(log.stats().first_seq, 1);
     assert_eq!(log.read(1, usize::MAX, usize::MAX).unwrap().len(), 50);
 
     // Once the slow one moves, records wholly below both floors go.
-    ack_and_collect(&store, slow, channel, 31, 51).await;
+    ack(&store, slow, 31).await;
     let first = log.stats().first_seq;
     assert!(first > 1 && first <= 31, "{first}");
     store.close().await.unwrap();
@@ -203,6 +206,8 @@ async fn reads_are_contiguous_across_disk_and_a_tiny_tail_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(2_000)).unwrap();
     let channel = store.create_channel("c".into()).await.unwrap();
+    // Messages are only stored for a channel that has a subscription.
+    subscribe(&store, channel).await;
     for _ in 0..50 {
         store.append(channel, messages(20, 300)).await.unwrap();
     }
@@ -250,7 +255,7 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     );
 
     // Ack the first 300 of 400: the segments holding only those go, the rest stay readable.
-    ack_and_collect(&store, sub, channel, 301, 301).await;
+    ack(&store, sub, 301).await;
     let log = store.log(channel).unwrap();
     assert!(log.stats().first_seq > 250, "{:?}", log.stats());
     let left = segment_files(dir.path());
@@ -269,7 +274,7 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     );
     store.append(channel, messages(1, 10)).await.unwrap();
     assert_eq!(log.get(401).unwrap().unwrap().payload.len(), 10);
-    ack_and_collect(&store, sub, channel, 402, 402).await;
+    ack(&store, sub, 402).await;
     assert_eq!(log.stats().bytes, 0);
     assert_eq!(
         segment_files(dir.path()),
@@ -298,7 +303,7 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
         .unwrap();
     // One record fills the first segment past its size; it is acked before anything follows.
     store.append(channel, messages(20, 1000)).await.unwrap();
-    ack_and_collect(&store, sub, channel, 21, 21).await;
+    ack(&store, sub, 21).await;
     assert_eq!(
         segment_files(dir.path()),
         1,
@@ -306,7 +311,7 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
     );
     // The next append finishes that segment: now it can go.
     store.append(channel, messages(1, 10)).await.unwrap();
-    ack_and_collect(&store, sub, channel, 22, 22).await;
+    ack(&store, sub, 22).await;
     assert_eq!(segment_files(dir.path()), 1);
     store.close().await.unwrap();
 }

@@ -52,10 +52,6 @@ pub(crate) enum Op {
         state: AckState,
         reply: Reply<()>,
     },
-    Collect {
-        channel: ChannelId,
-        below: u64,
-    },
     CreateChannel {
         name: String,
         reply: Reply<ChannelId>,
@@ -96,6 +92,9 @@ impl Op {
 struct WriterChannel {
     record: ChannelRecord,
     log: Arc<ChannelLog>,
+    /// The bound of the last collection: most acks move no record out, and this keeps them
+    /// from looking.
+    collected_below: u64,
 }
 
 /// The writer's state: the authoritative view of channels and subscriptions.
@@ -113,9 +112,12 @@ pub(crate) struct Writer {
     channels: HashMap<ChannelId, WriterChannel>,
     names: HashMap<String, ChannelId>,
     subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
-    /// Each subscription's ack floor as last written: no record at or above the lowest floor of
-    /// a channel is ever collected, whatever bound a caller asks for.
+    /// Each subscription's ack floor as last written: a channel's records below the lowest are
+    /// collected.
     floors: HashMap<SubscriptionId, u64>,
+    /// Channels whose collection could not go as far as their floors allow yet (the records
+    /// were not announced yet): the next group tries again.
+    pending_collects: HashSet<ChannelId>,
     next_id: u32,
     /// Writes applied but not yet fsync'd (modes other than `Always`).
     unsynced_since: Option<Instant>,
@@ -140,7 +142,8 @@ struct Group {
     /// New messages per channel, with the sequence of the first.
     appends: BTreeMap<ChannelId, (u64, Vec<NewMessage>)>,
     /// The highest collection bound asked per channel.
-    collects: HashMap<ChannelId, u64>,
+    /// Channels whose lowest ack floor may have moved.
+    collects: HashSet<ChannelId>,
     /// Channels whose record must be rewritten.
     touched: HashSet<ChannelId>,
     /// Logs to publish or withdraw once committed.
@@ -234,7 +237,14 @@ impl Writer {
             });
             names.insert(record.name.clone(), id);
             logs.insert(id, log.clone());
-            channels.insert(id, WriterChannel { record, log });
+            channels.insert(
+                id,
+                WriterChannel {
+                    record,
+                    log,
+                    collected_below: 0,
+                },
+            );
         }
         let mut subscriptions = HashMap::new();
         let mut floors = HashMap::new();
@@ -283,6 +293,7 @@ impl Writer {
             names,
             subscriptions,
             floors,
+            pending_collects: HashSet::new(),
             next_id,
             unsynced_since: None,
         };
@@ -402,7 +413,10 @@ impl Writer {
             }
             return close;
         }
-        let mut group = Group::default();
+        let mut group = Group {
+            collects: std::mem::take(&mut self.pending_collects),
+            ..Group::default()
+        };
         for op in ops {
             if let Err((reply, e)) = self.plan(op, &mut group) {
                 reply(Some(&e));
@@ -527,11 +541,10 @@ impl Writer {
                     .batch
                     .insert(&ack_key(subscription), codec::encode_ack_state(&state));
                 self.floors.insert(subscription, state.floor);
+                if let Some(record) = self.subscriptions.get(&subscription) {
+                    group.collects.insert(record.channel);
+                }
                 group.replies.push(pending(reply, ()));
-            }
-            Op::Collect { channel, below } => {
-                let bound = group.collects.entry(channel).or_default();
-                *bound = (*bound).max(below);
             }
             Op::CreateChannel { name, reply } => {
                 if self.names.contains_key(&name) {
@@ -557,7 +570,14 @@ impl Writer {
                 group.new_logs.push(log.clone());
                 group.touched.insert(id);
                 self.names.insert(name, id);
-                self.channels.insert(id, WriterChannel { record, log });
+                self.channels.insert(
+                    id,
+                    WriterChannel {
+                        record,
+                        log,
+                        collected_below: 0,
+                    },
+                );
                 group.replies.push(pending(reply, id));
             }
             Op::DeleteChannel { channel, reply } => {
@@ -663,10 +683,11 @@ impl Writer {
                 subscription,
                 reply,
             } => {
-                if self.subscriptions.remove(&subscription).is_none() {
+                let Some(record) = self.subscriptions.remove(&subscription) else {
                     return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
-                }
+                };
                 self.floors.remove(&subscription);
+                group.collects.insert(record.channel);
                 group.batch.remove(&subscription_key(subscription));
                 group.batch.remove(&ack_key(subscription));
                 group.replies.push(pending(reply, ()));
@@ -686,30 +707,38 @@ impl Writer {
         id
     }
 
-    /// Deletes the records wholly below each collection bound; returns the channels changed.
+    /// Deletes the records wholly below the lowest ack floor of each channel whose floors may
+    /// have moved (all of them once no subscription is left); returns the channels changed. As
+    /// this happens in the same batch as the ack state that allows it, a crash never leaves
+    /// collection half done.
     ///
     /// A record's last sequence is one before the next record's first, or the channel's last
     /// committed sequence when it is the newest record, so no record needs to be read.
     fn plan_collects(&mut self, group: &mut Group) -> Result<Vec<ChannelId>> {
         let mut changed = Vec::new();
         let mut releases = Vec::new();
-        for (&id, &below) in &group.collects {
-            let Some(channel) = self.channels.get_mut(&id) else {
-                continue;
-            };
-            let committed_end = channel.log.stats().next_seq;
+        for &id in &group.collects {
             let lowest_floor = self
                 .subscriptions
                 .iter()
                 .filter(|(_, s)| s.channel == id)
                 .filter_map(|(sub, _)| self.floors.get(sub))
-                .min();
-            let below = below
-                .min(committed_end)
-                .min(lowest_floor.copied().unwrap_or(u64::MAX));
-            if below <= channel.record.first_seq {
+                .min()
+                .copied();
+            let Some(channel) = self.channels.get_mut(&id) else {
+                continue;
+            };
+            let committed_end = channel.log.stats().next_seq;
+            // Without subscriptions everything written goes, including what is not announced yet.
+            let wanted = lowest_floor.unwrap_or(channel.record.next_seq);
+            if wanted > committed_end {
+                self.pending_collects.insert(id);
+            }
+            let below = wanted.min(committed_end);
+            if below <= channel.record.first_seq || below <= channel.collected_below {
                 continue;
             }
+            channel.collected_below = below;
             let mut doomed: Vec<(u64, sled::IVec, RecordLocation)> = Vec::new();
             for entry in self.db.range(record_key(id, 0)..record_key(id, below)) {
                 let (key, value) = entry?;
@@ -787,9 +816,20 @@ impl Writer {
             .map_or(0, |d| d.as_millis() as u64);
         let mut stored = Vec::with_capacity(group.appends.len());
         for (id, (first, messages)) in std::mem::take(&mut group.appends) {
+            let subscribed = self.subscriptions.values().any(|s| s.channel == id);
             let Some(channel) = self.channels.get_mut(&id) else {
                 continue;
             };
+            if !subscribed {
+                if channel.record.first_seq == first {
+                    // Nobody will ever want these: they get their sequences, and are not stored.
+                    channel.record.first_seq = channel.record.next_seq;
+                    stored.push((id, Vec::new()));
+                    continue;
+                }
+                // Older records are still being collected: store these too, collect all later.
+                self.pending_collects.insert(id);
+            }
             let mut body = Vec::new();
             let mut start = 0;
             for end in 1..=messages.len() {
@@ -969,7 +1009,6 @@ fn refuse(op: Op, e: &StoreError) {
         Op::CreateSubscription { reply, .. } => {
             send(pending(reply, (SubscriptionId(0), AckState::default())))
         }
-        Op::Collect { .. } => {}
     }
 }
 
