@@ -6,9 +6,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Consumer, Daemon, ack_ids, message, sequences};
+use common::{Consumer, Daemon, ack_ids, batch, message, sequences};
 use ferry_proto::pb::{self, subscribe_request::Request as Req};
-use tokio_stream::wrappers::ReceiverStream;
 
 #[tokio::test]
 async fn published_messages_arrive_intact_in_order_and_acks_are_confirmed() {
@@ -314,27 +313,15 @@ async fn the_flow_control_window_is_never_exceeded() {
 async fn a_publish_stream_confirms_pipelined_batches_in_order() {
     let daemon = Daemon::start().await;
     daemon.create("pipe", &[("s", 30_000)]).await;
-    let (requests, rx) = tokio::sync::mpsc::channel(128);
-    for batch in 0..100u32 {
-        let messages = (0..3u32)
-            .map(|i| message((batch * 3 + i).to_le_bytes().to_vec(), &[], ""))
-            .collect();
-        requests
-            .send(pb::PublishRequest {
-                channel: "pipe".into(),
-                messages,
-            })
-            .await
-            .unwrap();
-    }
-    drop(requests);
-    let mut responses = daemon
-        .publisher()
-        .await
-        .publish_stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let batches = (0..100u32)
+        .map(|b| {
+            batch(
+                "pipe",
+                (0..3u32).map(|i| (b * 3 + i).to_le_bytes().to_vec()),
+            )
+        })
+        .collect();
+    let mut responses = daemon.publish_stream(batches).await;
     let mut expected = 1;
     while let Some(response) = responses.message().await.unwrap() {
         assert_eq!(
@@ -346,28 +333,8 @@ async fn a_publish_stream_confirms_pipelined_batches_in_order() {
     assert_eq!(expected, 301, "one confirmation per batch");
 
     // A bad batch ends the stream with its error; the batches before it stand.
-    let (requests, rx) = tokio::sync::mpsc::channel(8);
-    requests
-        .send(pb::PublishRequest {
-            channel: "pipe".into(),
-            messages: vec![message(vec![1], &[], "")],
-        })
-        .await
-        .unwrap();
-    requests
-        .send(pb::PublishRequest {
-            channel: "nowhere".into(),
-            messages: vec![message(vec![2], &[], "")],
-        })
-        .await
-        .unwrap();
-    let mut responses = daemon
-        .publisher()
-        .await
-        .publish_stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let batches = vec![batch("pipe", [vec![1]]), batch("nowhere", [vec![2]])];
+    let mut responses = daemon.publish_stream(batches).await;
     assert_eq!(
         responses.message().await.unwrap().unwrap().sequences,
         vec![301]
@@ -375,7 +342,6 @@ async fn a_publish_stream_confirms_pipelined_batches_in_order() {
     let status = responses.message().await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     assert!(status.message().contains("nowhere"));
-    drop(requests);
 }
 
 #[tokio::test]

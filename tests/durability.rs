@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Consumer, Daemon, Options, Rng, ack_ids, message, sequences};
+use common::{Consumer, Daemon, Options, Rng, ack_ids, connect, message, sequences};
 use ferry_proto::pb::{
     self, subscribe_request::Request as Req, subscribe_response::Response as Resp,
 };
@@ -235,11 +235,7 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
 
 /// Publishes batches over a stream until the broker goes away, recording confirmations.
 async fn publish_until_refused(url: String, ledger: Arc<Mutex<Ledger>>) {
-    let Ok(channel) = tonic::transport::Channel::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-    else {
+    let Some(channel) = connect(&url).await else {
         return;
     };
     let mut client = pb::publisher_client::PublisherClient::new(channel);
@@ -287,11 +283,7 @@ async fn consume_until_refused_or_idle(url: String, ledger: Arc<Mutex<Ledger>>) 
 
 /// Consumes and acks everything, checking each delivery against the confirmed acks.
 async fn consume(url: String, ledger: Arc<Mutex<Ledger>>, idle: Option<Duration>) {
-    let Ok(channel) = tonic::transport::Channel::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-    else {
+    let Some(channel) = connect(&url).await else {
         return;
     };
     let mut client = pb::subscriber_client::SubscriberClient::new(channel);

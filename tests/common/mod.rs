@@ -196,11 +196,7 @@ impl Daemon {
         channel: &str,
         payloads: impl IntoIterator<Item = Vec<u8>>,
     ) -> Vec<u64> {
-        let messages = payloads.into_iter().map(|p| message(p, &[], "")).collect();
-        let request = pb::PublishRequest {
-            channel: channel.into(),
-            messages,
-        };
+        let request = batch(channel, payloads);
         self.publisher()
             .await
             .publish(request)
@@ -208,6 +204,21 @@ impl Daemon {
             .expect("publish")
             .into_inner()
             .sequences
+    }
+
+    /// Sends all `requests` on one PublishStream (pipelined: none waits for a confirmation) and
+    /// closes its request side; returns the confirmations.
+    pub async fn publish_stream(
+        &self,
+        requests: Vec<pb::PublishRequest>,
+    ) -> Streaming<pb::PublishResponse> {
+        let stream = tokio_stream::iter(requests);
+        self.publisher()
+            .await
+            .publish_stream(stream)
+            .await
+            .expect("publish stream")
+            .into_inner()
     }
 
     /// The figures of one subscription.
@@ -235,6 +246,23 @@ pub fn signal(pid: u32, name: &str) {
         status.is_ok_and(|s| s.success()),
         "kill -{name} {pid} failed"
     );
+}
+
+/// A publish request of one message per payload.
+pub fn batch(channel: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> pb::PublishRequest {
+    pb::PublishRequest {
+        channel: channel.into(),
+        messages: payloads.into_iter().map(|p| message(p, &[], "")).collect(),
+    }
+}
+
+/// Connects to a daemon's URL; None when nothing listens there (any more).
+pub async fn connect(url: &str) -> Option<Channel> {
+    Channel::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .ok()
 }
 
 /// An outgoing message.
