@@ -23,12 +23,13 @@ async fn ack(store: &Store, sub: SubscriptionId, floor: u64) {
     store.save_acks(sub, state).await.unwrap();
 }
 
-async fn subscribe(store: &Store, channel: ChannelId) -> SubscriptionId {
+/// Creates a subscription named `name` on `channel`.
+async fn subscribe(store: &Store, channel: ChannelId, name: &str) -> SubscriptionId {
     let settings = SubscriptionSettings {
         ack_deadline_ms: 1000,
     };
     store
-        .create_subscription(channel, "s".into(), settings)
+        .create_subscription(channel, name.into(), settings)
         .await
         .unwrap()
         .0
@@ -151,7 +152,7 @@ async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_c
         let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
         let channel = store.create_channel("c".into()).await.unwrap();
         // Messages are only stored for a channel that has a subscription.
-        subscribe(&store, channel).await;
+        subscribe(&store, channel, "s").await;
         for _ in 0..10 {
             store.append(channel, messages(10, 100)).await.unwrap();
             // Let the interval's timer fire between some writes.
@@ -174,17 +175,8 @@ async fn collection_never_passes_the_lowest_subscription_floor() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let channel = store.create_channel("c".into()).await.unwrap();
-    let settings = SubscriptionSettings {
-        ack_deadline_ms: 1000,
-    };
-    let (slow, _) = store
-        .create_subscription(channel, "slow".into(), settings)
-        .await
-        .unwrap();
-    let (fast, _) = store
-        .create_subscription(channel, "fast".into(), settings)
-        .await
-        .unwrap();
+    let slow = subscribe(&store, channel, "slow").await;
+    let fast = subscribe(&store, channel, "fast").await;
     for _ in 0..5 {
         store.append(channel, messages(10, 100)).await.unwrap();
     }
@@ -207,7 +199,7 @@ async fn reads_are_contiguous_across_disk_and_a_tiny_tail_cache() {
     let (store, _) = Store::open(dir.path(), options(2_000)).unwrap();
     let channel = store.create_channel("c".into()).await.unwrap();
     // Messages are only stored for a channel that has a subscription.
-    subscribe(&store, channel).await;
+    subscribe(&store, channel, "s").await;
     for _ in 0..50 {
         store.append(channel, messages(20, 300)).await.unwrap();
     }
@@ -239,13 +231,7 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     };
     let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
     let channel = store.create_channel("c".into()).await.unwrap();
-    let settings = SubscriptionSettings {
-        ack_deadline_ms: 1000,
-    };
-    let (sub, _) = store
-        .create_subscription(channel, "s".into(), settings)
-        .await
-        .unwrap();
+    let sub = subscribe(&store, channel, "s").await;
     for _ in 0..40 {
         store.append(channel, messages(10, 1000)).await.unwrap();
     }
@@ -294,13 +280,7 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
     };
     let (store, _) = Store::open(dir.path(), options).unwrap();
     let channel = store.create_channel("c".into()).await.unwrap();
-    let settings = SubscriptionSettings {
-        ack_deadline_ms: 1000,
-    };
-    let (sub, _) = store
-        .create_subscription(channel, "s".into(), settings)
-        .await
-        .unwrap();
+    let sub = subscribe(&store, channel, "s").await;
     // One record fills the first segment past its size; it is acked before anything follows.
     store.append(channel, messages(20, 1000)).await.unwrap();
     ack(&store, sub, 21).await;
