@@ -18,15 +18,14 @@ use tokio::task::JoinHandle;
 use crate::acks::AckSet;
 use crate::dispatcher::{Command, Dispatcher};
 use crate::error::{CoreError, Result};
+use crate::outbox::{ConsumerEvents, RequestGate};
 use crate::{
-    AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerEvent, Limits,
+    AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, Limits,
     SubscriptionStats, Window, names,
 };
 
 /// How many commands may wait for a dispatcher before senders wait.
 const COMMAND_QUEUE: usize = 1024;
-/// Room in a consumer's event queue beyond one event per message of its window.
-const EVENT_SLACK: usize = 64;
 
 /// The broker core; cheap to clone.
 #[derive(Clone)]
@@ -37,6 +36,7 @@ pub struct Broker {
 struct Inner {
     store: Store,
     limits: Limits,
+    consumer_limits: ConsumerLimits,
     channels: RwLock<BTreeMap<String, Arc<ChannelShared>>>,
     /// Serialises creations and deletions so that the registry and the store always agree.
     admin: tokio::sync::Mutex<()>,
@@ -105,10 +105,13 @@ pub struct ConsumerHandle {
 struct Attachment {
     consumer: u64,
     commands: mpsc::Sender<Command>,
+    gate: RequestGate,
 }
 
 impl ConsumerHandle {
-    /// Acks, nacks or extends deliveries; the outcome comes back as [`ConsumerEvent::Results`].
+    /// Acks, nacks or extends deliveries; the outcome comes back as
+    /// [`ConsumerEvent::Results`](crate::ConsumerEvent::Results). Waits first while the
+    /// consumer's outbox is full of answers it has not read (see [`crate::outbox`]).
     pub async fn settle(
         &self,
         operation: AckOperation,
@@ -121,6 +124,7 @@ impl ConsumerHandle {
             ack_ids,
             extension,
         };
+        self.attachment.gate.room_for_requests().await;
         self.attachment
             .commands
             .send(command)
@@ -173,6 +177,7 @@ impl Broker {
             inner: Arc::new(Inner {
                 store,
                 limits: options.limits,
+                consumer_limits: options.consumers,
                 channels: RwLock::new(BTreeMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 dispatchers: Mutex::new(Vec::new()),
@@ -235,6 +240,7 @@ impl Broker {
             settings,
             acks,
             commands.clone(),
+            self.inner.consumer_limits,
         );
         let task = tokio::spawn(dispatcher.run(rx));
         let handle = Arc::new(SubscriptionHandle {
@@ -326,30 +332,26 @@ impl Broker {
         channel: &str,
         subscription: &str,
         window: Window,
-    ) -> Result<(ConsumerHandle, mpsc::Receiver<ConsumerEvent>, Attached)> {
+    ) -> Result<(ConsumerHandle, ConsumerEvents, Attached)> {
         self.check_open()?;
         let window = window.with_defaults()?;
         let handle = self.channel(channel)?.subscription(subscription)?;
-        let (events, receiver) = mpsc::channel(window.max_messages as usize + EVENT_SLACK);
         let (reply, attached) = oneshot::channel();
         handle
             .commands
-            .send(Command::Attach {
-                window,
-                events,
-                reply,
-            })
+            .send(Command::Attach { window, reply })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
-        let attached = attached.await.map_err(|_| CoreError::ShuttingDown)?;
+        let (attached, events, gate) = attached.await.map_err(|_| CoreError::ShuttingDown)?;
         let attachment = Attachment {
             consumer: attached.consumer_id,
             commands: handle.commands.clone(),
+            gate,
         };
         let consumer = ConsumerHandle {
             attachment: Arc::new(attachment),
         };
-        Ok((consumer, receiver, attached))
+        Ok((consumer, events, attached))
     }
 
     /// Creates a channel.

@@ -8,27 +8,23 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_store::{ChannelLog, Message, Store, SubscriptionId, SubscriptionSettings};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::acks::AckSet;
 use crate::error::CoreError;
+use crate::outbox::{ConsumerEvents, Outbox, RequestGate, outbox};
 use crate::{
-    AckOperation, AckOutcome, AckResult, Attached, ConsumerEvent, Delivery, SubscriptionStats,
-    Window,
+    AckOperation, AckOutcome, AckResult, Attached, ConsumerEvent, ConsumerLimits, Delivery,
+    SubscriptionStats, Window,
 };
 
 /// How many new messages the dispatcher reads ahead of its consumers at most.
 const PREFETCH_MESSAGES: usize = 512;
 const PREFETCH_BYTES: usize = 4 << 20;
-/// How many results a consumer may leave unread before it is detached.
-const MAX_UNREAD_RESULTS: usize = 1024;
-/// How soon the dispatcher looks again at a consumer whose event queue was full.
-const STALL_RETRY: Duration = Duration::from_millis(10);
 /// The most payload bytes in one deliveries event (a larger single message goes alone).
 const EVENT_BYTES: usize = 1 << 20;
 
@@ -36,8 +32,7 @@ const EVENT_BYTES: usize = 1 << 20;
 pub(crate) enum Command {
     Attach {
         window: Window,
-        events: mpsc::Sender<ConsumerEvent>,
-        reply: oneshot::Sender<Attached>,
+        reply: oneshot::Sender<(Attached, ConsumerEvents, RequestGate)>,
     },
     Detach {
         consumer: u64,
@@ -75,55 +70,34 @@ struct InFlight {
 }
 
 struct Consumer {
-    events: mpsc::Sender<ConsumerEvent>,
-    results: ResultSink,
+    outbox: Outbox,
     window: Window,
+    /// Unsettled deliveries and their bytes, against the window.
     messages: u32,
     bytes: u64,
-    /// Deliveries made this round, sent together.
+    /// Deliveries made this round, sent together, and their heap bytes.
     batch: Vec<Delivery>,
+    batch_bytes: usize,
 }
 
 impl Consumer {
-    fn fits(&self, size: u64) -> bool {
+    /// Whether a message of this size (against the window) and heap size (against the
+    /// outbox) may go to this consumer now.
+    fn fits(&self, size: u64, heap: usize) -> bool {
         self.messages < self.window.max_messages
             && (self.messages == 0 || self.bytes + size <= self.window.max_bytes)
-    }
-
-    /// Room in its window but none in its event queue: it is not reading fast enough, and the
-    /// dispatcher must look again later, since nothing else would wake it for this consumer.
-    fn stalled(&self) -> bool {
-        self.fits(0) && self.events.capacity() == 0
+            && self.outbox.has_room(self.batch_bytes + heap)
     }
 }
 
-/// Sends ack, nack and extend results to a consumer without ever blocking the dispatcher: at
-/// once when its queue has room, else from a task that waits for room. A consumer that leaves
-/// more than [`MAX_UNREAD_RESULTS`] results waiting is not reading its stream and is detached.
-#[derive(Clone)]
-struct ResultSink {
-    events: mpsc::Sender<ConsumerEvent>,
-    waiting: Arc<AtomicUsize>,
+/// The bytes a delivery holds while it waits in an outbox.
+fn delivery_bytes(delivery: &Delivery) -> usize {
+    delivery.message.heap_size() + delivery.ack_id.len() + 48
 }
 
-impl ResultSink {
-    /// False when the consumer must be detached for not reading.
-    fn send(&self, event: ConsumerEvent) -> bool {
-        let event = match self.events.try_send(event) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return true,
-            Err(mpsc::error::TrySendError::Full(event)) => event,
-        };
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_UNREAD_RESULTS {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        let sink = self.clone();
-        tokio::spawn(async move {
-            let _ = sink.events.send(event).await;
-            sink.waiting.fetch_sub(1, Ordering::AcqRel);
-        });
-        true
-    }
+/// The bytes a results event holds while it waits in an outbox.
+fn results_bytes(results: &[AckOutcome]) -> usize {
+    results.iter().map(|r| r.ack_id.len() + 48).sum::<usize>() + 64
 }
 
 /// The dispatcher's state.
@@ -134,6 +108,9 @@ pub(crate) struct Dispatcher {
     store: Store,
     settings: SubscriptionSettings,
     commands: mpsc::Sender<Command>,
+    limits: ConsumerLimits,
+    /// Notified by the consumers' outboxes when their streams take events (room appears).
+    wake: Arc<Notify>,
     acks: AckSet,
     /// The floor the store has confirmed (what a crash would come back to).
     durable_floor: u64,
@@ -168,6 +145,7 @@ impl Dispatcher {
         settings: SubscriptionSettings,
         acks: AckSet,
         commands: mpsc::Sender<Command>,
+        limits: ConsumerLimits,
     ) -> Self {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -179,6 +157,8 @@ impl Dispatcher {
             store,
             settings,
             commands,
+            limits,
+            wake: Arc::new(Notify::new()),
             durable_floor: acks.floor(),
             cursor: acks.floor(),
             acks,
@@ -197,6 +177,11 @@ impl Dispatcher {
     /// Runs until stopped or until every handle to it is gone.
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut end = self.log.watch_end();
+        let mut stall_check = tokio::time::interval(
+            (self.limits.stall_timeout / 4)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        );
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.deadlines.first().map(|(at, _)| *at);
             tokio::select! {
@@ -221,7 +206,8 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.expire();
                 }
-                _ = tokio::time::sleep(STALL_RETRY), if self.consumers.values().any(Consumer::stalled) => {}
+                _ = self.wake.notified(), if !self.consumers.is_empty() => {}
+                _ = stall_check.tick(), if !self.consumers.is_empty() => self.detach_stalled(),
             }
             self.dispatch();
         }
@@ -231,34 +217,31 @@ impl Dispatcher {
     /// Handles one command; false when the dispatcher must stop.
     async fn handle(&mut self, command: Command) -> bool {
         match command {
-            Command::Attach {
-                window,
-                events,
-                reply,
-            } => {
+            Command::Attach { window, reply } => {
                 let id = self.next_consumer;
                 self.next_consumer += 1;
-                let results = ResultSink {
-                    events: events.clone(),
-                    waiting: Arc::new(AtomicUsize::new(0)),
-                };
+                let (outbox, events) = outbox(self.limits.queue_bytes, self.wake.clone());
+                let gate = outbox.gate();
                 let consumer = Consumer {
-                    events,
-                    results,
+                    outbox,
                     window,
                     messages: 0,
                     bytes: 0,
                     batch: Vec::new(),
+                    batch_bytes: 0,
                 };
                 self.consumers.insert(id, consumer);
-                let _ = reply.send(Attached {
+                let attached = Attached {
                     consumer_id: id,
                     ack_deadline_ms: self.settings.ack_deadline_ms,
                     window,
-                });
+                };
+                let _ = reply.send((attached, events, gate));
                 tracing::debug!(subscription = %self.name, consumer = id, "consumer attached");
             }
-            Command::Detach { consumer } => self.detach(consumer),
+            Command::Detach { consumer } => {
+                self.detach(consumer);
+            }
             Command::Settle {
                 consumer,
                 operation,
@@ -285,16 +268,13 @@ impl Dispatcher {
 
     fn stop(&mut self, reason: CoreError) {
         for (_, consumer) in std::mem::take(&mut self.consumers) {
-            let _ = consumer
-                .events
-                .try_send(ConsumerEvent::Closed(reason.clone()));
+            consumer.outbox.close(reason.clone());
         }
     }
 
-    fn detach(&mut self, consumer: u64) {
-        if self.consumers.remove(&consumer).is_none() {
-            return;
-        }
+    /// Lets go of a consumer and releases its deliveries; returns its outbox.
+    fn detach(&mut self, consumer: u64) -> Option<Outbox> {
+        let outbox = self.consumers.remove(&consumer)?.outbox;
         let released: Vec<u64> = self
             .in_flight
             .iter()
@@ -305,6 +285,38 @@ impl Dispatcher {
             self.requeue(*seq);
         }
         tracing::debug!(subscription = %self.name, consumer, released = released.len(), "consumer detached");
+        Some(outbox)
+    }
+
+    /// Detaches every consumer whose stream has taken nothing from a non-empty outbox for the
+    /// stall timeout: it holds deliveries others could process, and memory while it holds them.
+    fn detach_stalled(&mut self) {
+        let timeout = self.limits.stall_timeout;
+        let stalled: Vec<(u64, Duration, usize)> = self
+            .consumers
+            .iter()
+            .map(|(&id, c)| (id, c.outbox.stalled_for(), c.outbox.queued()))
+            .filter(|(_, stalled, _)| *stalled >= timeout)
+            .collect();
+        for (consumer, stalled, queued) in stalled {
+            let in_flight = self.consumers[&consumer].messages;
+            tracing::warn!(
+                subscription = %self.name,
+                consumer,
+                stalled_ms = stalled.as_millis() as u64,
+                queued_bytes = queued,
+                released = in_flight,
+                "consumer read nothing from its stream: detached"
+            );
+            if let Some(outbox) = self.detach(consumer) {
+                outbox.close(CoreError::ConsumerStalled {
+                    subscription: self.name.clone(),
+                    consumer,
+                    stalled,
+                    queued_bytes: queued,
+                });
+            }
+        }
     }
 
     /// Takes a delivery back (nack, expiry, release) so that it is delivered again.
@@ -360,15 +372,16 @@ impl Dispatcher {
             };
             outcomes.push(AckOutcome { ack_id, result });
         }
-        let results = self.consumers.get(&consumer).map(|c| c.results.clone());
+        let outbox = self.consumers.get(&consumer).map(|c| c.outbox.clone());
+        let bytes = results_bytes(&outcomes);
         let event = ConsumerEvent::Results {
             operation,
             results: outcomes,
         };
         if !acked {
             // Nothing to make durable: answer now.
-            if results.is_some_and(|sink| !sink.send(event)) {
-                self.drop_unread(consumer);
+            if let Some(outbox) = outbox {
+                outbox.push(bytes, event);
             }
             return;
         }
@@ -387,23 +400,17 @@ impl Dispatcher {
                 Ok(()) => {
                     // The floor first: collection must not wait on a consumer that reads slowly.
                     let _ = commands.send(Command::AcksDurable { floor }).await;
-                    if results.is_some_and(|sink| !sink.send(event)) {
-                        let _ = commands.send(Command::Detach { consumer }).await;
+                    if let Some(outbox) = outbox {
+                        outbox.push(bytes, event);
                     }
                 }
                 Err(e) => {
-                    if let Some(sink) = results {
-                        sink.send(ConsumerEvent::Closed(e.into()));
+                    if let Some(outbox) = outbox {
+                        outbox.close(e.into());
                     }
                 }
             }
         });
-    }
-
-    /// Detaches a consumer that has stopped reading its stream.
-    fn drop_unread(&mut self, consumer: u64) {
-        tracing::warn!(subscription = %self.name, consumer, "consumer does not read its stream: detached");
-        self.detach(consumer);
     }
 
     /// Finds the in-flight delivery an ack id names.
@@ -429,18 +436,15 @@ impl Dispatcher {
 
     /// Hands out as many messages as the consumers' windows allow.
     fn dispatch(&mut self) {
-        if !self
-            .consumers
-            .values()
-            .any(|c| c.fits(0) && c.events.capacity() > 0)
-        {
+        if !self.consumers.values().any(|c| c.fits(0, 0)) {
             return;
         }
         loop {
             let Some((message, attempt)) = self.next_message() else {
                 break;
             };
-            let Some(consumer) = self.pick_consumer(message.size() as u64) else {
+            let Some(consumer) = self.pick_consumer(message.size() as u64, message.heap_size())
+            else {
                 // Nobody has room for it now: put it back where it came from.
                 if attempt > 1 {
                     self.attempts.insert(message.sequence, attempt - 1);
@@ -469,11 +473,13 @@ impl Dispatcher {
             let c = self.consumers.get_mut(&consumer).expect("picked");
             c.messages += 1;
             c.bytes += bytes;
-            c.batch.push(Delivery {
+            let delivery = Delivery {
                 ack_id: format_ack_id(self.id.0, seq, delivery),
                 message,
                 attempt,
-            });
+            };
+            c.batch_bytes += delivery_bytes(&delivery);
+            c.batch.push(delivery);
         }
         self.flush_batches();
     }
@@ -521,13 +527,13 @@ impl Dispatcher {
     }
 
     /// The next consumer, in turn, with room for a message of this size.
-    fn pick_consumer(&mut self, size: u64) -> Option<u64> {
+    fn pick_consumer(&mut self, size: u64, heap: usize) -> Option<u64> {
         let start = self.round_robin;
         let found = self
             .consumers
             .range(start..)
             .chain(self.consumers.range(..start))
-            .find(|(_, c)| c.fits(size) && c.events.capacity() > 0)
+            .find(|(_, c)| c.fits(size, heap))
             .map(|(&id, _)| id)?;
         self.round_robin = found + 1;
         Some(found)
@@ -535,39 +541,27 @@ impl Dispatcher {
 
     fn flush_batches(&mut self) {
         let mut gone = Vec::new();
-        let mut unsent = Vec::new();
         for (&id, consumer) in &mut self.consumers {
+            consumer.batch_bytes = 0;
             let mut batch = std::mem::take(&mut consumer.batch).into_iter().peekable();
             while batch.peek().is_some() {
                 // Each event stays well below gRPC clients' default 4 MiB message limit.
-                let mut bytes = 0;
+                let (mut size, mut bytes) = (0, 0);
                 let mut event = Vec::new();
                 while let Some(delivery) =
-                    batch.next_if(|d| event.is_empty() || bytes + d.message.size() <= EVENT_BYTES)
+                    batch.next_if(|d| event.is_empty() || size + d.message.size() <= EVENT_BYTES)
                 {
-                    bytes += delivery.message.size();
+                    size += delivery.message.size();
+                    bytes += delivery_bytes(&delivery);
                     event.push(delivery);
                 }
-                match consumer.events.try_send(ConsumerEvent::Deliveries(event)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        gone.push(id);
-                        break;
-                    }
-                    // Results sent meanwhile took the room: take these back and retry later.
-                    Err(mpsc::error::TrySendError::Full(event)) => {
-                        if let ConsumerEvent::Deliveries(event) = event {
-                            unsent.extend(event.into_iter().map(|d| d.message.sequence));
-                        }
-                        unsent.extend(batch.by_ref().map(|d| d.message.sequence));
-                    }
+                if !consumer
+                    .outbox
+                    .push(bytes, ConsumerEvent::Deliveries(event))
+                {
+                    gone.push(id);
+                    break;
                 }
-            }
-        }
-        // Deliveries that never left go back without counting as an attempt.
-        for seq in unsent {
-            if let Some(flight) = self.requeue(seq) {
-                self.attempts.insert(seq, flight.attempt - 1);
             }
         }
         for id in gone {

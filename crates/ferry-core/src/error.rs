@@ -30,6 +30,23 @@ pub enum CoreError {
         /// The subscription.
         name: String,
     },
+    /// A consumer read nothing from its stream for too long while deliveries waited for it: it
+    /// was detached and its deliveries released to other consumers.
+    #[error(
+        "consumer {consumer} of subscription {subscription:?} took nothing from its stream for \
+         {stalled:?} while {queued_bytes} bytes waited for it: detached, its deliveries go to \
+         other consumers; read the stream continuously (or ask for a smaller window)"
+    )]
+    ConsumerStalled {
+        /// The subscription.
+        subscription: String,
+        /// The consumer's id.
+        consumer: u64,
+        /// How long nothing was taken.
+        stalled: std::time::Duration,
+        /// What was waiting.
+        queued_bytes: usize,
+    },
     /// The broker is shutting down; try another instance or later.
     #[error("the broker is shutting down")]
     ShuttingDown,

@@ -7,6 +7,7 @@
 //!   administration;
 //! - `dispatcher`: one task per subscription that owns its delivery state (windows, in-flight
 //!   deliveries, deadlines, redeliveries) and saves acks before confirming them;
+//! - [`outbox`]: what waits for one consumer's stream, bounded in bytes;
 //! - `acks`: the ack floor and the acked ranges above it;
 //! - [`names`]: what a channel or subscription name may be;
 //! - [`error`]: the errors the server maps to gRPC status codes.
@@ -14,17 +15,20 @@
 pub mod broker;
 pub mod error;
 pub mod names;
+pub mod outbox;
 
 mod acks;
 mod dispatcher;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
-    FsyncMode, Message, NewMessage, StoreError, StoreOptions, SubscriptionSettings,
+    Attributes, FsyncMode, Message, NewMessage, StoreError, StoreOptions, SubscriptionSettings,
 };
+pub use outbox::ConsumerEvents;
 
 /// The default ack deadline of a subscription.
 pub const DEFAULT_ACK_DEADLINE_MS: u64 = 30_000;
@@ -45,6 +49,28 @@ pub struct BrokerOptions {
     pub store: StoreOptions,
     /// Size limits on what publishers send.
     pub limits: Limits,
+    /// What one consumer may hold of the broker's memory and time.
+    pub consumers: ConsumerLimits,
+}
+
+/// Bounds on what one consumer can make the broker hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerLimits {
+    /// The most bytes of deliveries waiting in one consumer's outbox for its stream to send
+    /// them (messages counted at their size in memory).
+    pub queue_bytes: usize,
+    /// A consumer whose stream takes nothing from a non-empty outbox for this long is detached
+    /// and its deliveries released.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ConsumerLimits {
+    fn default() -> Self {
+        Self {
+            queue_bytes: 8 << 20,
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Size limits on publishing.

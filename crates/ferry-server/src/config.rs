@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::{
-    BrokerOptions, ChannelDecl, DEFAULT_ACK_DEADLINE_MS, FsyncMode, Limits, StoreOptions,
-    SubscriptionDecl, SubscriptionSettings,
+    BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, FsyncMode, Limits,
+    StoreOptions, SubscriptionDecl, SubscriptionSettings,
 };
 use serde::Deserialize;
 
@@ -64,7 +64,9 @@ pub struct StorageConfig {
     pub fsync_interval: HumanDuration,
     /// sled's page cache.
     pub cache_capacity: ByteSize,
-    /// Per channel: newest messages kept decoded in memory.
+    /// Broker-wide: newest messages of all channels kept decoded in memory.
+    pub message_cache: ByteSize,
+    /// Per channel: the most of `message_cache` one channel may hold.
     pub tail_cache: ByteSize,
     /// Message records go to segment files of about this size, each deleted once all is acked.
     pub segment_size: ByteSize,
@@ -80,6 +82,10 @@ pub struct LimitsConfig {
     pub max_batch_messages: usize,
     /// The most bytes in one publish request.
     pub max_batch_bytes: ByteSize,
+    /// The most bytes of deliveries waiting for one consumer's stream.
+    pub consumer_queue: ByteSize,
+    /// How long a consumer may leave its stream unread before it is detached.
+    pub consumer_stall_timeout: HumanDuration,
 }
 
 /// `[[channels]]`
@@ -144,7 +150,8 @@ impl Default for StorageConfig {
             fsync: FsyncSetting::Always,
             fsync_interval: HumanDuration(Duration::from_millis(100)),
             cache_capacity: ByteSize(128 << 20),
-            tail_cache: ByteSize(16 << 20),
+            message_cache: ByteSize(StoreOptions::default().message_cache_bytes as u64),
+            tail_cache: ByteSize(StoreOptions::default().tail_cache_bytes as u64),
             segment_size: ByteSize(64 << 20),
         }
     }
@@ -153,10 +160,13 @@ impl Default for StorageConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         let limits = Limits::default();
+        let consumers = ConsumerLimits::default();
         Self {
             max_message_bytes: ByteSize(limits.max_message_bytes as u64),
             max_batch_messages: limits.max_batch_messages,
             max_batch_bytes: ByteSize(limits.max_batch_bytes as u64),
+            consumer_queue: ByteSize(consumers.queue_bytes as u64),
+            consumer_stall_timeout: HumanDuration(consumers.stall_timeout),
         }
     }
 }
@@ -204,6 +214,12 @@ impl Config {
                 storage.cache_capacity.0
             ));
         }
+        if storage.message_cache.0 > 1 << 40 || storage.tail_cache.0 > 1 << 40 {
+            return Err(format!(
+                "storage.message_cache ({}) and storage.tail_cache ({}) must each be at most 1TiB",
+                storage.message_cache.0, storage.tail_cache.0
+            ));
+        }
         if !(1 << 20..=1 << 30).contains(&storage.segment_size.0) {
             return Err(format!(
                 "storage.segment_size is {} bytes; it must be from 1MiB to 1GiB",
@@ -229,6 +245,18 @@ impl Config {
             return Err(format!(
                 "limits.max_batch_bytes is {}; it must be at least limits.max_message_bytes ({}) and at most 256MiB",
                 limits.max_batch_bytes.0, limits.max_message_bytes.0
+            ));
+        }
+        if !(64 << 10..=1 << 30).contains(&limits.consumer_queue.0) {
+            return Err(format!(
+                "limits.consumer_queue is {} bytes; it must be from 64KiB to 1GiB",
+                limits.consumer_queue.0
+            ));
+        }
+        let stall = limits.consumer_stall_timeout.0;
+        if stall < Duration::from_millis(100) || stall > Duration::from_secs(3600) {
+            return Err(format!(
+                "limits.consumer_stall_timeout is {stall:?}; it must be from 100ms to 1h"
             ));
         }
         let mut channels = HashSet::new();
@@ -271,6 +299,7 @@ impl Config {
                     FsyncSetting::Never => FsyncMode::Never,
                 },
                 cache_capacity_bytes: storage.cache_capacity.0,
+                message_cache_bytes: storage.message_cache.0 as usize,
                 tail_cache_bytes: storage.tail_cache.0 as usize,
                 segment_bytes: storage.segment_size.0,
             },
@@ -278,6 +307,10 @@ impl Config {
                 max_message_bytes: self.limits.max_message_bytes.0 as usize,
                 max_batch_messages: self.limits.max_batch_messages,
                 max_batch_bytes: self.limits.max_batch_bytes.0 as usize,
+            },
+            consumers: ConsumerLimits {
+                queue_bytes: self.limits.consumer_queue.0 as usize,
+                stall_timeout: self.limits.consumer_stall_timeout.0,
             },
         }
     }

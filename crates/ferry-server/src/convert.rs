@@ -3,17 +3,20 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use bytes::Bytes;
 use ferry_core::{
-    AckOutcome, AckResult, ChannelInfo, DEFAULT_ACK_DEADLINE_MS, Delivery, Message, NewMessage,
-    SubscriptionStats, Window,
+    AckOutcome, AckResult, Attributes, ChannelInfo, DEFAULT_ACK_DEADLINE_MS, Delivery, Message,
+    NewMessage, SubscriptionStats, Window,
 };
 use ferry_proto::pb;
 use tonic::Status;
 
 pub fn new_message(m: pb::OutgoingMessage) -> NewMessage {
     NewMessage {
-        payload: m.payload,
-        attributes: m.attributes.into_iter().collect(),
+        // The decoded payload is a slice of the request's receive buffer; a cached message must
+        // not keep that whole buffer alive, so it gets its own copy.
+        payload: Bytes::copy_from_slice(&m.payload),
+        attributes: Attributes::from_pairs(m.attributes),
         key: m.key,
         id: m.id,
     }
@@ -22,7 +25,11 @@ pub fn new_message(m: pb::OutgoingMessage) -> NewMessage {
 pub fn message(m: &Message) -> pb::Message {
     pb::Message {
         payload: m.payload.clone(),
-        attributes: m.attributes.iter().cloned().collect(),
+        attributes: m
+            .attributes
+            .iter()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect(),
         key: m.key.clone(),
         id: m.id.clone(),
         sequence: m.sequence,

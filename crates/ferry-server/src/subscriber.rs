@@ -4,12 +4,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ferry_core::{AckOperation, Broker, ConsumerEvent, ConsumerHandle, MAX_ACK_DEADLINE_MS};
+use ferry_core::{
+    AckOperation, Broker, ConsumerEvent, ConsumerEvents, ConsumerHandle, MAX_ACK_DEADLINE_MS,
+};
 use ferry_proto::pb::subscriber_server::Subscriber;
 use ferry_proto::pb::{
     self, subscribe_request::Request as Req, subscribe_response::Response as Resp,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -153,7 +155,7 @@ async fn read_requests(
 /// the consumer is detached and its deliveries released.
 pub struct ConsumerStream {
     first: Option<pb::SubscribeResponse>,
-    events: mpsc::Receiver<ConsumerEvent>,
+    events: ConsumerEvents,
     /// Where the request reader reports a malformed request; None once it has answered (a
     /// oneshot must not be polled again after it completes).
     aborted: Option<oneshot::Receiver<Status>>,

@@ -25,8 +25,10 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
+use crate::message::AttributesBuilder;
 use crate::{
-    AckState, ChannelId, Message, NewMessage, StoreError, SubscriptionId, SubscriptionSettings,
+    AckState, Attributes, ChannelId, Message, NewMessage, StoreError, SubscriptionId,
+    SubscriptionSettings,
 };
 
 /// The version of this layout, stored under `V`.
@@ -146,7 +148,7 @@ pub(crate) fn encode_body(messages: &[NewMessage], publish_time_ms: u64, body: &
         put_str(body, &m.key);
         put_str(body, &m.id);
         body.put_u32_le(m.attributes.len() as u32);
-        for (k, v) in &m.attributes {
+        for (k, v) in m.attributes.iter() {
             put_str(body, k);
             put_str(body, v);
         }
@@ -207,8 +209,9 @@ pub(crate) fn decode_record(
     if record_crc(channel, first_seq, count, body) != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    let body = Bytes::copy_from_slice(body);
-    let mut cursor = body.clone();
+    // Each message gets its own copies of its bytes: a message handed out must never keep the
+    // whole record (up to 256 KiB) alive.
+    let mut cursor = body;
     let mut messages = Vec::with_capacity((count as usize).min(body.len() / 24 + 1));
     for i in 0..u64::from(count) {
         let truncated = || corrupt("truncated message");
@@ -218,24 +221,15 @@ pub(crate) fn decode_record(
         let publish_time_ms = cursor.get_u64_le();
         let key = get_str(&mut cursor).ok_or_else(truncated)?;
         let id = get_str(&mut cursor).ok_or_else(truncated)?;
-        if cursor.remaining() < 4 {
-            return Err(truncated());
-        }
-        let n = cursor.get_u32_le() as usize;
-        let mut attributes = Vec::with_capacity(n.min(64));
-        for _ in 0..n {
-            let k = get_str(&mut cursor).ok_or_else(truncated)?;
-            let v = get_str(&mut cursor).ok_or_else(truncated)?;
-            attributes.push((k, v));
-        }
-        let payload = get_bytes(&mut cursor).ok_or_else(truncated)?;
+        let attributes = get_attributes(&mut cursor).ok_or_else(truncated)?;
+        let payload = get_slice(&mut cursor).ok_or_else(truncated)?;
         messages.push(Message {
             sequence: first_seq + i,
             publish_time_ms,
-            key,
-            id,
+            key: key.to_owned(),
+            id: id.to_owned(),
             attributes,
-            payload,
+            payload: Bytes::copy_from_slice(payload),
         });
     }
     if cursor.has_remaining() {
@@ -357,16 +351,40 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.put_slice(s.as_bytes());
 }
 
-fn get_bytes(cursor: &mut Bytes) -> Option<Bytes> {
+fn get_slice<'a>(cursor: &mut &'a [u8]) -> Option<&'a [u8]> {
     if cursor.remaining() < 4 {
         return None;
     }
     let len = cursor.get_u32_le() as usize;
-    (cursor.remaining() >= len).then(|| cursor.split_to(len))
+    if cursor.remaining() < len {
+        return None;
+    }
+    let (slice, rest) = cursor.split_at(len);
+    *cursor = rest;
+    Some(slice)
 }
 
-fn get_str(cursor: &mut Bytes) -> Option<String> {
-    get_bytes(cursor).and_then(|b| String::from_utf8(b.to_vec()).ok())
+fn get_str<'a>(cursor: &mut &'a [u8]) -> Option<&'a str> {
+    get_slice(cursor).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+fn get_attributes(cursor: &mut &[u8]) -> Option<Attributes> {
+    if cursor.remaining() < 4 {
+        return None;
+    }
+    let n = cursor.get_u32_le() as usize;
+    // Every pair takes at least its two length prefixes: a damaged count cannot make us reserve
+    // more than the record holds.
+    if n > cursor.remaining() / 8 {
+        return None;
+    }
+    let mut attributes = AttributesBuilder::with_capacity(n, cursor.remaining().min(n * 32));
+    for _ in 0..n {
+        let name = get_str(cursor)?;
+        let value = get_str(cursor)?;
+        attributes.push(name, value);
+    }
+    Some(attributes.build())
 }
 
 fn get_str_slice(raw: &mut &[u8]) -> Option<String> {
@@ -389,7 +407,7 @@ mod tests {
     fn message(payload: &[u8]) -> NewMessage {
         NewMessage {
             payload: Bytes::copy_from_slice(payload),
-            attributes: vec![("a".into(), "1".into())],
+            attributes: Attributes::from_pairs([("a", "1")]),
             key: "k".into(),
             id: "id-1".into(),
         }

@@ -18,6 +18,7 @@
 
 mod codec;
 mod log;
+mod message;
 mod segment;
 mod writer;
 
@@ -27,10 +28,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use log::ChannelLog;
+use log::MessageCache;
+pub use message::{Attributes, Message, NewMessage};
 use writer::{Op, Writer};
 
 /// Identifies a channel inside the store (names live in the channel's record).
@@ -40,60 +42,6 @@ pub struct ChannelId(pub u32);
 /// Identifies a subscription inside the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubscriptionId(pub u32);
-
-/// A message as handed in by a publisher, before the store numbers it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewMessage {
-    /// The opaque body.
-    pub payload: Bytes,
-    /// String headers, in the order given.
-    pub attributes: Vec<(String, String)>,
-    /// Ordering key ("" = none).
-    pub key: String,
-    /// Publisher-chosen id ("" = none).
-    pub id: String,
-}
-
-impl NewMessage {
-    /// The bytes this message counts for against size limits and flow-control windows.
-    pub fn size(&self) -> usize {
-        message_size(&self.payload, &self.attributes, &self.key, &self.id)
-    }
-}
-
-/// A stored message: immutable once written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// Strictly increasing within its channel, from 1.
-    pub sequence: u64,
-    /// When the store accepted it, in milliseconds since the Unix epoch.
-    pub publish_time_ms: u64,
-    /// Ordering key ("" = none).
-    pub key: String,
-    /// Publisher-chosen id ("" = none).
-    pub id: String,
-    /// String headers.
-    pub attributes: Vec<(String, String)>,
-    /// The opaque body.
-    pub payload: Bytes,
-}
-
-impl Message {
-    /// The bytes this message counts for against size limits and flow-control windows.
-    pub fn size(&self) -> usize {
-        message_size(&self.payload, &self.attributes, &self.key, &self.id)
-    }
-}
-
-fn message_size(payload: &Bytes, attributes: &[(String, String)], key: &str, id: &str) -> usize {
-    payload.len()
-        + key.len()
-        + id.len()
-        + attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-}
 
 /// A subscription's durable acknowledgement state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -132,8 +80,11 @@ pub struct StoreOptions {
     pub fsync: FsyncMode,
     /// sled's page cache size.
     pub cache_capacity_bytes: u64,
-    /// How many bytes of the newest messages each channel keeps decoded in memory for live
-    /// subscribers; older ones are read from disk.
+    /// How many bytes of the newest messages all channels together keep decoded in memory for
+    /// live subscribers (at their real size in memory); older ones are read from disk. The
+    /// channels read least recently give up their cached messages first.
+    pub message_cache_bytes: usize,
+    /// The most of `message_cache_bytes` that one channel may hold.
     pub tail_cache_bytes: usize,
     /// The size at which a segment file is finished and a new one started. Disk space comes
     /// back a whole segment file at a time, once every record in it is acked.
@@ -145,7 +96,8 @@ impl Default for StoreOptions {
         Self {
             fsync: FsyncMode::Always,
             cache_capacity_bytes: 128 << 20,
-            tail_cache_bytes: 16 << 20,
+            message_cache_bytes: 256 << 20,
+            tail_cache_bytes: 64 << 20,
             segment_bytes: 64 << 20,
         }
     }
@@ -257,6 +209,8 @@ pub struct Store {
 struct Shared {
     /// The open channels' logs; the writer adds and removes entries.
     logs: RwLock<HashMap<ChannelId, Arc<ChannelLog>>>,
+    /// The budget all channels' cached messages share.
+    cache: Arc<MessageCache>,
     /// Set when a write failed: from then on the store refuses writes (sled's I/O errors are
     /// sticky, and confirming anything after one would be a lie).
     failure: Mutex<Option<String>>,
@@ -272,10 +226,15 @@ impl Store {
             .path(dir)
             .cache_capacity(options.cache_capacity_bytes)
             .open()?;
-        let (writer, recovered, logs) = Writer::recover(db, dir, &options)?;
+        let cache = Arc::new(MessageCache::new(
+            options.message_cache_bytes,
+            options.tail_cache_bytes,
+        ));
+        let (writer, recovered, logs) = Writer::recover(db, dir, &options, cache.clone())?;
         let (ops, rx) = mpsc::channel(WRITE_QUEUE);
         let shared = Arc::new(Shared {
             logs: RwLock::new(logs),
+            cache,
             failure: Mutex::new(None),
             writer: Mutex::new(None),
         });
@@ -399,6 +358,11 @@ impl Store {
             .get(&channel)
             .cloned()
             .ok_or(StoreError::ChannelNotFound)
+    }
+
+    /// Bytes of messages cached in memory now, all channels together.
+    pub fn cached_bytes(&self) -> usize {
+        self.shared.cache.used()
     }
 
     /// Why the store stopped accepting writes, if it did.

@@ -4,15 +4,78 @@
 //! and copies no payload; a subscriber that has fallen behind finds records through the sled
 //! index and reads them from their segment files, and the broker's memory stays bounded by the
 //! cache budget, not by the backlog.
+//!
+//! The budget is broker-wide ([`MessageCache`]): every channel's tail counts against it, at the
+//! messages' real size in memory, and when it is exceeded the channels read least recently give
+//! up their oldest cached messages first. A channel nobody reads (its subscribers are far
+//! behind, or it has none) so holds no memory that a live channel could use, and a thousand
+//! channels need no more memory than one.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
 use crate::codec::{RecordLocation, decode_record, parse_record_key, record_key};
 use crate::segment::Segments;
 use crate::{ChannelId, ChannelStats, Message, Result};
+
+/// The broker-wide budget of decoded messages, shared by every channel's tail.
+pub(crate) struct MessageCache {
+    /// All tails together hold at most this many bytes (after each commit's eviction)...
+    limit: usize,
+    /// ...and one channel's tail at most this many.
+    per_channel: usize,
+    used: AtomicUsize,
+    /// Read times are kept in milliseconds since this.
+    epoch: Instant,
+}
+
+impl MessageCache {
+    pub(crate) fn new(limit: usize, per_channel: usize) -> Self {
+        Self {
+            limit,
+            per_channel: per_channel.min(limit),
+            used: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Bytes cached now, all channels together.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Brings the cache back under its budget: the channels read least recently give up their
+    /// oldest messages first. Evicts down to 7/8 of the budget, so that the next commits do not
+    /// each pay for a pass over all channels.
+    pub(crate) fn enforce(&self, logs: &RwLock<HashMap<ChannelId, Arc<ChannelLog>>>) {
+        if self.used() <= self.limit {
+            return;
+        }
+        let target = self.limit - self.limit / 8;
+        let mut coldest: Vec<(u64, Arc<ChannelLog>)> = logs
+            .read()
+            .expect("logs lock")
+            .values()
+            .map(|log| (log.last_read.load(Ordering::Acquire), log.clone()))
+            .collect();
+        coldest.sort_unstable_by_key(|(read, log)| (*read, log.id()));
+        for (_, log) in coldest {
+            let used = self.used();
+            if used <= target {
+                break;
+            }
+            log.shed(used - target);
+        }
+    }
+}
 
 /// One channel's log as readers see it. The writer thread updates it after each commit, so
 /// everything readable here is durable.
@@ -23,12 +86,16 @@ pub struct ChannelLog {
     /// The durable end (next sequence); readers wait on it for new messages.
     end: watch::Sender<u64>,
     state: Mutex<LogState>,
-    tail_budget: usize,
+    cache: Arc<MessageCache>,
+    /// When a reader last asked for messages (ms since the cache's epoch): the coldest channels
+    /// are evicted first.
+    last_read: AtomicU64,
 }
 
 struct LogState {
     /// Consecutive messages ending at `stats.next_seq - 1`.
     tail: VecDeque<Arc<Message>>,
+    /// Their heap size, counted in the cache's budget.
     tail_bytes: usize,
     stats: ChannelStats,
 }
@@ -39,7 +106,7 @@ impl ChannelLog {
         db: sled::Db,
         segments: Arc<Segments>,
         stats: ChannelStats,
-        tail_budget: usize,
+        cache: Arc<MessageCache>,
     ) -> Self {
         let (end, _) = watch::channel(stats.next_seq);
         let state = LogState {
@@ -53,7 +120,8 @@ impl ChannelLog {
             segments,
             end,
             state: Mutex::new(state),
-            tail_budget,
+            last_read: AtomicU64::new(cache.now_ms()),
+            cache,
         }
     }
 
@@ -80,6 +148,7 @@ impl ChannelLog {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<Arc<Message>>> {
+        self.last_read.store(self.cache.now_ms(), Ordering::Release);
         let mut out = Vec::new();
         loop {
             let cached_from = {
@@ -155,12 +224,16 @@ impl ChannelLog {
     }
 
     /// Called by the writer after a commit made these messages durable.
+    /// The caller then runs [`MessageCache::enforce`].
     pub(crate) fn appended(&self, messages: Vec<Message>, stats: ChannelStats) {
         let mut state = self.lock();
+        let mut added = 0;
         for message in messages {
-            state.tail_bytes += message.size() + TAIL_OVERHEAD;
+            added += message.heap_size() + TAIL_ENTRY;
             state.tail.push_back(Arc::new(message));
         }
+        state.tail_bytes += added;
+        self.cache.used.fetch_add(added, Ordering::AcqRel);
         state.stats = stats;
         self.trim(&mut state);
         drop(state);
@@ -174,14 +247,37 @@ impl ChannelLog {
         self.trim(&mut state);
     }
 
+    /// Drops what is no longer stored, and the oldest messages past the per-channel bound.
     fn trim(&self, state: &mut LogState) {
+        let mut freed = 0;
         while let Some(front) = state.tail.front() {
-            if state.tail_bytes <= self.tail_budget && front.sequence >= state.stats.first_seq {
+            if state.tail_bytes - freed <= self.cache.per_channel
+                && front.sequence >= state.stats.first_seq
+            {
                 break;
             }
-            state.tail_bytes -= front.size() + TAIL_OVERHEAD;
+            freed += front.heap_size() + TAIL_ENTRY;
             state.tail.pop_front();
         }
+        self.release(state, freed);
+    }
+
+    /// Drops the oldest cached messages until about `bytes` are freed.
+    fn shed(&self, bytes: usize) {
+        let mut state = self.lock();
+        let mut freed = 0;
+        while freed < bytes {
+            let Some(front) = state.tail.pop_front() else {
+                break;
+            };
+            freed += front.heap_size() + TAIL_ENTRY;
+        }
+        self.release(&mut state, freed);
+    }
+
+    fn release(&self, state: &mut LogState, freed: usize) {
+        state.tail_bytes -= freed;
+        self.cache.used.fetch_sub(freed, Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
@@ -189,8 +285,17 @@ impl ChannelLog {
     }
 }
 
-/// What a cached message costs beyond its bytes (the Arc, the struct, the strings' headers).
-const TAIL_OVERHEAD: usize = 160;
+impl Drop for ChannelLog {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().expect("channel log lock");
+        self.cache
+            .used
+            .fetch_sub(state.tail_bytes, Ordering::AcqRel);
+    }
+}
+
+/// What a cached message costs beyond its own heap size: its slot in the tail.
+const TAIL_ENTRY: usize = size_of::<Arc<Message>>();
 
 fn bytes_of(out: &[Arc<Message>]) -> usize {
     out.iter().map(|m| m.size()).sum()

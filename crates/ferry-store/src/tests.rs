@@ -1,6 +1,7 @@
 //! The store on its own: appends, reads across records and the tail cache, collection, reopen.
 
 use super::*;
+use bytes::Bytes;
 
 fn messages(n: usize, size: usize) -> Vec<NewMessage> {
     (0..n)

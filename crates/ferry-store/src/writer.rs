@@ -24,6 +24,7 @@ use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, RecordLocation, SegmentUsage,
     SubscriptionRecord, ack_key, channel_key, record_key, segment_key, subscription_key,
 };
+use crate::log::MessageCache;
 use crate::segment::{Appender, Segments};
 use crate::{
     AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered,
@@ -101,7 +102,7 @@ struct WriterChannel {
 pub(crate) struct Writer {
     db: sled::Db,
     fsync: FsyncMode,
-    tail_cache_bytes: usize,
+    cache: Arc<MessageCache>,
     /// Shared with the syncer thread, which fsyncs them in `Always` mode.
     files: Arc<Mutex<DurableFiles>>,
     /// Where message records go; their index goes to sled.
@@ -163,6 +164,7 @@ impl Writer {
         db: sled::Db,
         dir: &Path,
         options: &StoreOptions,
+        cache: Arc<MessageCache>,
     ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
         match db.get(KEY_VERSION)? {
             Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
@@ -229,7 +231,7 @@ impl Writer {
                 db.clone(),
                 segments.clone(),
                 stats,
-                options.tail_cache_bytes,
+                cache.clone(),
             ));
             recovered.channels.push(RecoveredChannel {
                 id,
@@ -284,7 +286,7 @@ impl Writer {
         let writer = Writer {
             db,
             fsync: options.fsync,
-            tail_cache_bytes: options.tail_cache_bytes,
+            cache,
             files,
             segments,
             appender,
@@ -565,7 +567,7 @@ impl Writer {
                     self.db.clone(),
                     self.segments.clone(),
                     stats_of(&record),
-                    self.tail_cache_bytes,
+                    self.cache.clone(),
                 ));
                 group.new_logs.push(log.clone());
                 group.touched.insert(id);
@@ -933,6 +935,7 @@ impl Committed {
         for (log, stats) in self.collected {
             log.collected(stats);
         }
+        shared.cache.enforce(&shared.logs);
         // Only now is it durable that no index entry names these files.
         if let Err(e) = self.segments.remove(&self.emptied) {
             tracing::warn!(error = %e, "cannot delete an emptied segment file; it goes at the next start");

@@ -1,0 +1,265 @@
+//! A consumer's outbox: the events waiting for its stream to send them, bounded in bytes.
+//!
+//! The dispatcher and the tasks that answer acks put events in; the consumer's stream takes
+//! them out as fast as HTTP/2 flow control lets it send. Three rules keep it bounded whatever
+//! the client does:
+//!
+//! - deliveries go in only while the outbox holds less than its byte limit, so a consumer that
+//!   reads slowly is simply given less (its redeliveries go to others);
+//! - results always go in (the consumer asked for them), but a consumer's next request is only
+//!   taken once the outbox is below its limit plus [`RESULT_SLACK`], so a client that sends acks
+//!   and never reads the answers is pushed back by HTTP/2 flow control instead;
+//! - the dispatcher detaches a consumer whose outbox has not drained for the stall timeout.
+//!
+//! A close (the consumer detached, its subscription deleted, the broker stopping) jumps the
+//! queue: the stream ends at once with its status and everything queued is dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::{ConsumerEvent, CoreError};
+
+/// How far results may take the outbox past its limit before the consumer's requests wait.
+pub(crate) const RESULT_SLACK: usize = 1 << 20;
+
+/// The sending side, held by the dispatcher and by the tasks that answer acks.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    events: mpsc::UnboundedSender<(usize, ConsumerEvent)>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side: the events for one consumer's stream, in order.
+pub struct ConsumerEvents {
+    events: mpsc::UnboundedReceiver<(usize, ConsumerEvent)>,
+    /// None once the close was taken (a oneshot must not be polled after it completes).
+    close: Option<oneshot::Receiver<CoreError>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    limit: usize,
+    /// Bytes of the events in the queue (messages at their heap size).
+    queued: AtomicUsize,
+    /// When the stream last took an event, or the queue last went from empty to not empty: in
+    /// milliseconds since `epoch`.
+    active_at: AtomicU64,
+    epoch: Instant,
+    /// Wakes the dispatcher when room appears (one per dispatcher, shared by its consumers).
+    dispatcher: Arc<Notify>,
+    /// Wakes the consumer's request reader when room appears.
+    reader: Notify,
+    /// Set when the stream is dropped, so that a waiting request reader stops waiting.
+    gone: AtomicBool,
+    close: Mutex<Option<oneshot::Sender<CoreError>>>,
+}
+
+/// A new outbox of `limit` bytes whose dispatcher `wake` is notified when room appears.
+pub(crate) fn outbox(limit: usize, wake: Arc<Notify>) -> (Outbox, ConsumerEvents) {
+    let (events, receiver) = mpsc::unbounded_channel();
+    let (close, closed) = oneshot::channel();
+    let shared = Arc::new(Shared {
+        limit,
+        queued: AtomicUsize::new(0),
+        active_at: AtomicU64::new(0),
+        epoch: Instant::now(),
+        dispatcher: wake,
+        reader: Notify::new(),
+        gone: AtomicBool::new(false),
+        close: Mutex::new(Some(close)),
+    });
+    let outbox = Outbox {
+        events,
+        shared: shared.clone(),
+    };
+    let receiver = ConsumerEvents {
+        events: receiver,
+        close: Some(closed),
+        shared,
+    };
+    (outbox, receiver)
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+impl Outbox {
+    /// Queues an event of `bytes`; false when the stream is gone.
+    pub(crate) fn push(&self, bytes: usize, event: ConsumerEvent) -> bool {
+        let shared = &self.shared;
+        if shared.queued.fetch_add(bytes, Ordering::AcqRel) == 0 {
+            shared.active_at.store(shared.now_ms(), Ordering::Release);
+        }
+        if self.events.send((bytes, event)).is_err() {
+            shared.queued.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Whether `more` bytes of deliveries may be queued now. An empty outbox always takes one
+    /// event, so that a message larger than the limit is still delivered.
+    pub(crate) fn has_room(&self, more: usize) -> bool {
+        let queued = self.shared.queued.load(Ordering::Acquire);
+        queued == 0 && more == 0 || queued + more < self.shared.limit
+    }
+
+    /// Bytes queued now.
+    pub(crate) fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// How long the queue has held events without the stream taking any (zero when empty).
+    pub(crate) fn stalled_for(&self) -> Duration {
+        let shared = &self.shared;
+        if shared.queued.load(Ordering::Acquire) == 0 {
+            return Duration::ZERO;
+        }
+        let since = shared.active_at.load(Ordering::Acquire);
+        Duration::from_millis(shared.now_ms().saturating_sub(since))
+    }
+
+    /// Ends the stream with `reason` before anything still queued.
+    pub(crate) fn close(&self, reason: CoreError) {
+        if let Some(close) = self.shared.close.lock().expect("close lock").take() {
+            let _ = close.send(reason);
+        }
+    }
+
+    /// What the consumer's request reader waits on.
+    pub(crate) fn gate(&self) -> RequestGate {
+        RequestGate {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Lets a consumer's next request through once its outbox has room for the answer (see the
+/// module docs).
+#[derive(Clone)]
+pub(crate) struct RequestGate {
+    shared: Arc<Shared>,
+}
+
+impl RequestGate {
+    /// Waits until the consumer's next request may be taken, or its stream is gone.
+    pub(crate) async fn room_for_requests(&self) {
+        let shared = &self.shared;
+        loop {
+            let notified = shared.reader.notified();
+            if shared.queued.load(Ordering::Acquire) < shared.limit + RESULT_SLACK
+                || shared.gone.load(Ordering::Acquire)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl ConsumerEvents {
+    /// The next event: a close first if there is one, else the oldest queued event. `None` once
+    /// the dispatcher has let go of the consumer.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ConsumerEvent>> {
+        if let Some(close) = &mut self.close
+            && let Poll::Ready(reason) = std::pin::Pin::new(close).poll(cx)
+        {
+            self.close = None;
+            if let Ok(reason) = reason {
+                return Poll::Ready(Some(ConsumerEvent::Closed(reason)));
+            }
+        }
+        let Poll::Ready(next) = self.events.poll_recv(cx) else {
+            return Poll::Pending;
+        };
+        let Some((bytes, event)) = next else {
+            return Poll::Ready(None);
+        };
+        let shared = &self.shared;
+        shared.queued.fetch_sub(bytes, Ordering::AcqRel);
+        shared.active_at.store(shared.now_ms(), Ordering::Release);
+        shared.dispatcher.notify_one();
+        shared.reader.notify_one();
+        Poll::Ready(Some(event))
+    }
+
+    /// Waits for the next event (see [`ConsumerEvents::poll_recv`]).
+    pub async fn recv(&mut self) -> Option<ConsumerEvent> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl Drop for ConsumerEvents {
+    fn drop(&mut self) {
+        self.shared.gone.store(true, Ordering::Release);
+        self.shared.reader.notify_one();
+    }
+}
+
+use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AckOperation;
+
+    fn results(n: usize) -> ConsumerEvent {
+        ConsumerEvent::Results {
+            operation: AckOperation::Ack,
+            results: Vec::with_capacity(n),
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_bytes_until_the_stream_takes_them() {
+        let wake = Arc::new(Notify::new());
+        let (outbox, mut events) = outbox(100, wake.clone());
+        assert!(outbox.has_room(0) && outbox.has_room(99));
+        assert!(outbox.push(60, results(1)));
+        assert!(outbox.has_room(39) && !outbox.has_room(40));
+        assert!(outbox.push(60, results(2)));
+        assert_eq!(outbox.queued(), 120);
+        assert!(events.recv().await.is_some());
+        assert_eq!(outbox.queued(), 60);
+        // Taking an event wakes the dispatcher.
+        tokio::time::timeout(Duration::from_secs(1), wake.notified())
+            .await
+            .unwrap();
+        assert!(events.recv().await.is_some());
+        assert!(outbox.has_room(0) && outbox.stalled_for() == Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_close_jumps_the_queue() {
+        let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
+        outbox.push(10, results(1));
+        outbox.close(CoreError::ShuttingDown);
+        assert!(matches!(
+            events.recv().await,
+            Some(ConsumerEvent::Closed(CoreError::ShuttingDown))
+        ));
+        drop(events);
+        assert!(!outbox.push(1, results(1)));
+    }
+
+    #[tokio::test]
+    async fn requests_wait_while_results_go_unread() {
+        let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
+        outbox.push(100 + RESULT_SLACK, results(1));
+        let gate = outbox.gate();
+        let waiting = tokio::spawn(async move { gate.room_for_requests().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished());
+        assert!(outbox.stalled_for() >= Duration::from_millis(200));
+        events.recv().await;
+        waiting.await.unwrap();
+    }
+}
