@@ -5,6 +5,9 @@
 //! request a big backlog kept on disk across a broker restart, and the broker's peak memory), the
 //! publisher and consumer loops those scenarios share, and the report printed on standard output.
 //! It measures through the public gRPC API only, exactly as any other client would see the broker.
+//! The memory scenario, which measures the broker against its memory budget, is in [`memory`].
+
+mod memory;
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -134,8 +137,12 @@ enum Scenario {
     /// End-to-end latency at a fixed publish rate.
     Latency,
     /// A big backlog on disk: its footprint, a broker restart on it, draining it from disk.
-    /// Last, because it restarts the broker; not in the default set, because it is heavy.
+    /// Last but one, because it restarts the broker; not in the default set, because it is heavy.
     Backlog,
+    /// Peak memory against the configured budget: a consumer that never reads, many channels
+    /// nobody reads, messages with thousands of attributes. It restarts the broker so that the
+    /// peak is its own; not in the default set.
+    Memory,
 }
 
 impl Scenario {
@@ -146,6 +153,7 @@ impl Scenario {
             Scenario::Mixed => "mixed",
             Scenario::Latency => "latency",
             Scenario::Backlog => "backlog",
+            Scenario::Memory => "memory",
         }
     }
 }
@@ -320,7 +328,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
 fn selected(only: &[Scenario]) -> Vec<Scenario> {
     let mut scenarios = if only.is_empty() {
         let mut all = Scenario::value_variants().to_vec();
-        all.retain(|&s| s != Scenario::Backlog);
+        all.retain(|&s| s != Scenario::Backlog && s != Scenario::Memory);
         all
     } else {
         only.to_vec()
@@ -723,6 +731,8 @@ struct Bench<'a> {
     tag: String,
     /// The broker's publishing limits, when the bench knows its configuration.
     limits: Option<&'a LimitsConfig>,
+    /// The broker's configuration, when the bench knows it.
+    config: Option<&'a Config>,
 }
 
 impl Bench<'_> {
@@ -736,6 +746,15 @@ impl Bench<'_> {
 
     /// Creates the channel `bench.TAG.WHAT` with one subscription.
     async fn fresh_channel(&self, what: &str) -> Result<String> {
+        self.fresh_channel_with(what, None).await
+    }
+
+    /// Like `fresh_channel`, with the subscription's ack deadline (None: the broker's default).
+    async fn fresh_channel_with(
+        &self,
+        what: &str,
+        ack_deadline: Option<Duration>,
+    ) -> Result<String> {
         let name = format!("bench.{}.{what}", self.tag);
         let mut admin = self.admin.clone();
         admin
@@ -746,7 +765,10 @@ impl Bench<'_> {
             .create_subscription(pb::CreateSubscriptionRequest {
                 channel: name.clone(),
                 name: SUBSCRIPTION.to_owned(),
-                ack_deadline: None,
+                ack_deadline: ack_deadline.map(|d| prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                }),
             })
             .await
             .map_err(|s| {
@@ -831,6 +853,7 @@ async fn run_scenarios(
         admin: AdminClient::new(admin_connection),
         tag: format!("r{started}-{}", std::process::id()),
         limits: config.map(|c| &c.limits),
+        config,
     };
     for scenario in scenarios {
         match scenario {
@@ -880,6 +903,12 @@ async fn run_scenarios(
                     args.window
                 );
                 backlog_scenario(&bench, broker.as_deref_mut()).await?;
+            }
+            Scenario::Memory => {
+                println!(
+                    "\n== memory: peak RSS of a fresh broker process against its memory budget"
+                );
+                memory::memory_scenario(&bench, broker.as_deref_mut()).await?;
             }
         }
     }
