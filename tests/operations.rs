@@ -292,6 +292,15 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     );
     daemon.publish("ok", [b"still works".to_vec()]).await;
     let delivered = consumer.take(1).await;
+    // A well-formed id of this subscription that was never issued is UNKNOWN, not STALE.
+    let real = &delivered[0].ack_id;
+    let (head, _check) = real.rsplit_once('-').unwrap();
+    let (prefix, delivery) = head.rsplit_once('-').unwrap();
+    let never_issued = format!("{prefix}-{}-00000000", delivery.parse::<u64>().unwrap() - 1);
+    assert_eq!(
+        consumer.ack(vec![never_issued]).await,
+        vec![pb::AckStatus::Unknown]
+    );
     assert_eq!(
         consumer.ack(ack_ids(&delivered)).await,
         vec![pb::AckStatus::Ok]

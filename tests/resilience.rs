@@ -1,14 +1,17 @@
 //! Misbehaving clients against the real binary: a consumer that stops reading its stream is
-//! detached with a clear status and a log line, and what it held goes to the other consumers.
+//! detached with a clear status and a log line, and what it held goes to the other consumers;
+//! requests that cannot be decoded or are too large get the status the API promises.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, batch, sequences};
 use ferry_proto::pb;
 use tonic::Code;
+use tonic::codegen::http;
 
 /// Starts a daemon whose config is `toml`, in a temp dir it keeps alive with the daemon.
 async fn daemon_with(toml: &str) -> (Daemon, tempfile::TempDir) {
@@ -137,5 +140,154 @@ consumer_stall_timeout = "2s"
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(got, (1..=200).collect::<Vec<_>>());
+    daemon.stop().await;
+}
+
+/// Sends and receives raw bytes as gRPC messages, so that a test can send what no generated
+/// client would: garbage, or a frame larger than any limit.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, Self::Error> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// A gRPC client that speaks raw bytes to `daemon`.
+async fn raw_client(daemon: &Daemon) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let mut grpc = tonic::client::Grpc::new(daemon.channel().await);
+    grpc.ready().await.expect("ready");
+    grpc
+}
+
+fn encoded(request: &pb::PublishRequest) -> Bytes {
+    Bytes::from(prost::Message::encode_to_vec(request))
+}
+
+const PUBLISH: &str = "/ferry.v1.Publisher/Publish";
+const PUBLISH_STREAM: &str = "/ferry.v1.Publisher/PublishStream";
+/// The default decoding limit: twice the default max_batch_bytes (4 MiB) plus 1 MiB.
+const MAX_REQUEST: usize = 9 << 20;
+
+#[tokio::test]
+async fn every_bad_request_gets_the_status_the_api_promises() {
+    let daemon = Daemon::start().await;
+    daemon.create("ok", &[("s", 30_000)]).await;
+    let path = |p: &'static str| http::uri::PathAndQuery::from_static(p);
+
+    // Garbage and oversized unary requests: INVALID_ARGUMENT, naming the configured limit.
+    let garbage = Bytes::from_static(&[0xff; 16]);
+    let outcome = raw_client(&daemon)
+        .await
+        .unary(
+            tonic::Request::new(garbage.clone()),
+            path(PUBLISH),
+            RawCodec,
+        )
+        .await;
+    let status = outcome.expect_err("garbage is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("not a valid protobuf"),
+        "{status:?}"
+    );
+    let oversized = Bytes::from(vec![0u8; MAX_REQUEST + 1]);
+    let outcome = raw_client(&daemon)
+        .await
+        .unary(
+            tonic::Request::new(oversized.clone()),
+            path(PUBLISH),
+            RawCodec,
+        )
+        .await;
+    let status = outcome.expect_err("an oversized request is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    for needle in [&MAX_REQUEST.to_string()[..], "max_batch_bytes"] {
+        assert!(status.message().contains(needle), "{needle} in {status:?}");
+    }
+
+    // On a publish stream, the batches before a bad frame are confirmed, the bad frame ends
+    // the stream with INVALID_ARGUMENT, and nothing after it is stored.
+    for bad in [garbage, oversized] {
+        let frames = vec![
+            encoded(&batch("ok", [b"before".to_vec()])),
+            bad,
+            encoded(&batch("ok", [b"after".to_vec()])),
+        ];
+        let mut responses = raw_client(&daemon)
+            .await
+            .streaming(
+                tonic::Request::new(tokio_stream::iter(frames)),
+                path(PUBLISH_STREAM),
+                RawCodec,
+            )
+            .await
+            .expect("stream opens")
+            .into_inner();
+        let first = responses.message().await.expect("first batch confirmed");
+        let confirmed: pb::PublishResponse =
+            prost::Message::decode(first.expect("a response")).unwrap();
+        assert_eq!(confirmed.sequences.len(), 1);
+        let status = responses
+            .message()
+            .await
+            .expect_err("the bad frame ends it");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    let info = daemon.subscription("ok", "s").await;
+    assert_eq!(
+        info.unacked, 2,
+        "only the two batches before the bad frames: {info:?}"
+    );
+
+    // An error never echoes more than a short prefix of what the client sent.
+    let huge_name = "x".repeat(100_000);
+    let status = daemon
+        .admin()
+        .await
+        .get_channel(pb::GetChannelRequest { name: huge_name })
+        .await
+        .expect_err("no such channel");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().len() < 300, "{}", status.message().len());
+    assert!(status.message().contains("100000 bytes"), "{status:?}");
     daemon.stop().await;
 }

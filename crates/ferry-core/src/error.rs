@@ -2,6 +2,8 @@
 
 use ferry_store::StoreError;
 
+use crate::names::quote;
+
 /// Everything the broker core can refuse or fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CoreError {
@@ -9,10 +11,14 @@ pub enum CoreError {
     #[error("{0}")]
     InvalidArgument(String),
     /// No channel of that name.
-    #[error("channel {0:?} does not exist")]
+    #[error("channel {} does not exist", quote(.0))]
     ChannelNotFound(String),
     /// No subscription of that name on that channel.
-    #[error("subscription {name:?} of channel {channel:?} does not exist")]
+    #[error(
+        "subscription {} of channel {} does not exist",
+        quote(name),
+        quote(channel)
+    )]
     SubscriptionNotFound {
         /// The channel.
         channel: String,
@@ -20,10 +26,14 @@ pub enum CoreError {
         name: String,
     },
     /// A channel of that name exists already.
-    #[error("channel {0:?} already exists")]
+    #[error("channel {} already exists", quote(.0))]
     ChannelExists(String),
     /// The channel has a subscription of that name already.
-    #[error("subscription {name:?} of channel {channel:?} already exists")]
+    #[error(
+        "subscription {} of channel {} already exists",
+        quote(name),
+        quote(channel)
+    )]
     SubscriptionExists {
         /// The channel.
         channel: String,

@@ -85,12 +85,14 @@ pub async fn serve(
 
     let stop = CancellationToken::new();
     let limits = config.broker_options().limits;
-    // Room for a whole batch with its framing; the broker's own check names the real limit.
+    // Room for a whole batch with its framing (a message's protobuf framing, attributes above
+    // all, can be as large as its counted size); the broker's own check names the real limit.
     let max_request = limits.max_batch_bytes * 2 + (1 << 20);
     // Small frames (acks, single-message publishes) must not wait for Nagle's algorithm; the
     // builder's own nodelay setting does not reach an incoming stream we hand it.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
+        .layer(status::TransportStatusLayer { max_request })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -98,12 +100,16 @@ pub async fn serve(
             PublisherServer::new(publisher::PublisherService::new(
                 broker.clone(),
                 stop.clone(),
+                max_request,
             ))
             .max_decoding_message_size(max_request),
         )
         .add_service(
-            SubscriberServer::new(subscriber::SubscriberService::new(broker.clone()))
-                .max_decoding_message_size(max_request),
+            SubscriberServer::new(subscriber::SubscriberService::new(
+                broker.clone(),
+                max_request,
+            ))
+            .max_decoding_message_size(max_request),
         )
         .add_service(
             AdminServer::new(admin::AdminService::new(broker.clone()))

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
-use crate::status::to_status;
+use crate::status::{to_status, transport_status};
 
 /// How many batches one publish stream may have queued but not yet confirmed; past that the
 /// broker stops reading the stream, which pushes back on the client through HTTP/2 flow control.
@@ -21,12 +21,18 @@ const PIPELINE_DEPTH: usize = 1024;
 pub struct PublisherService {
     broker: Broker,
     shutdown: CancellationToken,
+    /// The server's decoding limit, named when a stream's request is refused for its size.
+    max_request: usize,
 }
 
 impl PublisherService {
     /// A service over `broker`; its streams end when `shutdown` is cancelled.
-    pub fn new(broker: Broker, shutdown: CancellationToken) -> Self {
-        Self { broker, shutdown }
+    pub fn new(broker: Broker, shutdown: CancellationToken, max_request: usize) -> Self {
+        Self {
+            broker,
+            shutdown,
+            max_request,
+        }
     }
 }
 
@@ -75,6 +81,7 @@ impl Publisher for PublisherService {
         let (responses, outbound) = mpsc::channel(PIPELINE_DEPTH);
         let broker = self.broker.clone();
         let shutdown = self.shutdown.clone();
+        let max_request = self.max_request;
 
         // Reads and queues batches in order; stops at the first one that is refused.
         tokio::spawn(async move {
@@ -89,8 +96,10 @@ impl Publisher for PublisherService {
                 let item = match request {
                     Ok(Some(request)) => submit(&broker, request).await,
                     Ok(None) => return,
-                    // The client is gone or broke the stream: nothing more to confirm to it.
-                    Err(_) => return,
+                    // A request that cannot be decoded ends the stream with its status, after
+                    // the batches before it are confirmed (if the client is gone instead, no
+                    // one reads it).
+                    Err(status) => Err(transport_status(status, max_request)),
                 };
                 let refused = item.is_err();
                 if pipeline.send(item).await.is_err() || refused {

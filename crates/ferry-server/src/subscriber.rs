@@ -16,17 +16,22 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
-use crate::status::to_status;
+use crate::status::{to_status, transport_status};
 
 /// Serves `ferry.v1.Subscriber`.
 pub struct SubscriberService {
     broker: Broker,
+    /// The server's decoding limit, named when a request is refused for its size.
+    max_request: usize,
 }
 
 impl SubscriberService {
     /// A service over `broker`.
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    pub fn new(broker: Broker, max_request: usize) -> Self {
+        Self {
+            broker,
+            max_request,
+        }
     }
 }
 
@@ -39,7 +44,11 @@ impl Subscriber for SubscriberService {
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = request.into_inner();
-        let attach = match inbound.message().await? {
+        let first = inbound
+            .message()
+            .await
+            .map_err(|status| transport_status(status, self.max_request))?;
+        let attach = match first {
             Some(pb::SubscribeRequest {
                 request: Some(Req::Attach(attach)),
             }) => attach,
@@ -63,7 +72,12 @@ impl Subscriber for SubscriberService {
         tracing::debug!(channel = %attach.channel, subscription = %attach.subscription, consumer = attached.consumer_id, "consumer attached");
 
         let (abort, aborted) = oneshot::channel();
-        tokio::spawn(read_requests(inbound, consumer.clone(), abort));
+        tokio::spawn(read_requests(
+            inbound,
+            consumer.clone(),
+            abort,
+            self.max_request,
+        ));
         let first = pb::SubscribeResponse {
             response: Some(Resp::Attached(pb::Attached {
                 consumer_id: attached.consumer_id,
@@ -87,6 +101,7 @@ async fn read_requests(
     mut inbound: Streaming<pb::SubscribeRequest>,
     consumer: ConsumerHandle,
     mut abort: oneshot::Sender<Status>,
+    max_request: usize,
 ) {
     loop {
         let next = tokio::select! {
@@ -100,7 +115,10 @@ async fn read_requests(
             Ok(Some(request)) => request,
             // A clean half-close leaves the consumer attached for as long as it keeps reading.
             Ok(None) => return,
-            Err(_) => return,
+            Err(status) => {
+                let _ = abort.send(transport_status(status, max_request));
+                return;
+            }
         };
         let outcome = match request.request {
             Some(Req::Ack(ids)) => {
