@@ -138,6 +138,7 @@ async fn confirmed_messages_and_acks_survive_repeated_kill_9() {
     .unwrap();
     let options = Options {
         config: Some(config),
+        ..Options::default()
     };
     let ledger = Arc::new(Mutex::new(Ledger::default()));
 
@@ -370,6 +371,7 @@ async fn the_weaker_fsync_modes_confirm_and_keep_messages_across_a_clean_restart
         std::fs::write(&config, text).unwrap();
         let options = Options {
             config: Some(config),
+            ..Options::default()
         };
         let daemon = Daemon::start_in(dir.path(), options.clone()).await;
         for i in 0..20u8 {

@@ -340,6 +340,7 @@ ack_deadline = "5s"
         dir.path(),
         Options {
             config: Some(config.clone()),
+            ..Options::default()
         },
     )
     .await;
@@ -359,6 +360,7 @@ ack_deadline = "5s"
         dir.path(),
         Options {
             config: Some(config.clone()),
+            ..Options::default()
         },
     )
     .await;

@@ -22,6 +22,7 @@ async fn daemon_with(toml: &str) -> (Daemon, tempfile::TempDir) {
         dir.path(),
         Options {
             config: Some(config),
+            ..Options::default()
         },
     )
     .await;

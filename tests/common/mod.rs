@@ -42,6 +42,10 @@ pub struct Daemon {
 pub struct Options {
     /// `--config FILE`
     pub config: Option<PathBuf>,
+    /// `--data-dir` (default: `DIR/data`).
+    pub data_dir: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -63,7 +67,7 @@ impl Daemon {
 
     /// Like `start_in`, but returns the exit status and log if the daemon does not come up.
     pub async fn try_start_in(dir: &Path, options: Options) -> Result<Daemon, String> {
-        let data_dir = dir.join("data");
+        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
         let log = dir.join("ferry.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -80,6 +84,7 @@ impl Daemon {
         if let Some(config) = &options.config {
             command.arg("--config").arg(config);
         }
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
         command
             .env("RUST_LOG", "ferry=info,warn")
             .stdin(Stdio::null())

@@ -21,7 +21,7 @@ use crate::error::{CoreError, Result};
 use crate::outbox::{ConsumerEvents, RequestGate};
 use crate::{
     AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, Limits,
-    SubscriptionStats, Window, names,
+    SpaceReport, SubscriptionStats, Window, names,
 };
 
 /// How many commands may wait for a dispatcher before senders wait.
@@ -545,6 +545,11 @@ impl Broker {
         let _ = handle.commands.send(Command::Stop { reason }).await;
         tracing::info!(channel, subscription = name, "subscription deleted");
         Ok(())
+    }
+
+    /// The data directory's free space, and whether publishing is refused for lack of it.
+    pub fn space(&self) -> SpaceReport {
+        self.inner.store.space()
     }
 
     /// Why the broker cannot confirm writes, if it cannot.

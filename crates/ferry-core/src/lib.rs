@@ -26,7 +26,8 @@ use std::time::Duration;
 pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
-    Attributes, FsyncMode, Message, NewMessage, StoreError, StoreOptions, SubscriptionSettings,
+    Attributes, FsyncMode, Message, NewMessage, SpaceOptions, SpaceReport, StoreError,
+    StoreOptions, SubscriptionSettings,
 };
 pub use outbox::ConsumerEvents;
 

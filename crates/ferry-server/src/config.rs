@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferry_core::{
     BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, FsyncMode, Limits,
-    StoreOptions, SubscriptionDecl, SubscriptionSettings,
+    SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings,
 };
 use serde::Deserialize;
 
@@ -70,6 +70,12 @@ pub struct StorageConfig {
     pub tail_cache: ByteSize,
     /// Message records go to segment files of about this size, each deleted once all is acked.
     pub segment_size: ByteSize,
+    /// Publishing is refused while free space is below the larger of this...
+    pub min_free_bytes: ByteSize,
+    /// ...and this percentage of the filesystem.
+    pub min_free_percent: u8,
+    /// Space kept back for acks in case the disk fills up anyway.
+    pub reserve: ByteSize,
 }
 
 /// `[limits]`
@@ -153,6 +159,9 @@ impl Default for StorageConfig {
             message_cache: ByteSize(StoreOptions::default().message_cache_bytes as u64),
             tail_cache: ByteSize(StoreOptions::default().tail_cache_bytes as u64),
             segment_size: ByteSize(64 << 20),
+            min_free_bytes: ByteSize(SpaceOptions::default().min_free_bytes),
+            min_free_percent: SpaceOptions::default().min_free_percent,
+            reserve: ByteSize(SpaceOptions::default().reserve_bytes),
         }
     }
 }
@@ -224,6 +233,18 @@ impl Config {
             return Err(format!(
                 "storage.segment_size is {} bytes; it must be from 1MiB to 1GiB",
                 storage.segment_size.0
+            ));
+        }
+        if storage.min_free_percent > 50 {
+            return Err(format!(
+                "storage.min_free_percent is {}; it must be from 0 to 50",
+                storage.min_free_percent
+            ));
+        }
+        if storage.reserve.0 > 1 << 30 {
+            return Err(format!(
+                "storage.reserve is {} bytes; it must be at most 1GiB (0 for none)",
+                storage.reserve.0
             ));
         }
         let limits = &self.limits;
@@ -302,6 +323,11 @@ impl Config {
                 message_cache_bytes: storage.message_cache.0 as usize,
                 tail_cache_bytes: storage.tail_cache.0 as usize,
                 segment_bytes: storage.segment_size.0,
+                space: SpaceOptions {
+                    min_free_bytes: storage.min_free_bytes.0,
+                    min_free_percent: storage.min_free_percent,
+                    reserve_bytes: storage.reserve.0,
+                },
             },
             limits: Limits {
                 max_message_bytes: self.limits.max_message_bytes.0 as usize,

@@ -162,13 +162,16 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     }
 }
 
-/// Reports NOT_SERVING once the store refuses writes, so orchestrators stop routing to us.
+/// Reports NOT_SERVING once the store refuses writes, so orchestrators stop routing to us, and
+/// the Publisher service NOT_SERVING while publishing is refused for lack of disk space (the
+/// rest of the broker goes on serving then).
 async fn watch_health(
     broker: Broker,
     health: tonic_health::server::HealthReporter,
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(HEALTH_INTERVAL);
+    let mut publishing = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -178,6 +181,18 @@ async fn watch_health(
             tracing::error!(%failure, "store failed: reporting NOT_SERVING");
             set_health(&health, ServingStatus::NotServing).await;
             return;
+        }
+        let space_ok = !broker.space().low;
+        if space_ok != publishing {
+            publishing = space_ok;
+            let status = if publishing {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health
+                .set_service_status("ferry.v1.Publisher", status)
+                .await;
         }
     }
 }

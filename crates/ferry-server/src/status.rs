@@ -30,6 +30,10 @@ pub fn to_status(error: CoreError) -> Status {
             Status::already_exists(message)
         }
         CoreError::Storage(StoreError::Closed) => Status::unavailable(message),
+        // The client may try again once space is freed; the message says how much there is.
+        CoreError::Storage(StoreError::NoSpace { .. } | StoreError::DiskFull { .. }) => {
+            Status::resource_exhausted(message)
+        }
         // Nothing was confirmed; the broker needs an operator (disk full, I/O error).
         CoreError::Storage(
             StoreError::Backend(_) | StoreError::Io { .. } | StoreError::Failed(_),

@@ -20,6 +20,7 @@ mod codec;
 mod log;
 mod message;
 mod segment;
+mod space;
 mod writer;
 
 use std::collections::HashMap;
@@ -33,6 +34,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use log::ChannelLog;
 use log::MessageCache;
 pub use message::{Attributes, Message, NewMessage};
+use space::Space;
+pub use space::{SpaceOptions, SpaceReport};
 use writer::{Op, Writer};
 
 /// Identifies a channel inside the store (names live in the channel's record).
@@ -89,6 +92,8 @@ pub struct StoreOptions {
     /// The size at which a segment file is finished and a new one started. Disk space comes
     /// back a whole segment file at a time, once every record in it is acked.
     pub segment_bytes: u64,
+    /// The free-space watermark and reserve.
+    pub space: SpaceOptions,
 }
 
 impl Default for StoreOptions {
@@ -99,6 +104,7 @@ impl Default for StoreOptions {
             message_cache_bytes: 256 << 20,
             tail_cache_bytes: 64 << 20,
             segment_bytes: 64 << 20,
+            space: SpaceOptions::default(),
         }
     }
 }
@@ -116,6 +122,30 @@ pub enum StoreError {
         path: PathBuf,
         /// The OS error.
         message: String,
+    },
+    /// Free space is below the watermark: publishing is refused until space is freed.
+    #[error(
+        "free space on the data directory's filesystem is {} MiB, below the {} MiB that \
+         publishing needs (storage.min_free_bytes or min_free_percent, plus storage.reserve \
+         while the reserve is released): publishing is refused until space is freed; acking \
+         messages and deleting channels frees it",
+        .free >> 20,
+        .watermark >> 20
+    )]
+    NoSpace {
+        /// Free bytes.
+        free: u64,
+        /// The watermark.
+        watermark: u64,
+    },
+    /// A write failed because the disk is full; nothing of it was kept.
+    #[error(
+        "the disk is full (writing {path}): the write was refused; publishing resumes once space \
+         is freed, acks go on"
+    )]
+    DiskFull {
+        /// The file being written.
+        path: PathBuf,
     },
     /// Data read back does not match what was written.
     #[error("stored data is corrupt: {0}")]
@@ -211,6 +241,8 @@ struct Shared {
     logs: RwLock<HashMap<ChannelId, Arc<ChannelLog>>>,
     /// The budget all channels' cached messages share.
     cache: Arc<MessageCache>,
+    /// The data directory's free space.
+    space: Arc<Space>,
     /// Set when a write failed: from then on the store refuses writes (sled's I/O errors are
     /// sticky, and confirming anything after one would be a lie).
     failure: Mutex<Option<String>>,
@@ -222,6 +254,8 @@ impl Store {
     /// Opens (or creates) the store in `dir` and starts its writer thread. Returns what it holds.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<(Store, Recovered)> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        // First, so that on a full disk the reserve is released before sled needs to write.
+        let space = Space::open(dir, options.space)?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_capacity_bytes)
@@ -230,11 +264,13 @@ impl Store {
             options.message_cache_bytes,
             options.tail_cache_bytes,
         ));
-        let (writer, recovered, logs) = Writer::recover(db, dir, &options, cache.clone())?;
+        let (writer, recovered, logs) =
+            Writer::recover(db, dir, &options, cache.clone(), space.clone())?;
         let (ops, rx) = mpsc::channel(WRITE_QUEUE);
         let shared = Arc::new(Shared {
             logs: RwLock::new(logs),
             cache,
+            space: space.clone(),
             failure: Mutex::new(None),
             writer: Mutex::new(None),
         });
@@ -246,6 +282,7 @@ impl Store {
                 .map_err(|e| io_error(dir, e))?
         };
         *shared.writer.lock().expect("writer lock") = Some(handle);
+        space.monitor()?;
         Ok((Store { ops, shared }, recovered))
     }
 
@@ -268,6 +305,7 @@ impl Store {
         channel: ChannelId,
         messages: Vec<NewMessage>,
     ) -> Result<Confirmation<Range<u64>>> {
+        self.shared.space.check()?;
         self.submit(|reply| Op::Append {
             channel,
             messages,
@@ -365,6 +403,11 @@ impl Store {
         self.shared.cache.used()
     }
 
+    /// The data directory's free space as last seen, and whether publishing is refused.
+    pub fn space(&self) -> SpaceReport {
+        self.shared.space.report()
+    }
+
     /// Why the store stopped accepting writes, if it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure.lock().expect("failure lock").clone()
@@ -373,6 +416,7 @@ impl Store {
     /// Commits what is queued, syncs everything to disk and stops the writer. Later writes fail
     /// with [`StoreError::Closed`].
     pub async fn close(&self) -> Result<()> {
+        self.shared.space.stop();
         let result = self.call(|reply| Op::Close { reply }).await;
         let handle = self.shared.writer.lock().expect("writer lock").take();
         if let Some(handle) = handle {
@@ -415,6 +459,11 @@ impl<T> Confirmation<T> {
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> StoreError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        return StoreError::DiskFull {
+            path: path.to_owned(),
+        };
+    }
     StoreError::Io {
         path: path.to_owned(),
         message: e.to_string(),

@@ -176,6 +176,11 @@ impl Appender {
         })
     }
 
+    /// Bytes of the current group not yet written.
+    pub(crate) fn pending_len(&self) -> u64 {
+        self.pending.len() as u64
+    }
+
     /// The segment records are appended to now.
     pub(crate) fn current(&self) -> u32 {
         self.id
@@ -211,6 +216,16 @@ impl Appender {
         self.len += self.pending.len() as u64;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Forgets the current group's records after a failed write: they are dropped, and
+    /// whatever part of them reached the file is cut off, so the next group appends where the
+    /// last committed one ended.
+    pub(crate) fn discard(&mut self) -> Result<()> {
+        self.pending.clear();
+        self.file
+            .set_len(self.len)
+            .map_err(|e| io_error(&self.segments.path(self.id), e))
     }
 
     /// Makes everything written so far durable.

@@ -26,6 +26,7 @@ use crate::codec::{
 };
 use crate::log::MessageCache;
 use crate::segment::{Appender, Segments};
+use crate::space::Space;
 use crate::{
     AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered,
     RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
@@ -103,6 +104,8 @@ pub(crate) struct Writer {
     db: sled::Db,
     fsync: FsyncMode,
     cache: Arc<MessageCache>,
+    /// Told when a write finds the disk full.
+    space: Arc<Space>,
     /// Shared with the syncer thread, which fsyncs them in `Always` mode.
     files: Arc<Mutex<DurableFiles>>,
     /// Where message records go; their index goes to sled.
@@ -165,6 +168,7 @@ impl Writer {
         dir: &Path,
         options: &StoreOptions,
         cache: Arc<MessageCache>,
+        space: Arc<Space>,
     ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
         match db.get(KEY_VERSION)? {
             Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
@@ -184,20 +188,8 @@ impl Writer {
                 )));
             }
         }
-        let next_id = match db.get(KEY_NEXT_ID)? {
-            Some(raw) => u32::from_le_bytes(
-                raw.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("bad id counter".into()))?,
-            ),
-            None => 1,
-        };
-
-        let mut usage = HashMap::new();
-        for entry in db.scan_prefix(b"G") {
-            let (key, value) = entry?;
-            usage.insert(id_of(&key)?, SegmentUsage::decode(&value)?);
-        }
+        let next_id = read_next_id(&db)?;
+        let mut usage = read_usage(&db)?;
         // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
         let highest_indexed = usage.keys().copied().max().unwrap_or(0);
         for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
@@ -287,6 +279,7 @@ impl Writer {
             db,
             fsync: options.fsync,
             cache,
+            space,
             files,
             segments,
             appender,
@@ -436,6 +429,7 @@ impl Writer {
         group.segments.extend(self.appender.take_finished());
         self.plan_segments(&mut group);
         // The records must be on disk before the index that points at them.
+        self.space.wrote(self.appender.pending_len());
         let written = self.appender.write().and_then(|()| match self.fsync {
             FsyncMode::Always => self.appender.sync(),
             _ => Ok(()),
@@ -500,12 +494,76 @@ impl Writer {
         group.close
     }
 
+    /// Refuses a group that could not be committed. A full disk is survivable: nothing of the
+    /// group reached sled, so the writer forgets what planning it changed and goes on (the
+    /// next groups' acks free space). Any other failure stops all writes.
     fn fail_group(&mut self, group: Group, e: StoreError, shared: &Shared) -> bool {
-        fail(shared, &e);
+        let survivable = matches!(e, StoreError::DiskFull { .. });
+        if survivable {
+            self.space.disk_full();
+            if let Err(reload) = self.forget_group(shared) {
+                fail(shared, &reload);
+            }
+        } else {
+            fail(shared, &e);
+        }
         for reply in group.replies {
             reply(Some(&e));
         }
         group.close
+    }
+
+    /// Undoes a group that failed before sled saw it: its records are cut from the segment
+    /// file, and the writer's view is read back from sled, which holds exactly what was
+    /// committed.
+    fn forget_group(&mut self, shared: &Shared) -> Result<()> {
+        self.appender.discard()?;
+        self.next_id = read_next_id(&self.db)?;
+        self.usage = read_usage(&self.db)?;
+        let logs = shared.logs.read().expect("logs lock").clone();
+        let mut channels = HashMap::new();
+        for entry in self.db.scan_prefix(b"C") {
+            let (key, value) = entry?;
+            let id = ChannelId(id_of(&key)?);
+            let record = ChannelRecord::decode(&value)?;
+            // A channel created by the failed group has no record; one it deleted still has its
+            // log among the announced ones.
+            let log = match self.channels.remove(&id) {
+                Some(channel) => channel.log,
+                None => logs.get(&id).cloned().ok_or_else(|| {
+                    StoreError::Corrupt(format!("channel {:?} has no log", record.name))
+                })?,
+            };
+            channels.insert(
+                id,
+                WriterChannel {
+                    record,
+                    log,
+                    collected_below: 0,
+                },
+            );
+        }
+        self.names = channels
+            .iter()
+            .map(|(id, c)| (c.record.name.clone(), *id))
+            .collect();
+        self.pending_collects = channels.keys().copied().collect();
+        self.channels = channels;
+        self.subscriptions.clear();
+        self.floors.clear();
+        for entry in self.db.scan_prefix(b"S") {
+            let (key, value) = entry?;
+            let id = SubscriptionId(id_of(&key)?);
+            let record = SubscriptionRecord::decode(&value)?;
+            if let Some(raw) = self.db.get(ack_key(id))? {
+                self.floors.insert(id, codec::decode_ack_state(&raw)?.floor);
+            }
+            self.subscriptions.insert(id, record);
+        }
+        tracing::warn!(
+            "a group was refused for lack of disk space; the writer goes on with what is committed"
+        );
+        Ok(())
     }
 
     /// Adds one request to the group, or refuses it at once.
@@ -519,6 +577,11 @@ impl Writer {
                 let Some(state) = self.channels.get_mut(&channel) else {
                     return Err((pending(reply, 0..0), StoreError::ChannelNotFound));
                 };
+                // Checked again here: appends queued before the watermark was crossed must not
+                // take the disk past it.
+                if let Err(e) = self.space.check() {
+                    return Err((pending(reply, 0..0), e));
+                }
                 let first = state.record.next_seq;
                 let range = first..first + messages.len() as u64;
                 state.record.next_seq = range.end;
@@ -973,6 +1036,26 @@ fn sync_loop(groups: Receiver<Committed>, files: Arc<Mutex<DurableFiles>>, share
             }
         }
     }
+}
+
+fn read_next_id(db: &sled::Db) -> Result<u32> {
+    match db.get(KEY_NEXT_ID)? {
+        Some(raw) => {
+            Ok(u32::from_le_bytes(raw.as_ref().try_into().map_err(
+                |_| StoreError::Corrupt("bad id counter".into()),
+            )?))
+        }
+        None => Ok(1),
+    }
+}
+
+fn read_usage(db: &sled::Db) -> Result<HashMap<u32, SegmentUsage>> {
+    let mut usage = HashMap::new();
+    for entry in db.scan_prefix(b"G") {
+        let (key, value) = entry?;
+        usage.insert(id_of(&key)?, SegmentUsage::decode(&value)?);
+    }
+    Ok(usage)
 }
 
 fn stats_of(record: &ChannelRecord) -> ChannelStats {

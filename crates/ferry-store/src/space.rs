@@ -1,0 +1,284 @@
+//! Free space on the data directory's filesystem: the watermark below which publishing is
+//! refused, and the reserve that keeps acks writable when the disk fills up anyway.
+//!
+//! A monitor thread looks at the filesystem's free space a few times a second. Below the
+//! watermark (the larger of `min_free_bytes` and `min_free_percent` of the filesystem), new
+//! publishes are refused before they reach the writer, while acks, nacks and deletes go on:
+//! they are what frees space. Publishing resumes by itself once free space is back above the
+//! watermark.
+//!
+//! The watermark is not enough when another program fills the disk. For that case the store
+//! keeps a reserve file (`data/reserve`, blocks allocated but never written): when the disk is
+//! all but full, or a segment write fails with ENOSPC, the reserve is deleted so that sled can
+//! still write the ack states and index changes that drain the backlog. Publishing needs the
+//! reserve in place, so the space it gave back goes to acks, not to new messages; it is made
+//! again (and publishing resumes) once there is room for it above the watermark.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::{Result, StoreError, io_error};
+
+/// How often the monitor looks at the filesystem.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// The free-space settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceOptions {
+    /// Publishing is refused while free space is below the larger of this...
+    pub min_free_bytes: u64,
+    /// ...and this percentage of the filesystem's size.
+    pub min_free_percent: u8,
+    /// The reserve kept for acks and index changes when the disk fills up anyway (0: none).
+    pub reserve_bytes: u64,
+}
+
+impl Default for SpaceOptions {
+    fn default() -> Self {
+        Self {
+            min_free_bytes: 1 << 30,
+            min_free_percent: 5,
+            reserve_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What the monitor last saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceReport {
+    /// Free bytes on the data directory's filesystem (for unprivileged users).
+    pub free: u64,
+    /// The watermark in force: the configured one, plus the reserve while it is released.
+    pub watermark: u64,
+    /// True while publishing is refused.
+    pub low: bool,
+}
+
+/// The data directory's free space, shared by the monitor thread, the writer and the broker.
+pub(crate) struct Space {
+    dir: PathBuf,
+    reserve: PathBuf,
+    options: SpaceOptions,
+    free: AtomicU64,
+    watermark: AtomicU64,
+    low: AtomicBool,
+    /// Bytes the writer wrote since the last probe: between probes, free space is taken to be
+    /// what was probed less this, so a fast publisher cannot overshoot the watermark by a
+    /// probe interval's worth.
+    written: AtomicU64,
+    reserved: AtomicBool,
+    /// Set (and the condvar notified) to stop the monitor.
+    stop: (Mutex<bool>, Condvar),
+}
+
+impl Space {
+    /// Looks at the filesystem once (releasing the reserve if the disk is full, so that opening
+    /// the store can write) and returns the shared state; [`Space::monitor`] keeps it current.
+    pub(crate) fn open(dir: &Path, options: SpaceOptions) -> Result<Arc<Space>> {
+        let space = Arc::new(Space {
+            dir: dir.to_owned(),
+            reserve: dir.join("reserve"),
+            options,
+            free: AtomicU64::new(u64::MAX),
+            watermark: AtomicU64::new(0),
+            low: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            reserved: AtomicBool::new(dir.join("reserve").exists()),
+            stop: (Mutex::new(false), Condvar::new()),
+        });
+        space.refresh()?;
+        Ok(space)
+    }
+
+    /// Starts the monitor thread; it runs until [`Space::stop`].
+    pub(crate) fn monitor(self: &Arc<Self>) -> Result<()> {
+        let space = self.clone();
+        std::thread::Builder::new()
+            .name("ferry-store-space".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = space.refresh() {
+                        tracing::warn!(error = %e, "cannot read the data directory's free space");
+                    }
+                    let (stopped, wake) = &space.stop;
+                    let guard = stopped.lock().expect("space stop lock");
+                    let (guard, _) = wake
+                        .wait_timeout_while(guard, PROBE_EVERY, |stopped| !*stopped)
+                        .expect("space stop lock");
+                    if *guard {
+                        return;
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(|e| io_error(&self.dir, e))
+    }
+
+    /// Stops the monitor thread.
+    pub(crate) fn stop(&self) {
+        let (stopped, wake) = &self.stop;
+        *stopped.lock().expect("space stop lock") = true;
+        wake.notify_all();
+    }
+
+    /// What was seen last, less what was written since.
+    pub(crate) fn report(&self) -> SpaceReport {
+        let free = self
+            .free
+            .load(Ordering::Acquire)
+            .saturating_sub(self.written.load(Ordering::Acquire));
+        let watermark = self.watermark.load(Ordering::Acquire);
+        SpaceReport {
+            free,
+            watermark,
+            low: self.low.load(Ordering::Acquire) || free < watermark,
+        }
+    }
+
+    /// Counts bytes the writer put on disk since the last probe.
+    pub(crate) fn wrote(&self, bytes: u64) {
+        self.written.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Refuses a publish while free space is below the watermark (raised by the reserve's size
+    /// while the reserve is released).
+    pub(crate) fn check(&self) -> Result<()> {
+        let report = self.report();
+        if report.low {
+            return Err(StoreError::NoSpace {
+                free: report.free,
+                watermark: report.watermark,
+            });
+        }
+        Ok(())
+    }
+
+    /// A write failed with ENOSPC: the disk filled faster than the monitor looked. Publishing
+    /// stops at once and the reserve goes, so that acks can still be written.
+    pub(crate) fn disk_full(&self) {
+        if !self.low.swap(true, Ordering::AcqRel) {
+            tracing::warn!(dir = %self.dir.display(), "the disk is full: refusing publishes; acks, nacks and deletes go on");
+        }
+        self.release_reserve();
+        let _ = self.refresh();
+    }
+
+    /// Looks at the filesystem and applies what it shows.
+    fn refresh(&self) -> Result<()> {
+        let options = &self.options;
+        // Reset first: bytes written during the probe are then counted twice, never missed.
+        self.written.store(0, Ordering::Release);
+        let (mut free, total) = probe(&self.dir)?;
+        let mut watermark = options
+            .min_free_bytes
+            .max(total / 100 * u64::from(options.min_free_percent));
+        let reserve = options.reserve_bytes;
+        if reserve > 0 {
+            let reserved = self.reserved.load(Ordering::Acquire);
+            if reserved && free < reserve / 2 {
+                self.release_reserve();
+                free = probe(&self.dir)?.0;
+            } else if !reserved && free >= watermark.saturating_add(reserve) {
+                self.make_reserve();
+                free = probe(&self.dir)?.0;
+            }
+            if !self.reserved.load(Ordering::Acquire) {
+                watermark = watermark.saturating_add(reserve);
+            }
+        }
+        self.free.store(free, Ordering::Release);
+        self.watermark.store(watermark, Ordering::Release);
+        let low = free < watermark;
+        let was_low = self.low.swap(low, Ordering::AcqRel);
+        let mib = |bytes: u64| bytes >> 20;
+        if low && !was_low {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                free_mib = mib(free),
+                watermark_mib = mib(watermark),
+                "free space is below the watermark (storage.min_free_bytes, storage.min_free_percent): \
+                 refusing publishes; acks, nacks and deletes go on and free space"
+            );
+        } else if !low && was_low {
+            tracing::info!(
+                free_mib = mib(free),
+                watermark_mib = mib(watermark),
+                "free space is above the watermark again: accepting publishes"
+            );
+        }
+        Ok(())
+    }
+
+    fn release_reserve(&self) {
+        self.reserved.store(false, Ordering::Release);
+        match std::fs::remove_file(&self.reserve) {
+            Ok(()) => tracing::warn!(
+                reserve_mib = self.options.reserve_bytes >> 20,
+                "the disk is nearly full: released the reserve so that acks can still be written"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "cannot delete the reserve file"),
+        }
+    }
+
+    /// Allocates the reserve's blocks (written as zeros where the filesystem cannot allocate
+    /// without writing).
+    fn make_reserve(&self) {
+        let bytes = self.options.reserve_bytes;
+        let made = std::fs::File::create(&self.reserve).and_then(|mut file| {
+            match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes) {
+                Ok(()) => Ok(()),
+                Err(rustix::io::Errno::OPNOTSUPP) => {
+                    let zeros = vec![0; 1 << 20];
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(zeros.len() as u64) as usize;
+                        std::io::Write::write_all(&mut file, &zeros[..n])?;
+                        left -= n as u64;
+                    }
+                    file.sync_all()
+                }
+                Err(e) => Err(e.into()),
+            }
+        });
+        match made {
+            Ok(()) => {
+                self.reserved.store(true, Ordering::Release);
+                tracing::debug!(
+                    reserve_mib = self.options.reserve_bytes >> 20,
+                    "reserve file allocated"
+                );
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.reserve);
+                tracing::warn!(error = %e, "cannot allocate the reserve file; trying again later");
+            }
+        }
+    }
+}
+
+/// Free and total bytes of the filesystem holding `dir`.
+fn probe(dir: &Path) -> Result<(u64, u64)> {
+    #[cfg(debug_assertions)]
+    if let Some(probed) = test_probe() {
+        return Ok(probed);
+    }
+    let stats = rustix::fs::statvfs(dir).map_err(|e| io_error(dir, e.into()))?;
+    Ok((
+        stats.f_bavail.saturating_mul(stats.f_frsize),
+        stats.f_blocks.saturating_mul(stats.f_frsize),
+    ))
+}
+
+/// Debug builds only (the integration tests use it where no small filesystem can be mounted):
+/// `FERRY_TEST_FREE_SPACE` names a file holding "FREE TOTAL" in bytes, read instead of the
+/// filesystem's own figures.
+#[cfg(debug_assertions)]
+fn test_probe() -> Option<(u64, u64)> {
+    let path = std::env::var_os("FERRY_TEST_FREE_SPACE")?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut numbers = text.split_whitespace().map(str::parse::<u64>);
+    Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+}
