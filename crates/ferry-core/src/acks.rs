@@ -67,6 +67,17 @@ impl AckSet {
         }
     }
 
+    /// Marks every sequence of `range` acked; returns how many were not already.
+    pub fn insert_range(&mut self, range: std::ops::Range<u64>) -> u64 {
+        let mut added = 0;
+        let mut seq = self.next_unacked(range.start);
+        while seq < range.end {
+            added += u64::from(self.insert(seq));
+            seq = self.next_unacked(seq + 1);
+        }
+        added
+    }
+
     /// Marks `seq` acked; false if it was already.
     pub fn insert(&mut self, seq: u64) -> bool {
         if self.contains(seq) {
@@ -119,5 +130,10 @@ mod tests {
         assert_eq!(acks.total(), 7);
         assert!(acks.to_state().acked_above_floor.is_empty());
         assert!(acks.contains(7) && !acks.contains(8));
+        assert_eq!(acks.insert_range(5..12), 4);
+        assert_eq!(acks.floor(), 12);
+        assert_eq!(acks.insert_range(20..22), 2);
+        assert_eq!(acks.insert_range(18..23), 3);
+        assert_eq!(acks.to_state().acked_above_floor, vec![(18, 23)]);
     }
 }

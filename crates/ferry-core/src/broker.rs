@@ -20,8 +20,8 @@ use crate::dispatcher::{Command, Dispatcher};
 use crate::error::{CoreError, Result};
 use crate::outbox::{ConsumerEvents, RequestGate};
 use crate::{
-    AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, Limits,
-    SpaceReport, SubscriptionStats, Window, names,
+    AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy,
+    Limits, SpaceReport, SubscriptionStats, Window, names,
 };
 
 /// How many commands may wait for a dispatcher before senders wait.
@@ -37,6 +37,7 @@ struct Inner {
     store: Store,
     limits: Limits,
     consumer_limits: ConsumerLimits,
+    on_damage: DamagePolicy,
     channels: RwLock<BTreeMap<String, Arc<ChannelShared>>>,
     /// Serialises creations and deletions so that the registry and the store always agree.
     admin: tokio::sync::Mutex<()>,
@@ -178,6 +179,7 @@ impl Broker {
                 store,
                 limits: options.limits,
                 consumer_limits: options.consumers,
+                on_damage: options.on_damage,
                 channels: RwLock::new(BTreeMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 dispatchers: Mutex::new(Vec::new()),
@@ -241,6 +243,7 @@ impl Broker {
             acks,
             commands.clone(),
             self.inner.consumer_limits,
+            self.inner.on_damage,
         );
         let task = tokio::spawn(dispatcher.run(rx));
         let handle = Arc::new(SubscriptionHandle {
@@ -402,7 +405,10 @@ impl Broker {
         let shared = self.channel(name)?;
         let stats = shared.log.stats();
         let subscriptions = self.subscription_stats(&shared).await;
+        let (damaged_records, damaged_messages) = shared.log.damage();
         Ok(ChannelInfo {
+            damaged_records,
+            damaged_messages,
             name: shared.name.clone(),
             messages: stats.next_seq - stats.first_seq,
             bytes: stats.bytes,

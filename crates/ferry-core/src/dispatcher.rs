@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_store::{ChannelLog, Message, Store, SubscriptionId, SubscriptionSettings};
+use ferry_store::{ChannelLog, Message, Store, StoreError, SubscriptionId, SubscriptionSettings};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -18,8 +18,8 @@ use crate::acks::AckSet;
 use crate::error::CoreError;
 use crate::outbox::{ConsumerEvents, Outbox, RequestGate, outbox};
 use crate::{
-    AckOperation, AckOutcome, AckResult, Attached, ConsumerEvent, ConsumerLimits, Delivery,
-    SubscriptionStats, Window,
+    AckOperation, AckOutcome, AckResult, Attached, ConsumerEvent, ConsumerLimits, DamagePolicy,
+    Delivery, SubscriptionStats, Window,
 };
 
 /// How many new messages the dispatcher reads ahead of its consumers at most.
@@ -109,6 +109,11 @@ pub(crate) struct Dispatcher {
     settings: SubscriptionSettings,
     commands: mpsc::Sender<Command>,
     limits: ConsumerLimits,
+    on_damage: DamagePolicy,
+    /// Messages skipped at damaged records.
+    damaged_skipped: u64,
+    /// Skips made acks that are not queued for the store yet.
+    skips_unsaved: bool,
     /// Notified by the consumers' outboxes when their streams take events (room appears).
     wake: Arc<Notify>,
     acks: AckSet,
@@ -146,6 +151,7 @@ impl Dispatcher {
         acks: AckSet,
         commands: mpsc::Sender<Command>,
         limits: ConsumerLimits,
+        on_damage: DamagePolicy,
     ) -> Self {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -158,6 +164,9 @@ impl Dispatcher {
             settings,
             commands,
             limits,
+            on_damage,
+            damaged_skipped: 0,
+            skips_unsaved: false,
             wake: Arc::new(Notify::new()),
             durable_floor: acks.floor(),
             cursor: acks.floor(),
@@ -210,6 +219,9 @@ impl Dispatcher {
                 _ = stall_check.tick(), if !self.consumers.is_empty() => self.detach_stalled(),
             }
             self.dispatch();
+            if self.skips_unsaved {
+                self.save_skips().await;
+            }
         }
         self.stop(CoreError::ShuttingDown);
     }
@@ -495,6 +507,11 @@ impl Dispatcher {
                 Ok(None) => {
                     tracing::warn!(subscription = %self.name, seq, "unacked message is no longer stored")
                 }
+                Err(StoreError::Damaged {
+                    first_seq, end_seq, ..
+                }) if self.on_damage == DamagePolicy::Skip => {
+                    self.skip_damaged(first_seq..end_seq);
+                }
                 Err(e) => {
                     tracing::error!(subscription = %self.name, seq, error = %e, "cannot read message");
                     self.attempts.insert(seq, attempt - 1);
@@ -520,12 +537,57 @@ impl Dispatcher {
                     self.cursor = messages.last().map_or(self.cursor, |m| m.sequence + 1);
                     self.prefetch.extend(messages);
                 }
+                Err(StoreError::Damaged {
+                    first_seq, end_seq, ..
+                }) if self.on_damage == DamagePolicy::Skip => {
+                    self.skip_damaged(first_seq..end_seq);
+                }
+                // The log reported the damage; with the stop policy nothing goes past it.
+                Err(StoreError::Damaged { .. }) => return None,
                 Err(e) => {
                     tracing::error!(subscription = %self.name, error = %e, "cannot read messages");
                     return None;
                 }
             }
         }
+    }
+
+    /// Goes past a damaged record: its messages are lost, so they count as acked for this
+    /// subscription (else its ack floor, and collection, would stop there for good).
+    fn skip_damaged(&mut self, range: std::ops::Range<u64>) {
+        let skipped = self.acks.insert_range(range.clone());
+        self.damaged_skipped += skipped;
+        for seq in range.clone() {
+            if self.redeliver.remove(&seq) {
+                self.attempts.remove(&seq);
+            }
+        }
+        self.prefetch.retain(|m| !range.contains(&m.sequence));
+        self.cursor = self.cursor.max(range.end);
+        tracing::warn!(
+            subscription = %self.name,
+            first = range.start,
+            last = range.end - 1,
+            skipped,
+            "skipped the messages of a damaged record"
+        );
+        self.skips_unsaved = true;
+    }
+
+    /// Saves the ack state after damaged records were skipped. Queued from this task, like
+    /// every ack state, so that a later state never loses to an earlier one.
+    async fn save_skips(&mut self) {
+        self.skips_unsaved = false;
+        let floor = self.acks.floor();
+        let Ok(confirmation) = self.store.submit_acks(self.id, self.acks.to_state()).await else {
+            return;
+        };
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            if confirmation.confirmed().await.is_ok() {
+                let _ = commands.send(Command::AcksDurable { floor }).await;
+            }
+        });
     }
 
     /// The next consumer, in turn, with room for a message of this size.
@@ -595,6 +657,7 @@ impl Dispatcher {
                 .saturating_sub(self.acks.acked_above_floor()),
             oldest_unacked_publish_time_ms: oldest,
             consumers: self.consumers.len() as u32,
+            damaged_skipped: self.damaged_skipped,
             ack_floor: self.durable_floor,
         }
     }

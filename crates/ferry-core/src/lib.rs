@@ -27,7 +27,7 @@ pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
     Attributes, FsyncMode, Message, NewMessage, SpaceOptions, SpaceReport, StoreError,
-    StoreOptions, SubscriptionSettings,
+    StoreOptions, SubscriptionSettings, Verify,
 };
 pub use outbox::ConsumerEvents;
 
@@ -52,6 +52,19 @@ pub struct BrokerOptions {
     pub limits: Limits,
     /// What one consumer may hold of the broker's memory and time.
     pub consumers: ConsumerLimits,
+    /// What a subscription does at a damaged message record.
+    pub on_damage: DamagePolicy,
+}
+
+/// What a subscription does when it meets a message record that cannot be read back (the
+/// record is reported and counted either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DamagePolicy {
+    /// Count its messages as lost, ack them for the subscription, and go on past it.
+    #[default]
+    Skip,
+    /// Deliver nothing past it until an operator repairs the store.
+    Stop,
 }
 
 /// Bounds on what one consumer can make the broker hold.
@@ -286,6 +299,8 @@ pub struct SubscriptionStats {
     pub oldest_unacked_publish_time_ms: Option<u64>,
     /// Consumers attached.
     pub consumers: u32,
+    /// Messages skipped because their record was damaged (since the broker started).
+    pub damaged_skipped: u64,
     /// The durable ack floor.
     pub ack_floor: u64,
 }
@@ -303,6 +318,10 @@ pub struct ChannelInfo {
     pub next_sequence: u64,
     /// The first sequence stored.
     pub first_sequence: u64,
+    /// Damaged records found since the broker started, and the messages they held.
+    pub damaged_records: u64,
+    /// See `damaged_records`.
+    pub damaged_messages: u64,
     /// Its subscriptions, by name.
     pub subscriptions: Vec<SubscriptionStats>,
 }

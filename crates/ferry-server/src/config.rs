@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::{
-    BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, FsyncMode, Limits,
-    SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings,
+    BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, DamagePolicy, FsyncMode,
+    Limits, SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings, Verify,
 };
 use serde::Deserialize;
 
@@ -76,6 +76,34 @@ pub struct StorageConfig {
     pub min_free_percent: u8,
     /// Space kept back for acks in case the disk fills up anyway.
     pub reserve: ByteSize,
+    /// Which message records are checked when the store opens.
+    pub verify_on_start: VerifySetting,
+    /// What a subscription does at a damaged record.
+    pub on_damage: DamageSetting,
+}
+
+/// The `verify_on_start` setting.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifySetting {
+    /// The last record of every segment file.
+    #[default]
+    Tail,
+    /// Every record.
+    Full,
+    /// None.
+    Off,
+}
+
+/// The `on_damage` setting.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DamageSetting {
+    /// Count the record's messages as lost and go on.
+    #[default]
+    Skip,
+    /// Deliver nothing past it.
+    Stop,
 }
 
 /// `[limits]`
@@ -162,6 +190,8 @@ impl Default for StorageConfig {
             min_free_bytes: ByteSize(SpaceOptions::default().min_free_bytes),
             min_free_percent: SpaceOptions::default().min_free_percent,
             reserve: ByteSize(SpaceOptions::default().reserve_bytes),
+            verify_on_start: VerifySetting::Tail,
+            on_damage: DamageSetting::Skip,
         }
     }
 }
@@ -328,6 +358,15 @@ impl Config {
                     min_free_percent: storage.min_free_percent,
                     reserve_bytes: storage.reserve.0,
                 },
+                verify: match storage.verify_on_start {
+                    VerifySetting::Tail => Verify::Tail,
+                    VerifySetting::Full => Verify::Full,
+                    VerifySetting::Off => Verify::Off,
+                },
+            },
+            on_damage: match storage.on_damage {
+                DamageSetting::Skip => DamagePolicy::Skip,
+                DamageSetting::Stop => DamagePolicy::Stop,
             },
             limits: Limits {
                 max_message_bytes: self.limits.max_message_bytes.0 as usize,

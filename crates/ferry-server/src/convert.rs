@@ -118,6 +118,7 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
         oldest_unacked_publish_time: oldest.map(timestamp),
         consumers: s.consumers,
         ack_floor: s.ack_floor,
+        damaged_skipped: s.damaged_skipped,
     }
 }
 
@@ -128,6 +129,8 @@ pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
         bytes: c.bytes,
         next_sequence: c.next_sequence,
         first_sequence: c.first_sequence,
+        damaged_records: c.damaged_records,
+        damaged_messages: c.damaged_messages,
         subscriptions: c
             .subscriptions
             .into_iter()

@@ -22,7 +22,9 @@ pub fn to_status(error: CoreError) -> Status {
         }
         CoreError::ShuttingDown => Status::unavailable(message),
         CoreError::ConsumerStalled { .. } => Status::resource_exhausted(message),
-        CoreError::Storage(StoreError::Corrupt(_)) => Status::data_loss(message),
+        CoreError::Storage(StoreError::Corrupt(_) | StoreError::Damaged { .. }) => {
+            Status::data_loss(message)
+        }
         CoreError::Storage(StoreError::ChannelNotFound | StoreError::SubscriptionNotFound) => {
             Status::not_found(message)
         }

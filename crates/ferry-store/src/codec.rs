@@ -184,12 +184,13 @@ pub(crate) fn frame_record(
     out.extend_from_slice(body);
 }
 
-/// Decodes the framed record of `channel` that starts at `first_seq`.
-pub(crate) fn decode_record(
+/// Checks the frame and checksum of the record of `channel` that starts at `first_seq`;
+/// returns its message count and body.
+pub(crate) fn check_record(
     channel: ChannelId,
     first_seq: u64,
     framed: &[u8],
-) -> Result<Vec<Message>, StoreError> {
+) -> Result<(u32, &[u8]), StoreError> {
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
     if framed.len() < RECORD_HEADER_LEN || framed[0] != RECORD_MAGIC {
@@ -209,6 +210,18 @@ pub(crate) fn decode_record(
     if record_crc(channel, first_seq, count, body) != crc {
         return Err(corrupt("checksum mismatch"));
     }
+    Ok((count, body))
+}
+
+/// Decodes the framed record of `channel` that starts at `first_seq`.
+pub(crate) fn decode_record(
+    channel: ChannelId,
+    first_seq: u64,
+    framed: &[u8],
+) -> Result<Vec<Message>, StoreError> {
+    let corrupt =
+        |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
+    let (count, body) = check_record(channel, first_seq, framed)?;
     // Each message gets its own copies of its bytes: a message handed out must never keep the
     // whole record (up to 256 KiB) alive.
     let mut cursor = body;

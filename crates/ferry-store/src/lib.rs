@@ -94,6 +94,20 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// The free-space watermark and reserve.
     pub space: SpaceOptions,
+    /// Which message records are checked when the store opens.
+    pub verify: Verify,
+}
+
+/// Which message records are read back and checked when the store opens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Verify {
+    /// The last record of every segment file: where a crash or a truncation shows.
+    #[default]
+    Tail,
+    /// Every record (start-up then reads the whole backlog).
+    Full,
+    /// None (records are still checked on every read).
+    Off,
 }
 
 impl Default for StoreOptions {
@@ -105,6 +119,7 @@ impl Default for StoreOptions {
             tail_cache_bytes: 64 << 20,
             segment_bytes: 64 << 20,
             space: SpaceOptions::default(),
+            verify: Verify::default(),
         }
     }
 }
@@ -146,6 +161,24 @@ pub enum StoreError {
     DiskFull {
         /// The file being written.
         path: PathBuf,
+    },
+    /// A message record cannot be read back (a damaged or truncated segment file): the
+    /// messages it held are lost.
+    #[error(
+        "damaged record in segment {segment} at offset {offset} (sequences {first_seq} to {}): {reason}",
+        .end_seq - 1
+    )]
+    Damaged {
+        /// The segment file's id.
+        segment: u32,
+        /// Where the record starts in it.
+        offset: u64,
+        /// The first sequence the record holds.
+        first_seq: u64,
+        /// One past the last sequence it holds.
+        end_seq: u64,
+        /// What is wrong with it.
+        reason: String,
     },
     /// Data read back does not match what was written.
     #[error("stored data is corrupt: {0}")]

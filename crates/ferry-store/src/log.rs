@@ -11,7 +11,7 @@
 //! behind, or it has none) so holds no memory that a live channel could use, and a thousand
 //! channels need no more memory than one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::codec::{RecordLocation, decode_record, parse_record_key, record_key};
 use crate::segment::Segments;
-use crate::{ChannelId, ChannelStats, Message, Result};
+use crate::{ChannelId, ChannelStats, Message, Result, StoreError};
 
 /// The broker-wide budget of decoded messages, shared by every channel's tail.
 pub(crate) struct MessageCache {
@@ -93,6 +93,8 @@ pub struct ChannelLog {
 }
 
 struct LogState {
+    /// Damaged records found so far (by first sequence), each reported once.
+    damaged: BTreeMap<u64, StoreError>,
     /// Consecutive messages ending at `stats.next_seq - 1`.
     tail: VecDeque<Arc<Message>>,
     /// Their heap size, counted in the cache's budget.
@@ -110,6 +112,7 @@ impl ChannelLog {
     ) -> Self {
         let (end, _) = watch::channel(stats.next_seq);
         let state = LogState {
+            damaged: BTreeMap::new(),
             tail: VecDeque::new(),
             tail_bytes: 0,
             stats,
@@ -208,8 +211,18 @@ impl ChannelLog {
         for entry in self.db.range(record_key(id, start)..record_key(id, until)) {
             let (key, value) = entry?;
             let first = parse_record_key(&key)?;
-            let framed = self.segments.read(RecordLocation::decode(&value)?)?;
-            for message in decode_record(id, first, &framed)? {
+            let at = RecordLocation::decode(&value)?;
+            let decoded = self
+                .segments
+                .read(at)
+                .and_then(|framed| decode_record(id, first, &framed));
+            let messages = match decoded {
+                Ok(messages) => messages,
+                // What was read before it goes out first; the caller then asks from here.
+                Err(_) if !out.is_empty() => return Ok(()),
+                Err(e) => return Err(self.damaged(first, at, e)),
+            };
+            for message in messages {
                 if message.sequence < from || message.sequence >= until {
                     continue;
                 }
@@ -221,6 +234,59 @@ impl ChannelLog {
             }
         }
         Ok(())
+    }
+
+    /// Records (and reports, the first time) a record that cannot be read; returns the error
+    /// that tells readers which sequences it held.
+    fn damaged(&self, first: u64, at: RecordLocation, cause: StoreError) -> StoreError {
+        let end = self
+            .db
+            .range(record_key(self.id, first + 1)..=record_key(self.id, u64::MAX))
+            .next()
+            .and_then(|entry| entry.ok())
+            .and_then(|(key, _)| parse_record_key(&key).ok())
+            .unwrap_or_else(|| self.stats().next_seq);
+        let reason = match cause {
+            StoreError::Corrupt(reason) => reason,
+            other => other.to_string(),
+        };
+        let error = StoreError::Damaged {
+            segment: at.segment,
+            offset: at.offset,
+            first_seq: first,
+            end_seq: end.max(first + 1),
+            reason,
+        };
+        self.mark_damaged(error.clone());
+        error
+    }
+
+    /// Counts a damaged record (found on read or by the start-up check), reporting it once.
+    pub(crate) fn mark_damaged(&self, error: StoreError) {
+        let StoreError::Damaged { first_seq, .. } = &error else {
+            return;
+        };
+        let mut state = self.lock();
+        if !state.damaged.contains_key(first_seq) {
+            tracing::error!(channel = self.id.0, error = %error, "damaged message record: its messages are lost");
+            state.damaged.insert(*first_seq, error);
+        }
+    }
+
+    /// Damaged records found since the store was opened, and the messages they held.
+    pub fn damage(&self) -> (u64, u64) {
+        let state = self.lock();
+        let messages = state
+            .damaged
+            .values()
+            .map(|e| match e {
+                StoreError::Damaged {
+                    first_seq, end_seq, ..
+                } => end_seq - first_seq,
+                _ => 0,
+            })
+            .sum();
+        (state.damaged.len() as u64, messages)
     }
 
     /// Called by the writer after a commit made these messages durable.

@@ -20,6 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Verify;
 use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, KEY_VERSION, RecordLocation, SegmentUsage,
     SubscriptionRecord, ack_key, channel_key, record_key, segment_key, subscription_key,
@@ -272,6 +273,7 @@ impl Writer {
             subscriptions.insert(id, record);
         }
 
+        verify_records(&db, &segments, &channels, options.verify)?;
         let files = DurableFiles::open(dir)?;
         files.sync_directories()?;
         let files = Arc::new(Mutex::new(files));
@@ -1036,6 +1038,74 @@ fn sync_loop(groups: Receiver<Committed>, files: Arc<Mutex<DurableFiles>>, share
             }
         }
     }
+}
+
+/// Reads back the records `verify` asks for (the last of each segment file, or all) and marks
+/// the damaged ones in their channel's log, which reports them and makes readers skip them.
+fn verify_records(
+    db: &sled::Db,
+    segments: &Segments,
+    channels: &HashMap<ChannelId, WriterChannel>,
+    verify: Verify,
+) -> Result<()> {
+    if verify == Verify::Off {
+        return Ok(());
+    }
+    // A record ends where the next one of its channel starts, or at the channel's end.
+    let mut records = Vec::new();
+    let mut previous: Option<(ChannelId, u64, RecordLocation)> = None;
+    let end_of = |channel: &ChannelId| channels.get(channel).map_or(0, |c| c.record.next_seq);
+    for entry in db.scan_prefix(b"M") {
+        let (key, value) = entry?;
+        let channel = ChannelId(id_of(&key)?);
+        let first = codec::parse_record_key(&key)?;
+        let at = RecordLocation::decode(&value)?;
+        if let Some((p_channel, p_first, p_at)) = previous.replace((channel, first, at)) {
+            let end = if p_channel == channel {
+                first
+            } else {
+                end_of(&p_channel)
+            };
+            records.push((p_channel, p_first, end, p_at));
+        }
+    }
+    if let Some((channel, first, at)) = previous {
+        records.push((channel, first, end_of(&channel), at));
+    }
+    if verify == Verify::Tail {
+        let mut last: HashMap<u32, (ChannelId, u64, u64, RecordLocation)> = HashMap::new();
+        for record in records {
+            let slot = last.entry(record.3.segment).or_insert(record);
+            if record.3.offset > slot.3.offset {
+                *slot = record;
+            }
+        }
+        records = last.into_values().collect();
+    }
+    let mut damaged = 0;
+    for (channel, first, end, at) in records {
+        let checked = segments
+            .read(at)
+            .and_then(|framed| codec::check_record(channel, first, &framed).map(drop));
+        let (Err(e), Some(owner)) = (checked, channels.get(&channel)) else {
+            continue;
+        };
+        damaged += 1;
+        owner.log.mark_damaged(StoreError::Damaged {
+            segment: at.segment,
+            offset: at.offset,
+            first_seq: first,
+            end_seq: end.max(first + 1),
+            reason: e.to_string(),
+        });
+    }
+    if damaged > 0 {
+        tracing::error!(
+            damaged,
+            "damaged message records found on start-up; see the lines above"
+        );
+    }
+    Ok(())
 }
 
 fn read_next_id(db: &sled::Db) -> Result<u32> {

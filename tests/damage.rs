@@ -1,0 +1,191 @@
+//! Damaged files: a segment file with flipped bytes and another cut short. The damage is found
+//! on start-up and on read, reported once with where it is, counted in Admin, and contained:
+//! every intact message, and every new one, is still delivered (or, with the stop policy,
+//! nothing past the damage is).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, sequences};
+
+fn options(dir: &Path, storage: &str) -> Options {
+    let config = dir.join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\nsegment_size = \"1MiB\"\n{storage}"),
+    )
+    .unwrap();
+    Options {
+        config: Some(config),
+        ..Options::default()
+    }
+}
+
+/// The segment files of a data directory, oldest first.
+fn segment_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("segments"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Flips 8 bytes in the middle of `path`.
+fn flip_bytes(path: &Path) {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let middle = file.metadata().unwrap().len() / 2;
+    let mut bytes = [0u8; 8];
+    file.seek(SeekFrom::Start(middle)).unwrap();
+    file.read_exact(&mut bytes).unwrap();
+    for b in &mut bytes {
+        *b ^= 0xA5;
+    }
+    file.seek(SeekFrom::Start(middle)).unwrap();
+    file.write_all(&bytes).unwrap();
+}
+
+/// Cuts the last 100 bytes off `path`.
+fn truncate(path: &Path) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len - 100).unwrap();
+}
+
+/// Publishes 60 commits of 50 messages of 1 KiB: about 3 MB, so several segment files.
+async fn fill(daemon: &Daemon) -> Vec<u64> {
+    daemon.create("orders", &[("s", 60_000)]).await;
+    let mut published = Vec::new();
+    for round in 0..60u8 {
+        let payloads = (0..50).map(|i| vec![round.wrapping_add(i); 1024]);
+        published.extend(daemon.publish("orders", payloads).await);
+    }
+    published
+}
+
+/// Damages the first segment file and cuts the second one short.
+fn damage(data_dir: &Path) {
+    let files = segment_files(data_dir);
+    assert!(files.len() >= 3, "several segment files: {files:?}");
+    flip_bytes(&files[0]);
+    truncate(&files[1]);
+}
+
+/// Delivers and acks until nothing comes for a while; returns what came.
+async fn consume_all(daemon: &Daemon) -> BTreeSet<u64> {
+    let mut consumer = Consumer::attach(daemon, "orders", "s", 1000).await;
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let deliveries = consumer.take_for(Duration::from_millis(500)).await;
+        if deliveries.is_empty() {
+            break;
+        }
+        seen.extend(sequences(&deliveries));
+        consumer.ack(ack_ids(&deliveries)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries never stopped"
+        );
+    }
+    seen
+}
+
+#[tokio::test]
+async fn damaged_records_are_reported_counted_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = options(dir.path(), "");
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    let published = fill(&daemon).await;
+    daemon.stop().await;
+    damage(&dir.path().join("data"));
+
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    // The start-up check finds the cut-short file at once.
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("damaged message record") && log.contains("segment"),
+        "the start-up check reports the damage:\n{log}"
+    );
+    let later = daemon
+        .publish("orders", [b"after the damage".to_vec()])
+        .await;
+
+    let seen = consume_all(&daemon).await;
+    let info = daemon
+        .admin()
+        .await
+        .get_channel(ferry_proto::pb::GetChannelRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.damaged_records >= 2, "{info:?}");
+    let lost = info.damaged_messages;
+    assert!(lost > 0 && lost < published.len() as u64 / 2, "{info:?}");
+    let expected: BTreeSet<u64> = published.iter().chain(&later).copied().collect();
+    assert!(seen.is_subset(&expected), "nothing unexpected");
+    assert_eq!(
+        seen.len() as u64 + lost,
+        expected.len() as u64,
+        "every intact message and the new one are delivered"
+    );
+    assert!(
+        seen.contains(&later[0]),
+        "a publish after the damage is delivered"
+    );
+    let sub = &info.subscriptions[0];
+    assert_eq!(sub.damaged_skipped, lost, "{sub:?}");
+    assert_eq!(
+        sub.unacked, 0,
+        "the damaged messages count as acked: {sub:?}"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    let reports = log
+        .lines()
+        .filter(|l| l.contains("damaged message record: its messages are lost"))
+        .count();
+    assert_eq!(
+        reports as u64, info.damaged_records,
+        "each damage reported once:\n{log}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_stop_policy_nothing_past_the_damage_is_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = options(dir.path(), "on_damage = \"stop\"\n");
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    let published = fill(&daemon).await;
+    daemon.stop().await;
+    damage(&dir.path().join("data"));
+
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    daemon
+        .publish("orders", [b"after the damage".to_vec()])
+        .await;
+    let seen = consume_all(&daemon).await;
+    let first_lost = (1..=published.len() as u64)
+        .find(|s| !seen.contains(s))
+        .expect("something is held back");
+    assert_eq!(
+        seen,
+        (1..first_lost).collect::<BTreeSet<_>>(),
+        "exactly the messages before the first damaged record"
+    );
+    let sub = daemon.subscription("orders", "s").await;
+    assert_eq!(sub.damaged_skipped, 0);
+    daemon.stop().await;
+}
