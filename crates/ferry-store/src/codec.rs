@@ -31,15 +31,51 @@ use crate::{
     SubscriptionSettings,
 };
 
-/// The version of this layout, stored under `V`.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The version of this layout, stored under `V`. Version 2 stores open too: their records
+/// are read as before, but cannot be found by a scan of the segment files.
+pub(crate) const FORMAT_VERSION: u32 = 3;
+/// The previous version, upgraded in place on open.
+pub(crate) const FORMAT_VERSION_2: u32 = 2;
 /// A group's messages for one channel are cut into records of about this many body bytes.
 pub(crate) const RECORD_TARGET_BYTES: usize = 256 * 1024;
-const RECORD_MAGIC: u8 = 0xF1;
-const RECORD_HEADER_LEN: usize = 1 + 4 + 4 + 4;
+/// Version 2 records: magic, count, body length, CRC.
+const RECORD_MAGIC_V2: u8 = 0xF1;
+const RECORD_HEADER_LEN_V2: usize = 1 + 4 + 4 + 4;
+/// Version 3 records also say whose they are (channel, first sequence), so that the segment
+/// files alone are enough to find every record and rebuild the index.
+const RECORD_MAGIC: u8 = 0xF2;
+pub(crate) const RECORD_HEADER_LEN: usize = 1 + 4 + 8 + 4 + 4 + 4;
 
 pub(crate) const KEY_VERSION: &[u8] = b"V";
 pub(crate) const KEY_NEXT_ID: &[u8] = b"I";
+/// Where the index's view of the segment log ends: records after it are replayed on open.
+pub(crate) const KEY_LOG_END: &[u8] = b"P";
+
+/// A position in the segment log: a segment file and an offset in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct LogPosition {
+    pub segment: u32,
+    pub offset: u64,
+}
+
+impl LogPosition {
+    pub fn encode(&self) -> [u8; 12] {
+        let mut out = [0; 12];
+        out[..4].copy_from_slice(&self.segment.to_le_bytes());
+        out[4..].copy_from_slice(&self.offset.to_le_bytes());
+        out
+    }
+
+    pub fn decode(mut raw: &[u8]) -> Result<Self, StoreError> {
+        if raw.len() != 12 {
+            return Err(StoreError::Corrupt("bad log position".into()));
+        }
+        Ok(Self {
+            segment: raw.get_u32_le(),
+            offset: raw.get_u64_le(),
+        })
+    }
+}
 
 pub(crate) fn channel_key(id: ChannelId) -> [u8; 5] {
     prefixed(b'C', id.0)
@@ -178,10 +214,51 @@ pub(crate) fn frame_record(
     out: &mut Vec<u8>,
 ) {
     out.put_u8(RECORD_MAGIC);
+    out.put_u32_le(channel.0);
+    out.put_u64_le(first_seq);
     out.put_u32_le(count);
     out.put_u32_le(body.len() as u32);
     out.put_u32_le(record_crc(channel, first_seq, count, body));
     out.extend_from_slice(body);
+}
+
+/// What a record's header says, read without knowing whose record it is (a segment scan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordHeader {
+    pub channel: ChannelId,
+    pub first_seq: u64,
+    pub count: u32,
+    /// Header and body.
+    pub len: u64,
+    crc: u32,
+}
+
+impl RecordHeader {
+    /// Parses the header at the start of `bytes`; None if it is not a version 3 header (a torn
+    /// or damaged frame, zeros, or a version 2 record, which says nothing of whose it is).
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < RECORD_HEADER_LEN || bytes[0] != RECORD_MAGIC {
+            return None;
+        }
+        let mut header = &bytes[1..RECORD_HEADER_LEN];
+        let channel = ChannelId(header.get_u32_le());
+        let first_seq = header.get_u64_le();
+        let count = header.get_u32_le();
+        let body_len = header.get_u32_le();
+        let crc = header.get_u32_le();
+        Some(Self {
+            channel,
+            first_seq,
+            count,
+            len: RECORD_HEADER_LEN as u64 + u64::from(body_len),
+            crc,
+        })
+    }
+
+    /// Whether `body` is this record's body.
+    pub fn matches(&self, body: &[u8]) -> bool {
+        record_crc(self.channel, self.first_seq, self.count, body) == self.crc
+    }
 }
 
 /// Checks the frame and checksum of the record of `channel` that starts at `first_seq`;
@@ -193,14 +270,39 @@ pub(crate) fn check_record(
 ) -> Result<(u32, &[u8]), StoreError> {
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
-    if framed.len() < RECORD_HEADER_LEN || framed[0] != RECORD_MAGIC {
-        return Err(corrupt("bad header"));
-    }
-    let mut header = &framed[1..RECORD_HEADER_LEN];
-    let count = header.get_u32_le();
-    let body_len = header.get_u32_le() as usize;
-    let crc = header.get_u32_le();
-    let body = &framed[RECORD_HEADER_LEN..];
+    let (count, body_len, crc, body) = match framed.first() {
+        Some(&RECORD_MAGIC) if framed.len() >= RECORD_HEADER_LEN => {
+            let mut header = &framed[1..RECORD_HEADER_LEN];
+            let (owner, first) = (header.get_u32_le(), header.get_u64_le());
+            if owner != channel.0 || first != first_seq {
+                return Err(corrupt(&format!(
+                    "the index names channel {} sequence {first_seq}, the record is channel {owner} sequence {first}",
+                    channel.0
+                )));
+            }
+            let (count, body_len, crc) = (
+                header.get_u32_le(),
+                header.get_u32_le(),
+                header.get_u32_le(),
+            );
+            (count, body_len as usize, crc, &framed[RECORD_HEADER_LEN..])
+        }
+        Some(&RECORD_MAGIC_V2) if framed.len() >= RECORD_HEADER_LEN_V2 => {
+            let mut header = &framed[1..RECORD_HEADER_LEN_V2];
+            let (count, body_len, crc) = (
+                header.get_u32_le(),
+                header.get_u32_le(),
+                header.get_u32_le(),
+            );
+            (
+                count,
+                body_len as usize,
+                crc,
+                &framed[RECORD_HEADER_LEN_V2..],
+            )
+        }
+        _ => return Err(corrupt("bad header")),
+    };
     if body.len() != body_len {
         return Err(corrupt(&format!(
             "body is {} bytes, header says {body_len}",

@@ -19,6 +19,7 @@
 mod codec;
 mod log;
 mod message;
+mod recovery;
 mod segment;
 mod space;
 mod writer;

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::codec::RecordLocation;
+use crate::codec::{RECORD_HEADER_LEN, RecordHeader, RecordLocation};
 use crate::{Result, StoreError, io_error};
 
 /// The segment files of one store.
@@ -49,33 +49,36 @@ pub(crate) struct Appender {
 }
 
 impl Segments {
-    /// Opens the segment directory, deletes the files `live` does not name, and starts a new
-    /// segment after the highest id seen on disk or in the index (`highest_indexed`), so that an
-    /// id is never used twice. `keep_finished` says whether finished files will be synced.
-    pub(crate) fn open(
-        dir: &Path,
-        live: impl Fn(u32) -> bool,
-        highest_indexed: u32,
-        limit: u64,
-        keep_finished: bool,
-    ) -> Result<(Arc<Segments>, Appender)> {
+    /// Opens the segment directory; returns it with the ids of the segment files in it, lowest
+    /// first. Nothing is deleted or started yet: recovery first replays what the index lacks.
+    pub(crate) fn open(dir: &Path) -> Result<(Arc<Segments>, Vec<u32>)> {
         let dir = dir.join("segments");
         std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
-        let mut highest = highest_indexed;
+        let mut ids = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {
             let entry = entry.map_err(|e| io_error(&dir, e))?;
-            let Some(id) = parse_name(&entry.file_name().to_string_lossy()) else {
-                continue;
-            };
-            highest = highest.max(id);
-            if !live(id) {
-                std::fs::remove_file(entry.path()).map_err(|e| io_error(&entry.path(), e))?;
+            if let Some(id) = parse_name(&entry.file_name().to_string_lossy()) {
+                ids.push(id);
             }
         }
+        ids.sort_unstable();
         let segments = Arc::new(Segments {
             dir,
             readers: Mutex::new(HashMap::new()),
         });
+        Ok((segments, ids))
+    }
+
+    /// Starts a new segment file after `highest` (the highest id on disk or in the index), so
+    /// that an id is never used twice. `keep_finished` says whether finished files will be
+    /// synced.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        highest: u32,
+        limit: u64,
+        keep_finished: bool,
+    ) -> Result<Appender> {
+        let segments = self.clone();
         let (id, file) = segments.create(next_id(highest)?)?;
         sync_dir(&segments.dir)?;
         let appender = Appender {
@@ -90,7 +93,62 @@ impl Segments {
             finished: Vec::new(),
             created: false,
         };
-        Ok((segments, appender))
+        Ok(appender)
+    }
+
+    /// Deletes a segment file that holds nothing anyone needs.
+    pub(crate) fn delete(&self, id: u32) -> Result<()> {
+        let path = self.path(id);
+        std::fs::remove_file(&path).map_err(|e| io_error(&path, e))
+    }
+
+    /// Moves a segment file the index does not account for to `segments/quarantine/`, where
+    /// it is kept for `ferry repair` or an operator; returns where it went.
+    pub(crate) fn quarantine(&self, id: u32) -> Result<PathBuf> {
+        let dir = self.dir.join("quarantine");
+        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        let to = dir.join(format!("{id:010}.seg"));
+        std::fs::rename(self.path(id), &to).map_err(|e| io_error(&to, e))?;
+        sync_dir(&self.dir)?;
+        Ok(to)
+    }
+
+    /// Reads the records of segment file `id` from `from` on, handing each whose header can be
+    /// read to `found` (with whether its body matches its checksum), and stops at the first
+    /// frame that cannot be read: the end of the file, a torn tail, or a record of the old
+    /// format. Returns where it stopped and the file's length.
+    pub(crate) fn scan(
+        &self,
+        id: u32,
+        from: u64,
+        mut found: impl FnMut(u64, &RecordHeader, bool),
+    ) -> Result<(u64, u64)> {
+        let path = self.path(id);
+        let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+        let len = file.metadata().map_err(|e| io_error(&path, e))?.len();
+        let mut offset = from;
+        let mut header = [0u8; RECORD_HEADER_LEN];
+        let mut body = Vec::new();
+        while offset + RECORD_HEADER_LEN as u64 <= len {
+            file.read_exact_at(&mut header, offset)
+                .map_err(|e| io_error(&path, e))?;
+            let Some(record) = RecordHeader::parse(&header) else {
+                break;
+            };
+            if record.len > u64::from(MAX_RECORD_BYTES) || offset + record.len > len {
+                break;
+            }
+            body.resize((record.len - RECORD_HEADER_LEN as u64) as usize, 0);
+            file.read_exact_at(&mut body, offset + RECORD_HEADER_LEN as u64)
+                .map_err(|e| io_error(&path, e))?;
+            let intact = record.matches(&body);
+            found(offset, &record, intact);
+            if !intact {
+                break;
+            }
+            offset += record.len;
+        }
+        Ok((offset, len))
     }
 
     fn path(&self, id: u32) -> PathBuf {
@@ -179,6 +237,11 @@ impl Appender {
     /// Bytes of the current group not yet written.
     pub(crate) fn pending_len(&self) -> u64 {
         self.pending.len() as u64
+    }
+
+    /// Where the next record will start in the current segment.
+    pub(crate) fn end(&self) -> u64 {
+        self.len + self.pending.len() as u64
     }
 
     /// The segment records are appended to now.

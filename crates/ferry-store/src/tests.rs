@@ -296,3 +296,60 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
     assert_eq!(segment_files(dir.path()), 1);
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let kept = store.create_channel("kept".into()).await.unwrap();
+    subscribe(&store, kept, "s").await;
+    store.append(kept, messages(10, 100)).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+
+    // sled comes back as it was before "lost" existed; the segment files still hold its
+    // records (as after a damaged index).
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let lost = store.create_channel("lost".into()).await.unwrap();
+    subscribe(&store, lost, "s").await;
+    store.append(lost, messages(5, 100)).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.remove(codec::channel_key(lost)).unwrap();
+        for entry in db.scan_prefix(b"S") {
+            let (key, value) = entry.unwrap();
+            if codec::SubscriptionRecord::decode(&value).unwrap().channel == lost {
+                db.remove(&key).unwrap();
+                db.remove([&b"A"[..], &key[1..]].concat()).unwrap();
+            }
+        }
+        for entry in db.scan_prefix(codec::channel_log_prefix(lost)) {
+            db.remove(entry.unwrap().0).unwrap();
+        }
+        db.insert(codec::KEY_NEXT_ID, &lost.0.to_le_bytes())
+            .unwrap();
+        // The lost channel's records went to the segment file started by the second open.
+        db.remove(codec::segment_key(2)).unwrap();
+        db.remove(codec::KEY_LOG_END).unwrap();
+        db.flush().unwrap();
+    }
+
+    let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
+    assert_eq!(recovered.channels.len(), 1);
+    let log = store.log(kept).unwrap();
+    assert_eq!(log.read(1, 100, usize::MAX).unwrap().len(), 10);
+    let quarantined: Vec<_> = std::fs::read_dir(dir.path().join("segments/quarantine"))
+        .unwrap()
+        .collect();
+    assert_eq!(
+        quarantined.len(),
+        1,
+        "the lost channel's segment file is kept aside"
+    );
+    // Neither an id nor a sequence is given out twice.
+    assert!(store.create_channel("new".into()).await.unwrap().0 > lost.0);
+    assert_eq!(store.append(kept, messages(1, 10)).await.unwrap(), 11..12);
+    store.close().await.unwrap();
+}

@@ -26,6 +26,7 @@ use crate::codec::{
     SubscriptionRecord, ack_key, channel_key, record_key, segment_key, subscription_key,
 };
 use crate::log::MessageCache;
+use crate::recovery;
 use crate::segment::{Appender, Segments};
 use crate::space::Space;
 use crate::{
@@ -173,6 +174,10 @@ impl Writer {
     ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
         match db.get(KEY_VERSION)? {
             Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
+            // Version 2 records are still read; new ones are written in version 3.
+            Some(v) if v.as_ref() == codec::FORMAT_VERSION_2.to_le_bytes() => {
+                db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
+            }
             Some(v) => {
                 return Err(StoreError::Corrupt(format!(
                     "unsupported store format {v:?} in {}",
@@ -189,31 +194,39 @@ impl Writer {
                 )));
             }
         }
-        let next_id = read_next_id(&db)?;
+        let mut next_id = read_next_id(&db)?;
         let mut usage = read_usage(&db)?;
+        let mut records = HashMap::new();
+        for entry in db.scan_prefix(b"C") {
+            let (key, value) = entry?;
+            records.insert(ChannelId(id_of(&key)?), ChannelRecord::decode(&value)?);
+        }
+        // The segment log first: the index may lack what was written after its end.
+        let (segments, on_disk) = Segments::open(dir)?;
+        let replayed =
+            recovery::replay(&db, &segments, &on_disk, &mut records, &mut usage, next_id)?;
         // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
-        let highest_indexed = usage.keys().copied().max().unwrap_or(0);
+        let highest = usage.keys().chain(&on_disk).copied().max().unwrap_or(0);
         for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
             db.remove(segment_key(*id))?;
         }
         usage.retain(|_, u| u.records > 0);
-        let keep_finished = options.fsync != FsyncMode::Never;
-        let (segments, appender) = Segments::open(
-            dir,
+        recovery::tidy(
+            &segments,
+            &on_disk,
             |id| usage.contains_key(&id),
-            highest_indexed,
-            options.segment_bytes,
-            keep_finished,
+            &records,
+            next_id,
         )?;
+        next_id = replayed.next_id;
+        let keep_finished = options.fsync != FsyncMode::Never;
+        let appender = segments.start(highest, options.segment_bytes, keep_finished)?;
 
         let mut recovered = Recovered::default();
         let mut channels = HashMap::new();
         let mut names = HashMap::new();
         let mut logs = HashMap::new();
-        for entry in db.scan_prefix(b"C") {
-            let (key, value) = entry?;
-            let id = ChannelId(id_of(&key)?);
-            let record = ChannelRecord::decode(&value)?;
+        for (id, record) in records {
             let stats = ChannelStats {
                 next_seq: record.next_seq,
                 first_seq: record.first_seq,
@@ -427,6 +440,15 @@ impl Writer {
             Ok(appended) => appended,
             Err(e) => return self.fail_group(group, e, shared),
         };
+        // The index's view of the log ends after this group's records: recovery replays from
+        // there.
+        if !appended.is_empty() {
+            let end = codec::LogPosition {
+                segment: self.appender.current(),
+                offset: self.appender.end(),
+            };
+            group.batch.insert(codec::KEY_LOG_END, &end.encode());
+        }
         // A segment finished in this group may have been emptied while it was current.
         group.segments.extend(self.appender.take_finished());
         self.plan_segments(&mut group);

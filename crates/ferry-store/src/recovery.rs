@@ -1,0 +1,215 @@
+//! Recovery of the index from the segment log: the segment files are the ground truth.
+//!
+//! Every group that appends records also stores, in the same sled batch, where the log ended
+//! (`P`). On open, every record after that point is read back and indexed if the index lacks
+//! it: records a crash left written but unindexed, or, when sled lost recent writes (a damaged
+//! file, see storage-notes), every record written since the state sled came back with. So a
+//! sequence is never given out twice and no confirmed message is dropped because sled forgot
+//! it. Then the segment files the index does not name are looked at: one whose every record is
+//! accounted for (collected, or of a deleted channel) is deleted; any other is moved to
+//! `segments/quarantine/` and reported, never deleted.
+//!
+//! Whose a record is can be told from the record alone (version 3 records carry their channel
+//! and first sequence), and whether a channel the index does not know was deleted or lost can
+//! be told from its id: ids are never reused, so an id below the index's next id that names no
+//! channel was deleted, while one at or above it was created after the state sled came back
+//! with.
+
+use std::collections::HashMap;
+
+use crate::codec::{
+    ChannelRecord, KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation,
+    SegmentUsage, channel_key, record_key, segment_key,
+};
+use crate::segment::Segments;
+use crate::{ChannelId, Result};
+
+/// What replaying the log found, for the start-up report.
+#[derive(Debug, Default)]
+pub(crate) struct Replayed {
+    /// Records indexed from the log.
+    pub records: u64,
+    /// Messages in them.
+    pub messages: u64,
+    /// Records of channels the index does not know and that were not deleted.
+    pub orphans: u64,
+    /// The id after the highest channel id seen in the log: ids are never given out twice.
+    pub next_id: u32,
+}
+
+/// The index's log end, or (for a store written before it was kept) the end of the last
+/// indexed record.
+pub(crate) fn log_end(db: &sled::Db) -> Result<LogPosition> {
+    if let Some(raw) = db.get(KEY_LOG_END)? {
+        return LogPosition::decode(&raw);
+    }
+    let mut end = LogPosition::default();
+    for entry in db.scan_prefix(b"M") {
+        let (_, value) = entry?;
+        let at = RecordLocation::decode(&value)?;
+        end = end.max(LogPosition {
+            segment: at.segment,
+            offset: at.offset + u64::from(at.len),
+        });
+    }
+    Ok(end)
+}
+
+/// Indexes every intact record after the log end that the index lacks, updating `channels`
+/// and `usage`, and commits that to sled with the new log end.
+pub(crate) fn replay(
+    db: &sled::Db,
+    segments: &Segments,
+    on_disk: &[u32],
+    channels: &mut HashMap<ChannelId, ChannelRecord>,
+    usage: &mut HashMap<u32, SegmentUsage>,
+    next_id: u32,
+) -> Result<Replayed> {
+    let start = log_end(db)?;
+    let mut replayed = Replayed {
+        next_id,
+        ..Replayed::default()
+    };
+    let mut batch = sled::Batch::default();
+    let mut end = start;
+    for &segment in on_disk.iter().filter(|&&id| id >= start.segment) {
+        let from = if segment == start.segment {
+            start.offset
+        } else {
+            0
+        };
+        let mut damaged = None;
+        let (stopped, len) = segments.scan(segment, from, |offset, record, intact| {
+            if !intact {
+                damaged = Some(offset);
+                return;
+            }
+            end = LogPosition {
+                segment,
+                offset: offset + record.len,
+            };
+            let Some(channel) = channels.get_mut(&record.channel) else {
+                if record.channel.0 >= next_id {
+                    replayed.orphans += 1;
+                    replayed.next_id = replayed.next_id.max(record.channel.0.saturating_add(1));
+                }
+                return;
+            };
+            if record.first_seq < channel.next_seq {
+                return;
+            }
+            if record.first_seq > channel.next_seq {
+                tracing::error!(
+                    channel = %channel.name,
+                    missing_from = channel.next_seq,
+                    missing_to = record.first_seq - 1,
+                    segment,
+                    "sequences are missing from the segment log: lost"
+                );
+            }
+            index(&mut batch, usage, channel, segment, offset, record);
+            replayed.records += 1;
+            replayed.messages += u64::from(record.count);
+        })?;
+        let last = Some(&segment) == on_disk.last();
+        if let Some(offset) = damaged.or((stopped < len).then_some(stopped))
+            && !last
+        {
+            tracing::error!(
+                segment,
+                offset,
+                "a segment file ends in a frame that cannot be read"
+            );
+        }
+    }
+    if replayed.records > 0 || end != start {
+        for (id, channel) in channels.iter() {
+            batch.insert(&channel_key(*id), channel.encode());
+        }
+        for (segment, use_) in usage.iter() {
+            batch.insert(&segment_key(*segment), &use_.encode());
+        }
+        batch.insert(KEY_LOG_END, &end.encode());
+        batch.insert(KEY_NEXT_ID, &replayed.next_id.to_le_bytes());
+        db.apply_batch(batch)?;
+        db.flush()?;
+    }
+    if replayed.records > 0 {
+        tracing::warn!(
+            records = replayed.records,
+            messages = replayed.messages,
+            "indexed records the index lacked from the segment log (written just before a crash, or forgotten by a damaged index)"
+        );
+    }
+    if replayed.orphans > 0 {
+        tracing::error!(
+            records = replayed.orphans,
+            "the segment log holds records of channels the index does not know (a damaged index): their files are kept; run `ferry repair`"
+        );
+    }
+    Ok(replayed)
+}
+
+fn index(
+    batch: &mut sled::Batch,
+    usage: &mut HashMap<u32, SegmentUsage>,
+    channel: &mut ChannelRecord,
+    segment: u32,
+    offset: u64,
+    record: &RecordHeader,
+) {
+    let at = RecordLocation {
+        segment,
+        offset,
+        len: record.len as u32,
+    };
+    batch.insert(&record_key(record.channel, record.first_seq), &at.encode());
+    if channel.first_seq == channel.next_seq {
+        channel.first_seq = record.first_seq;
+    }
+    channel.next_seq = record.first_seq + u64::from(record.count);
+    channel.bytes += record.len;
+    let use_ = usage.entry(segment).or_default();
+    use_.records += 1;
+    use_.bytes += record.len;
+}
+
+/// Deletes the segment files no index entry names whose records are all accounted for, and
+/// quarantines the others. `live` names the files the index uses.
+pub(crate) fn tidy(
+    segments: &Segments,
+    on_disk: &[u32],
+    live: impl Fn(u32) -> bool,
+    channels: &HashMap<ChannelId, ChannelRecord>,
+    next_id: u32,
+) -> Result<()> {
+    for &segment in on_disk.iter().filter(|&&id| !live(id)) {
+        let mut unaccounted = 0u64;
+        segments.scan(segment, 0, |_, record, intact| {
+            if !intact {
+                return;
+            }
+            let accounted = match channels.get(&record.channel) {
+                // Collected: every subscription acked it.
+                Some(channel) => record.first_seq + u64::from(record.count) <= channel.first_seq,
+                // Deleted with its channel (ids are never reused), or lost with the index.
+                None => record.channel.0 < next_id,
+            };
+            if !accounted {
+                unaccounted += 1;
+            }
+        })?;
+        if unaccounted == 0 {
+            segments.delete(segment)?;
+        } else {
+            let to = segments.quarantine(segment)?;
+            tracing::error!(
+                segment,
+                records = unaccounted,
+                to = %to.display(),
+                "a segment file holds records the index does not account for: moved to quarantine, not deleted; run `ferry repair`"
+            );
+        }
+    }
+    Ok(())
+}
