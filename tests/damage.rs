@@ -82,8 +82,8 @@ fn damage(data_dir: &Path) {
 }
 
 /// Delivers and acks until nothing comes for a while; returns what came.
-async fn consume_all(daemon: &Daemon) -> BTreeSet<u64> {
-    let mut consumer = Consumer::attach(daemon, "orders", "s", 1000).await;
+async fn consume_all(daemon: &Daemon, channel: &str, subscription: &str) -> BTreeSet<u64> {
+    let mut consumer = Consumer::attach(daemon, channel, subscription, 1000).await;
     let mut seen = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -121,7 +121,7 @@ async fn damaged_records_are_reported_counted_and_skipped() {
         .publish("orders", [b"after the damage".to_vec()])
         .await;
 
-    let seen = consume_all(&daemon).await;
+    let seen = consume_all(&daemon, "orders", "s").await;
     let info = daemon
         .admin()
         .await
@@ -176,7 +176,7 @@ async fn with_the_stop_policy_nothing_past_the_damage_is_delivered() {
     daemon
         .publish("orders", [b"after the damage".to_vec()])
         .await;
-    let seen = consume_all(&daemon).await;
+    let seen = consume_all(&daemon, "orders", "s").await;
     let first_lost = (1..=published.len() as u64)
         .find(|s| !seen.contains(s))
         .expect("something is held back");
@@ -246,7 +246,7 @@ async fn a_damaged_index_is_rebuilt_from_the_segment_log() {
             "{damage} at {at}: sequence {} given out again",
             later[0]
         );
-        let seen = consume_all(&daemon).await;
+        let seen = consume_all(&daemon, "orders", "s").await;
         let missing: Vec<_> = published.difference(&seen).take(10).collect();
         assert!(
             missing.is_empty(),
@@ -258,4 +258,78 @@ async fn a_damaged_index_is_rebuilt_from_the_segment_log() {
         replays > 0,
         "the damage never made sled forget anything: the test tests nothing"
     );
+}
+
+/// Runs `ferry VERB --data-dir DIR`; returns its exit code and standard output.
+fn ferry_tool(verb: &str, data_dir: &Path) -> (i32, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg(verb)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn check_finds_and_repair_rebuilds_a_lost_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let options = options(dir.path(), "");
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    let published: BTreeSet<u64> = fill(&daemon).await.into_iter().collect();
+    let (code, text) = ferry_tool("check", &data);
+    assert_eq!(
+        code, 2,
+        "a running broker's directory is not checked: {text}"
+    );
+    assert!(text.contains("in use"), "{text}");
+    daemon.stop().await;
+    let (code, text) = ferry_tool("check", &data);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("no problems found"), "{text}");
+
+    // The index is lost altogether. The broker starts without the channel, but deletes no
+    // segment file: the records it cannot place keep their files.
+    for name in ["db", "conf", "blobs"] {
+        let path = data.join(name);
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+        } else {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    daemon.stop().await;
+    assert!(
+        segment_files(&data).len() >= 3,
+        "no segment file was deleted"
+    );
+    let (code, text) = ferry_tool("check", &data);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("the index does not know") && text.contains("ferry repair"),
+        "{text}"
+    );
+
+    let (code, text) = ferry_tool("repair", &data);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("recovered.channel-1"), "{text}");
+    let (code, text) = ferry_tool("check", &data);
+    assert_eq!(code, 0, "after the repair: {text}");
+
+    // Every message is back, under the recovered channel.
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let info = daemon
+        .subscription("recovered.channel-1", "recovered")
+        .await;
+    assert_eq!(info.unacked, published.len() as u64, "{info:?}");
+    let seen = consume_all(&daemon, "recovered.channel-1", "recovered").await;
+    assert_eq!(seen, published);
+    daemon.stop().await;
 }

@@ -13,6 +13,8 @@
 //! | `A` subscription(u32) | [`AckState`]: the ack floor and acked ranges above it |
 //! | `M` channel(u32) first_seq(u64) | [`RecordLocation`]: where a message record is |
 //! | `G` segment(u32) | [`SegmentUsage`]: how many indexed records a segment file still holds |
+//! | `P` | [`LogPosition`]: where the index's view of the segment log ends |
+//! | `O` channel(u32) | (empty) a channel the log holds records of but the index lost |
 //!
 //! The message records themselves are appended to segment files (see `segment.rs`), not to
 //! sled: sled stores large values by rewriting whole tree pages, which costs CPU, memory and
@@ -116,6 +118,12 @@ pub(crate) fn parse_record_key(key: &[u8]) -> Result<u64, StoreError> {
         }
         _ => Err(StoreError::Corrupt(format!("bad record key {key:?}"))),
     }
+}
+
+/// Marks a channel id whose records the segment log holds but the index lost: its records are
+/// kept (their segment files pinned) until `ferry repair` brings the channel back.
+pub(crate) fn orphan_key(channel: ChannelId) -> [u8; 5] {
+    prefixed(b'O', channel.0)
 }
 
 pub(crate) fn segment_key(segment: u32) -> [u8; 5] {

@@ -17,6 +17,7 @@
 //! indexed.
 
 mod codec;
+pub mod inspect;
 mod log;
 mod message;
 mod recovery;

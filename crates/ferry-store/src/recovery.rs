@@ -13,13 +13,15 @@
 //! and first sequence), and whether a channel the index does not know was deleted or lost can
 //! be told from its id: ids are never reused, so an id below the index's next id that names no
 //! channel was deleted, while one at or above it was created after the state sled came back
-//! with.
+//! with. A lost channel's id is then remembered (`O` keys) and its records pin their segment
+//! files (they count in the files' usage), so nothing of it is deleted until `ferry repair`
+//! brings it back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::codec::{
     ChannelRecord, KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation,
-    SegmentUsage, channel_key, record_key, segment_key,
+    SegmentUsage, channel_key, orphan_key, record_key, segment_key,
 };
 use crate::segment::Segments;
 use crate::{ChannelId, Result};
@@ -64,6 +66,7 @@ pub(crate) fn replay(
     channels: &mut HashMap<ChannelId, ChannelRecord>,
     usage: &mut HashMap<u32, SegmentUsage>,
     next_id: u32,
+    orphans: &mut HashSet<ChannelId>,
 ) -> Result<Replayed> {
     let start = log_end(db)?;
     let mut replayed = Replayed {
@@ -89,9 +92,16 @@ pub(crate) fn replay(
                 offset: offset + record.len,
             };
             let Some(channel) = channels.get_mut(&record.channel) else {
-                if record.channel.0 >= next_id {
+                if record.channel.0 >= next_id || orphans.contains(&record.channel) {
                     replayed.orphans += 1;
                     replayed.next_id = replayed.next_id.max(record.channel.0.saturating_add(1));
+                    if orphans.insert(record.channel) {
+                        batch.insert(&orphan_key(record.channel), &[]);
+                    }
+                    // Pinned: the file must outlive everything else in it.
+                    let use_ = usage.entry(segment).or_default();
+                    use_.records += 1;
+                    use_.bytes += record.len;
                 }
                 return;
             };
@@ -175,14 +185,17 @@ fn index(
 }
 
 /// Deletes the segment files no index entry names whose records are all accounted for, and
-/// quarantines the others. `live` names the files the index uses.
+/// quarantines the others. `live` names the files the index uses. Returns the ids of channels
+/// the index does not know whose records were found (to be remembered as lost).
 pub(crate) fn tidy(
     segments: &Segments,
     on_disk: &[u32],
     live: impl Fn(u32) -> bool,
     channels: &HashMap<ChannelId, ChannelRecord>,
     next_id: u32,
-) -> Result<()> {
+    orphans: &HashSet<ChannelId>,
+) -> Result<HashSet<ChannelId>> {
+    let mut lost = HashSet::new();
     for &segment in on_disk.iter().filter(|&&id| !live(id)) {
         let mut unaccounted = 0u64;
         segments.scan(segment, 0, |_, record, intact| {
@@ -193,10 +206,13 @@ pub(crate) fn tidy(
                 // Collected: every subscription acked it.
                 Some(channel) => record.first_seq + u64::from(record.count) <= channel.first_seq,
                 // Deleted with its channel (ids are never reused), or lost with the index.
-                None => record.channel.0 < next_id,
+                None => record.channel.0 < next_id && !orphans.contains(&record.channel),
             };
             if !accounted {
                 unaccounted += 1;
+                if !channels.contains_key(&record.channel) {
+                    lost.insert(record.channel);
+                }
             }
         })?;
         if unaccounted == 0 {
@@ -211,5 +227,5 @@ pub(crate) fn tidy(
             );
         }
     }
-    Ok(())
+    Ok(lost)
 }

@@ -52,7 +52,12 @@ impl Segments {
     /// Opens the segment directory; returns it with the ids of the segment files in it, lowest
     /// first. Nothing is deleted or started yet: recovery first replays what the index lacks.
     pub(crate) fn open(dir: &Path) -> Result<(Arc<Segments>, Vec<u32>)> {
-        let dir = dir.join("segments");
+        Self::open_at(&dir.join("segments"))
+    }
+
+    /// Like [`Segments::open`], for segment files directly in `dir`.
+    pub(crate) fn open_at(dir: &Path) -> Result<(Arc<Segments>, Vec<u32>)> {
+        let dir = dir.to_owned();
         std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {

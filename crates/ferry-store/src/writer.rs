@@ -203,22 +203,40 @@ impl Writer {
         }
         // The segment log first: the index may lack what was written after its end.
         let (segments, on_disk) = Segments::open(dir)?;
-        let replayed =
-            recovery::replay(&db, &segments, &on_disk, &mut records, &mut usage, next_id)?;
+        let mut orphans = HashSet::new();
+        for entry in db.scan_prefix(b"O") {
+            orphans.insert(ChannelId(id_of(&entry?.0)?));
+        }
+        let replayed = recovery::replay(
+            &db,
+            &segments,
+            &on_disk,
+            &mut records,
+            &mut usage,
+            next_id,
+            &mut orphans,
+        )?;
         // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
         let highest = usage.keys().chain(&on_disk).copied().max().unwrap_or(0);
         for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
             db.remove(segment_key(*id))?;
         }
         usage.retain(|_, u| u.records > 0);
-        recovery::tidy(
+        let lost = recovery::tidy(
             &segments,
             &on_disk,
             |id| usage.contains_key(&id),
             &records,
             next_id,
+            &orphans,
         )?;
         next_id = replayed.next_id;
+        // Lost channels are remembered, and their ids never given out again.
+        for channel in lost {
+            db.insert(codec::orphan_key(channel), &[])?;
+            next_id = next_id.max(channel.0.saturating_add(1));
+        }
+        db.insert(KEY_NEXT_ID, &next_id.to_le_bytes())?;
         let keep_finished = options.fsync != FsyncMode::Never;
         let appender = segments.start(highest, options.segment_bytes, keep_finished)?;
 

@@ -32,6 +32,26 @@ enum Command {
     Config,
     /// Measure a broker: publish and consume rates, end-to-end latency, the broker's memory.
     Bench(bench::BenchArgs),
+    /// Verify a data directory offline: read every record of every segment file and compare
+    /// the index with them. Changes nothing. Exit status 0: no problems; 1: problems found
+    /// (listed); 2: the check could not run (e.g. a broker is running on the directory).
+    Check(DataDirArgs),
+    /// Rebuild a data directory's index from its segment files, offline: every intact record
+    /// is indexed again; channel names, subscriptions and ack states are kept where the old
+    /// index can still be read; channels only the segment files know come back as
+    /// `recovered.channel-ID`. The old index is kept in `index.old-TIME/`. Exit status 0 when
+    /// done, 2 when it could not run.
+    Repair(DataDirArgs),
+}
+
+#[derive(clap::Args)]
+struct DataDirArgs {
+    /// The broker's configuration file, for its data directory.
+    #[arg(short, long, value_name = "FILE", env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// The data directory (instead of the configured one).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +79,43 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
+        Command::Check(args) => inspect(args, false),
+        Command::Repair(args) => inspect(args, true),
+    }
+}
+
+/// `ferry check` and `ferry repair`.
+fn inspect(args: DataDirArgs, repair: bool) -> ExitCode {
+    let dir = match (args.data_dir, &args.config) {
+        (Some(dir), _) => dir,
+        (None, Some(path)) => match Config::load(path) {
+            Ok(config) => config.server.data_dir,
+            Err(e) => {
+                eprintln!("ferry: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => Config::builtin().server.data_dir,
+    };
+    let (verb, outcome) = if repair {
+        ("repair", ferry_store::inspect::repair(&dir))
+    } else {
+        ("check", ferry_store::inspect::check(&dir))
+    };
+    match outcome {
+        Ok(report) => {
+            println!("ferry {verb} {}:", dir.display());
+            print!("{report}");
+            if repair || report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("ferry {verb}: {}: {e}", dir.display());
+            ExitCode::from(2)
+        }
     }
 }
 
