@@ -17,6 +17,7 @@
 //! indexed.
 
 mod codec;
+mod failpoint;
 pub mod inspect;
 mod log;
 mod message;

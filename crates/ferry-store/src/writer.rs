@@ -26,7 +26,6 @@ use crate::codec::{
     SubscriptionRecord, ack_key, channel_key, record_key, segment_key, subscription_key,
 };
 use crate::log::MessageCache;
-use crate::recovery;
 use crate::segment::{Appender, Segments};
 use crate::space::Space;
 use crate::{
@@ -34,6 +33,7 @@ use crate::{
     RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
     SubscriptionId, SubscriptionSettings, io_error,
 };
+use crate::{failpoint, recovery};
 
 /// How many flushed groups may wait for the syncer before the writer waits for it.
 const SYNC_QUEUE: usize = 4;
@@ -472,10 +472,14 @@ impl Writer {
         self.plan_segments(&mut group);
         // The records must be on disk before the index that points at them.
         self.space.wrote(self.appender.pending_len());
-        let written = self.appender.write().and_then(|()| match self.fsync {
-            FsyncMode::Always => self.appender.sync(),
-            _ => Ok(()),
+        let written = self.appender.write().and_then(|()| {
+            failpoint::hit("segment-written");
+            match self.fsync {
+                FsyncMode::Always => self.appender.sync(),
+                _ => Ok(()),
+            }
         });
+        failpoint::hit("segment-synced");
         if let Err(e) = written {
             return self.fail_group(group, e, shared);
         }
@@ -494,6 +498,7 @@ impl Writer {
         if let Err(e) = outcome {
             return self.fail_group(group, e, shared);
         }
+        failpoint::hit("index-applied");
 
         // Without the sync thread, files are deleted right after this; the index change that
         // empties them must reach the log file first, or a crash could bring back entries that
@@ -1071,7 +1076,10 @@ fn sync_loop(groups: Receiver<Committed>, files: Arc<Mutex<DurableFiles>>, share
             None => files.lock().expect("files lock").sync(),
         };
         match synced {
-            Ok(()) => ready.into_iter().for_each(|group| group.announce(&shared)),
+            Ok(()) => {
+                failpoint::hit("synced");
+                ready.into_iter().for_each(|group| group.announce(&shared));
+            }
             Err(e) => {
                 fail(&shared, &e);
                 ready.into_iter().for_each(|group| group.refuse(&e));

@@ -1,0 +1,499 @@
+//! The fault suite: publishers and acking consumers with checksummed, unique payloads run
+//! against the real binary while faults are injected, and afterwards every message is
+//! classified: lost (confirmed, never delivered), duplicated (delivered again after its ack was
+//! confirmed), unexpected (delivered, never sent) or corrupted (its checksum fails). It prints
+//! one table row per fault and fails on anything but zeros (a damaged file's lost messages
+//! must equal what the broker reports as damaged).
+//!
+//! The form that runs with the suite is short; `FERRY_FAULT_CYCLES=1000 cargo test --test faults
+//! -- --nocapture` runs the long one (that many random kills, and a tenth as many at each fail
+//! point).
+
+mod common;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Daemon, Options, Rng, connect, message};
+use ferry_proto::pb::{
+    self, subscribe_request::Request as Req, subscribe_response::Response as Resp,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+const CHANNEL: &str = "faults";
+
+/// What the clients saw, by message id (the payload's first 8 bytes).
+#[derive(Default)]
+struct Ledger {
+    /// Ids handed to the broker, confirmed or not.
+    sent: HashSet<u64>,
+    confirmed: HashSet<u64>,
+    /// Ids whose ack the broker confirmed.
+    acked: HashSet<u64>,
+    delivered: HashMap<u64, u32>,
+    deliveries: u64,
+    duplicated: u64,
+    unexpected: u64,
+    corrupted: u64,
+    /// The next id to give out.
+    next_id: u64,
+}
+
+type Shared = Arc<Mutex<Ledger>>;
+
+/// A payload: its id, filler that depends on the id, and a 64-bit FNV-1a hash of both.
+fn payload(id: u64) -> Vec<u8> {
+    let mut bytes = id.to_le_bytes().to_vec();
+    let filler = 32 + (id % 480) as usize;
+    bytes.extend((0..filler).map(|i| (id as usize).wrapping_add(i * 31) as u8));
+    let hash = fnv(&bytes);
+    bytes.extend(hash.to_le_bytes());
+    bytes
+}
+
+/// The id of an intact payload; None when its checksum fails.
+fn check(payload: &[u8]) -> Option<u64> {
+    let (body, hash) = payload.split_at_checked(payload.len().checked_sub(8)?)?;
+    if body.len() < 8 || fnv(body).to_le_bytes() != hash {
+        return None;
+    }
+    Some(u64::from_le_bytes(body[..8].try_into().ok()?))
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Publishes paced batches over one stream until the broker goes away or refuses.
+async fn publish(url: String, ledger: Shared) {
+    let Some(channel) = connect(&url).await else {
+        return;
+    };
+    let mut client = pb::publisher_client::PublisherClient::new(channel);
+    let (requests, rx) = tokio::sync::mpsc::channel(64);
+    let Ok(response) = client.publish_stream(ReceiverStream::new(rx)).await else {
+        return;
+    };
+    let mut responses = response.into_inner();
+    let batches: Arc<Mutex<VecDeque<Vec<u64>>>> = Arc::default();
+    let feeder = {
+        let (ledger, batches) = (ledger.clone(), batches.clone());
+        tokio::spawn(async move {
+            for _ in 0..2000 {
+                let ids: Vec<u64> = {
+                    let mut ledger = ledger.lock().unwrap();
+                    let ids: Vec<u64> = (0..10).map(|i| ledger.next_id + i).collect();
+                    ledger.next_id += 10;
+                    ledger.sent.extend(&ids);
+                    ids
+                };
+                let messages = ids
+                    .iter()
+                    .map(|&id| message(payload(id), &[], ""))
+                    .collect();
+                batches.lock().unwrap().push_back(ids);
+                let request = pb::PublishRequest {
+                    channel: CHANNEL.into(),
+                    messages,
+                };
+                if requests.send(request).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    while let Ok(Some(_)) = responses.message().await {
+        if let Some(ids) = batches.lock().unwrap().pop_front() {
+            ledger.lock().unwrap().confirmed.extend(ids);
+        }
+    }
+    feeder.abort();
+}
+
+/// Consumes and acks until the broker goes away (or, with `idle`, nothing comes for that long).
+async fn consume(url: String, ledger: Shared, idle: Option<Duration>) {
+    let Some(channel) = connect(&url).await else {
+        return;
+    };
+    let mut client = pb::subscriber_client::SubscriberClient::new(channel);
+    let (requests, rx) = tokio::sync::mpsc::channel(64);
+    let attach = pb::Attach {
+        channel: CHANNEL.into(),
+        subscription: "s".into(),
+        window: Some(pb::FlowControl {
+            max_messages: 500,
+            max_bytes: 0,
+        }),
+    };
+    let first = pb::SubscribeRequest {
+        request: Some(Req::Attach(attach)),
+    };
+    if requests.send(first).await.is_err() {
+        return;
+    }
+    let Ok(response) = client.subscribe(ReceiverStream::new(rx)).await else {
+        return;
+    };
+    let mut responses = response.into_inner();
+    let mut pending: HashMap<String, Option<u64>> = HashMap::new();
+    loop {
+        let next = match idle {
+            Some(idle) => match tokio::time::timeout(idle, responses.message()).await {
+                Ok(next) => next,
+                Err(_) => return,
+            },
+            None => responses.message().await,
+        };
+        let Ok(Some(response)) = next else { return };
+        match response.response {
+            Some(Resp::Deliveries(batch)) => {
+                let mut ack_ids = Vec::new();
+                {
+                    let mut ledger = ledger.lock().unwrap();
+                    for delivery in batch.deliveries {
+                        ledger.deliveries += 1;
+                        let id = check(&delivery.message.as_ref().unwrap().payload);
+                        match id {
+                            None => ledger.corrupted += 1,
+                            Some(id) if !ledger.sent.contains(&id) => ledger.unexpected += 1,
+                            Some(id) => {
+                                if ledger.acked.contains(&id) {
+                                    ledger.duplicated += 1;
+                                }
+                                *ledger.delivered.entry(id).or_default() += 1;
+                            }
+                        }
+                        pending.insert(delivery.ack_id.clone(), id);
+                        ack_ids.push(delivery.ack_id);
+                    }
+                }
+                let request = pb::SubscribeRequest {
+                    request: Some(Req::Ack(pb::AckIds { ack_ids })),
+                };
+                if requests.send(request).await.is_err() {
+                    return;
+                }
+            }
+            Some(Resp::Results(results)) => {
+                let mut ledger = ledger.lock().unwrap();
+                for result in results.results {
+                    if let (pb::AckStatus::Ok, Some(Some(id))) =
+                        (result.status(), pending.remove(&result.ack_id))
+                    {
+                        ledger.acked.insert(id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One fault's figures.
+struct Row {
+    fault: &'static str,
+    cycles: u64,
+    confirmed: usize,
+    deliveries: u64,
+    lost: usize,
+    duplicated: u64,
+    unexpected: u64,
+    corrupted: u64,
+    /// Messages the broker reported lost to damage (only the damaged-file fault has any).
+    damaged: u64,
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n{:<34} {:>6} {:>9} {:>10} {:>5} {:>10} {:>10} {:>9} {:>8}",
+        "fault",
+        "cycles",
+        "confirmed",
+        "deliveries",
+        "lost",
+        "duplicated",
+        "unexpected",
+        "corrupted",
+        "damaged"
+    );
+    for r in rows {
+        println!(
+            "{:<34} {:>6} {:>9} {:>10} {:>5} {:>10} {:>10} {:>9} {:>8}",
+            r.fault,
+            r.cycles,
+            r.confirmed,
+            r.deliveries,
+            r.lost,
+            r.duplicated,
+            r.unexpected,
+            r.corrupted,
+            r.damaged
+        );
+    }
+}
+
+/// The config every fault runs with: small segments, so that faults also land while segment
+/// files are started and deleted.
+fn write_config(dir: &Path, extra: &str) -> Options {
+    let config = dir.join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nsegment_size = \"1MiB\"\nmin_free_bytes = \"16MiB\"\nmin_free_percent = 0\n{extra}\n\
+             [[channels]]\nname = \"{CHANNEL}\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n"
+        ),
+    )
+    .unwrap();
+    Options {
+        config: Some(config),
+        ..Options::default()
+    }
+}
+
+/// Runs publishers and a consumer against `daemon` until `fault` returns (it must end the
+/// daemon one way or another), then waits for the clients, which stop once it is gone.
+async fn load_until(
+    daemon: &Daemon,
+    ledger: &Shared,
+    fault: impl std::future::Future<Output = ()>,
+) {
+    let publishers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(publish(daemon.url.clone(), ledger.clone())))
+        .collect();
+    let consumer = tokio::spawn(consume(daemon.url.clone(), ledger.clone(), None));
+    fault.await;
+    for task in publishers {
+        let _ = tokio::time::timeout(common::PATIENCE, task).await;
+    }
+    let _ = tokio::time::timeout(common::PATIENCE, consumer).await;
+}
+
+/// Drains on a clean start until every confirmed message was delivered (or a minute passed),
+/// and classifies.
+async fn settle(
+    fault: &'static str,
+    cycles: u64,
+    dir: &Path,
+    options: Options,
+    ledger: Shared,
+) -> Row {
+    let daemon = Daemon::start_in(dir, options).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        consume(
+            daemon.url.clone(),
+            ledger.clone(),
+            Some(Duration::from_secs(1)),
+        )
+        .await;
+        let done = {
+            let ledger = ledger.lock().unwrap();
+            ledger
+                .confirmed
+                .iter()
+                .all(|id| ledger.delivered.contains_key(id))
+        };
+        if done || tokio::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    let info = daemon
+        .admin()
+        .await
+        .get_channel(pb::GetChannelRequest {
+            name: CHANNEL.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    daemon.stop().await;
+    let ledger = ledger.lock().unwrap();
+    Row {
+        fault,
+        cycles,
+        confirmed: ledger.confirmed.len(),
+        deliveries: ledger.deliveries,
+        lost: ledger
+            .confirmed
+            .iter()
+            .filter(|id| !ledger.delivered.contains_key(id))
+            .count(),
+        duplicated: ledger.duplicated,
+        unexpected: ledger.unexpected,
+        corrupted: ledger.corrupted,
+        damaged: info.damaged_messages,
+    }
+}
+
+async fn random_kills(cycles: u64, rng: &mut Rng) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let options = write_config(dir.path(), "");
+    let ledger = Shared::default();
+    for _ in 0..cycles {
+        let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+        let wait = Duration::from_millis(rng.range(100..600));
+        load_until(&daemon, &ledger, async {
+            tokio::time::sleep(wait).await;
+            common::signal(daemon.pid(), "KILL");
+        })
+        .await;
+        daemon.kill().await;
+    }
+    settle(
+        "kill -9 at random moments",
+        cycles,
+        dir.path(),
+        options,
+        ledger,
+    )
+    .await
+}
+
+async fn fail_point(point: &'static str, fault: &'static str, cycles: u64, rng: &mut Rng) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let options = write_config(dir.path(), "");
+    let ledger = Shared::default();
+    for _ in 0..cycles {
+        let mut armed = options.clone();
+        // Past the two commits of the first start (the declared channel and subscription).
+        let nth = rng.range(3..40);
+        armed
+            .env
+            .push(("FERRY_FAILPOINT".into(), format!("{point}:{nth}")));
+        let daemon = Daemon::start_in(dir.path(), armed).await;
+        let url = daemon.url.clone();
+        load_until(&daemon, &ledger, async {
+            // The daemon aborts itself at the point; it is gone once nothing answers.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while connect(&url).await.is_some() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        daemon.kill().await;
+    }
+    settle(fault, cycles, dir.path(), options, ledger).await
+}
+
+async fn stuck_consumer() -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let options = write_config(
+        dir.path(),
+        "[limits]\nconsumer_queue = \"256KiB\"\nconsumer_stall_timeout = \"1s\"\n",
+    );
+    let ledger = Shared::default();
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    let stuck = common::Consumer::try_attach(
+        &daemon,
+        CHANNEL,
+        "s",
+        pb::FlowControl {
+            max_messages: 100_000,
+            max_bytes: 1 << 30,
+        },
+    )
+    .await
+    .unwrap();
+    load_until(&daemon, &ledger, async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        common::signal(daemon.pid(), "TERM");
+    })
+    .await;
+    drop(stuck);
+    daemon.stop().await;
+    settle(
+        "a consumer that stops reading",
+        1,
+        dir.path(),
+        options,
+        ledger,
+    )
+    .await
+}
+
+async fn damaged_segment() -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let options = write_config(dir.path(), "");
+    let ledger = Shared::default();
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    // Published, not consumed: the damage must hit messages still stored.
+    let publishers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(publish(daemon.url.clone(), ledger.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    daemon.stop().await;
+    for task in publishers {
+        let _ = tokio::time::timeout(common::PATIENCE, task).await;
+    }
+    let segments = dir.path().join("data/segments");
+    let mut files: Vec<_> = std::fs::read_dir(&segments)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    let target = &files[0];
+    let mut bytes = std::fs::read(target).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 8] {
+        *b ^= 0xA5;
+    }
+    std::fs::write(target, bytes).unwrap();
+    settle(
+        "a flipped byte in a segment file",
+        1,
+        dir.path(),
+        options,
+        ledger,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_fault_suite_loses_duplicates_and_corrupts_nothing() {
+    let cycles: u64 = std::env::var("FERRY_FAULT_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let per_point = (cycles / 10).max(2);
+    let mut rng = Rng::from_env("faults");
+    let mut rows = vec![random_kills(cycles, &mut rng).await];
+    for (point, fault) in [
+        ("segment-written", "kill after the segment write"),
+        ("segment-synced", "kill after the segment sync"),
+        ("index-applied", "kill after the index commit"),
+        ("synced", "kill before the confirmation"),
+    ] {
+        rows.push(fail_point(point, fault, per_point, &mut rng).await);
+    }
+    rows.push(stuck_consumer().await);
+    rows.push(damaged_segment().await);
+    print_table(&rows);
+    for row in &rows {
+        assert!(row.confirmed > 0, "{}: nothing was confirmed", row.fault);
+        assert_eq!(
+            (row.duplicated, row.unexpected, row.corrupted),
+            (0, 0, 0),
+            "{}",
+            row.fault
+        );
+        assert!(
+            row.lost as u64 <= row.damaged,
+            "{}: {} confirmed messages lost, {} reported damaged",
+            row.fault,
+            row.lost,
+            row.damaged
+        );
+    }
+    let damaged = rows.last().unwrap();
+    assert!(
+        damaged.damaged > 0,
+        "the flipped bytes hit no stored message"
+    );
+}
