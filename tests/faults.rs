@@ -70,6 +70,11 @@ fn fnv(bytes: &[u8]) -> u64 {
 
 /// Publishes paced batches over one stream until the broker goes away or refuses.
 async fn publish(url: String, ledger: Shared) {
+    publish_batches(url, ledger, 2000).await
+}
+
+/// Publishes up to `batches` batches of 10 (see `publish`).
+async fn publish_batches(url: String, ledger: Shared, batches_to_send: u32) {
     let Some(channel) = connect(&url).await else {
         return;
     };
@@ -83,7 +88,7 @@ async fn publish(url: String, ledger: Shared) {
     let feeder = {
         let (ledger, batches) = (ledger.clone(), batches.clone());
         tokio::spawn(async move {
-            for _ in 0..2000 {
+            for _ in 0..batches_to_send {
                 let ids: Vec<u64> = {
                     let mut ledger = ledger.lock().unwrap();
                     let ids: Vec<u64> = (0..10).map(|i| ledger.next_id + i).collect();
@@ -416,6 +421,76 @@ async fn stuck_consumer() -> Row {
     .await
 }
 
+/// Publishing onto a 48 MiB tmpfs until the watermark refuses it, while the consumer drains,
+/// then publishing again once acks have freed space. None where no tmpfs can be mounted.
+async fn disk_full() -> Option<Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("disk");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&mount)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        return None;
+    }
+    let mut options = write_config(dir.path(), "reserve = \"2MiB\"\n");
+    options.data_dir = Some(mount.join("data"));
+    let ledger = Shared::default();
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    // Fill until the watermark refuses publishing, with no one consuming...
+    let publishers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(publish_batches(daemon.url.clone(), ledger.clone(), 50_000)))
+        .collect();
+    for task in publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
+    }
+    let filled = ledger.lock().unwrap().confirmed.len();
+    let probe = daemon
+        .publisher()
+        .await
+        .publish(common::batch(CHANNEL, [b"refused".to_vec()]))
+        .await;
+    assert_eq!(
+        probe.map(drop).map_err(|s| s.code()),
+        Err(tonic::Code::ResourceExhausted),
+        "the disk filled up to the watermark"
+    );
+    // ...drain, which frees the space, and publish again.
+    consume(
+        daemon.url.clone(),
+        ledger.clone(),
+        Some(Duration::from_secs(1)),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while ledger.lock().unwrap().confirmed.len() == filled && tokio::time::Instant::now() < deadline
+    {
+        publish_batches(daemon.url.clone(), ledger.clone(), 100).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ledger.lock().unwrap().confirmed.len() > filled,
+        "publishing resumed once acks freed space"
+    );
+    daemon.stop().await;
+    let row = settle(
+        "a full disk, drained, refilled",
+        1,
+        dir.path(),
+        options,
+        ledger,
+    )
+    .await;
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mount)
+        .status();
+    Some(row)
+}
+
 async fn damaged_segment() -> Row {
     let dir = tempfile::tempdir().unwrap();
     let options = write_config(dir.path(), "");
@@ -473,6 +548,10 @@ async fn the_fault_suite_loses_duplicates_and_corrupts_nothing() {
         rows.push(fail_point(point, fault, per_point, &mut rng).await);
     }
     rows.push(stuck_consumer().await);
+    match disk_full().await {
+        Some(row) => rows.push(row),
+        None => println!("a full disk: skipped (no tmpfs can be mounted here)"),
+    }
     rows.push(damaged_segment().await);
     print_table(&rows);
     for row in &rows {

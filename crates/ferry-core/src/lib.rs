@@ -31,6 +31,9 @@ pub use ferry_store::{
 };
 pub use outbox::ConsumerEvents;
 
+#[cfg(fuzzing)]
+pub use dispatcher::fuzz_ack_id;
+
 /// The default ack deadline of a subscription.
 pub const DEFAULT_ACK_DEADLINE_MS: u64 = 30_000;
 /// The longest ack deadline (and deadline extension) accepted.

@@ -29,6 +29,24 @@ use tonic_health::ServingStatus;
 
 pub use config::{Config, ConfigError};
 
+/// For the fuzz target: decodes arbitrary bytes as a publish request and puts it through
+/// everything the broker checks before it stores a batch. Nothing may panic.
+#[cfg(fuzzing)]
+pub fn fuzz_publish_request(bytes: &[u8]) {
+    use prost::Message as _;
+    let Ok(request) = ferry_proto::pb::PublishRequest::decode(bytes) else {
+        return;
+    };
+    let _ = ferry_core::names::validate("channel", &request.channel);
+    let _ = ferry_core::names::quote(&request.channel);
+    let messages: Vec<_> = request
+        .messages
+        .into_iter()
+        .map(convert::new_message)
+        .collect();
+    let _ = ferry_core::Limits::default().check_batch(&messages);
+}
+
 /// How long a graceful shutdown waits for open calls to finish before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the health service re-checks the store.
