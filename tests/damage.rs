@@ -7,34 +7,16 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, sequences};
+use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, segment_files, sequences, with_config};
 
 fn options(dir: &Path, storage: &str) -> Options {
-    let config = dir.join("ferry.toml");
-    std::fs::write(
-        &config,
-        format!("[storage]\nsegment_size = \"1MiB\"\n{storage}"),
+    with_config(
+        dir,
+        &format!("[storage]\nsegment_size = \"1MiB\"\n{storage}"),
     )
-    .unwrap();
-    Options {
-        config: Some(config),
-        ..Options::default()
-    }
-}
-
-/// The segment files of a data directory, oldest first.
-fn segment_files(data_dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("segments"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    files.sort();
-    files
 }
 
 /// Flips 8 bytes in the middle of `path`.

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, batch, sequences};
+use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, batch, sequences, with_config};
 use ferry_proto::pb;
 use tonic::Code;
 use tonic_health::pb::{
@@ -55,16 +55,12 @@ impl Drop for SmallDisk {
 /// Writes a config with these storage settings; returns the options to start a daemon with
 /// its data in `data_dir`.
 fn options(dir: &Path, data_dir: PathBuf, storage: &str) -> Options {
-    let config = dir.join("ferry.toml");
-    std::fs::write(
-        &config,
-        format!("[storage]\nsegment_size = \"1MiB\"\n{storage}"),
-    )
-    .unwrap();
     Options {
-        config: Some(config),
         data_dir: Some(data_dir),
-        env: Vec::new(),
+        ..with_config(
+            dir,
+            &format!("[storage]\nsegment_size = \"1MiB\"\n{storage}"),
+        )
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Daemon, Options, Rng, connect, message};
+use common::{Daemon, Options, Rng, connect, message, segment_files, with_config};
 use ferry_proto::pb::{
     self, subscribe_request::Request as Req, subscribe_response::Response as Resp,
 };
@@ -211,11 +211,13 @@ struct Row {
     corrupted: u64,
     /// Messages the broker reported lost to damage (only the damaged-file fault has any).
     damaged: u64,
+    /// Segment files left once everything was acked: space must come back.
+    segments_left: usize,
 }
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n{:<34} {:>6} {:>9} {:>10} {:>5} {:>10} {:>10} {:>9} {:>8}",
+        "\n{:<34} {:>6} {:>9} {:>10} {:>5} {:>10} {:>10} {:>9} {:>8} {:>9}",
         "fault",
         "cycles",
         "confirmed",
@@ -224,11 +226,12 @@ fn print_table(rows: &[Row]) {
         "duplicated",
         "unexpected",
         "corrupted",
-        "damaged"
+        "damaged",
+        "files left"
     );
     for r in rows {
         println!(
-            "{:<34} {:>6} {:>9} {:>10} {:>5} {:>10} {:>10} {:>9} {:>8}",
+            "{:<34} {:>6} {:>9} {:>10} {:>5} {:>10} {:>10} {:>9} {:>8} {:>9}",
             r.fault,
             r.cycles,
             r.confirmed,
@@ -237,7 +240,8 @@ fn print_table(rows: &[Row]) {
             r.duplicated,
             r.unexpected,
             r.corrupted,
-            r.damaged
+            r.damaged,
+            r.segments_left
         );
     }
 }
@@ -245,19 +249,13 @@ fn print_table(rows: &[Row]) {
 /// The config every fault runs with: small segments, so that faults also land while segment
 /// files are started and deleted.
 fn write_config(dir: &Path, extra: &str) -> Options {
-    let config = dir.join("ferry.toml");
-    std::fs::write(
-        &config,
-        format!(
+    with_config(
+        dir,
+        &format!(
             "[storage]\nsegment_size = \"1MiB\"\nmin_free_bytes = \"16MiB\"\nmin_free_percent = 0\n{extra}\n\
              [[channels]]\nname = \"{CHANNEL}\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n"
         ),
     )
-    .unwrap();
-    Options {
-        config: Some(config),
-        ..Options::default()
-    }
 }
 
 /// Runs publishers and a consumer against `daemon` until `fault` returns (it must end the
@@ -287,6 +285,7 @@ async fn settle(
     options: Options,
     ledger: Shared,
 ) -> Row {
+    let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     let daemon = Daemon::start_in(dir, options).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -316,6 +315,13 @@ async fn settle(
         .await
         .unwrap()
         .into_inner();
+    // Acked records are collected, and their files deleted, once the acks are durable: all but
+    // the file being appended to and one a crash may have left for the next start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while segment_files(&data_dir).len() > 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let segments_left = segment_files(&data_dir).len();
     daemon.stop().await;
     let ledger = ledger.lock().unwrap();
     Row {
@@ -332,6 +338,7 @@ async fn settle(
         unexpected: ledger.unexpected,
         corrupted: ledger.corrupted,
         damaged: info.damaged_messages,
+        segments_left,
     }
 }
 
@@ -505,14 +512,7 @@ async fn damaged_segment() -> Row {
     for task in publishers {
         let _ = tokio::time::timeout(common::PATIENCE, task).await;
     }
-    let segments = dir.path().join("data/segments");
-    let mut files: Vec<_> = std::fs::read_dir(&segments)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    files.sort();
+    let files = segment_files(&dir.path().join("data"));
     let target = &files[0];
     let mut bytes = std::fs::read(target).unwrap();
     let middle = bytes.len() / 2;
@@ -561,6 +561,12 @@ async fn the_fault_suite_loses_duplicates_and_corrupts_nothing() {
             (0, 0, 0),
             "{}",
             row.fault
+        );
+        assert!(
+            row.segments_left <= 2,
+            "{}: {} segment files left after everything was acked",
+            row.fault,
+            row.segments_left
         );
         assert!(
             row.lost as u64 <= row.damaged,

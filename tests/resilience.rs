@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Consumer, Daemon, Options, PATIENCE, ack_ids, batch, sequences};
+use common::{Consumer, Daemon, PATIENCE, ack_ids, batch, sequences, with_config};
 use ferry_proto::pb;
 use tonic::Code;
 use tonic::codegen::http;
@@ -16,16 +16,7 @@ use tonic::codegen::http;
 /// Starts a daemon whose config is `toml`, in a temp dir it keeps alive with the daemon.
 async fn daemon_with(toml: &str) -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ferry.toml");
-    std::fs::write(&config, toml).unwrap();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    )
-    .await;
+    let daemon = Daemon::start_in(dir.path(), with_config(dir.path(), toml)).await;
     (daemon, dir)
 }
 

@@ -241,6 +241,26 @@ impl Daemon {
     }
 }
 
+/// Writes `toml` as `dir/ferry.toml`; returns options that start a daemon on it.
+pub fn with_config(dir: &Path, toml: &str) -> Options {
+    let config = dir.join("ferry.toml");
+    std::fs::write(&config, toml).expect("write the config");
+    Options {
+        config: Some(config),
+        ..Options::default()
+    }
+}
+
+/// The segment files of a data directory (not those in quarantine), oldest first.
+pub fn segment_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("segments"))
+        .map(|dir| dir.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "seg"));
+    files.sort();
+    files
+}
+
 /// Sends a signal with the system's `kill` (the tests use no FFI).
 pub fn signal(pid: u32, name: &str) {
     let status = std::process::Command::new("kill")

@@ -86,15 +86,7 @@ impl Found {
 pub fn check(dir: &Path) -> Result<Report> {
     let _lock = lock(dir)?;
     let mut report = Report::default();
-    let index = match read_copy(dir) {
-        Ok(index) => index,
-        Err(e) => {
-            report.problems.push(format!(
-                "the index cannot be opened ({e}): run `ferry repair`"
-            ));
-            Index::default()
-        }
-    };
+    let index = read_or_report(dir, &mut report, "run `ferry repair`");
     let (found, quarantined) = scan_all(dir, &mut report)?;
     describe(&index, &found, &mut report);
     if !quarantined.is_empty() {
@@ -111,15 +103,11 @@ pub fn check(dir: &Path) -> Result<Report> {
 pub fn repair(dir: &Path) -> Result<Report> {
     let _lock = lock(dir)?;
     let mut report = Report::default();
-    let index = match read_copy(dir) {
-        Ok(index) => index,
-        Err(e) => {
-            report.problems.push(format!(
-                "the old index cannot be opened ({e}): channel names, subscriptions and ack states are lost"
-            ));
-            Index::default()
-        }
-    };
+    let index = read_or_report(
+        dir,
+        &mut report,
+        "channel names, subscriptions and ack states are lost",
+    );
     // Quarantined files go back: their records are indexed like the others.
     let quarantine = dir.join("segments").join("quarantine");
     if let Ok(entries) = std::fs::read_dir(&quarantine) {
@@ -145,6 +133,17 @@ pub fn repair(dir: &Path) -> Result<Report> {
     }
     swap_in(dir, &rebuilt, &mut report)?;
     Ok(report)
+}
+
+/// The index as far as it can be read; when it cannot be opened at all, an empty one, and a
+/// problem saying so and what follows.
+fn read_or_report(dir: &Path, report: &mut Report, consequence: &str) -> Index {
+    read_copy(dir).unwrap_or_else(|e| {
+        report
+            .problems
+            .push(format!("the index cannot be opened ({e}): {consequence}"));
+        Index::default()
+    })
 }
 
 /// Holds sled's lock on the db file, so that neither tool runs beside a broker.

@@ -101,6 +101,16 @@ struct WriterChannel {
     collected_below: u64,
 }
 
+impl WriterChannel {
+    fn new(record: ChannelRecord, log: Arc<ChannelLog>) -> Self {
+        Self {
+            record,
+            log,
+            collected_below: 0,
+        }
+    }
+}
+
 /// The writer's state: the authoritative view of channels and subscriptions.
 pub(crate) struct Writer {
     db: sled::Db,
@@ -263,14 +273,7 @@ impl Writer {
             });
             names.insert(record.name.clone(), id);
             logs.insert(id, log.clone());
-            channels.insert(
-                id,
-                WriterChannel {
-                    record,
-                    log,
-                    collected_below: 0,
-                },
-            );
+            channels.insert(id, WriterChannel::new(record, log));
         }
         let mut subscriptions = HashMap::new();
         let mut floors = HashMap::new();
@@ -581,14 +584,7 @@ impl Writer {
                     StoreError::Corrupt(format!("channel {:?} has no log", record.name))
                 })?,
             };
-            channels.insert(
-                id,
-                WriterChannel {
-                    record,
-                    log,
-                    collected_below: 0,
-                },
-            );
+            channels.insert(id, WriterChannel::new(record, log));
         }
         self.names = channels
             .iter()
@@ -682,14 +678,7 @@ impl Writer {
                 group.new_logs.push(log.clone());
                 group.touched.insert(id);
                 self.names.insert(name, id);
-                self.channels.insert(
-                    id,
-                    WriterChannel {
-                        record,
-                        log,
-                        collected_below: 0,
-                    },
-                );
+                self.channels.insert(id, WriterChannel::new(record, log));
                 group.replies.push(pending(reply, id));
             }
             Op::DeleteChannel { channel, reply } => {
