@@ -61,16 +61,22 @@ pub(super) async fn memory_scenario(
     let target = budget + HEADROOM;
     let mut worst = 0;
 
-    let (published, peak) = on_fresh_broker(broker, stuck_consumer(bench)).await?;
+    let ((published, left), peak) = {
+        let broker = &mut *broker;
+        broker.restart().await?;
+        let outcome = stuck_consumer(bench, broker).await?;
+        (outcome, peak_bytes(broker)?)
+    };
     worst = worst.max(peak);
     println!(
-        "{:<32}: {}  ({} msgs published at {} msgs/s, window {}, ack deadline {} s)",
+        "{:<32}: {}  ({} msgs published at {} msgs/s, window {}, ack deadline {} s; RSS {} once it left)",
         "memory   stuck consumer",
         mib(peak),
         thousands(published),
         thousands(STUCK_RATE),
         thousands(u64::from(STUCK_WINDOW)),
-        STUCK_DEADLINE.as_secs()
+        STUCK_DEADLINE.as_secs(),
+        mib(left)
     );
 
     let (stored, peak) = on_fresh_broker(broker, lagging_channels(bench)).await?;
@@ -132,8 +138,9 @@ fn rss_bytes(broker: &BrokerChild) -> Result<u64> {
         .map_err(|e| format!("cannot read the broker's memory: {e}").into())
 }
 
-/// Phase 1; returns how many messages were published while the consumer did not read.
-async fn stuck_consumer(bench: &Bench<'_>) -> Result<u64> {
+/// Phase 1; returns how many messages were published while the consumer did not read, and the
+/// broker's RSS (bytes) a second after it left.
+async fn stuck_consumer(bench: &Bench<'_>, broker: &BrokerChild) -> Result<(u64, u64)> {
     let args = bench.args;
     let channel = bench
         .fresh_channel_with("mem.stuck", Some(STUCK_DEADLINE))
@@ -178,8 +185,10 @@ async fn stuck_consumer(bench: &Bench<'_>) -> Result<u64> {
     )
     .await?;
     drop((stuck, requests));
+    time::sleep(Duration::from_secs(1)).await;
+    let left = rss_bytes(broker)?;
     bench.remove_channel(&channel).await;
-    Ok(published.confirmed)
+    Ok((published.confirmed, left))
 }
 
 /// Phase 2; returns the bytes stored.
