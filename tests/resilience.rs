@@ -283,3 +283,20 @@ async fn every_bad_request_gets_the_status_the_api_promises() {
     assert!(status.message().contains("100000 bytes"), "{status:?}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_larger_than_the_consumer_queue_is_still_delivered() {
+    let (daemon, _dir) = daemon_with("[limits]\nconsumer_queue = \"64KiB\"\n").await;
+    daemon.create("big", &[("s", 60_000)]).await;
+    let mut consumer = Consumer::attach(&daemon, "big", "s", 10).await;
+    daemon
+        .publish("big", [vec![7u8; 512 << 10], b"after".to_vec()])
+        .await;
+    let deliveries = consumer.take(2).await;
+    assert_eq!(sequences(&deliveries), vec![1, 2]);
+    assert_eq!(
+        deliveries[0].message.as_ref().unwrap().payload.len(),
+        512 << 10
+    );
+    daemon.stop().await;
+}

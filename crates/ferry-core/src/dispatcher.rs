@@ -86,7 +86,7 @@ impl Consumer {
     fn fits(&self, size: u64, heap: usize) -> bool {
         self.messages < self.window.max_messages
             && (self.messages == 0 || self.bytes + size <= self.window.max_bytes)
-            && self.outbox.has_room(self.batch_bytes + heap)
+            && self.outbox.has_room(self.batch_bytes, heap)
     }
 }
 

@@ -4,22 +4,25 @@
 //! them out as fast as HTTP/2 flow control lets it send. Three rules keep it bounded whatever
 //! the client does:
 //!
-//! - deliveries go in only while the outbox holds less than its byte limit, so a consumer that
-//!   reads slowly is simply given less (its redeliveries go to others);
+//! - deliveries go in only while the outbox holds less than its byte limit (an empty outbox
+//!   takes one event whatever its size), so a consumer that reads slowly is simply given less
+//!   (its redeliveries go to others);
 //! - results always go in (the consumer asked for them), but a consumer's next request is only
 //!   taken once the outbox is below its limit plus [`RESULT_SLACK`], so a client that sends acks
 //!   and never reads the answers is pushed back by HTTP/2 flow control instead;
 //! - the dispatcher detaches a consumer whose outbox has not drained for the stall timeout.
 //!
 //! A close (the consumer detached, its subscription deleted, the broker stopping) jumps the
-//! queue: the stream ends at once with its status and everything queued is dropped.
+//! queue and empties it at once: the stream ends with its status at its next poll, and the
+//! memory of what waited comes back even if the client never reads again.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::{ConsumerEvent, CoreError};
@@ -30,20 +33,19 @@ pub(crate) const RESULT_SLACK: usize = 1 << 20;
 /// The sending side, held by the dispatcher and by the tasks that answer acks.
 #[derive(Clone)]
 pub(crate) struct Outbox {
-    events: mpsc::UnboundedSender<(usize, ConsumerEvent)>,
     shared: Arc<Shared>,
+    /// Dropped with the last sender, which tells the stream that nothing more will come.
+    _senders: Arc<Senders>,
 }
 
 /// The receiving side: the events for one consumer's stream, in order.
 pub struct ConsumerEvents {
-    events: mpsc::UnboundedReceiver<(usize, ConsumerEvent)>,
-    /// None once the close was taken (a oneshot must not be polled after it completes).
-    close: Option<oneshot::Receiver<CoreError>>,
     shared: Arc<Shared>,
 }
 
 struct Shared {
     limit: usize,
+    queue: Mutex<Queue>,
     /// Bytes of the events in the queue (messages at their heap size).
     queued: AtomicUsize,
     /// When the stream last took an event, or the queue last went from empty to not empty: in
@@ -54,62 +56,93 @@ struct Shared {
     dispatcher: Arc<Notify>,
     /// Wakes the consumer's request reader when room appears.
     reader: Notify,
-    /// Set when the stream is dropped, so that a waiting request reader stops waiting.
+    /// Set when the stream is dropped, so that senders stop queueing and a waiting request
+    /// reader stops waiting.
     gone: AtomicBool,
-    close: Mutex<Option<oneshot::Sender<CoreError>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<(usize, ConsumerEvent)>,
+    /// Why the stream ends, once it must; taken by the stream.
+    closed: Option<CoreError>,
+    /// No sender is left.
+    ended: bool,
+    /// The stream's task, waiting for an event.
+    waker: Option<Waker>,
+}
+
+struct Senders(Arc<Shared>);
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        let waker = {
+            let mut queue = self.0.lock();
+            queue.ended = true;
+            queue.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 /// A new outbox of `limit` bytes whose dispatcher `wake` is notified when room appears.
 pub(crate) fn outbox(limit: usize, wake: Arc<Notify>) -> (Outbox, ConsumerEvents) {
-    let (events, receiver) = mpsc::unbounded_channel();
-    let (close, closed) = oneshot::channel();
     let shared = Arc::new(Shared {
         limit,
+        queue: Mutex::new(Queue::default()),
         queued: AtomicUsize::new(0),
         active_at: AtomicU64::new(0),
         epoch: Instant::now(),
         dispatcher: wake,
         reader: Notify::new(),
         gone: AtomicBool::new(false),
-        close: Mutex::new(Some(close)),
     });
     let outbox = Outbox {
-        events,
         shared: shared.clone(),
+        _senders: Arc::new(Senders(shared.clone())),
     };
-    let receiver = ConsumerEvents {
-        events: receiver,
-        close: Some(closed),
-        shared,
-    };
-    (outbox, receiver)
+    (outbox, ConsumerEvents { shared })
 }
 
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().expect("outbox lock")
+    }
 }
 
 impl Outbox {
-    /// Queues an event of `bytes`; false when the stream is gone.
+    /// Queues an event of `bytes`; false when the stream is gone or closed.
     pub(crate) fn push(&self, bytes: usize, event: ConsumerEvent) -> bool {
         let shared = &self.shared;
-        if shared.queued.fetch_add(bytes, Ordering::AcqRel) == 0 {
-            shared.active_at.store(shared.now_ms(), Ordering::Release);
-        }
-        if self.events.send((bytes, event)).is_err() {
-            shared.queued.fetch_sub(bytes, Ordering::AcqRel);
-            return false;
+        let waker = {
+            let mut queue = shared.lock();
+            if queue.closed.is_some() || shared.gone.load(Ordering::Acquire) {
+                return false;
+            }
+            if shared.queued.fetch_add(bytes, Ordering::AcqRel) == 0 {
+                shared.active_at.store(shared.now_ms(), Ordering::Release);
+            }
+            queue.events.push_back((bytes, event));
+            queue.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
         true
     }
 
-    /// Whether `more` bytes of deliveries may be queued now. An empty outbox always takes one
-    /// event, so that a message larger than the limit is still delivered.
-    pub(crate) fn has_room(&self, more: usize) -> bool {
-        let queued = self.shared.queued.load(Ordering::Acquire);
-        queued == 0 && more == 0 || queued + more < self.shared.limit
+    /// Whether deliveries of `more` bytes may be queued now, on top of `pending` bytes already
+    /// picked for this consumer in this round. An empty outbox always takes one delivery, so
+    /// that a message larger than the limit is still delivered.
+    pub(crate) fn has_room(&self, pending: usize, more: usize) -> bool {
+        let queued = self.shared.queued.load(Ordering::Acquire) + pending;
+        queued == 0 || queued + more <= self.shared.limit
     }
 
     /// Bytes queued now.
@@ -127,11 +160,23 @@ impl Outbox {
         Duration::from_millis(shared.now_ms().saturating_sub(since))
     }
 
-    /// Ends the stream with `reason` before anything still queued.
+    /// Ends the stream with `reason` before anything still queued, and drops what was queued.
     pub(crate) fn close(&self, reason: CoreError) {
-        if let Some(close) = self.shared.close.lock().expect("close lock").take() {
-            let _ = close.send(reason);
+        let shared = &self.shared;
+        let (dropped, waker) = {
+            let mut queue = shared.lock();
+            if queue.closed.is_some() {
+                return;
+            }
+            queue.closed = Some(reason);
+            shared.queued.store(0, Ordering::Release);
+            (std::mem::take(&mut queue.events), queue.waker.take())
+        };
+        drop(dropped);
+        if let Some(waker) = waker {
+            waker.wake();
         }
+        shared.reader.notify_one();
     }
 
     /// What the consumer's request reader waits on.
@@ -169,21 +214,22 @@ impl ConsumerEvents {
     /// The next event: a close first if there is one, else the oldest queued event. `None` once
     /// the dispatcher has let go of the consumer.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ConsumerEvent>> {
-        if let Some(close) = &mut self.close
-            && let Poll::Ready(reason) = std::pin::Pin::new(close).poll(cx)
-        {
-            self.close = None;
-            if let Ok(reason) = reason {
+        let shared = &self.shared;
+        let (bytes, event) = {
+            let mut queue = shared.lock();
+            if let Some(reason) = queue.closed.take() {
+                queue.ended = true;
                 return Poll::Ready(Some(ConsumerEvent::Closed(reason)));
             }
-        }
-        let Poll::Ready(next) = self.events.poll_recv(cx) else {
-            return Poll::Pending;
+            match queue.events.pop_front() {
+                Some(next) => next,
+                None if queue.ended => return Poll::Ready(None),
+                None => {
+                    queue.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
         };
-        let Some((bytes, event)) = next else {
-            return Poll::Ready(None);
-        };
-        let shared = &self.shared;
         shared.queued.fetch_sub(bytes, Ordering::AcqRel);
         shared.active_at.store(shared.now_ms(), Ordering::Release);
         shared.dispatcher.notify_one();
@@ -199,12 +245,18 @@ impl ConsumerEvents {
 
 impl Drop for ConsumerEvents {
     fn drop(&mut self) {
-        self.shared.gone.store(true, Ordering::Release);
-        self.shared.reader.notify_one();
+        let shared = &self.shared;
+        let dropped = {
+            // Under the lock, so that no sender queues after the queue is emptied.
+            let mut queue = shared.lock();
+            shared.gone.store(true, Ordering::Release);
+            shared.queued.store(0, Ordering::Release);
+            std::mem::take(&mut queue.events)
+        };
+        drop(dropped);
+        shared.reader.notify_one();
     }
 }
-
-use std::future::Future as _;
 
 #[cfg(test)]
 mod tests {
@@ -222,9 +274,13 @@ mod tests {
     async fn counts_bytes_until_the_stream_takes_them() {
         let wake = Arc::new(Notify::new());
         let (outbox, mut events) = outbox(100, wake.clone());
-        assert!(outbox.has_room(0) && outbox.has_room(99));
+        assert!(outbox.has_room(0, 0) && outbox.has_room(0, 100));
+        assert!(
+            outbox.has_room(0, 1000),
+            "an empty outbox takes one event of any size"
+        );
         assert!(outbox.push(60, results(1)));
-        assert!(outbox.has_room(39) && !outbox.has_room(40));
+        assert!(outbox.has_room(0, 40) && !outbox.has_room(0, 41) && !outbox.has_room(30, 11));
         assert!(outbox.push(60, results(2)));
         assert_eq!(outbox.queued(), 120);
         assert!(events.recv().await.is_some());
@@ -234,7 +290,7 @@ mod tests {
             .await
             .unwrap();
         assert!(events.recv().await.is_some());
-        assert!(outbox.has_room(0) && outbox.stalled_for() == Duration::ZERO);
+        assert!(outbox.has_room(0, 0) && outbox.stalled_for() == Duration::ZERO);
     }
 
     #[tokio::test]
@@ -242,6 +298,7 @@ mod tests {
         let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
         outbox.push(10, results(1));
         outbox.close(CoreError::ShuttingDown);
+        assert_eq!(outbox.queued(), 0, "what waited is dropped at once");
         assert!(matches!(
             events.recv().await,
             Some(ConsumerEvent::Closed(CoreError::ShuttingDown))
