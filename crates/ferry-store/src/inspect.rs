@@ -87,7 +87,8 @@ pub fn check(dir: &Path) -> Result<Report> {
     let _lock = lock(dir)?;
     let mut report = Report::default();
     let index = read_or_report(dir, &mut report, "run `ferry repair`");
-    let (found, quarantined) = scan_all(dir, &mut report)?;
+    let (mut found, quarantined) = scan_all(dir, &mut report)?;
+    found.extend(readable_unscanned(dir, &index, &found)?);
     describe(&index, &found, &mut report);
     if !quarantined.is_empty() {
         report.problems.push(format!(
@@ -113,6 +114,13 @@ pub fn repair(dir: &Path) -> Result<Report> {
     if let Ok(entries) = std::fs::read_dir(&quarantine) {
         for entry in entries.flatten() {
             let to = dir.join("segments").join(entry.file_name());
+            if to.exists() {
+                report.problems.push(format!(
+                    "{} is in quarantine and in segments/ too: left in quarantine, not indexed",
+                    entry.file_name().to_string_lossy()
+                ));
+                continue;
+            }
             std::fs::rename(entry.path(), &to).map_err(|e| io_error(&to, e))?;
             report.actions.push(format!(
                 "moved {} back from quarantine",
@@ -120,7 +128,8 @@ pub fn repair(dir: &Path) -> Result<Report> {
             ));
         }
     }
-    let (found, _) = scan_all(dir, &mut report)?;
+    let (mut found, _) = scan_all(dir, &mut report)?;
+    found.extend(readable_unscanned(dir, &index, &found)?);
     describe(&index, &found, &mut report);
     let rebuilt = dir.join("index.repair");
     if rebuilt.exists() {
@@ -349,6 +358,39 @@ fn scan_all(dir: &Path, report: &mut Report) -> Result<(Vec<Found>, Vec<u32>)> {
         }
     }
     Ok((found, quarantined))
+}
+
+/// The records the index names that no scan reached (old-format records, which do not say
+/// whose they are, and records past a frame a scan could not read) but that read back intact
+/// where the index says: they count as found.
+fn readable_unscanned(dir: &Path, index: &Index, found: &[Found]) -> Result<Vec<Found>> {
+    let place = dir.join("segments");
+    if !place.exists() {
+        return Ok(Vec::new());
+    }
+    let (segments, _) = Segments::open_at(&place)?;
+    let scanned: BTreeSet<(u32, u64)> = found.iter().map(|f| (f.segment, f.offset)).collect();
+    let mut extra = Vec::new();
+    for (&(channel, first), at) in &index.records {
+        if scanned.contains(&(at.segment, at.offset)) {
+            continue;
+        }
+        let Ok(framed) = segments.read(*at) else {
+            continue;
+        };
+        if let Ok((count, _)) = codec::check_record(channel, first, &framed) {
+            extra.push(Found {
+                segment: at.segment,
+                offset: at.offset,
+                len: u64::from(at.len),
+                channel,
+                first,
+                count,
+                intact: true,
+            });
+        }
+    }
+    Ok(extra)
 }
 
 fn describe(index: &Index, found: &[Found], report: &mut Report) {

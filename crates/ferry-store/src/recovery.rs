@@ -37,6 +37,8 @@ pub(crate) struct Replayed {
     pub orphans: u64,
     /// The id after the highest channel id seen in the log: ids are never given out twice.
     pub next_id: u32,
+    /// Where the log ends now.
+    pub end: LogPosition,
 }
 
 /// The index's log end, or (for a store written before it was kept) the end of the last
@@ -157,6 +159,7 @@ pub(crate) fn replay(
             "the segment log holds records of channels the index does not know (a damaged index): their files are kept; run `ferry repair`"
         );
     }
+    replayed.end = end;
     Ok(replayed)
 }
 
@@ -184,48 +187,93 @@ fn index(
     use_.bytes += record.len;
 }
 
-/// Deletes the segment files no index entry names whose records are all accounted for, and
-/// quarantines the others. `live` names the files the index uses. Returns the ids of channels
-/// the index does not know whose records were found (to be remembered as lost).
-pub(crate) fn tidy(
+/// What to do with the segment files no index entry names.
+#[derive(Debug, Default)]
+pub(crate) struct Tidy {
+    /// Every record in them is accounted for (or unreadable only past the log end: a write
+    /// torn by a crash, never confirmed).
+    pub delete: Vec<u32>,
+    /// They hold records the index does not account for, or bytes that cannot be read before
+    /// the log end: kept aside, never deleted.
+    pub quarantine: Vec<u32>,
+    /// Channels the index does not know whose records were found (to be remembered as lost
+    /// before any file is moved).
+    pub lost: HashSet<ChannelId>,
+}
+
+/// Decides what becomes of each segment file no index entry names (`live` names the ones the
+/// index uses); nothing is changed yet: the caller makes the lost channels durable first.
+pub(crate) fn plan_tidy(
     segments: &Segments,
     on_disk: &[u32],
     live: impl Fn(u32) -> bool,
     channels: &HashMap<ChannelId, ChannelRecord>,
-    next_id: u32,
-    orphans: &HashSet<ChannelId>,
-) -> Result<HashSet<ChannelId>> {
-    let mut lost = HashSet::new();
+    known: Known,
+) -> Result<Tidy> {
+    let mut tidy = Tidy::default();
     for &segment in on_disk.iter().filter(|&&id| !live(id)) {
         let mut unaccounted = 0u64;
-        segments.scan(segment, 0, |_, record, intact| {
+        let mut damaged = false;
+        let (stopped, len) = segments.scan(segment, 0, |_, record, intact| {
             if !intact {
+                damaged = true;
                 return;
             }
             let accounted = match channels.get(&record.channel) {
                 // Collected: every subscription acked it.
                 Some(channel) => record.first_seq + u64::from(record.count) <= channel.first_seq,
                 // Deleted with its channel (ids are never reused), or lost with the index.
-                None => record.channel.0 < next_id && !orphans.contains(&record.channel),
+                None => {
+                    record.channel.0 < known.next_id && !known.orphans.contains(&record.channel)
+                }
             };
             if !accounted {
                 unaccounted += 1;
                 if !channels.contains_key(&record.channel) {
-                    lost.insert(record.channel);
+                    tidy.lost.insert(record.channel);
                 }
             }
         })?;
-        if unaccounted == 0 {
-            segments.delete(segment)?;
+        // Bytes that cannot be read are harmless only past the log end (never confirmed).
+        let unreadable_at = (damaged || stopped < len).then_some(LogPosition {
+            segment,
+            offset: stopped,
+        });
+        let unreadable_before_end = unreadable_at.is_some_and(|at| at < known.log_end);
+        if unaccounted == 0 && !unreadable_before_end {
+            tidy.delete.push(segment);
         } else {
-            let to = segments.quarantine(segment)?;
             tracing::error!(
                 segment,
                 records = unaccounted,
-                to = %to.display(),
-                "a segment file holds records the index does not account for: moved to quarantine, not deleted; run `ferry repair`"
+                unreadable_from = unreadable_at.map(|at| at.offset),
+                "a segment file holds records the index does not account for, or bytes that cannot be read: moved to quarantine, not deleted; run `ferry check`"
             );
+            tidy.quarantine.push(segment);
         }
     }
-    Ok(lost)
+    Ok(tidy)
+}
+
+/// What recovery knows of ids and the log when it tidies.
+#[derive(Clone, Copy)]
+pub(crate) struct Known<'a> {
+    /// The index's next id: a channel id below it that names no channel was deleted.
+    pub next_id: u32,
+    /// Channels remembered as lost.
+    pub orphans: &'a HashSet<ChannelId>,
+    /// Where the log ended after replay.
+    pub log_end: LogPosition,
+}
+
+/// Carries out a [`Tidy`].
+pub(crate) fn apply_tidy(segments: &Segments, tidy: &Tidy) -> Result<()> {
+    for &segment in &tidy.delete {
+        segments.delete(segment)?;
+    }
+    for &segment in &tidy.quarantine {
+        let to = segments.quarantine(segment)?;
+        tracing::warn!(segment, to = %to.display(), "segment file quarantined");
+    }
+    Ok(())
 }

@@ -46,6 +46,10 @@ pub(crate) struct Appender {
     finished: Vec<u32>,
     /// A file was created since the last sync: the directory must be synced too.
     created: bool,
+    /// Where the current group began (segment, length), and the files it started: a group
+    /// that fails goes back there.
+    group_start: (u32, u64),
+    started: Vec<u32>,
 }
 
 impl Segments {
@@ -97,6 +101,8 @@ impl Segments {
             keep_finished,
             finished: Vec::new(),
             created: false,
+            group_start: (id, 0),
+            started: Vec::new(),
         };
         Ok(appender)
     }
@@ -105,6 +111,17 @@ impl Segments {
     pub(crate) fn delete(&self, id: u32) -> Result<()> {
         let path = self.path(id);
         std::fs::remove_file(&path).map_err(|e| io_error(&path, e))
+    }
+
+    /// The ids of the files in quarantine: never to be given to a new segment.
+    pub(crate) fn quarantined(&self) -> Vec<u32> {
+        std::fs::read_dir(self.dir.join("quarantine"))
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| parse_name(&e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Moves a segment file the index does not account for to `segments/quarantine/`, where
@@ -270,6 +287,7 @@ impl Appender {
         self.id = id;
         self.len = 0;
         self.created = true;
+        self.started.push(id);
         Ok(())
     }
 
@@ -286,14 +304,42 @@ impl Appender {
         Ok(())
     }
 
-    /// Forgets the current group's records after a failed write: they are dropped, and
-    /// whatever part of them reached the file is cut off, so the next group appends where the
-    /// last committed one ended.
+    /// Marks where a group begins, for [`Appender::discard`].
+    pub(crate) fn begin_group(&mut self) {
+        self.group_start = (self.id, self.len);
+        self.started.clear();
+    }
+
+    /// Forgets the current group's records after a failed write or sync: the files it started
+    /// are deleted and the one it began in is cut back to where it began, so nothing of the
+    /// group stays on disk (a restart would otherwise find the records after the log end and
+    /// index them) and the next group appends where the last committed one ended.
     pub(crate) fn discard(&mut self) -> Result<()> {
         self.pending.clear();
+        let (id, len) = self.group_start;
+        if self.id != id {
+            for started in self.started.drain(..) {
+                let path = self.segments.path(started);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error(&path, e)),
+                }
+            }
+            let path = self.segments.path(id);
+            self.file = File::options()
+                .append(true)
+                .read(true)
+                .open(&path)
+                .map_err(|e| io_error(&path, e))?;
+            self.id = id;
+            self.finished.clear();
+        }
         self.file
-            .set_len(self.len)
-            .map_err(|e| io_error(&self.segments.path(self.id), e))
+            .set_len(len)
+            .map_err(|e| io_error(&self.segments.path(id), e))?;
+        self.len = len;
+        Ok(())
     }
 
     /// Makes everything written so far durable.
@@ -328,4 +374,41 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_discarded_group_leaves_nothing_on_disk_even_across_a_roll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        let mut appender = segments.start(0, 1000, true).unwrap();
+        appender.begin_group();
+        appender.append(|out| out.extend([1u8; 600])).unwrap();
+        appender.write().unwrap();
+        let committed = appender.end();
+
+        // The next group fills the file, rolls to a new one, and then fails.
+        appender.begin_group();
+        appender.append(|out| out.extend([2u8; 600])).unwrap();
+        appender.append(|out| out.extend([3u8; 600])).unwrap();
+        appender.write().unwrap();
+        assert_eq!(appender.current(), 2, "the group rolled");
+        appender.discard().unwrap();
+
+        assert_eq!((appender.current(), appender.end()), (1, committed));
+        let (_, ids) = Segments::open(dir.path()).unwrap();
+        assert_eq!(ids, vec![1], "the file the failed group started is gone");
+        let len = std::fs::metadata(dir.path().join("segments/0000000001.seg"))
+            .unwrap()
+            .len();
+        assert_eq!(len, committed, "the failed group's bytes are cut off");
+        // The next group appends where the committed one ended.
+        appender.begin_group();
+        let at = appender.append(|out| out.extend([4u8; 10])).unwrap();
+        appender.write().unwrap();
+        assert_eq!((at.segment, at.offset), (1, committed));
+    }
 }

@@ -23,6 +23,12 @@ use crate::{Result, StoreError, io_error};
 
 /// How often the monitor looks at the filesystem.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// After a write failed with ENOSPC, publishing stays refused at least this long, even if the
+/// free bytes look fine (inodes or a quota may be what ran out), so that the groups in between
+/// carry acks only and succeed.
+const FULL_HOLD: Duration = Duration::from_secs(5);
+/// Fewer free inodes than this count as a full disk: a new segment file could not be created.
+const MIN_FREE_INODES: u64 = 64;
 
 /// The free-space settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +75,8 @@ pub(crate) struct Space {
     /// probe interval's worth.
     written: AtomicU64,
     reserved: AtomicBool,
+    /// When a write last failed with ENOSPC.
+    failed_at: Mutex<Option<std::time::Instant>>,
     /// Set (and the condvar notified) to stop the monitor.
     stop: (Mutex<bool>, Condvar),
 }
@@ -86,6 +94,7 @@ impl Space {
             low: AtomicBool::new(false),
             written: AtomicU64::new(0),
             reserved: AtomicBool::new(dir.join("reserve").exists()),
+            failed_at: Mutex::new(None),
             stop: (Mutex::new(false), Condvar::new()),
         });
         space.refresh()?;
@@ -146,18 +155,25 @@ impl Space {
     /// while the reserve is released).
     pub(crate) fn check(&self) -> Result<()> {
         let report = self.report();
-        if report.low {
+        if !report.low {
+            return Ok(());
+        }
+        if report.free < report.watermark {
             return Err(StoreError::NoSpace {
                 free: report.free,
                 watermark: report.watermark,
             });
         }
-        Ok(())
+        // Bytes are there, but a write just failed or inodes ran out.
+        Err(StoreError::DiskFull {
+            path: self.dir.clone(),
+        })
     }
 
     /// A write failed with ENOSPC: the disk filled faster than the monitor looked. Publishing
     /// stops at once and the reserve goes, so that acks can still be written.
     pub(crate) fn disk_full(&self) {
+        *self.failed_at.lock().expect("failed_at lock") = Some(std::time::Instant::now());
         if !self.low.swap(true, Ordering::AcqRel) {
             tracing::warn!(dir = %self.dir.display(), "the disk is full: refusing publishes; acks, nacks and deletes go on");
         }
@@ -165,12 +181,25 @@ impl Space {
         let _ = self.refresh();
     }
 
+    /// Whether a recent ENOSPC still holds publishing back.
+    fn failed_recently(&self) -> bool {
+        let mut failed_at = self.failed_at.lock().expect("failed_at lock");
+        match *failed_at {
+            Some(at) if at.elapsed() < FULL_HOLD => true,
+            Some(_) => {
+                *failed_at = None;
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Looks at the filesystem and applies what it shows.
     fn refresh(&self) -> Result<()> {
         let options = &self.options;
         // Reset first: bytes written during the probe are then counted twice, never missed.
         self.written.store(0, Ordering::Release);
-        let (mut free, total) = probe(&self.dir)?;
+        let (mut free, total, inodes_out) = probe(&self.dir)?;
         let mut watermark = options
             .min_free_bytes
             .max(total / 100 * u64::from(options.min_free_percent));
@@ -180,7 +209,7 @@ impl Space {
             if reserved && free < reserve / 2 {
                 self.release_reserve();
                 free = probe(&self.dir)?.0;
-            } else if !reserved && free >= watermark.saturating_add(reserve) {
+            } else if !reserved && free >= watermark.saturating_add(reserve) && !inodes_out {
                 self.make_reserve();
                 free = probe(&self.dir)?.0;
             }
@@ -190,7 +219,7 @@ impl Space {
         }
         self.free.store(free, Ordering::Release);
         self.watermark.store(watermark, Ordering::Release);
-        let low = free < watermark;
+        let low = free < watermark || inodes_out || self.failed_recently();
         let was_low = self.low.swap(low, Ordering::AcqRel);
         let mib = |bytes: u64| bytes >> 20;
         if low && !was_low {
@@ -260,15 +289,18 @@ impl Space {
 }
 
 /// Free and total bytes of the filesystem holding `dir`.
-fn probe(dir: &Path) -> Result<(u64, u64)> {
+/// Free and total bytes of the filesystem holding `dir`, and whether it is out of inodes
+/// (filesystems that do not count inodes report none at all, which is not "out").
+fn probe(dir: &Path) -> Result<(u64, u64, bool)> {
     #[cfg(debug_assertions)]
-    if let Some(probed) = test_probe() {
-        return Ok(probed);
+    if let Some((free, total)) = test_probe() {
+        return Ok((free, total, false));
     }
     let stats = rustix::fs::statvfs(dir).map_err(|e| io_error(dir, e.into()))?;
     Ok((
         stats.f_bavail.saturating_mul(stats.f_frsize),
         stats.f_blocks.saturating_mul(stats.f_frsize),
+        stats.f_files > 0 && stats.f_favail < MIN_FREE_INODES,
     ))
 }
 

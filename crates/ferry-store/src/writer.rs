@@ -227,26 +227,38 @@ impl Writer {
             &mut orphans,
         )?;
         // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
-        let highest = usage.keys().chain(&on_disk).copied().max().unwrap_or(0);
+        let highest = usage
+            .keys()
+            .chain(&on_disk)
+            .chain(&segments.quarantined())
+            .copied()
+            .max()
+            .unwrap_or(0);
         for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
             db.remove(segment_key(*id))?;
         }
         usage.retain(|_, u| u.records > 0);
-        let lost = recovery::tidy(
+        let tidy = recovery::plan_tidy(
             &segments,
             &on_disk,
             |id| usage.contains_key(&id),
             &records,
-            next_id,
-            &orphans,
+            recovery::Known {
+                next_id,
+                orphans: &orphans,
+                log_end: replayed.end,
+            },
         )?;
         next_id = replayed.next_id;
-        // Lost channels are remembered, and their ids never given out again.
-        for channel in lost {
-            db.insert(codec::orphan_key(channel), &[])?;
+        // Lost channels are remembered, and their ids never given out again, before any file
+        // is moved: a crash in between must not forget them.
+        for channel in &tidy.lost {
+            db.insert(codec::orphan_key(*channel), &[])?;
             next_id = next_id.max(channel.0.saturating_add(1));
         }
         db.insert(KEY_NEXT_ID, &next_id.to_le_bytes())?;
+        db.flush()?;
+        recovery::apply_tidy(&segments, &tidy)?;
         let keep_finished = options.fsync != FsyncMode::Never;
         let appender = segments.start(highest, options.segment_bytes, keep_finished)?;
 
@@ -453,6 +465,7 @@ impl Writer {
                 reply(Some(&e));
             }
         }
+        self.appender.begin_group();
         let collected = match self.plan_collects(&mut group) {
             Ok(collected) => collected,
             Err(e) => return self.fail_group(group, e, shared),
