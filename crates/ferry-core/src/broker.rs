@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ferry_store::{
-    ChannelId, ChannelLog, Confirmation, NewMessage, Store, StoreError, SubscriptionId,
-    SubscriptionSettings,
+    ChannelId, ChannelLog, Confirmation, NewMessage, Store, StoreCounters, StoreError,
+    SubscriptionId, SubscriptionSettings,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -551,6 +551,21 @@ impl Broker {
         let _ = handle.commands.send(Command::Stop { reason }).await;
         tracing::info!(channel, subscription = name, "subscription deleted");
         Ok(())
+    }
+
+    /// What the store has done since it opened (commits, device syncs, messages, ack states).
+    pub fn store_counters(&self) -> StoreCounters {
+        self.inner.store.counters()
+    }
+
+    /// Bytes of messages cached in memory now.
+    pub fn cached_bytes(&self) -> usize {
+        self.inner.store.cached_bytes()
+    }
+
+    /// How many channels there are.
+    pub fn channel_count(&self) -> usize {
+        self.inner.channels.read().expect("channels lock").len()
     }
 
     /// The data directory's free space, and whether publishing is refused for lack of it.

@@ -10,12 +10,17 @@ use crate::status::to_status;
 /// Serves `ferry.v1.Admin`.
 pub struct AdminService {
     broker: Broker,
+    /// When the broker started, for its uptime.
+    started: std::time::Instant,
 }
 
 impl AdminService {
     /// A service over `broker`.
     pub fn new(broker: Broker) -> Self {
-        Self { broker }
+        Self {
+            broker,
+            started: std::time::Instant::now(),
+        }
     }
 }
 
@@ -23,6 +28,24 @@ type Answer<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn get_broker(&self, _: Request<pb::GetBrokerRequest>) -> Answer<pb::BrokerInfo> {
+        let counters = self.broker.store_counters();
+        let space = self.broker.space();
+        Ok(Response::new(pb::BrokerInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime: Some(convert::duration(self.started.elapsed())),
+            commits: counters.commits,
+            device_syncs: counters.device_syncs,
+            messages_written: counters.messages,
+            ack_states_written: counters.ack_states,
+            message_cache_bytes: self.broker.cached_bytes() as u64,
+            disk_free_bytes: space.free,
+            disk_free_needed_bytes: space.watermark,
+            publishing_refused: space.low,
+            channels: self.broker.channel_count() as u32,
+        }))
+    }
+
     async fn create_channel(
         &self,
         request: Request<pb::CreateChannelRequest>,

@@ -249,6 +249,49 @@ pub struct Recovered {
     pub subscriptions: Vec<RecoveredSubscription>,
 }
 
+/// What the store has done since it opened: the figures that say how well group commit works
+/// (messages and device syncs per commit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Groups committed.
+    pub commits: u64,
+    /// Device syncs: fdatasync and fsync of files and directories, and sled's own flushes
+    /// (`sync_file_range`).
+    pub device_syncs: u64,
+    /// Messages appended.
+    pub messages: u64,
+    /// Ack states saved.
+    pub ack_states: u64,
+}
+
+/// The live counters behind [`StoreCounters`], shared by everything in the store that commits
+/// or syncs.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub device_syncs: std::sync::atomic::AtomicU64,
+    pub messages: std::sync::atomic::AtomicU64,
+    pub ack_states: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    /// Counts `n` device syncs.
+    pub(crate) fn synced(&self, n: u64) {
+        self.device_syncs
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> StoreCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        StoreCounters {
+            commits: self.commits.load(Relaxed),
+            device_syncs: self.device_syncs.load(Relaxed),
+            messages: self.messages.load(Relaxed),
+            ack_states: self.ack_states.load(Relaxed),
+        }
+    }
+}
+
 /// A channel's log figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChannelStats {
@@ -279,6 +322,8 @@ struct Shared {
     cache: Arc<MessageCache>,
     /// The data directory's free space.
     space: Arc<Space>,
+    /// Commits and device syncs so far.
+    counters: Arc<Counters>,
     /// Set when a write failed: from then on the store refuses writes (sled's I/O errors are
     /// sticky, and confirming anything after one would be a lie).
     failure: Mutex<Option<String>>,
@@ -300,13 +345,21 @@ impl Store {
             options.message_cache_bytes,
             options.tail_cache_bytes,
         ));
-        let (writer, recovered, logs) =
-            Writer::recover(db, dir, &options, cache.clone(), space.clone())?;
+        let counters = Arc::new(Counters::default());
+        let (writer, recovered, logs) = Writer::recover(
+            db,
+            dir,
+            &options,
+            cache.clone(),
+            space.clone(),
+            counters.clone(),
+        )?;
         let (ops, rx) = mpsc::channel(WRITE_QUEUE);
         let shared = Arc::new(Shared {
             logs: RwLock::new(logs),
             cache,
             space: space.clone(),
+            counters,
             failure: Mutex::new(None),
             writer: Mutex::new(None),
         });
@@ -432,6 +485,11 @@ impl Store {
             .get(&channel)
             .cloned()
             .ok_or(StoreError::ChannelNotFound)
+    }
+
+    /// Commits, device syncs, messages and ack states since the store opened.
+    pub fn counters(&self) -> StoreCounters {
+        self.shared.counters.snapshot()
     }
 
     /// Bytes of messages cached in memory now, all channels together.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::codec::{RECORD_HEADER_LEN, RecordHeader, RecordLocation};
-use crate::{Result, StoreError, io_error};
+use crate::{Counters, Result, StoreError, io_error};
 
 /// The segment files of one store.
 pub(crate) struct Segments {
@@ -50,6 +50,8 @@ pub(crate) struct Appender {
     /// that fails goes back there.
     group_start: (u32, u64),
     started: Vec<u32>,
+    /// Counts the device syncs.
+    counters: Arc<Counters>,
 }
 
 impl Segments {
@@ -86,6 +88,7 @@ impl Segments {
         highest: u32,
         limit: u64,
         keep_finished: bool,
+        counters: Arc<Counters>,
     ) -> Result<Appender> {
         let segments = self.clone();
         let (id, file) = segments.create(next_id(highest)?)?;
@@ -103,6 +106,7 @@ impl Segments {
             created: false,
             group_start: (id, 0),
             started: Vec::new(),
+            counters,
         };
         Ok(appender)
     }
@@ -347,12 +351,15 @@ impl Appender {
         for file in self.unsynced.drain(..) {
             file.sync_data()
                 .map_err(|e| io_error(&self.segments.dir, e))?;
+            self.counters.synced(1);
         }
         self.file
             .sync_data()
             .map_err(|e| io_error(&self.segments.path(self.id), e))?;
+        self.counters.synced(1);
         if std::mem::take(&mut self.created) {
             sync_dir(&self.segments.dir)?;
+            self.counters.synced(1);
         }
         Ok(())
     }
@@ -384,7 +391,7 @@ mod tests {
     fn a_discarded_group_leaves_nothing_on_disk_even_across_a_roll() {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
-        let mut appender = segments.start(0, 1000, true).unwrap();
+        let mut appender = segments.start(0, 1000, true, Arc::default()).unwrap();
         appender.begin_group();
         appender.append(|out| out.extend([1u8; 600])).unwrap();
         appender.write().unwrap();

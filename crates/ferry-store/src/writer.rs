@@ -29,8 +29,8 @@ use crate::log::MessageCache;
 use crate::segment::{Appender, Segments};
 use crate::space::Space;
 use crate::{
-    AckState, ChannelId, ChannelLog, ChannelStats, FsyncMode, Message, NewMessage, Recovered,
-    RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
+    AckState, ChannelId, ChannelLog, ChannelStats, Counters, FsyncMode, Message, NewMessage,
+    Recovered, RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
     SubscriptionId, SubscriptionSettings, io_error,
 };
 use crate::{failpoint, recovery};
@@ -118,6 +118,8 @@ pub(crate) struct Writer {
     cache: Arc<MessageCache>,
     /// Told when a write finds the disk full.
     space: Arc<Space>,
+    /// Commits and device syncs so far.
+    counters: Arc<Counters>,
     /// Shared with the syncer thread, which fsyncs them in `Always` mode.
     files: Arc<Mutex<DurableFiles>>,
     /// Where message records go; their index goes to sled.
@@ -170,6 +172,8 @@ struct Group {
     segments: HashSet<u32>,
     /// Segment files no record is left in: deleted once the group is durable.
     emptied: Vec<u32>,
+    /// Ack states the group saves.
+    ack_states: u64,
     close: bool,
 }
 
@@ -181,6 +185,7 @@ impl Writer {
         options: &StoreOptions,
         cache: Arc<MessageCache>,
         space: Arc<Space>,
+        counters: Arc<Counters>,
     ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
         match db.get(KEY_VERSION)? {
             Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
@@ -260,7 +265,12 @@ impl Writer {
         db.flush()?;
         recovery::apply_tidy(&segments, &tidy)?;
         let keep_finished = options.fsync != FsyncMode::Never;
-        let appender = segments.start(highest, options.segment_bytes, keep_finished)?;
+        let appender = segments.start(
+            highest,
+            options.segment_bytes,
+            keep_finished,
+            counters.clone(),
+        )?;
 
         let mut recovered = Recovered::default();
         let mut channels = HashMap::new();
@@ -320,7 +330,7 @@ impl Writer {
         }
 
         verify_records(&db, &segments, &channels, options.verify)?;
-        let files = DurableFiles::open(dir)?;
+        let files = DurableFiles::open(dir, counters.clone())?;
         files.sync_directories()?;
         let files = Arc::new(Mutex::new(files));
         let writer = Writer {
@@ -328,6 +338,7 @@ impl Writer {
             fsync: options.fsync,
             cache,
             space,
+            counters,
             files,
             segments,
             appender,
@@ -515,6 +526,15 @@ impl Writer {
             return self.fail_group(group, e, shared);
         }
         failpoint::hit("index-applied");
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let messages: usize = appended.iter().map(|(_, m)| m.len()).sum();
+            self.counters.commits.fetch_add(1, Relaxed);
+            self.counters.messages.fetch_add(messages as u64, Relaxed);
+            self.counters
+                .ack_states
+                .fetch_add(group.ack_states, Relaxed);
+        }
 
         // Without the sync thread, files are deleted right after this; the index change that
         // empties them must reach the log file first, or a crash could bring back entries that
@@ -665,6 +685,7 @@ impl Writer {
                 if let Some(record) = self.subscriptions.get(&subscription) {
                     group.collects.insert(record.channel);
                 }
+                group.ack_states += 1;
                 group.replies.push(pending(reply, ()));
             }
             Op::CreateChannel { name, reply } => {
@@ -988,9 +1009,14 @@ impl Writer {
     /// in `Always` mode the syncer thread then fsyncs them.
     fn write_out(&mut self) -> Result<()> {
         match self.fsync {
-            FsyncMode::Always => self.db.flush().map(drop).map_err(Into::into),
+            FsyncMode::Always => {
+                self.db.flush()?;
+                self.counters.synced(1);
+                Ok(())
+            }
             FsyncMode::Interval(_) => {
                 self.db.flush()?;
+                self.counters.synced(1);
                 self.unsynced_since.get_or_insert_with(Instant::now);
                 Ok(())
             }
@@ -1013,6 +1039,7 @@ impl Writer {
         self.unsynced_since = None;
         self.appender.sync()?;
         self.db.flush()?;
+        self.counters.synced(1);
         self.files.lock().expect("files lock").sync()
     }
 }
@@ -1049,6 +1076,9 @@ impl Committed {
         }
         shared.cache.enforce(&shared.logs);
         // Only now is it durable that no index entry names these files.
+        if !self.emptied.is_empty() {
+            shared.counters.synced(1);
+        }
         if let Err(e) = self.segments.remove(&self.emptied) {
             tracing::warn!(error = %e, "cannot delete an emptied segment file; it goes at the next start");
         }
@@ -1222,13 +1252,14 @@ fn refuse(op: Op, e: &StoreError) {
 /// with `sync_file_range` only) and blob files (never synced, nor their directory).
 struct DurableFiles {
     dir: PathBuf,
+    counters: Arc<Counters>,
     log: File,
     blobs: PathBuf,
     synced_blobs: HashSet<OsString>,
 }
 
 impl DurableFiles {
-    fn open(dir: &Path) -> Result<Self> {
+    fn open(dir: &Path, counters: Arc<Counters>) -> Result<Self> {
         let path = dir.join("db");
         let log = File::options()
             .read(true)
@@ -1236,6 +1267,7 @@ impl DurableFiles {
             .map_err(|e| io_error(&path, e))?;
         Ok(Self {
             dir: dir.to_owned(),
+            counters,
             log,
             blobs: dir.join("blobs"),
             synced_blobs: HashSet::new(),
@@ -1258,6 +1290,7 @@ impl DurableFiles {
         self.log
             .sync_data()
             .map_err(|e| io_error(&self.dir.join("db"), e))?;
+        self.counters.synced(1);
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -1270,7 +1303,10 @@ impl DurableFiles {
             let name = entry.file_name();
             if !self.synced_blobs.contains(&name) {
                 match File::open(entry.path()).and_then(|f| f.sync_data()) {
-                    Ok(()) => new_blobs = true,
+                    Ok(()) => {
+                        self.counters.synced(1);
+                        new_blobs = true;
+                    }
                     // sled removes blobs it no longer needs; one gone is one we need not sync.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(io_error(&entry.path(), e)),
@@ -1283,6 +1319,7 @@ impl DurableFiles {
             File::open(&self.blobs)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io_error(&self.blobs, e))?;
+            self.counters.synced(1);
         }
         Ok(())
     }

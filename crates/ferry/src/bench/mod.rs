@@ -7,6 +7,7 @@
 //! It measures through the public gRPC API only, exactly as any other client would see the broker.
 //! The memory scenario, which measures the broker against its memory budget, is in [`memory`].
 
+mod commits;
 mod memory;
 
 use std::error::Error as StdError;
@@ -855,6 +856,9 @@ async fn run_scenarios(
         limits: config.map(|c| &c.limits),
         config,
     };
+    let data_dir = broker.as_deref().map(|b| b.home.data_dir());
+    println!();
+    commits::print_disk("disk     fdatasync at the start", data_dir.as_deref());
     for scenario in scenarios {
         match scenario {
             Scenario::Publish => {
@@ -912,6 +916,8 @@ async fn run_scenarios(
             }
         }
     }
+    println!();
+    commits::print_disk("disk     fdatasync at the end", data_dir.as_deref());
     Ok(())
 }
 
@@ -930,6 +936,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
         connections.push(bench.connect().await?);
     }
     let payload = Payload::Fixed(Bytes::from(vec![b'x'; size]));
+    let before = commits::snapshot(&bench.admin).await;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for (index, connection) in (0..).zip(connections) {
@@ -969,6 +976,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
         args.batch
     );
     print_rate(&label, size, &total.figure(started, args.messages));
+    commits::print_commits(&bench.admin, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
@@ -989,6 +997,7 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
         .await?;
 
     let connection = bench.connect().await?;
+    let before = commits::snapshot(&bench.admin).await;
     let started = Instant::now();
     let consumer = Consumer::attach(connection, &channel, args.window).await?;
     let consumed = consumer
@@ -1000,6 +1009,7 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
         .await?;
     let label = format!("consume  {:<5} window={}", size_label(size), args.window);
     print_rate(&label, size, &consumed.figure(started, filled.confirmed));
+    commits::print_commits(&bench.admin, before).await;
     if filled.timed_out {
         println!(
             "{:<32}  (the backlog was only {} msgs: filling it hit --max-seconds)",
@@ -1017,6 +1027,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
     let channel = bench.fresh_channel("mixed.1k").await?;
     let publisher_connection = bench.connect().await?;
     let consumer = Consumer::attach(bench.connect().await?, &channel, args.window).await?;
+    let before = commits::snapshot(&bench.admin).await;
     let started = Instant::now();
     let plan = PublishPlan {
         channel: channel.clone(),
@@ -1046,6 +1057,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         KIB,
         &consumed.figure(started, published.confirmed),
     );
+    commits::print_commits(&bench.admin, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
@@ -1058,6 +1070,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
     // Attached before publishing starts, so that no message waits for the consumer to arrive.
     let consumer = Consumer::attach(bench.connect().await?, &channel, LATENCY_WINDOW).await?;
     let limit = ((args.rate as f64 * args.latency_seconds.as_secs_f64()).ceil() as u64).max(1);
+    let before = commits::snapshot(&bench.admin).await;
     // Publisher and consumer stamp and read times against one base, so their clocks agree.
     let base = Instant::now();
     let deadline = base + args.latency_seconds;
@@ -1111,6 +1124,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
             thousands(published.confirmed)
         );
     }
+    commits::print_commits(&bench.admin, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
