@@ -535,3 +535,40 @@ fn refused<T>(outcome: Result<T, tonic::Status>, code: Code, needles: &[&str]) {
         );
     }
 }
+
+#[tokio::test]
+async fn get_broker_reports_commits_syncs_and_disk_space() {
+    let daemon = Daemon::start().await;
+    daemon.create("counted", &[("s", 30_000)]).await;
+    let mut admin = daemon.admin().await;
+    let before = admin
+        .get_broker(pb::GetBrokerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    daemon
+        .publish("counted", (0..10).map(|i| vec![i; 100]))
+        .await;
+    let mut consumer = Consumer::attach(&daemon, "counted", "s", 100).await;
+    let delivered = consumer.take(10).await;
+    consumer.ack(ack_ids(&delivered)).await;
+    let after = admin
+        .get_broker(pb::GetBrokerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(after.channels, 1);
+    assert_eq!(after.messages_written - before.messages_written, 10);
+    assert!(after.ack_states_written > before.ack_states_written);
+    let commits = after.commits - before.commits;
+    assert!(commits >= 2, "{after:?}");
+    // With fsync = "always" every commit syncs the segment, flushes sled and syncs its log.
+    assert!(
+        after.device_syncs - before.device_syncs >= 3 * commits,
+        "{after:?}"
+    );
+    assert!(after.disk_free_bytes > 0 && after.disk_free_needed_bytes > 0);
+    assert!(!after.publishing_refused);
+    daemon.stop().await;
+}
