@@ -24,7 +24,85 @@ use crate::codec::{
     SegmentUsage, channel_key, orphan_key, record_key, segment_key,
 };
 use crate::segment::Segments;
+use crate::writer::{id_of, read_next_id, read_usage};
 use crate::{ChannelId, Result};
+
+/// The index's view once it agrees with the segment log.
+pub(crate) struct Reconciled {
+    /// Every channel's record, with the log's records indexed.
+    pub channels: HashMap<ChannelId, ChannelRecord>,
+    /// Indexed records per segment file (none at zero).
+    pub usage: HashMap<u32, SegmentUsage>,
+    /// The next id to give out: never one seen before.
+    pub next_id: u32,
+    /// The highest segment id in use, on disk, in the index or in quarantine: a new segment
+    /// goes after it.
+    pub highest: u32,
+}
+
+/// Brings the index in line with the segment log on open: replays what it lacks, drops the
+/// usage of emptied segments, and deletes or quarantines the files it does not name.
+pub(crate) fn reconcile(db: &sled::Db, segments: &Segments, on_disk: &[u32]) -> Result<Reconciled> {
+    let next_id = read_next_id(db)?;
+    let mut usage = read_usage(db)?;
+    let mut channels = HashMap::new();
+    for entry in db.scan_prefix(b"C") {
+        let (key, value) = entry?;
+        channels.insert(ChannelId(id_of(&key)?), ChannelRecord::decode(&value)?);
+    }
+    let mut orphans = HashSet::new();
+    for entry in db.scan_prefix(b"O") {
+        orphans.insert(ChannelId(id_of(&entry?.0)?));
+    }
+    let replayed = replay(
+        db,
+        segments,
+        on_disk,
+        &mut channels,
+        &mut usage,
+        next_id,
+        &mut orphans,
+    )?;
+    let highest = usage
+        .keys()
+        .chain(on_disk)
+        .chain(&segments.quarantined())
+        .copied()
+        .max()
+        .unwrap_or(0);
+    // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
+    for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
+        db.remove(segment_key(*id))?;
+    }
+    usage.retain(|_, u| u.records > 0);
+    let tidy = plan_tidy(
+        segments,
+        on_disk,
+        |id| usage.contains_key(&id),
+        &channels,
+        Known {
+            next_id,
+            orphans: &orphans,
+            log_end: replayed.end,
+        },
+    )?;
+    let mut next_id = replayed.next_id;
+    // Lost channels are remembered, and their ids never given out again, before any file is
+    // moved: a crash in between must not forget them.
+    for channel in &tidy.lost {
+        db.insert(orphan_key(*channel), &[])?;
+        next_id = next_id.max(channel.0.saturating_add(1));
+    }
+    db.insert(KEY_NEXT_ID, &next_id.to_le_bytes())?;
+    db.flush()?;
+    apply_tidy(segments, &tidy)?;
+    Ok(Reconciled {
+        channels,
+        usage,
+        next_id,
+        highest,
+    })
+}
 
 /// What replaying the log found, for the start-up report.
 #[derive(Debug, Default)]

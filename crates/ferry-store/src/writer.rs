@@ -187,83 +187,15 @@ impl Writer {
         space: Arc<Space>,
         counters: Arc<Counters>,
     ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
-        match db.get(KEY_VERSION)? {
-            Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
-            // Version 2 records are still read; new ones are written in version 3.
-            Some(v) if v.as_ref() == codec::FORMAT_VERSION_2.to_le_bytes() => {
-                db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
-            }
-            Some(v) => {
-                return Err(StoreError::Corrupt(format!(
-                    "unsupported store format {v:?} in {}",
-                    dir.display()
-                )));
-            }
-            None if db.is_empty() => {
-                db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
-            }
-            None => {
-                return Err(StoreError::Corrupt(format!(
-                    "{} holds data that is not a Ferry store",
-                    dir.display()
-                )));
-            }
-        }
-        let mut next_id = read_next_id(&db)?;
-        let mut usage = read_usage(&db)?;
-        let mut records = HashMap::new();
-        for entry in db.scan_prefix(b"C") {
-            let (key, value) = entry?;
-            records.insert(ChannelId(id_of(&key)?), ChannelRecord::decode(&value)?);
-        }
+        check_version(&db, dir)?;
         // The segment log first: the index may lack what was written after its end.
         let (segments, on_disk) = Segments::open(dir)?;
-        let mut orphans = HashSet::new();
-        for entry in db.scan_prefix(b"O") {
-            orphans.insert(ChannelId(id_of(&entry?.0)?));
-        }
-        let replayed = recovery::replay(
-            &db,
-            &segments,
-            &on_disk,
-            &mut records,
-            &mut usage,
+        let recovery::Reconciled {
+            channels: records,
+            usage,
             next_id,
-            &mut orphans,
-        )?;
-        // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
-        let highest = usage
-            .keys()
-            .chain(&on_disk)
-            .chain(&segments.quarantined())
-            .copied()
-            .max()
-            .unwrap_or(0);
-        for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
-            db.remove(segment_key(*id))?;
-        }
-        usage.retain(|_, u| u.records > 0);
-        let tidy = recovery::plan_tidy(
-            &segments,
-            &on_disk,
-            |id| usage.contains_key(&id),
-            &records,
-            recovery::Known {
-                next_id,
-                orphans: &orphans,
-                log_end: replayed.end,
-            },
-        )?;
-        next_id = replayed.next_id;
-        // Lost channels are remembered, and their ids never given out again, before any file
-        // is moved: a crash in between must not forget them.
-        for channel in &tidy.lost {
-            db.insert(codec::orphan_key(*channel), &[])?;
-            next_id = next_id.max(channel.0.saturating_add(1));
-        }
-        db.insert(KEY_NEXT_ID, &next_id.to_le_bytes())?;
-        db.flush()?;
-        recovery::apply_tidy(&segments, &tidy)?;
+            highest,
+        } = recovery::reconcile(&db, &segments, &on_disk)?;
         let keep_finished = options.fsync != FsyncMode::Never;
         let appender = segments.start(
             highest,
@@ -297,37 +229,7 @@ impl Writer {
             logs.insert(id, log.clone());
             channels.insert(id, WriterChannel::new(record, log));
         }
-        let mut subscriptions = HashMap::new();
-        let mut floors = HashMap::new();
-        for entry in db.scan_prefix(b"S") {
-            let (key, value) = entry?;
-            let id = SubscriptionId(id_of(&key)?);
-            let record = SubscriptionRecord::decode(&value)?;
-            if !channels.contains_key(&record.channel) {
-                return Err(StoreError::Corrupt(format!(
-                    "subscription {:?} names a missing channel",
-                    record.name
-                )));
-            }
-            let acks = match db.get(ack_key(id))? {
-                Some(raw) => codec::decode_ack_state(&raw)?,
-                None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "subscription {:?} has no ack state",
-                        record.name
-                    )));
-                }
-            };
-            floors.insert(id, acks.floor);
-            recovered.subscriptions.push(RecoveredSubscription {
-                id,
-                channel: record.channel,
-                name: record.name.clone(),
-                settings: record.settings,
-                acks,
-            });
-            subscriptions.insert(id, record);
-        }
+        let (subscriptions, floors) = load_subscriptions(&db, &channels, &mut recovered)?;
 
         verify_records(&db, &segments, &channels, options.verify)?;
         let files = DurableFiles::open(dir, counters.clone())?;
@@ -1188,7 +1090,77 @@ fn verify_records(
     Ok(())
 }
 
-fn read_next_id(db: &sled::Db) -> Result<u32> {
+/// Checks (or, for a new store, writes) the format version; a version 2 store is upgraded in
+/// place (its records are still read; new ones are written in version 3).
+fn check_version(db: &sled::Db, dir: &Path) -> Result<()> {
+    match db.get(KEY_VERSION)? {
+        Some(v) if v.as_ref() == codec::FORMAT_VERSION.to_le_bytes() => {}
+        Some(v) if v.as_ref() == codec::FORMAT_VERSION_2.to_le_bytes() => {
+            db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
+        }
+        Some(v) => {
+            return Err(StoreError::Corrupt(format!(
+                "unsupported store format {v:?} in {}",
+                dir.display()
+            )));
+        }
+        None if db.is_empty() => {
+            db.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes())?;
+        }
+        None => {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds data that is not a Ferry store",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads every subscription with its ack state, adding each to `recovered`; returns them with
+/// their ack floors.
+#[allow(clippy::type_complexity)]
+fn load_subscriptions(
+    db: &sled::Db,
+    channels: &HashMap<ChannelId, WriterChannel>,
+    recovered: &mut Recovered,
+) -> Result<(
+    HashMap<SubscriptionId, SubscriptionRecord>,
+    HashMap<SubscriptionId, u64>,
+)> {
+    let mut subscriptions = HashMap::new();
+    let mut floors = HashMap::new();
+    for entry in db.scan_prefix(b"S") {
+        let (key, value) = entry?;
+        let id = SubscriptionId(id_of(&key)?);
+        let record = SubscriptionRecord::decode(&value)?;
+        if !channels.contains_key(&record.channel) {
+            return Err(StoreError::Corrupt(format!(
+                "subscription {:?} names a missing channel",
+                record.name
+            )));
+        }
+        let Some(raw) = db.get(ack_key(id))? else {
+            return Err(StoreError::Corrupt(format!(
+                "subscription {:?} has no ack state",
+                record.name
+            )));
+        };
+        let acks = codec::decode_ack_state(&raw)?;
+        floors.insert(id, acks.floor);
+        recovered.subscriptions.push(RecoveredSubscription {
+            id,
+            channel: record.channel,
+            name: record.name.clone(),
+            settings: record.settings,
+            acks,
+        });
+        subscriptions.insert(id, record);
+    }
+    Ok((subscriptions, floors))
+}
+
+pub(crate) fn read_next_id(db: &sled::Db) -> Result<u32> {
     match db.get(KEY_NEXT_ID)? {
         Some(raw) => {
             Ok(u32::from_le_bytes(raw.as_ref().try_into().map_err(
@@ -1199,7 +1171,7 @@ fn read_next_id(db: &sled::Db) -> Result<u32> {
     }
 }
 
-fn read_usage(db: &sled::Db) -> Result<HashMap<u32, SegmentUsage>> {
+pub(crate) fn read_usage(db: &sled::Db) -> Result<HashMap<u32, SegmentUsage>> {
     let mut usage = HashMap::new();
     for entry in db.scan_prefix(b"G") {
         let (key, value) = entry?;
@@ -1216,7 +1188,7 @@ fn stats_of(record: &ChannelRecord) -> ChannelStats {
     }
 }
 
-fn id_of(key: &[u8]) -> Result<u32> {
+pub(crate) fn id_of(key: &[u8]) -> Result<u32> {
     key.get(1..5)
         .and_then(|b| b.try_into().ok())
         .map(u32::from_be_bytes)
