@@ -93,6 +93,10 @@ consumer_stall_timeout = "1s"
         log.contains("consumer read nothing from its stream: detached") && log.contains("work"),
         "the log names the detached consumer:\n{log}"
     );
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log file gets no terminal colour codes"
+    );
     daemon.stop().await;
 }
 
