@@ -315,3 +315,44 @@ async fn check_finds_and_repair_rebuilds_a_lost_index() {
     assert_eq!(seen, published);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_check_on_start_finds_damage_before_anyone_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir.path(), options(dir.path(), "")).await;
+    fill(&daemon).await;
+    daemon.stop().await;
+    // The middle of the first segment file: not the last record of any file, which is all the
+    // default check reads.
+    flip_bytes(&segment_files(&dir.path().join("data"))[0]);
+    let damaged_records = |daemon: &Daemon| {
+        let url = daemon.url.clone();
+        async move {
+            let channel = common::connect(&url).await.unwrap();
+            ferry_proto::pb::admin_client::AdminClient::new(channel)
+                .get_channel(ferry_proto::pb::GetChannelRequest {
+                    name: "orders".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .damaged_records
+        }
+    };
+
+    let daemon = Daemon::start_in(dir.path(), options(dir.path(), "")).await;
+    assert_eq!(
+        damaged_records(&daemon).await,
+        0,
+        "the tail check does not read it"
+    );
+    daemon.stop().await;
+    let full = options(dir.path(), "verify_on_start = \"full\"\n");
+    let daemon = Daemon::start_in(dir.path(), full).await;
+    assert_eq!(
+        damaged_records(&daemon).await,
+        1,
+        "the full check finds it at start-up"
+    );
+    daemon.stop().await;
+}
