@@ -122,7 +122,7 @@ impl Outbox {
         let shared = &self.shared;
         let waker = {
             let mut queue = shared.lock();
-            if queue.closed.is_some() || shared.gone.load(Ordering::Acquire) {
+            if queue.closed.is_some() || queue.ended || shared.gone.load(Ordering::Acquire) {
                 return false;
             }
             if shared.queued.fetch_add(bytes, Ordering::AcqRel) == 0 {
@@ -215,14 +215,18 @@ impl ConsumerEvents {
     /// the dispatcher has let go of the consumer.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ConsumerEvent>> {
         let shared = &self.shared;
-        let (bytes, event) = {
+        let event = {
             let mut queue = shared.lock();
             if let Some(reason) = queue.closed.take() {
                 queue.ended = true;
                 return Poll::Ready(Some(ConsumerEvent::Closed(reason)));
             }
             match queue.events.pop_front() {
-                Some(next) => next,
+                // Under the lock, like the close that sets the count to zero: never below it.
+                Some((bytes, event)) => {
+                    shared.queued.fetch_sub(bytes, Ordering::AcqRel);
+                    event
+                }
                 None if queue.ended => return Poll::Ready(None),
                 None => {
                     queue.waker = Some(cx.waker().clone());
@@ -230,7 +234,6 @@ impl ConsumerEvents {
                 }
             }
         };
-        shared.queued.fetch_sub(bytes, Ordering::AcqRel);
         shared.active_at.store(shared.now_ms(), Ordering::Release);
         shared.dispatcher.notify_one();
         shared.reader.notify_one();

@@ -321,6 +321,7 @@ impl Appender {
     pub(crate) fn discard(&mut self) -> Result<()> {
         self.pending.clear();
         let (id, len) = self.group_start;
+        let removed = !self.started.is_empty();
         if self.id != id {
             for started in self.started.drain(..) {
                 let path = self.segments.path(started);
@@ -339,9 +340,16 @@ impl Appender {
             self.id = id;
             self.finished.clear();
         }
-        self.file
-            .set_len(len)
-            .map_err(|e| io_error(&self.segments.path(id), e))?;
+        let path = self.segments.path(id);
+        self.file.set_len(len).map_err(|e| io_error(&path, e))?;
+        // The undo is made durable at once: a crash must not bring back, past the log end,
+        // records whose publishers were told they were refused.
+        self.file.sync_data().map_err(|e| io_error(&path, e))?;
+        self.counters.synced(1);
+        if removed {
+            sync_dir(&self.segments.dir)?;
+            self.counters.synced(1);
+        }
         self.len = len;
         Ok(())
     }
