@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Consumer, Daemon, PATIENCE, ack_ids, batch, sequences, with_config};
-use ferry_proto::pb;
+use ferry_proto::pb::{self, subscribe_request::Request as Req};
 use tonic::Code;
 use tonic::codegen::http;
 
@@ -302,5 +302,51 @@ async fn a_message_larger_than_the_consumer_queue_is_still_delivered() {
         deliveries[0].message.as_ref().unwrap().payload.len(),
         512 << 10
     );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_floods_acks_without_reading_answers_is_held_back_and_detached() {
+    let (daemon, _dir) =
+        daemon_with("[limits]\nconsumer_queue = \"64KiB\"\nconsumer_stall_timeout = \"1s\"\n")
+            .await;
+    daemon.create("flood", &[("s", 60_000)]).await;
+    let attach = Req::Attach(pb::Attach {
+        channel: "flood".into(),
+        subscription: "s".into(),
+        window: None,
+    });
+    let (requests, mut responses) = Consumer::open(&daemon, attach).await.unwrap();
+    // Each request is answered with 1,000 results echoing 1 KiB ids: 1 MB per answer. The
+    // client never reads them.
+    let ids: Vec<String> = (0..1000).map(|i| format!("{i:0>1024}")).collect();
+    let mut sent = 0;
+    let flood = async {
+        loop {
+            let request = pb::SubscribeRequest {
+                request: Some(Req::Ack(pb::AckIds {
+                    ack_ids: ids.clone(),
+                })),
+            };
+            if requests.send(request).await.is_err() {
+                return;
+            }
+            sent += 1;
+        }
+    };
+    // Past the queue and its 1 MiB slack the broker stops reading the requests, so the
+    // client's sends block on HTTP/2 flow control instead of the broker's memory growing...
+    let _ = tokio::time::timeout(Duration::from_secs(3), flood).await;
+    assert!(sent < 200, "{sent} MB of answers were not held back");
+    // ...and the consumer, which reads nothing, is detached.
+    let status = loop {
+        match tokio::time::timeout(PATIENCE, responses.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the stream never ended"),
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     daemon.stop().await;
 }

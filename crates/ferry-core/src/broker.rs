@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::acks::AckSet;
 use crate::dispatcher::{Command, Dispatcher};
 use crate::error::{CoreError, Result};
-use crate::outbox::{ConsumerEvents, RequestGate};
+use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
     AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy,
     Limits, SpaceReport, SubscriptionStats, Window, names,
@@ -119,18 +119,26 @@ impl ConsumerHandle {
         ack_ids: Vec<String>,
         extension: Duration,
     ) -> Result<()> {
+        let gate = &self.attachment.gate;
+        if !gate.room_for_requests().await {
+            return Err(CoreError::ConsumerDetached);
+        }
+        // The answer (one result per id) counts against the consumer's outbox from the moment
+        // the request is read, so that neither the dispatcher's queue nor answers waiting for
+        // their commit grow with what a client sends.
+        let reserved = answer_bytes(&ack_ids);
+        gate.reserve(reserved);
         let command = Command::Settle {
             consumer: self.attachment.consumer,
             operation,
             ack_ids,
             extension,
+            reserved,
         };
-        self.attachment.gate.room_for_requests().await;
-        self.attachment
-            .commands
-            .send(command)
-            .await
-            .map_err(|_| CoreError::ShuttingDown)
+        self.attachment.commands.send(command).await.map_err(|_| {
+            gate.release(reserved);
+            CoreError::ShuttingDown
+        })
     }
 
     /// Changes the consumer's window (zeros take the defaults).

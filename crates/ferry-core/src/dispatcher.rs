@@ -42,6 +42,8 @@ pub(crate) enum Command {
         operation: AckOperation,
         ack_ids: Vec<String>,
         extension: Duration,
+        /// The answer's bytes, reserved in the consumer's outbox when the request was read.
+        reserved: usize,
     },
     SetWindow {
         consumer: u64,
@@ -96,10 +98,6 @@ fn delivery_bytes(delivery: &Delivery) -> usize {
 }
 
 /// The bytes a results event holds while it waits in an outbox.
-fn results_bytes(results: &[AckOutcome]) -> usize {
-    results.iter().map(|r| r.ack_id.len() + 48).sum::<usize>() + 64
-}
-
 /// The dispatcher's state.
 pub(crate) struct Dispatcher {
     id: SubscriptionId,
@@ -259,7 +257,11 @@ impl Dispatcher {
                 operation,
                 ack_ids,
                 extension,
-            } => self.settle(consumer, operation, ack_ids, extension).await,
+                reserved,
+            } => {
+                self.settle(consumer, operation, ack_ids, extension, reserved)
+                    .await
+            }
             Command::SetWindow { consumer, window } => {
                 if let Some(c) = self.consumers.get_mut(&consumer) {
                     c.window = window;
@@ -356,6 +358,7 @@ impl Dispatcher {
         operation: AckOperation,
         ack_ids: Vec<String>,
         extension: Duration,
+        reserved: usize,
     ) {
         let mut outcomes = Vec::with_capacity(ack_ids.len());
         let mut acked = false;
@@ -385,7 +388,7 @@ impl Dispatcher {
             outcomes.push(AckOutcome { ack_id, result });
         }
         let outbox = self.consumers.get(&consumer).map(|c| c.outbox.clone());
-        let bytes = results_bytes(&outcomes);
+        let bytes = reserved;
         let event = ConsumerEvent::Results {
             operation,
             results: outcomes,
@@ -393,13 +396,31 @@ impl Dispatcher {
         if !acked {
             // Nothing to make durable: answer now.
             if let Some(outbox) = outbox {
-                outbox.push(bytes, event);
+                outbox.push_reserved(bytes, event);
             }
             return;
         }
-        // Queued from this task, ack states reach the writer in order (even when the consumer
-        // has just left); the answer waits for the commit in its own task, so that dispatching
-        // goes on meanwhile.
+        // The answer waits for the commit; its bytes stay reserved meanwhile.
+        self.save_acks(move |outcome| {
+            let Some(outbox) = outbox else { return };
+            match outcome {
+                Ok(()) => {
+                    outbox.push_reserved(bytes, event);
+                }
+                Err(e) => {
+                    outbox.release(bytes);
+                    outbox.close(e.into());
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Queues the ack state for the store from this task, so that states reach it in the order
+    /// they were made (a later one never loses to an earlier one); then, in a task of its own
+    /// so that dispatching goes on, waits for it to be durable, tells the dispatcher the new
+    /// durable floor, and hands the outcome to `after`.
+    async fn save_acks(&mut self, after: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
         let floor = self.acks.floor();
         let submitted = self.store.submit_acks(self.id, self.acks.to_state()).await;
         let commands = self.commands.clone();
@@ -408,20 +429,11 @@ impl Dispatcher {
                 Ok(confirmation) => confirmation.confirmed().await,
                 Err(e) => Err(e),
             };
-            match outcome {
-                Ok(()) => {
-                    // The floor first: collection must not wait on a consumer that reads slowly.
-                    let _ = commands.send(Command::AcksDurable { floor }).await;
-                    if let Some(outbox) = outbox {
-                        outbox.push(bytes, event);
-                    }
-                }
-                Err(e) => {
-                    if let Some(outbox) = outbox {
-                        outbox.close(e.into());
-                    }
-                }
+            if outcome.is_ok() {
+                // The floor first: collection must not wait on a consumer that reads slowly.
+                let _ = commands.send(Command::AcksDurable { floor }).await;
             }
+            after(outcome);
         });
     }
 
@@ -578,16 +590,7 @@ impl Dispatcher {
     /// every ack state, so that a later state never loses to an earlier one.
     async fn save_skips(&mut self) {
         self.skips_unsaved = false;
-        let floor = self.acks.floor();
-        let Ok(confirmation) = self.store.submit_acks(self.id, self.acks.to_state()).await else {
-            return;
-        };
-        let commands = self.commands.clone();
-        tokio::spawn(async move {
-            if confirmation.confirmed().await.is_ok() {
-                let _ = commands.send(Command::AcksDurable { floor }).await;
-            }
-        });
+        self.save_acks(drop).await;
     }
 
     /// The next consumer, in turn, with room for a message of this size.

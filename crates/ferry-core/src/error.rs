@@ -57,6 +57,10 @@ pub enum CoreError {
         /// What was waiting.
         queued_bytes: usize,
     },
+    /// The consumer was detached (it stalled, or its subscription went): its stream takes no
+    /// more requests.
+    #[error("this consumer was detached: attach again on a new stream")]
+    ConsumerDetached,
     /// The broker is shutting down; try another instance or later.
     #[error("the broker is shutting down")]
     ShuttingDown,

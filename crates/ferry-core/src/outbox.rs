@@ -30,6 +30,11 @@ use crate::{ConsumerEvent, CoreError};
 /// How far results may take the outbox past its limit before the consumer's requests wait.
 pub(crate) const RESULT_SLACK: usize = 1 << 20;
 
+/// The bytes the answer to a request naming these ack ids holds (one result per id).
+pub(crate) fn answer_bytes(ack_ids: &[String]) -> usize {
+    ack_ids.iter().map(|id| id.len() + 48).sum::<usize>() + 64
+}
+
 /// The sending side, held by the dispatcher and by the tasks that answer acks.
 #[derive(Clone)]
 pub(crate) struct Outbox {
@@ -48,6 +53,9 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Bytes of the events in the queue (messages at their heap size).
     queued: AtomicUsize,
+    /// Bytes of answers owed but not queued yet (acks waiting for their commit): they hold
+    /// back deliveries and requests like queued ones, but are no sign of a stalled stream.
+    reserved: AtomicUsize,
     /// When the stream last took an event, or the queue last went from empty to not empty: in
     /// milliseconds since `epoch`.
     active_at: AtomicU64,
@@ -59,6 +67,8 @@ struct Shared {
     /// Set when the stream is dropped, so that senders stop queueing and a waiting request
     /// reader stops waiting.
     gone: AtomicBool,
+    /// Set when the consumer is closed: its requests are no longer read.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -93,11 +103,13 @@ pub(crate) fn outbox(limit: usize, wake: Arc<Notify>) -> (Outbox, ConsumerEvents
         limit,
         queue: Mutex::new(Queue::default()),
         queued: AtomicUsize::new(0),
+        reserved: AtomicUsize::new(0),
         active_at: AtomicU64::new(0),
         epoch: Instant::now(),
         dispatcher: wake,
         reader: Notify::new(),
         gone: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     let outbox = Outbox {
         shared: shared.clone(),
@@ -109,6 +121,16 @@ pub(crate) fn outbox(limit: usize, wake: Arc<Notify>) -> (Outbox, ConsumerEvents
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn release(&self, bytes: usize) {
+        self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+        self.reader.notify_one();
+    }
+
+    /// Bytes queued and reserved: what counts against the limit.
+    fn taken(&self) -> usize {
+        self.queued.load(Ordering::Acquire) + self.reserved.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -141,8 +163,20 @@ impl Outbox {
     /// picked for this consumer in this round. An empty outbox always takes one delivery, so
     /// that a message larger than the limit is still delivered.
     pub(crate) fn has_room(&self, pending: usize, more: usize) -> bool {
-        let queued = self.shared.queued.load(Ordering::Acquire) + pending;
+        let queued = self.shared.taken() + pending;
         queued == 0 || queued + more <= self.shared.limit
+    }
+
+    /// Gives back a reservation that will not be queued.
+    pub(crate) fn release(&self, bytes: usize) {
+        self.shared.release(bytes);
+    }
+
+    /// Queues an event whose bytes were reserved (see [`RequestGate::reserve`]); false when
+    /// the stream is gone or closed.
+    pub(crate) fn push_reserved(&self, bytes: usize, event: ConsumerEvent) -> bool {
+        self.shared.release(bytes);
+        self.push(bytes, event)
     }
 
     /// Bytes queued now.
@@ -169,6 +203,7 @@ impl Outbox {
                 return;
             }
             queue.closed = Some(reason);
+            shared.closed.store(true, Ordering::Release);
             shared.queued.store(0, Ordering::Release);
             (std::mem::take(&mut queue.events), queue.waker.take())
         };
@@ -195,18 +230,31 @@ pub(crate) struct RequestGate {
 }
 
 impl RequestGate {
-    /// Waits until the consumer's next request may be taken, or its stream is gone.
-    pub(crate) async fn room_for_requests(&self) {
+    /// Waits until the consumer's next request may be taken: true then, false once the
+    /// consumer was closed or its stream is gone (its requests are of no use any more).
+    pub(crate) async fn room_for_requests(&self) -> bool {
         let shared = &self.shared;
         loop {
             let notified = shared.reader.notified();
-            if shared.queued.load(Ordering::Acquire) < shared.limit + RESULT_SLACK
-                || shared.gone.load(Ordering::Acquire)
-            {
-                return;
+            if shared.gone.load(Ordering::Acquire) || shared.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            if shared.taken() < shared.limit + RESULT_SLACK {
+                return true;
             }
             notified.await;
         }
+    }
+
+    /// Counts `bytes` of an answer that will be queued later (see
+    /// [`Outbox::push_reserved`]).
+    pub(crate) fn reserve(&self, bytes: usize) {
+        self.shared.reserved.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Gives back a reservation that will not be queued.
+    pub(crate) fn release(&self, bytes: usize) {
+        self.shared.release(bytes);
     }
 }
 
@@ -315,11 +363,35 @@ mod tests {
         let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
         outbox.push(100 + RESULT_SLACK, results(1));
         let gate = outbox.gate();
-        let waiting = tokio::spawn(async move { gate.room_for_requests().await });
+        let waiting = tokio::spawn(async move { assert!(gate.room_for_requests().await) });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiting.is_finished());
         assert!(outbox.stalled_for() >= Duration::from_millis(200));
         events.recv().await;
         waiting.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn answers_owed_count_against_the_limit_but_are_no_stall() {
+        let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
+        outbox.gate().reserve(100 + RESULT_SLACK);
+        assert!(!outbox.has_room(0, 1), "owed answers hold deliveries back");
+        assert_eq!(
+            outbox.stalled_for(),
+            Duration::ZERO,
+            "nothing is waiting to be read"
+        );
+        let gate = outbox.gate();
+        let waiting = tokio::spawn(async move { assert!(gate.room_for_requests().await) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "requests wait while answers are owed"
+        );
+        assert!(outbox.push_reserved(100 + RESULT_SLACK, results(1)));
+        assert_eq!(outbox.queued(), 100 + RESULT_SLACK);
+        events.recv().await;
+        waiting.await.unwrap();
+        assert!(outbox.has_room(0, 100));
     }
 }

@@ -22,6 +22,7 @@ pub fn to_status(error: CoreError) -> Status {
         }
         CoreError::ShuttingDown => Status::unavailable(message),
         CoreError::ConsumerStalled { .. } => Status::resource_exhausted(message),
+        CoreError::ConsumerDetached => Status::failed_precondition(message),
         CoreError::Storage(StoreError::Corrupt(_) | StoreError::Damaged { .. }) => {
             Status::data_loss(message)
         }

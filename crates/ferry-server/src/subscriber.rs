@@ -5,7 +5,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_core::{
-    AckOperation, Broker, ConsumerEvent, ConsumerEvents, ConsumerHandle, MAX_ACK_DEADLINE_MS,
+    AckOperation, Broker, ConsumerEvent, ConsumerEvents, ConsumerHandle, CoreError,
+    MAX_ACK_DEADLINE_MS,
 };
 use ferry_proto::pb::subscriber_server::Subscriber;
 use ferry_proto::pb::{
@@ -161,9 +162,15 @@ async fn read_requests(
                 return;
             }
         };
-        if let Err(e) = outcome {
-            let _ = abort.send(to_status(e));
-            return;
+        match outcome {
+            Ok(()) => {}
+            // The stream ends with the reason the consumer was closed; its requests are of no
+            // use any more, and reading them stops so that HTTP/2 pushes back on the client.
+            Err(CoreError::ConsumerDetached) => return,
+            Err(e) => {
+                let _ = abort.send(to_status(e));
+                return;
+            }
         }
     }
 }
