@@ -350,3 +350,36 @@ async fn a_client_that_floods_acks_without_reading_answers_is_held_back_and_deta
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn all_channels_share_one_message_cache_budget() {
+    let (daemon, _dir) =
+        daemon_with("[storage]\nmessage_cache = \"4MiB\"\ntail_cache = \"2MiB\"\n").await;
+    // Ten channels of 2 MB each that nobody reads: 20 MB stored, far more than the budget.
+    for i in 0..10 {
+        let channel = format!("cold.{i}");
+        daemon.create(&channel, &[("s", 60_000)]).await;
+        for _ in 0..4 {
+            daemon
+                .publish(&channel, (0..50).map(|j| vec![j as u8; 10_000]))
+                .await;
+        }
+    }
+    let info = daemon
+        .admin()
+        .await
+        .get_broker(pb::GetBrokerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.message_cache_bytes > 0, "{info:?}");
+    assert!(
+        info.message_cache_bytes <= 4 << 20,
+        "the cache holds {} bytes, over its 4 MiB budget",
+        info.message_cache_bytes
+    );
+    // Everything is still there, read from disk.
+    let mut consumer = Consumer::attach(&daemon, "cold.0", "s", 1000).await;
+    assert_eq!(consumer.take(200).await.len(), 200);
+    daemon.stop().await;
+}
