@@ -43,6 +43,7 @@ impl Admin for AdminService {
             disk_free_needed_bytes: space.watermark,
             publishing_refused: space.low,
             channels: self.broker.channel_count() as u32,
+            checkpoints: counters.checkpoints,
         }))
     }
 

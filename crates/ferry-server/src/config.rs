@@ -157,7 +157,7 @@ pub enum FsyncSetting {
     Always,
     /// Confirm after the OS has the data; fsync every `fsync_interval`.
     Interval,
-    /// Confirm once in memory.
+    /// Confirm after the OS has the data; never fsync.
     Never,
 }
 

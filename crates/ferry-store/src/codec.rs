@@ -33,10 +33,12 @@ use crate::{
     SubscriptionSettings,
 };
 
-/// The version of this layout, stored under `V`. Version 2 stores open too: their records
-/// are read as before, but cannot be found by a scan of the segment files.
-pub(crate) const FORMAT_VERSION: u32 = 3;
-/// The previous version, upgraded in place on open.
+/// The version of this layout, stored under `V`. Older stores open too and are upgraded in
+/// place: version 3 records are read as before (each its own commit), version 2 records are
+/// read but cannot be found by a scan of the segment files.
+pub(crate) const FORMAT_VERSION: u32 = 4;
+/// Versions upgraded in place on open.
+pub(crate) const FORMAT_VERSION_3: u32 = 3;
 pub(crate) const FORMAT_VERSION_2: u32 = 2;
 /// A group's messages for one channel are cut into records of about this many body bytes.
 pub(crate) const RECORD_TARGET_BYTES: usize = 256 * 1024;
@@ -44,9 +46,27 @@ pub(crate) const RECORD_TARGET_BYTES: usize = 256 * 1024;
 const RECORD_MAGIC_V2: u8 = 0xF1;
 const RECORD_HEADER_LEN_V2: usize = 1 + 4 + 4 + 4;
 /// Version 3 records also say whose they are (channel, first sequence), so that the segment
-/// files alone are enough to find every record and rebuild the index.
-const RECORD_MAGIC: u8 = 0xF2;
+/// files alone are enough to find every record and rebuild the index. Each stands alone: it
+/// counts as committed once it is intact.
+const RECORD_MAGIC_V3: u8 = 0xF2;
+/// Version 4: a commit's message records (same header as version 3)...
+const RECORD_MAGIC: u8 = 0xF4;
+/// ...followed by its commit frame, which carries everything else the commit changed (see
+/// `change.rs`) and how many message records precede it: a commit counts only once its
+/// commit frame is intact, so a commit torn by a crash is ignored whole.
+const COMMIT_MAGIC: u8 = 0xF3;
 pub(crate) const RECORD_HEADER_LEN: usize = 1 + 4 + 8 + 4 + 4 + 4;
+
+/// What a frame in a segment file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrameKind {
+    /// A version 3 message record: a commit of its own.
+    Standalone,
+    /// A message record of the commit whose commit frame follows.
+    Member,
+    /// The end of a commit: its changes; `count` says how many member records precede it.
+    Commit,
+}
 
 pub(crate) const KEY_VERSION: &[u8] = b"V";
 pub(crate) const KEY_NEXT_ID: &[u8] = b"I";
@@ -213,7 +233,7 @@ fn record_crc(channel: ChannelId, first_seq: u64, count: u32, body: &[u8]) -> u3
     hasher.finalize()
 }
 
-/// Appends a framed record (header, then the body) to `out`.
+/// Appends a framed message record (header, then the body) to `out`.
 pub(crate) fn frame_record(
     channel: ChannelId,
     first_seq: u64,
@@ -221,7 +241,24 @@ pub(crate) fn frame_record(
     body: &[u8],
     out: &mut Vec<u8>,
 ) {
-    out.put_u8(RECORD_MAGIC);
+    frame(RECORD_MAGIC, channel, first_seq, count, body, out);
+}
+
+/// Appends the commit frame that ends a commit of `records` message records, carrying the
+/// commit's encoded changes.
+pub(crate) fn frame_commit(records: u32, changes: &[u8], out: &mut Vec<u8>) {
+    frame(COMMIT_MAGIC, ChannelId(0), 0, records, changes, out);
+}
+
+fn frame(
+    magic: u8,
+    channel: ChannelId,
+    first_seq: u64,
+    count: u32,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.put_u8(magic);
     out.put_u32_le(channel.0);
     out.put_u64_le(first_seq);
     out.put_u32_le(count);
@@ -233,6 +270,7 @@ pub(crate) fn frame_record(
 /// What a record's header says, read without knowing whose record it is (a segment scan).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RecordHeader {
+    pub kind: FrameKind,
     pub channel: ChannelId,
     pub first_seq: u64,
     pub count: u32,
@@ -242,12 +280,18 @@ pub(crate) struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Parses the header at the start of `bytes`; None if it is not a version 3 header (a torn
-    /// or damaged frame, zeros, or a version 2 record, which says nothing of whose it is).
+    /// Parses the header at the start of `bytes`; None if it is not a version 3 or 4 header (a
+    /// torn or damaged frame, zeros, or a version 2 record, which says nothing of whose it is).
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < RECORD_HEADER_LEN || bytes[0] != RECORD_MAGIC {
+        if bytes.len() < RECORD_HEADER_LEN {
             return None;
         }
+        let kind = match bytes[0] {
+            RECORD_MAGIC_V3 => FrameKind::Standalone,
+            RECORD_MAGIC => FrameKind::Member,
+            COMMIT_MAGIC => FrameKind::Commit,
+            _ => return None,
+        };
         let mut header = &bytes[1..RECORD_HEADER_LEN];
         let channel = ChannelId(header.get_u32_le());
         let first_seq = header.get_u64_le();
@@ -255,6 +299,7 @@ impl RecordHeader {
         let body_len = header.get_u32_le();
         let crc = header.get_u32_le();
         Some(Self {
+            kind,
             channel,
             first_seq,
             count,
@@ -279,7 +324,7 @@ pub(crate) fn check_record(
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("record at sequence {first_seq}: {what}"));
     let (count, body_len, crc, body) = match framed.first() {
-        Some(&RECORD_MAGIC) if framed.len() >= RECORD_HEADER_LEN => {
+        Some(&(RECORD_MAGIC | RECORD_MAGIC_V3)) if framed.len() >= RECORD_HEADER_LEN => {
             let mut header = &framed[1..RECORD_HEADER_LEN];
             let (owner, first) = (header.get_u32_le(), header.get_u64_le());
             if owner != channel.0 || first != first_seq {

@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::change::{self, Change};
 use crate::codec::{
     self, ChannelRecord, KEY_LOG_END, KEY_NEXT_ID, KEY_VERSION, LogPosition, RecordLocation,
     SegmentUsage, SubscriptionRecord,
@@ -64,7 +65,7 @@ struct Index {
     unreadable: Vec<String>,
 }
 
-/// One record found in a segment file.
+/// One record of a whole commit found in a segment file.
 #[derive(Debug, Clone, Copy)]
 struct Found {
     segment: u32,
@@ -73,7 +74,19 @@ struct Found {
     channel: ChannelId,
     first: u64,
     count: u32,
-    intact: bool,
+}
+
+/// What the segment log holds.
+#[derive(Default)]
+struct Log {
+    /// The records of whole commits.
+    found: Vec<Found>,
+    /// Each whole commit's changes, with where the commit ends, in log order.
+    changes: Vec<(LogPosition, Vec<Change>)>,
+    /// Where a damaged frame starts.
+    damaged: BTreeSet<(u32, u64)>,
+    /// The ids of the quarantined files.
+    quarantined: Vec<u32>,
 }
 
 impl Found {
@@ -86,17 +99,24 @@ impl Found {
 pub fn check(dir: &Path) -> Result<Report> {
     let _lock = lock(dir)?;
     let mut report = Report::default();
-    let index = read_or_report(dir, &mut report, "run `ferry repair`");
-    let (mut found, quarantined) = scan_all(dir, &mut report)?;
-    found.extend(readable_unscanned(dir, &index, &found)?);
-    describe(&index, &found, &mut report);
-    if !quarantined.is_empty() {
-        report.problems.push(format!(
-            "{} segment file(s) in segments/quarantine hold records the index does not account for: run `ferry repair`",
-            quarantined.len()
+    let mut index = read_or_report(dir, &mut report, "run `ferry repair`");
+    let mut log = scan_all(dir, &mut report)?;
+    let extra = readable_unscanned(dir, &index, &log.found)?;
+    log.found.extend(extra);
+    let replayable = replay_changes(&mut index, &log);
+    describe(&index, &log.found, &mut report);
+    if replayable > 0 {
+        report.facts.push(format!(
+            "{replayable} commit(s) after the index's durable point will be replayed when the broker starts"
         ));
     }
-    compare(&index, &found, &mut report);
+    if !log.quarantined.is_empty() {
+        report.problems.push(format!(
+            "{} segment file(s) in segments/quarantine hold records the index does not account for: run `ferry repair`",
+            log.quarantined.len()
+        ));
+    }
+    compare(&index, &log, &mut report);
     Ok(report)
 }
 
@@ -104,7 +124,7 @@ pub fn check(dir: &Path) -> Result<Report> {
 pub fn repair(dir: &Path) -> Result<Report> {
     let _lock = lock(dir)?;
     let mut report = Report::default();
-    let index = read_or_report(
+    let mut index = read_or_report(
         dir,
         &mut report,
         "channel names, subscriptions and ack states are lost",
@@ -128,16 +148,18 @@ pub fn repair(dir: &Path) -> Result<Report> {
             ));
         }
     }
-    let (mut found, _) = scan_all(dir, &mut report)?;
-    found.extend(readable_unscanned(dir, &index, &found)?);
-    describe(&index, &found, &mut report);
+    let mut log = scan_all(dir, &mut report)?;
+    let extra = readable_unscanned(dir, &index, &log.found)?;
+    log.found.extend(extra);
+    replay_changes(&mut index, &log);
+    describe(&index, &log.found, &mut report);
     let rebuilt = dir.join("index.repair");
     if rebuilt.exists() {
         std::fs::remove_dir_all(&rebuilt).map_err(|e| io_error(&rebuilt, e))?;
     }
     {
         let db = sled::Config::new().path(&rebuilt).open()?;
-        rebuild(&db, index, &found, &mut report)?;
+        rebuild(&db, index, &log.found, &mut report)?;
         db.flush()?;
     }
     swap_in(dir, &rebuilt, &mut report)?;
@@ -226,6 +248,7 @@ fn read_index(db: &sled::Db) -> Result<Index> {
     };
     if let Some(raw) = db.get(KEY_VERSION)?
         && raw.as_ref() != codec::FORMAT_VERSION.to_le_bytes()
+        && raw.as_ref() != codec::FORMAT_VERSION_3.to_le_bytes()
         && raw.as_ref() != codec::FORMAT_VERSION_2.to_le_bytes()
     {
         return Err(StoreError::Corrupt(format!("unknown store format {raw:?}")));
@@ -313,11 +336,9 @@ fn placeholder_subscription() -> SubscriptionRecord {
     }
 }
 
-/// Reads every record of every segment file (quarantined ones too); returns them with the ids
-/// of the quarantined files.
-fn scan_all(dir: &Path, report: &mut Report) -> Result<(Vec<Found>, Vec<u32>)> {
-    let mut found = Vec::new();
-    let mut quarantined = Vec::new();
+/// Reads every commit of every segment file (quarantined ones too).
+fn scan_all(dir: &Path, report: &mut Report) -> Result<Log> {
+    let mut log = Log::default();
     for (place, is_quarantine) in [
         (dir.join("segments"), false),
         (dir.join("segments/quarantine"), true),
@@ -328,36 +349,117 @@ fn scan_all(dir: &Path, report: &mut Report) -> Result<(Vec<Found>, Vec<u32>)> {
         let (segments, ids) = Segments::open_at(&place)?;
         for id in ids {
             if is_quarantine {
-                quarantined.push(id);
+                log.quarantined.push(id);
             }
-            let mut damaged = None;
-            let (stopped, len) = segments.scan(id, 0, |offset, record, intact| {
-                if !intact {
-                    damaged = Some(offset);
+            let mut undecodable = 0;
+            let scan = segments.scan_commits(id, 0, |commit| {
+                for (offset, record) in &commit.records {
+                    log.found.push(Found {
+                        segment: id,
+                        offset: *offset,
+                        len: record.len,
+                        channel: record.channel,
+                        first: record.first_seq,
+                        count: record.count,
+                    });
                 }
-                found.push(Found {
+                let at = LogPosition {
                     segment: id,
-                    offset,
-                    len: record.len,
-                    channel: record.channel,
-                    first: record.first_seq,
-                    count: record.count,
-                    intact,
-                });
+                    offset: commit.end,
+                };
+                match commit.changes.as_deref().map(change::decode) {
+                    Some(Ok(changes)) => log.changes.push((at, changes)),
+                    Some(Err(_)) => undecodable += 1,
+                    None => {}
+                }
             })?;
-            if let Some(offset) = damaged {
+            if undecodable > 0 {
                 report.problems.push(format!(
-                    "segment {id}: damaged record at offset {offset} (checksum mismatch); the file is not read past it"
+                    "segment {id}: {undecodable} commit frame(s) cannot be decoded"
                 ));
-            } else if stopped < len {
+            }
+            if let Some(offset) = scan.damaged {
+                log.damaged.insert((id, offset));
+                report.problems.push(format!(
+                    "segment {id}: damaged frame at offset {offset} (checksum mismatch); the file is not read past it"
+                ));
+            } else if scan.stopped < scan.len {
                 report.facts.push(format!(
-                    "segment {id}: {} bytes at offset {stopped} are not a record (a torn write at a crash, or an old-format record)",
-                    len - stopped
+                    "segment {id}: {} bytes at offset {} are not a record (a torn write at a crash, or an old-format record)",
+                    scan.len - scan.stopped,
+                    scan.stopped
+                ));
+            }
+            if !scan.uncommitted.is_empty() {
+                report.facts.push(format!(
+                    "segment {id}: {} record(s) of a commit a crash cut short (never confirmed; ignored)",
+                    scan.uncommitted.len()
                 ));
             }
         }
     }
-    Ok((found, quarantined))
+    Ok(log)
+}
+
+/// Applies the changes of the commits after the index's durable point to the index, as a
+/// start of the broker would; returns how many commits that was.
+fn replay_changes(index: &mut Index, log: &Log) -> usize {
+    let end = index.log_end.unwrap_or_default();
+    let mut replayed = 0;
+    for (_, changes) in log.changes.iter().filter(|(at, _)| *at > end) {
+        replayed += 1;
+        for change in changes {
+            apply_change(index, change);
+        }
+    }
+    replayed
+}
+
+fn apply_change(index: &mut Index, change: &Change) {
+    match change {
+        Change::CreateChannel { id, name } => {
+            index.channels.insert(
+                *id,
+                ChannelRecord {
+                    name: name.clone(),
+                    next_seq: 1,
+                    first_seq: 1,
+                    bytes: 0,
+                },
+            );
+            index.next_id = index.next_id.max(id.0 + 1);
+        }
+        Change::DeleteChannel { id } => {
+            index.channels.remove(id);
+            index.subscriptions.retain(|_, (s, _)| s.channel != *id);
+            index.records.retain(|(channel, _), _| channel != id);
+        }
+        Change::CreateSubscription { id, record, acks } => {
+            index
+                .subscriptions
+                .insert(*id, (record.clone(), Some(acks.clone())));
+            index.next_id = index.next_id.max(id.0 + 1);
+        }
+        Change::UpdateSubscription { id, settings } => {
+            if let Some((record, _)) = index.subscriptions.get_mut(id) {
+                record.settings = *settings;
+            }
+        }
+        Change::DeleteSubscription { id } => {
+            index.subscriptions.remove(id);
+        }
+        Change::SaveAcks { id, acks } => {
+            if let Some((_, state)) = index.subscriptions.get_mut(id) {
+                *state = Some(acks.clone());
+            }
+        }
+        Change::Skipped { channel, next_seq } => {
+            if let Some(record) = index.channels.get_mut(channel) {
+                record.next_seq = *next_seq;
+                record.first_seq = *next_seq;
+            }
+        }
+    }
 }
 
 /// The records the index names that no scan reached (old-format records, which do not say
@@ -386,7 +488,6 @@ fn readable_unscanned(dir: &Path, index: &Index, found: &[Found]) -> Result<Vec<
                 channel,
                 first,
                 count,
-                intact: true,
             });
         }
     }
@@ -395,11 +496,7 @@ fn readable_unscanned(dir: &Path, index: &Index, found: &[Found]) -> Result<Vec<
 
 fn describe(index: &Index, found: &[Found], report: &mut Report) {
     let files: BTreeSet<u32> = found.iter().map(|f| f.segment).collect();
-    let messages: u64 = found
-        .iter()
-        .filter(|f| f.intact)
-        .map(|f| u64::from(f.count))
-        .sum();
+    let messages: u64 = found.iter().map(|f| u64::from(f.count)).sum();
     report.facts.push(format!(
         "index: {} channel(s), {} subscription(s), {} record(s) indexed",
         index.channels.len(),
@@ -421,13 +518,14 @@ fn describe(index: &Index, found: &[Found], report: &mut Report) {
 }
 
 /// Finds what the index and the segment log disagree on.
-fn compare(index: &Index, found: &[Found], report: &mut Report) {
+fn compare(index: &Index, log: &Log, report: &mut Report) {
+    let found = &log.found;
     let by_place: BTreeMap<(u32, u64), &Found> =
         found.iter().map(|f| ((f.segment, f.offset), f)).collect();
     for (&(channel, first), at) in &index.records {
         match by_place.get(&(at.segment, at.offset)) {
-            Some(f) if f.intact && f.channel == channel && f.first == first => {}
-            Some(f) if !f.intact => report.problems.push(format!(
+            Some(f) if f.channel == channel && f.first == first => {}
+            None if log.damaged.contains(&(at.segment, at.offset)) => report.problems.push(format!(
                 "channel {}: the record of sequences {first}.. (segment {}, offset {}) is damaged: its messages are lost",
                 channel.0, at.segment, at.offset
             )),
@@ -441,7 +539,7 @@ fn compare(index: &Index, found: &[Found], report: &mut Report) {
     let mut lost = 0;
     let mut replayable = 0;
     let mut orphans = BTreeSet::new();
-    for f in found.iter().filter(|f| f.intact) {
+    for f in found {
         if index.records.contains_key(&(f.channel, f.first)) {
             continue;
         }
@@ -464,7 +562,7 @@ fn compare(index: &Index, found: &[Found], report: &mut Report) {
     }
     if replayable > 0 {
         report.facts.push(format!(
-            "{replayable} record(s) after the index's end will be indexed when the broker starts"
+            "{replayable} record(s) after the index's durable point will be indexed when the broker starts"
         ));
     }
     if lost > 0 {
@@ -500,7 +598,7 @@ fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report
     // Channels the old index does not know, and did not delete, come back under a name that
     // says so, with a subscription that keeps their messages.
     let mut ends: BTreeMap<ChannelId, (u64, u64)> = BTreeMap::new();
-    for f in found.iter().filter(|f| f.intact) {
+    for f in found {
         let span = ends.entry(f.channel).or_insert((f.first, f.end()));
         span.0 = span.0.min(f.first);
         span.1 = span.1.max(f.end());
@@ -557,7 +655,7 @@ fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report
     for channel in index.channels.values_mut() {
         channel.bytes = 0;
     }
-    for f in found.iter().filter(|f| f.intact) {
+    for f in found {
         log_end = log_end.max(LogPosition {
             segment: f.segment,
             offset: f.offset + f.len,

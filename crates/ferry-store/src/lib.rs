@@ -1,21 +1,25 @@
 //! Ferry's durable store: the only crate that names sled.
 //!
-//! It owns the on-disk layout ([`codec`]): message records appended to segment files
-//! ([`segment`]), indexed in sled next to the metadata and ack state; the group-commit writer
-//! thread ([`writer`]) through which every change goes; and the read side, a per-channel
+//! It owns the on-disk layout ([`codec`]): the segment log ([`segment`]), which is the
+//! write-ahead log of every commit (message records, then a commit frame with the commit's
+//! other changes, [`change`]), and its index in sled next to the metadata and ack state; the
+//! group-commit writer thread ([`writer`]) through which every change goes; recovery, which
+//! replays the log past sled's durable point ([`recovery`]); and the read side, a per-channel
 //! [`ChannelLog`] that keeps the newest messages in memory for live subscribers and reads older
 //! ones from their segment files.
 //!
 //! What it promises (with the default [`FsyncMode::Always`]): a write is acknowledged only after
-//! its records are written to their segment file and `fdatasync`'d, and then the sled batch that
-//! indexes them (with the metadata and ack state it changes) has been flushed, sled's log file
-//! `fdatasync`'d and any blob file sled wrote fsync'd with its directory. sled's own `flush()`
-//! only calls `sync_file_range` on Linux (spacejam/sled#1452) and never syncs blob files; the
-//! writer adds the missing syncs itself. Messages are stored once, however many subscriptions a
-//! channel has, in records of many messages; a record is dropped from the index once every
-//! subscription's ack floor has passed it, and a segment file is deleted once no record in it is
-//! indexed.
+//! its commit is written to the segment log and `fdatasync`'d: one device sync per commit,
+//! shared by everything the commit carries. sled is brought up to date in memory at once and
+//! made durable in the background (its flush, the `fdatasync` of its log file that its own
+//! `flush()` leaves out on Linux, spacejam/sled#1452, and of any blob file with its directory);
+//! a crash before that loses nothing, since recovery replays the log from sled's durable
+//! point. Messages are stored once, however many subscriptions a channel has, in records of many
+//! messages; a record is dropped from the index once every subscription's ack floor has passed
+//! it, and a segment file is deleted once no record in it is indexed and sled's durable point
+//! has passed it.
 
+mod change;
 mod codec;
 mod failpoint;
 pub mod inspect;
@@ -75,7 +79,8 @@ pub enum FsyncMode {
     /// After it is written to the OS (survives a crash of the process); fsync'd at most this long
     /// later, so a power loss can lose that window.
     Interval(Duration),
-    /// As soon as sled has it in memory: a crash can lose sled's flush window (500 ms).
+    /// After it is written to the OS (survives a crash of the process), never fsync'd by the
+    /// store: a power loss can lose whatever the OS had not written back.
     Never,
 }
 
@@ -262,6 +267,8 @@ pub struct StoreCounters {
     pub messages: u64,
     /// Ack states saved.
     pub ack_states: u64,
+    /// Checkpoints of the index (sled made durable in the background).
+    pub checkpoints: u64,
 }
 
 /// The live counters behind [`StoreCounters`], shared by everything in the store that commits
@@ -272,6 +279,7 @@ pub(crate) struct Counters {
     pub device_syncs: std::sync::atomic::AtomicU64,
     pub messages: std::sync::atomic::AtomicU64,
     pub ack_states: std::sync::atomic::AtomicU64,
+    pub checkpoints: std::sync::atomic::AtomicU64,
 }
 
 impl Counters {
@@ -288,6 +296,7 @@ impl Counters {
             device_syncs: self.device_syncs.load(Relaxed),
             messages: self.messages.load(Relaxed),
             ack_states: self.ack_states.load(Relaxed),
+            checkpoints: self.checkpoints.load(Relaxed),
         }
     }
 }
@@ -337,9 +346,12 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         // First, so that on a full disk the reserve is released before sled needs to write.
         let space = Space::open(dir, options.space)?;
+        // sled's own background flusher is off: the checkpoint thread flushes it, and syncs
+        // what sled's flush leaves out.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_capacity_bytes)
+            .flush_every_ms(None)
             .open()?;
         let cache = Arc::new(MessageCache::new(
             options.message_cache_bytes,
@@ -585,6 +597,7 @@ pub mod fuzzing {
             let _ = header.matches(body);
         }
         let _ = codec::decode_ack_state(bytes);
+        let _ = crate::change::decode(bytes);
         let _ = codec::ChannelRecord::decode(bytes);
         let _ = codec::SubscriptionRecord::decode(bytes);
         let _ = codec::RecordLocation::decode(bytes);

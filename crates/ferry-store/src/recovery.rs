@@ -1,69 +1,58 @@
-//! Recovery of the index from the segment log: the segment files are the ground truth.
+//! Recovery of the index from the segment log: the segment log is the write-ahead log.
 //!
-//! Every group that appends records also stores, in the same sled batch, where the log ended
-//! (`P`). On open, every record after that point is read back and indexed if the index lacks
-//! it: records a crash left written but unindexed, or, when sled lost recent writes (a damaged
-//! file, see storage-notes), every record written since the state sled came back with. So a
-//! sequence is never given out twice and no confirmed message is dropped because sled forgot
-//! it. Then the segment files the index does not name are looked at: one whose every record is
-//! accounted for (collected, or of a deleted channel) is deleted; any other is moved to
+//! Every commit stores, in the same sled batch as everything else it changes, where the log
+//! ended (`P`); sled makes its batches durable in the background, so after a crash it comes
+//! back with the state of some earlier commit and that commit's `P`. On open, every whole
+//! commit after that point is read back and applied through the same [`State`] functions the
+//! live commit used: its changes (channels, subscriptions, ack states), then its message
+//! records. A commit torn by the crash (no intact commit frame) was never confirmed and is
+//! ignored whole. The result is made durable before anything else happens. Then the segment
+//! files the index does not name are looked at: one whose every record is accounted for
+//! (collected, of a deleted channel, or of a torn commit) is deleted; any other is moved to
 //! `segments/quarantine/` and reported, never deleted.
 //!
-//! Whose a record is can be told from the record alone (version 3 records carry their channel
-//! and first sequence), and whether a channel the index does not know was deleted or lost can
-//! be told from its id: ids are never reused, so an id below the index's next id that names no
+//! Whose a record is can be told from the record alone (records carry their channel and
+//! first sequence), and whether a channel the index does not know was deleted or lost can be
+//! told from its id: ids are never reused, so an id below the index's next id that names no
 //! channel was deleted, while one at or above it was created after the state sled came back
 //! with. A lost channel's id is then remembered (`O` keys) and its records pin their segment
 //! files (they count in the files' usage), so nothing of it is deleted until `ferry repair`
 //! brings it back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
+use crate::change;
 use crate::codec::{
-    ChannelRecord, KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation,
-    SegmentUsage, channel_key, orphan_key, record_key, segment_key,
+    KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation, orphan_key, segment_key,
 };
-use crate::segment::Segments;
-use crate::writer::{id_of, read_next_id, read_usage};
+use crate::segment::{FoundCommit, Segments};
+use crate::writer::{DurableFiles, State, Touched};
 use crate::{ChannelId, Result};
 
-/// The index's view once it agrees with the segment log.
+/// The index's state once it agrees with the segment log.
 pub(crate) struct Reconciled {
-    /// Every channel's record, with the log's records indexed.
-    pub channels: HashMap<ChannelId, ChannelRecord>,
-    /// Indexed records per segment file (none at zero).
-    pub usage: HashMap<u32, SegmentUsage>,
-    /// The next id to give out: never one seen before.
-    pub next_id: u32,
+    /// Channels, subscriptions and usage, with the log's commits applied.
+    pub state: State,
     /// The highest segment id in use, on disk, in the index or in quarantine: a new segment
     /// goes after it.
     pub highest: u32,
 }
 
-/// Brings the index in line with the segment log on open: replays what it lacks, drops the
-/// usage of emptied segments, and deletes or quarantines the files it does not name.
-pub(crate) fn reconcile(db: &sled::Db, segments: &Segments, on_disk: &[u32]) -> Result<Reconciled> {
-    let next_id = read_next_id(db)?;
-    let mut usage = read_usage(db)?;
-    let mut channels = HashMap::new();
-    for entry in db.scan_prefix(b"C") {
-        let (key, value) = entry?;
-        channels.insert(ChannelId(id_of(&key)?), ChannelRecord::decode(&value)?);
-    }
-    let mut orphans = HashSet::new();
-    for entry in db.scan_prefix(b"O") {
-        orphans.insert(ChannelId(id_of(&entry?.0)?));
-    }
-    let replayed = replay(
-        db,
-        segments,
-        on_disk,
-        &mut channels,
-        &mut usage,
-        next_id,
-        &mut orphans,
-    )?;
-    let highest = usage
+/// Brings the index in line with the segment log on open: replays what it lacks, makes that
+/// durable, drops the usage of emptied segments, and deletes or quarantines the files it does
+/// not name.
+pub(crate) fn reconcile(
+    db: &sled::Db,
+    segments: &Segments,
+    on_disk: &[u32],
+    files: &mut DurableFiles,
+) -> Result<Reconciled> {
+    let mut state = State::load(db)?;
+    let next_id_before = state.next_id;
+    let orphans_before = state.orphans.clone();
+    let replayed = replay(db, segments, on_disk, &mut state)?;
+    let highest = state
+        .usage
         .keys()
         .chain(on_disk)
         .chain(&segments.quarantined())
@@ -71,50 +60,47 @@ pub(crate) fn reconcile(db: &sled::Db, segments: &Segments, on_disk: &[u32]) -> 
         .max()
         .unwrap_or(0);
     // A segment emptied while it was being appended to keeps a zero entry; its file goes now.
-    for (id, _) in usage.iter().filter(|(_, u)| u.records == 0) {
+    for (id, _) in state.usage.iter().filter(|(_, u)| u.records == 0) {
         db.remove(segment_key(*id))?;
     }
-    usage.retain(|_, u| u.records > 0);
+    state.usage.retain(|_, u| u.records > 0);
     let tidy = plan_tidy(
         segments,
         on_disk,
-        |id| usage.contains_key(&id),
-        &channels,
+        |id| state.usage.contains_key(&id),
+        &state,
         Known {
-            next_id,
-            orphans: &orphans,
+            next_id: next_id_before,
+            orphans: &orphans_before,
             log_end: replayed.end,
         },
     )?;
-    let mut next_id = replayed.next_id;
     // Lost channels are remembered, and their ids never given out again, before any file is
     // moved: a crash in between must not forget them.
     for channel in &tidy.lost {
         db.insert(orphan_key(*channel), &[])?;
-        next_id = next_id.max(channel.0.saturating_add(1));
+        state.orphans.insert(*channel);
+        state.next_id = state.next_id.max(channel.0.saturating_add(1));
     }
-    db.insert(KEY_NEXT_ID, &next_id.to_le_bytes())?;
+    db.insert(KEY_NEXT_ID, &state.next_id.to_le_bytes())?;
+    // Durable before any file goes: a file deleted now may hold commits the old state needed.
     db.flush()?;
+    files.sync()?;
     apply_tidy(segments, &tidy)?;
-    Ok(Reconciled {
-        channels,
-        usage,
-        next_id,
-        highest,
-    })
+    Ok(Reconciled { state, highest })
 }
 
 /// What replaying the log found, for the start-up report.
 #[derive(Debug, Default)]
 pub(crate) struct Replayed {
+    /// Commits applied from the log.
+    pub commits: u64,
     /// Records indexed from the log.
     pub records: u64,
     /// Messages in them.
     pub messages: u64,
     /// Records of channels the index does not know and that were not deleted.
     pub orphans: u64,
-    /// The id after the highest channel id seen in the log: ids are never given out twice.
-    pub next_id: u32,
     /// Where the log ends now.
     pub end: LogPosition,
 }
@@ -137,72 +123,41 @@ pub(crate) fn log_end(db: &sled::Db) -> Result<LogPosition> {
     Ok(end)
 }
 
-/// Indexes every intact record after the log end that the index lacks, updating `channels`
-/// and `usage`, and commits that to sled with the new log end.
+/// Applies every whole commit after the index's log end to `state` and to sled (not yet
+/// durable: the caller makes it so), with the new log end.
 pub(crate) fn replay(
     db: &sled::Db,
     segments: &Segments,
     on_disk: &[u32],
-    channels: &mut HashMap<ChannelId, ChannelRecord>,
-    usage: &mut HashMap<u32, SegmentUsage>,
-    next_id: u32,
-    orphans: &mut HashSet<ChannelId>,
+    state: &mut State,
 ) -> Result<Replayed> {
     let start = log_end(db)?;
     let mut replayed = Replayed {
-        next_id,
+        end: start,
         ..Replayed::default()
     };
-    let mut batch = sled::Batch::default();
-    let mut end = start;
+    let next_id = state.next_id;
     for &segment in on_disk.iter().filter(|&&id| id >= start.segment) {
         let from = if segment == start.segment {
             start.offset
         } else {
             0
         };
-        let mut damaged = None;
-        let (stopped, len) = segments.scan(segment, from, |offset, record, intact| {
-            if !intact {
-                damaged = Some(offset);
-                return;
+        let mut failed = None;
+        let scan = segments.scan_commits(segment, from, |commit| {
+            if failed.is_none()
+                && let Err(e) = apply_commit(db, segment, commit, state, next_id, &mut replayed)
+            {
+                failed = Some(e);
             }
-            end = LogPosition {
-                segment,
-                offset: offset + record.len,
-            };
-            let Some(channel) = channels.get_mut(&record.channel) else {
-                if record.channel.0 >= next_id || orphans.contains(&record.channel) {
-                    replayed.orphans += 1;
-                    replayed.next_id = replayed.next_id.max(record.channel.0.saturating_add(1));
-                    if orphans.insert(record.channel) {
-                        batch.insert(&orphan_key(record.channel), &[]);
-                    }
-                    // Pinned: the file must outlive everything else in it.
-                    let use_ = usage.entry(segment).or_default();
-                    use_.records += 1;
-                    use_.bytes += record.len;
-                }
-                return;
-            };
-            if record.first_seq < channel.next_seq {
-                return;
-            }
-            if record.first_seq > channel.next_seq {
-                tracing::error!(
-                    channel = %channel.name,
-                    missing_from = channel.next_seq,
-                    missing_to = record.first_seq - 1,
-                    segment,
-                    "sequences are missing from the segment log: lost"
-                );
-            }
-            index(&mut batch, usage, channel, segment, offset, record);
-            replayed.records += 1;
-            replayed.messages += u64::from(record.count);
         })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let last = Some(&segment) == on_disk.last();
-        if let Some(offset) = damaged.or((stopped < len).then_some(stopped))
+        if let Some(offset) = scan
+            .damaged
+            .or((scan.stopped < scan.len).then_some(scan.stopped))
             && !last
         {
             tracing::error!(
@@ -211,24 +166,20 @@ pub(crate) fn replay(
                 "a segment file ends in a frame that cannot be read"
             );
         }
-    }
-    if replayed.records > 0 || end != start {
-        for (id, channel) in channels.iter() {
-            batch.insert(&channel_key(*id), channel.encode());
+        if !scan.uncommitted.is_empty() {
+            tracing::warn!(
+                segment,
+                records = scan.uncommitted.len(),
+                "ignored the records of a commit a crash cut short (never confirmed)"
+            );
         }
-        for (segment, use_) in usage.iter() {
-            batch.insert(&segment_key(*segment), &use_.encode());
-        }
-        batch.insert(KEY_LOG_END, &end.encode());
-        batch.insert(KEY_NEXT_ID, &replayed.next_id.to_le_bytes());
-        db.apply_batch(batch)?;
-        db.flush()?;
     }
-    if replayed.records > 0 {
-        tracing::warn!(
+    if replayed.commits > 0 {
+        tracing::info!(
+            commits = replayed.commits,
             records = replayed.records,
             messages = replayed.messages,
-            "indexed records the index lacked from the segment log (written just before a crash, or forgotten by a damaged index)"
+            "replayed the segment log past the index's durable point"
         );
     }
     if replayed.orphans > 0 {
@@ -237,32 +188,106 @@ pub(crate) fn replay(
             "the segment log holds records of channels the index does not know (a damaged index): their files are kept; run `ferry repair`"
         );
     }
-    replayed.end = end;
     Ok(replayed)
 }
 
+/// Applies one commit found in the log: its changes, then its records, as one sled batch.
+fn apply_commit(
+    db: &sled::Db,
+    segment: u32,
+    commit: FoundCommit,
+    state: &mut State,
+    next_id: u32,
+    replayed: &mut Replayed,
+) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    let mut touched = Touched::default();
+    if let Some(body) = &commit.changes {
+        for change in change::decode(body)? {
+            state.apply(db, &change, &mut batch, &mut touched)?;
+        }
+    }
+    for (offset, record) in &commit.records {
+        index(
+            &mut batch,
+            &mut touched,
+            state,
+            next_id,
+            segment,
+            *offset,
+            record,
+            replayed,
+        );
+    }
+    replayed.end = LogPosition {
+        segment,
+        offset: commit.end,
+    };
+    state.finish(&mut batch, &mut touched, None);
+    batch.insert(KEY_LOG_END, &replayed.end.encode());
+    db.apply_batch(batch)?;
+    replayed.commits += 1;
+    Ok(())
+}
+
+/// Indexes one replayed record, or pins it when its channel is unknown and was not deleted.
+#[allow(clippy::too_many_arguments)]
 fn index(
     batch: &mut sled::Batch,
-    usage: &mut HashMap<u32, SegmentUsage>,
-    channel: &mut ChannelRecord,
+    touched: &mut Touched,
+    state: &mut State,
+    next_id: u32,
     segment: u32,
     offset: u64,
     record: &RecordHeader,
+    replayed: &mut Replayed,
 ) {
+    let Some(channel) = state.channels.get(&record.channel) else {
+        if record.channel.0 >= next_id || state.orphans.contains(&record.channel) {
+            replayed.orphans += 1;
+            if state.orphans.insert(record.channel) {
+                batch.insert(&orphan_key(record.channel), &[]);
+            }
+            if record.channel.0 >= state.next_id {
+                state.next_id = record.channel.0.saturating_add(1);
+                batch.insert(KEY_NEXT_ID, &state.next_id.to_le_bytes());
+            }
+            // Pinned: the file must outlive everything else in it.
+            let usage = state.usage.entry(segment).or_default();
+            usage.records += 1;
+            usage.bytes += record.len;
+            touched.segments.insert(segment);
+        }
+        return;
+    };
+    // Already indexed (a store written before commits were framed replays from an older end).
+    if record.first_seq < channel.next_seq {
+        return;
+    }
+    if record.first_seq > channel.next_seq {
+        tracing::error!(
+            channel = %channel.name,
+            missing_from = channel.next_seq,
+            missing_to = record.first_seq - 1,
+            segment,
+            "sequences are missing from the segment log: lost"
+        );
+    }
     let at = RecordLocation {
         segment,
         offset,
         len: record.len as u32,
     };
-    batch.insert(&record_key(record.channel, record.first_seq), &at.encode());
-    if channel.first_seq == channel.next_seq {
-        channel.first_seq = record.first_seq;
-    }
-    channel.next_seq = record.first_seq + u64::from(record.count);
-    channel.bytes += record.len;
-    let use_ = usage.entry(segment).or_default();
-    use_.records += 1;
-    use_.bytes += record.len;
+    state.index_record(
+        record.channel,
+        record.first_seq,
+        record.count,
+        at,
+        batch,
+        touched,
+    );
+    replayed.records += 1;
+    replayed.messages += u64::from(record.count);
 }
 
 /// What to do with the segment files no index entry names.
@@ -285,38 +310,39 @@ pub(crate) fn plan_tidy(
     segments: &Segments,
     on_disk: &[u32],
     live: impl Fn(u32) -> bool,
-    channels: &HashMap<ChannelId, ChannelRecord>,
+    state: &State,
     known: Known,
 ) -> Result<Tidy> {
     let mut tidy = Tidy::default();
     for &segment in on_disk.iter().filter(|&&id| !live(id)) {
         let mut unaccounted = 0u64;
-        let mut damaged = false;
-        let (stopped, len) = segments.scan(segment, 0, |_, record, intact| {
-            if !intact {
-                damaged = true;
-                return;
-            }
-            let accounted = match channels.get(&record.channel) {
-                // Collected: every subscription acked it.
-                Some(channel) => record.first_seq + u64::from(record.count) <= channel.first_seq,
-                // Deleted with its channel (ids are never reused), or lost with the index.
-                None => {
-                    record.channel.0 < known.next_id && !known.orphans.contains(&record.channel)
-                }
-            };
-            if !accounted {
-                unaccounted += 1;
-                if !channels.contains_key(&record.channel) {
-                    tidy.lost.insert(record.channel);
+        // The records of a torn commit (after the last commit frame) were never confirmed:
+        // accounted for.
+        let scan = segments.scan_commits(segment, 0, |commit| {
+            for (_, record) in &commit.records {
+                let accounted = match state.channels.get(&record.channel) {
+                    // Collected: every subscription acked it.
+                    Some(channel) => {
+                        record.first_seq + u64::from(record.count) <= channel.first_seq
+                    }
+                    // Deleted with its channel (ids are never reused), or lost with the index.
+                    None => {
+                        record.channel.0 < known.next_id && !known.orphans.contains(&record.channel)
+                    }
+                };
+                if !accounted {
+                    unaccounted += 1;
+                    if !state.channels.contains_key(&record.channel) {
+                        tidy.lost.insert(record.channel);
+                    }
                 }
             }
         })?;
         // Bytes that cannot be read are harmless only past the log end (never confirmed).
-        let unreadable_at = (damaged || stopped < len).then_some(LogPosition {
-            segment,
-            offset: stopped,
-        });
+        let unreadable_at = scan
+            .damaged
+            .or((scan.stopped < scan.len).then_some(scan.stopped))
+            .map(|offset| LogPosition { segment, offset });
         let unreadable_before_end = unreadable_at.is_some_and(|at| at < known.log_end);
         if unaccounted == 0 && !unreadable_before_end {
             tidy.delete.push(segment);

@@ -1,15 +1,16 @@
-//! Segment files: where message records are stored, appended once and deleted whole.
+//! Segment files: the store's write-ahead log, appended once and deleted whole.
 //!
-//! Records of all channels are appended to the current segment file (`segments/NNNNNNNNNN.seg`)
-//! until it passes the segment size; then a new one is started. The index in sled says where
-//! each record is and how many indexed records each segment still holds; when that falls to
-//! zero the file is deleted, which is how disk space comes back after a backlog drains.
+//! Every commit is appended to the current segment file (`segments/NNNNNNNNNN.seg`): its
+//! message records, then a commit frame with everything else it changed (see `change.rs`).
+//! A commit never spans two files; once a file passes the segment size the next commit
+//! starts a new one. The index in sled says where each record is and how many indexed records
+//! each segment still holds; when that falls to zero, and the index's durable position has
+//! moved past the file, the file is deleted, which is how disk space comes back after a
+//! backlog drains.
 //!
-//! Ordering is what keeps this crash-safe: a group's records are written and `fdatasync`'d here
-//! before the sled batch that indexes them is applied, so an index entry only ever points at
-//! durable bytes (with `fsync = "always"`). After a restart, writing resumes in a new file, so a
-//! torn tail of the old current file is never appended to; files that no index entry names
-//! (written just before a crash, or already emptied) are deleted at start-up.
+//! A commit is durable once its frames are `fdatasync`'d (with `fsync = "always"`); sled learns
+//! of it right after, in memory, and makes it durable in the background. After a restart,
+//! writing resumes in a new file, so a torn tail of the old current file is never appended to.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::codec::{RECORD_HEADER_LEN, RecordHeader, RecordLocation};
+use crate::codec::{FrameKind, RECORD_HEADER_LEN, RecordHeader, RecordLocation};
 use crate::{Counters, Result, StoreError, io_error};
 
 /// The segment files of one store.
@@ -46,10 +47,8 @@ pub(crate) struct Appender {
     finished: Vec<u32>,
     /// A file was created since the last sync: the directory must be synced too.
     created: bool,
-    /// Where the current group began (segment, length), and the files it started: a group
-    /// that fails goes back there.
+    /// Where the current group began (segment, length): a group that fails goes back there.
     group_start: (u32, u64),
-    started: Vec<u32>,
     /// Counts the device syncs.
     counters: Arc<Counters>,
 }
@@ -105,7 +104,6 @@ impl Segments {
             finished: Vec::new(),
             created: false,
             group_start: (id, 0),
-            started: Vec::new(),
             counters,
         };
         Ok(appender)
@@ -139,15 +137,64 @@ impl Segments {
         Ok(to)
     }
 
-    /// Reads the records of segment file `id` from `from` on, handing each whose header can be
-    /// read to `found` (with whether its body matches its checksum), and stops at the first
-    /// frame that cannot be read: the end of the file, a torn tail, or a record of the old
-    /// format. Returns where it stopped and the file's length.
+    /// Reads the commits of segment file `id` from `from` (a commit boundary) on: hands each
+    /// whole, intact commit to `found`, and stops at the first frame that cannot be read (the
+    /// end of the file, a torn tail, a damaged frame, or a record of version 2). Member records
+    /// after the last commit frame belong to a commit a crash cut short: never confirmed, they
+    /// are reported in [`ScanEnd::uncommitted`] and nothing else.
+    pub(crate) fn scan_commits(
+        &self,
+        id: u32,
+        from: u64,
+        mut found: impl FnMut(FoundCommit),
+    ) -> Result<ScanEnd> {
+        let mut members = Vec::new();
+        let mut damaged = None;
+        let (stopped, len) = self.scan(id, from, |offset, header, body| {
+            let Some(body) = body else {
+                damaged = Some(offset);
+                return false;
+            };
+            match header.kind {
+                FrameKind::Member => {
+                    members.push((offset, *header));
+                    return true;
+                }
+                FrameKind::Standalone if members.is_empty() => found(FoundCommit {
+                    records: vec![(offset, *header)],
+                    changes: None,
+                    end: offset + header.len,
+                }),
+                FrameKind::Commit if header.count as usize == members.len() => found(FoundCommit {
+                    records: std::mem::take(&mut members),
+                    changes: Some(body.to_vec()),
+                    end: offset + header.len,
+                }),
+                // A commit frame that does not close what precedes it: damage.
+                _ => {
+                    damaged = Some(offset);
+                    return false;
+                }
+            }
+            true
+        })?;
+        Ok(ScanEnd {
+            stopped,
+            len,
+            damaged,
+            uncommitted: members,
+        })
+    }
+
+    /// Reads the frames of segment file `id` from `from` on, handing each whose header can be
+    /// read to `found` with its body if that matches its checksum (None if not); stops where
+    /// `found` says so or at the first frame that cannot be read: the end of the file, a torn
+    /// tail, or a record of the old format. Returns where it stopped and the file's length.
     pub(crate) fn scan(
         &self,
         id: u32,
         from: u64,
-        mut found: impl FnMut(u64, &RecordHeader, bool),
+        mut found: impl FnMut(u64, &RecordHeader, Option<&[u8]>) -> bool,
     ) -> Result<(u64, u64)> {
         let path = self.path(id);
         let file = File::open(&path).map_err(|e| io_error(&path, e))?;
@@ -168,8 +215,7 @@ impl Segments {
             file.read_exact_at(&mut body, offset + RECORD_HEADER_LEN as u64)
                 .map_err(|e| io_error(&path, e))?;
             let intact = record.matches(&body);
-            found(offset, &record, intact);
-            if !intact {
+            if !found(offset, &record, intact.then_some(&body[..])) || !intact {
                 break;
             }
             offset += record.len;
@@ -243,12 +289,33 @@ impl Segments {
     }
 }
 
+/// One whole, intact commit found by [`Segments::scan_commits`].
+pub(crate) struct FoundCommit {
+    /// Its message records: where each starts, and its header.
+    pub records: Vec<(u64, RecordHeader)>,
+    /// The body of its commit frame (None for a version 3 record, a commit of its own).
+    pub changes: Option<Vec<u8>>,
+    /// Where it ends.
+    pub end: u64,
+}
+
+/// Where [`Segments::scan_commits`] stopped, and why.
+#[derive(Debug)]
+pub(crate) struct ScanEnd {
+    /// Where the frames stopped.
+    pub stopped: u64,
+    /// The file's length.
+    pub len: u64,
+    /// A frame whose checksum does not match, or a commit frame that does not close the
+    /// records before it, at this offset.
+    pub damaged: Option<u64>,
+    /// Member records after the last commit frame: a commit a crash cut short.
+    pub uncommitted: Vec<(u64, RecordHeader)>,
+}
+
 impl Appender {
     /// Adds a framed record to the current group; it is written by [`Appender::write`].
     pub(crate) fn append(&mut self, framed: impl FnOnce(&mut Vec<u8>)) -> Result<RecordLocation> {
-        if self.len > 0 && self.len + self.pending.len() as u64 >= self.limit {
-            self.roll()?;
-        }
         let offset = self.len + self.pending.len() as u64;
         let start = self.pending.len();
         framed(&mut self.pending);
@@ -291,7 +358,6 @@ impl Appender {
         self.id = id;
         self.len = 0;
         self.created = true;
-        self.started.push(id);
         Ok(())
     }
 
@@ -308,48 +374,30 @@ impl Appender {
         Ok(())
     }
 
-    /// Marks where a group begins, for [`Appender::discard`].
-    pub(crate) fn begin_group(&mut self) {
+    /// Marks where a group begins, for [`Appender::discard`]; first starts a new segment
+    /// file if the current one is full. A commit never spans two files, so that each file
+    /// can be replayed on its own.
+    pub(crate) fn begin_group(&mut self) -> Result<()> {
+        if self.len > 0 && self.len >= self.limit {
+            self.roll()?;
+        }
         self.group_start = (self.id, self.len);
-        self.started.clear();
+        Ok(())
     }
 
-    /// Forgets the current group's records after a failed write or sync: the files it started
-    /// are deleted and the one it began in is cut back to where it began, so nothing of the
-    /// group stays on disk (a restart would otherwise find the records after the log end and
-    /// index them) and the next group appends where the last committed one ended.
+    /// Forgets the current group's records after a failed write or sync: the file is cut back
+    /// to where the group began, so nothing of it stays on disk and the next group appends
+    /// where the last committed one ended.
     pub(crate) fn discard(&mut self) -> Result<()> {
         self.pending.clear();
         let (id, len) = self.group_start;
-        let removed = !self.started.is_empty();
-        if self.id != id {
-            for started in self.started.drain(..) {
-                let path = self.segments.path(started);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_error(&path, e)),
-                }
-            }
-            let path = self.segments.path(id);
-            self.file = File::options()
-                .append(true)
-                .read(true)
-                .open(&path)
-                .map_err(|e| io_error(&path, e))?;
-            self.id = id;
-            self.finished.clear();
-        }
+        debug_assert_eq!(id, self.id, "a group never spans two files");
         let path = self.segments.path(id);
         self.file.set_len(len).map_err(|e| io_error(&path, e))?;
-        // The undo is made durable at once: a crash must not bring back, past the log end,
-        // records whose publishers were told they were refused.
+        // The undo is made durable at once: a torn commit is ignored on replay anyway, but a
+        // whole one whose callers were told it was refused must not come back.
         self.file.sync_data().map_err(|e| io_error(&path, e))?;
         self.counters.synced(1);
-        if removed {
-            sync_dir(&self.segments.dir)?;
-            self.counters.synced(1);
-        }
         self.len = len;
         Ok(())
     }
@@ -396,34 +444,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_discarded_group_leaves_nothing_on_disk_even_across_a_roll() {
+    fn a_group_never_spans_two_files_and_a_discarded_one_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
         let mut appender = segments.start(0, 1000, true, Arc::default()).unwrap();
-        appender.begin_group();
+        appender.begin_group().unwrap();
         appender.append(|out| out.extend([1u8; 600])).unwrap();
-        appender.write().unwrap();
-        let committed = appender.end();
-
-        // The next group fills the file, rolls to a new one, and then fails.
-        appender.begin_group();
         appender.append(|out| out.extend([2u8; 600])).unwrap();
+        appender.write().unwrap();
+        assert_eq!(appender.current(), 1, "the group stays in its file");
+
+        // The next group starts a new file, and then fails.
+        appender.begin_group().unwrap();
+        assert_eq!(appender.current(), 2);
         appender.append(|out| out.extend([3u8; 600])).unwrap();
         appender.write().unwrap();
-        assert_eq!(appender.current(), 2, "the group rolled");
         appender.discard().unwrap();
-
-        assert_eq!((appender.current(), appender.end()), (1, committed));
-        let (_, ids) = Segments::open(dir.path()).unwrap();
-        assert_eq!(ids, vec![1], "the file the failed group started is gone");
-        let len = std::fs::metadata(dir.path().join("segments/0000000001.seg"))
+        assert_eq!((appender.current(), appender.end()), (2, 0));
+        let len = std::fs::metadata(dir.path().join("segments/0000000002.seg"))
             .unwrap()
             .len();
-        assert_eq!(len, committed, "the failed group's bytes are cut off");
+        assert_eq!(len, 0, "the failed group's bytes are cut off");
         // The next group appends where the committed one ended.
-        appender.begin_group();
+        appender.begin_group().unwrap();
         let at = appender.append(|out| out.extend([4u8; 10])).unwrap();
         appender.write().unwrap();
-        assert_eq!((at.segment, at.offset), (1, committed));
+        assert_eq!((at.segment, at.offset), (2, 0));
     }
 }

@@ -1,0 +1,226 @@
+//! What a commit changes besides its messages, as written in its commit frame.
+//!
+//! The segment log is the store's write-ahead log: a commit is durable once its frames are
+//! synced, and sled is brought up to date afterwards. So every change a commit makes to the
+//! metadata and ack state is written to the log too, fully resolved (ids allocated, ack
+//! floors computed): replaying a change after a crash needs nothing but the state sled held
+//! at the log position it recorded, and gives exactly what the commit gave.
+
+use bytes::{Buf, BufMut};
+
+use crate::codec::{self, SubscriptionRecord};
+use crate::{AckState, ChannelId, StoreError, SubscriptionId, SubscriptionSettings};
+
+/// One change a commit makes to channels, subscriptions or ack state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// A channel was created with this id.
+    CreateChannel { id: ChannelId, name: String },
+    /// A channel was deleted, with its messages and subscriptions.
+    DeleteChannel { id: ChannelId },
+    /// A subscription was created with this id and starting ack state.
+    CreateSubscription {
+        id: SubscriptionId,
+        record: SubscriptionRecord,
+        acks: AckState,
+    },
+    /// A subscription's settings changed.
+    UpdateSubscription {
+        id: SubscriptionId,
+        settings: SubscriptionSettings,
+    },
+    /// A subscription was deleted.
+    DeleteSubscription { id: SubscriptionId },
+    /// A subscription's ack state is now this.
+    SaveAcks { id: SubscriptionId, acks: AckState },
+    /// Messages of a channel nobody subscribes to got their sequences without being stored:
+    /// the channel's log is empty and continues at `next_seq`.
+    Skipped { channel: ChannelId, next_seq: u64 },
+}
+
+const CREATE_CHANNEL: u8 = 1;
+const DELETE_CHANNEL: u8 = 2;
+const CREATE_SUBSCRIPTION: u8 = 3;
+const UPDATE_SUBSCRIPTION: u8 = 4;
+const DELETE_SUBSCRIPTION: u8 = 5;
+const SAVE_ACKS: u8 = 6;
+const SKIPPED: u8 = 7;
+
+/// Encodes a commit's changes as the body of its commit frame.
+pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
+    out.put_u32_le(changes.len() as u32);
+    for change in changes {
+        match change {
+            Change::CreateChannel { id, name } => {
+                out.put_u8(CREATE_CHANNEL);
+                out.put_u32_le(id.0);
+                put_bytes(out, name.as_bytes());
+            }
+            Change::DeleteChannel { id } => {
+                out.put_u8(DELETE_CHANNEL);
+                out.put_u32_le(id.0);
+            }
+            Change::CreateSubscription { id, record, acks } => {
+                out.put_u8(CREATE_SUBSCRIPTION);
+                out.put_u32_le(id.0);
+                put_bytes(out, &record.encode());
+                put_bytes(out, &codec::encode_ack_state(acks));
+            }
+            Change::UpdateSubscription { id, settings } => {
+                out.put_u8(UPDATE_SUBSCRIPTION);
+                out.put_u32_le(id.0);
+                out.put_u64_le(settings.ack_deadline_ms);
+            }
+            Change::DeleteSubscription { id } => {
+                out.put_u8(DELETE_SUBSCRIPTION);
+                out.put_u32_le(id.0);
+            }
+            Change::SaveAcks { id, acks } => {
+                out.put_u8(SAVE_ACKS);
+                out.put_u32_le(id.0);
+                put_bytes(out, &codec::encode_ack_state(acks));
+            }
+            Change::Skipped { channel, next_seq } => {
+                out.put_u8(SKIPPED);
+                out.put_u32_le(channel.0);
+                out.put_u64_le(*next_seq);
+            }
+        }
+    }
+}
+
+/// Decodes the body of a commit frame (whose checksum has been checked).
+pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
+    let bad = |what: &str| StoreError::Corrupt(format!("bad commit frame: {what}"));
+    let n = get_u32(&mut raw).ok_or_else(|| bad("no change count"))? as usize;
+    // Every change takes at least five bytes: a damaged count cannot size the allocation.
+    let mut changes = Vec::with_capacity(n.min(raw.len() / 5));
+    for _ in 0..n {
+        if raw.remaining() < 5 {
+            return Err(bad("truncated change"));
+        }
+        let tag = raw.get_u8();
+        let id = raw.get_u32_le();
+        let change = match tag {
+            CREATE_CHANNEL => Change::CreateChannel {
+                id: ChannelId(id),
+                name: get_bytes(&mut raw)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or_else(|| bad("channel name"))?
+                    .to_owned(),
+            },
+            DELETE_CHANNEL => Change::DeleteChannel { id: ChannelId(id) },
+            CREATE_SUBSCRIPTION => {
+                let record = get_bytes(&mut raw).ok_or_else(|| bad("subscription"))?;
+                let acks = get_bytes(&mut raw).ok_or_else(|| bad("ack state"))?;
+                Change::CreateSubscription {
+                    id: SubscriptionId(id),
+                    record: SubscriptionRecord::decode(record)?,
+                    acks: codec::decode_ack_state(acks)?,
+                }
+            }
+            UPDATE_SUBSCRIPTION => Change::UpdateSubscription {
+                id: SubscriptionId(id),
+                settings: SubscriptionSettings {
+                    ack_deadline_ms: get_u64(&mut raw).ok_or_else(|| bad("settings"))?,
+                },
+            },
+            DELETE_SUBSCRIPTION => Change::DeleteSubscription {
+                id: SubscriptionId(id),
+            },
+            SAVE_ACKS => Change::SaveAcks {
+                id: SubscriptionId(id),
+                acks: codec::decode_ack_state(
+                    get_bytes(&mut raw).ok_or_else(|| bad("ack state"))?,
+                )?,
+            },
+            SKIPPED => Change::Skipped {
+                channel: ChannelId(id),
+                next_seq: get_u64(&mut raw).ok_or_else(|| bad("sequence"))?,
+            },
+            other => return Err(bad(&format!("unknown change kind {other}"))),
+        };
+        changes.push(change);
+    }
+    if raw.has_remaining() {
+        return Err(bad("bytes after the last change"));
+    }
+    Ok(changes)
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.put_u32_le(bytes.len() as u32);
+    out.put_slice(bytes);
+}
+
+fn get_bytes<'a>(raw: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = get_u32(raw)? as usize;
+    if raw.remaining() < len {
+        return None;
+    }
+    let (bytes, rest) = raw.split_at(len);
+    *raw = rest;
+    Some(bytes)
+}
+
+fn get_u32(raw: &mut &[u8]) -> Option<u32> {
+    (raw.remaining() >= 4).then(|| raw.get_u32_le())
+}
+
+fn get_u64(raw: &mut &[u8]) -> Option<u64> {
+    (raw.remaining() >= 8).then(|| raw.get_u64_le())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_round_trip() {
+        let acks = AckState {
+            floor: 7,
+            acked_total: 12,
+            acked_above_floor: vec![(9, 11)],
+        };
+        let settings = SubscriptionSettings {
+            ack_deadline_ms: 5000,
+        };
+        let changes = vec![
+            Change::CreateChannel {
+                id: ChannelId(3),
+                name: "orders".into(),
+            },
+            Change::CreateSubscription {
+                id: SubscriptionId(4),
+                record: SubscriptionRecord {
+                    channel: ChannelId(3),
+                    name: "audit".into(),
+                    settings,
+                },
+                acks: acks.clone(),
+            },
+            Change::UpdateSubscription {
+                id: SubscriptionId(4),
+                settings,
+            },
+            Change::SaveAcks {
+                id: SubscriptionId(4),
+                acks,
+            },
+            Change::Skipped {
+                channel: ChannelId(3),
+                next_seq: 99,
+            },
+            Change::DeleteSubscription {
+                id: SubscriptionId(4),
+            },
+            Change::DeleteChannel { id: ChannelId(3) },
+        ];
+        let mut out = Vec::new();
+        encode(&changes, &mut out);
+        assert_eq!(decode(&out).unwrap(), changes);
+        for cut in 0..out.len() {
+            assert!(decode(&out[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! The writer thread: every change to the store goes through it, in groups.
+//!
+//! It takes whatever requests are queued (up to a size bound) and commits them as one group:
+//! the group's message records, then one commit frame holding every other change it makes
+//! (ack states, channels, subscriptions; see `change.rs`), are appended to the segment log,
+//! which is the store's write-ahead log, and synced with **one** `fdatasync` (in
+//! `fsync = "always"` mode). Then the group's sled batch (the records' index, channel bounds,
+//! ack state, metadata, and the log position it reaches) is applied to sled in memory, readers
+//! see the new state, and the callers are answered. sled is made durable in the background
+//! ([`checkpoint`]); after a crash, recovery replays the commits after sled's durable log
+//! position through the same [`State`] functions the live commits used. Concurrent publishers
+//! and ackers share each sync, and confirmation order equals commit order. Sequences are
+//! assigned here, so a channel's order is exactly the order of its commits.
+
+mod checkpoint;
+mod plan;
+mod state;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Verify;
+use crate::change::{self, Change};
+use crate::codec::{self, KEY_VERSION, RecordLocation};
+use crate::log::MessageCache;
+use crate::segment::{Appender, Segments};
+use crate::space::Space;
+use crate::{
+    AckState, ChannelId, ChannelLog, ChannelStats, Counters, FsyncMode, Message, NewMessage,
+    Recovered, RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
+    SubscriptionId, SubscriptionSettings,
+};
+use crate::{failpoint, recovery};
+use checkpoint::Checkpointer;
+pub(crate) use checkpoint::DurableFiles;
+pub(crate) use state::{State, Touched, id_of};
+
+/// A group takes at most this many requests...
+const MAX_GROUP_OPS: usize = 4096;
+/// ...or this many payload bytes, whichever comes first.
+const MAX_GROUP_BYTES: usize = 32 << 20;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A request to the writer.
+pub(crate) enum Op {
+    Append {
+        channel: ChannelId,
+        messages: Vec<NewMessage>,
+        reply: Reply<Range<u64>>,
+    },
+    SaveAcks {
+        subscription: SubscriptionId,
+        state: AckState,
+        reply: Reply<()>,
+    },
+    CreateChannel {
+        name: String,
+        reply: Reply<ChannelId>,
+    },
+    DeleteChannel {
+        channel: ChannelId,
+        reply: Reply<()>,
+    },
+    CreateSubscription {
+        channel: ChannelId,
+        name: String,
+        settings: SubscriptionSettings,
+        reply: Reply<(SubscriptionId, AckState)>,
+    },
+    UpdateSubscription {
+        subscription: SubscriptionId,
+        settings: SubscriptionSettings,
+        reply: Reply<()>,
+    },
+    DeleteSubscription {
+        subscription: SubscriptionId,
+        reply: Reply<()>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { messages, .. } => messages.iter().map(NewMessage::size).sum(),
+            _ => 64,
+        }
+    }
+}
+
+/// A channel's log as the writer tracks it.
+struct WriterLog {
+    log: Arc<ChannelLog>,
+    /// The bound of the last collection: most acks move no record out, and this keeps them
+    /// from looking.
+    collected_below: u64,
+}
+
+impl WriterLog {
+    fn new(log: Arc<ChannelLog>) -> Self {
+        Self {
+            log,
+            collected_below: 0,
+        }
+    }
+}
+
+/// The writer's state: the authoritative view of channels and subscriptions.
+pub(crate) struct Writer {
+    db: sled::Db,
+    fsync: FsyncMode,
+    cache: Arc<MessageCache>,
+    /// Told when a write finds the disk full.
+    space: Arc<Space>,
+    /// Commits and device syncs so far.
+    counters: Arc<Counters>,
+    /// Where every commit goes first; sled indexes it.
+    segments: Arc<Segments>,
+    appender: Appender,
+    state: State,
+    logs: HashMap<ChannelId, WriterLog>,
+    /// Channels whose collection could not go as far as their floors allow yet (the records
+    /// were not announced yet): the next group tries again.
+    pending_collects: HashSet<ChannelId>,
+    /// sled's files to sync at each checkpoint; handed to the checkpoint thread when it starts.
+    files: Option<DurableFiles>,
+    /// Commits written but not yet fsync'd (`interval` mode).
+    unsynced_since: Option<Instant>,
+}
+
+/// A reply to send once the group's fate is known.
+type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn pending<T: Send + 'static>(reply: Reply<T>, value: T) -> Pending {
+    Box::new(move |failure| {
+        let _ = reply.send(match failure {
+            None => Ok(value),
+            Some(e) => Err(e.clone()),
+        });
+    })
+}
+
+/// What one group changes, collected before it is committed.
+#[derive(Default)]
+struct Group {
+    batch: sled::Batch,
+    /// The changes to write in the commit frame, in the order they were applied.
+    changes: Vec<Change>,
+    /// New messages per channel, with the sequence of the first.
+    appends: BTreeMap<ChannelId, (u64, Vec<NewMessage>)>,
+    touched: Touched,
+    /// Message records written.
+    records: u32,
+    /// Logs to publish or withdraw once committed.
+    new_logs: Vec<Arc<ChannelLog>>,
+    dropped_logs: Vec<ChannelId>,
+    replies: Vec<Pending>,
+    /// Ack states the group saves.
+    ack_states: u64,
+    close: bool,
+}
+
+impl Writer {
+    /// Brings the index up to date with the segment log (replaying what sled lacks), reads the
+    /// metadata and ack state (never the messages), and prepares the writer.
+    pub(crate) fn recover(
+        db: sled::Db,
+        dir: &Path,
+        options: &StoreOptions,
+        cache: Arc<MessageCache>,
+        space: Arc<Space>,
+        counters: Arc<Counters>,
+    ) -> Result<(Writer, Recovered, HashMap<ChannelId, Arc<ChannelLog>>)> {
+        check_version(&db, dir)?;
+        let mut files = DurableFiles::open(dir, counters.clone())?;
+        files.sync_directories()?;
+        let (segments, on_disk) = Segments::open(dir)?;
+        let recovery::Reconciled { state, highest } =
+            recovery::reconcile(&db, &segments, &on_disk, &mut files)?;
+        let keep_finished = options.fsync != FsyncMode::Never;
+        let appender = segments.start(
+            highest,
+            options.segment_bytes,
+            keep_finished,
+            counters.clone(),
+        )?;
+
+        let mut recovered = Recovered::default();
+        let mut logs = HashMap::new();
+        let mut writer_logs = HashMap::new();
+        for (&id, record) in &state.channels {
+            let log = Arc::new(ChannelLog::new(
+                id,
+                db.clone(),
+                segments.clone(),
+                stats_of(record),
+                cache.clone(),
+            ));
+            recovered.channels.push(RecoveredChannel {
+                id,
+                name: record.name.clone(),
+            });
+            logs.insert(id, log.clone());
+            writer_logs.insert(id, WriterLog::new(log));
+        }
+        for (&id, record) in &state.subscriptions {
+            let Some(raw) = db.get(codec::ack_key(id))? else {
+                return Err(StoreError::Corrupt(format!(
+                    "subscription {:?} has no ack state",
+                    record.name
+                )));
+            };
+            recovered.subscriptions.push(RecoveredSubscription {
+                id,
+                channel: record.channel,
+                name: record.name.clone(),
+                settings: record.settings,
+                acks: codec::decode_ack_state(&raw)?,
+            });
+        }
+        verify_records(&db, &segments, &state, &writer_logs, options.verify)?;
+        let writer = Writer {
+            db,
+            fsync: options.fsync,
+            cache,
+            space,
+            counters,
+            segments,
+            appender,
+            // Replay does not collect: the first group does.
+            pending_collects: state.channels.keys().copied().collect(),
+            state,
+            logs: writer_logs,
+            files: Some(files),
+            unsynced_since: None,
+        };
+        Ok((writer, recovered, logs))
+    }
+
+    /// The thread's body: commit groups until closed or every handle is gone.
+    pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Op>, shared: Arc<Shared>) {
+        let files = self.files.take().expect("files are handed over once");
+        let checkpoints = match Checkpointer::start(
+            self.db.clone(),
+            files,
+            self.segments.clone(),
+            self.fsync,
+            shared.clone(),
+        ) {
+            Ok(checkpoints) => checkpoints,
+            Err(e) => {
+                fail(&shared, &e);
+                return;
+            }
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "store writer could not start its timer");
+                return;
+            }
+        };
+        loop {
+            let first = match self.sync_deadline() {
+                Some(deadline) => {
+                    // The timer must be created inside the runtime, hence the async block.
+                    let next = runtime.block_on(async {
+                        tokio::time::timeout_at(deadline.into(), ops.recv()).await
+                    });
+                    match next {
+                        Ok(op) => op,
+                        Err(_) => {
+                            if let Err(e) = self.sync_now() {
+                                fail(&shared, &e);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => runtime.block_on(ops.recv()),
+            };
+            let Some(first) = first else { break };
+            let mut bytes = first.bytes();
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+                match ops.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.commit(batch, &shared, &checkpoints) {
+                break;
+            }
+            // Under a steady stream of writes the idle timeout above never fires: keep the
+            // interval's promise here too.
+            if self
+                .sync_deadline()
+                .is_some_and(|deadline| Instant::now() >= deadline)
+                && let Err(e) = self.sync_now()
+            {
+                fail(&shared, &e);
+            }
+        }
+        ops.close();
+        // Whatever was already queued behind a close is refused rather than left hanging.
+        while let Ok(op) = ops.try_recv() {
+            refuse(op, &StoreError::Closed);
+        }
+        let failed = shared.failure.lock().expect("failure lock").is_some();
+        if !failed && let Err(e) = self.appender.sync() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
+        // The last checkpoint: a clean stop leaves nothing to replay.
+        checkpoints.stop();
+    }
+
+    /// Commits one group; true if it asked the writer to stop.
+    fn commit(&mut self, ops: Vec<Op>, shared: &Shared, checkpoints: &Checkpointer) -> bool {
+        if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
+            let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
+            for op in ops {
+                refuse(op, &StoreError::Failed(failure.clone()));
+            }
+            return close;
+        }
+        // Starting a new segment file changes nothing committed: if it fails, the group is
+        // refused as it stands.
+        if let Err(e) = self.appender.begin_group() {
+            match e {
+                StoreError::DiskFull { .. } => self.space.disk_full(),
+                _ => fail(shared, &e),
+            }
+            let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
+            for op in ops {
+                refuse(op, &e);
+            }
+            return close;
+        }
+        let mut group = Group::default();
+        group.touched.collects = std::mem::take(&mut self.pending_collects);
+        for op in ops {
+            if let Err((reply, e)) = self.plan(op, &mut group) {
+                reply(Some(&e));
+            }
+        }
+        let collected = match self.plan_collects(&mut group) {
+            Ok(collected) => collected,
+            Err(e) => return self.fail_group(group, e, shared),
+        };
+        let appended = match self.encode_appends(&mut group) {
+            Ok(appended) => appended,
+            Err(e) => return self.fail_group(group, e, shared),
+        };
+        let log_bytes = match self.frame_commit(&mut group) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.fail_group(group, e, shared),
+        };
+        // A segment finished at the start of this group may have been emptied while current.
+        group.touched.segments.extend(self.appender.take_finished());
+        let emptied = self.state.finish(
+            &mut group.batch,
+            &mut group.touched,
+            Some(self.appender.current()),
+        );
+        // The commit is durable once its frames are: this is the only sync it waits for.
+        self.space.wrote(log_bytes);
+        let written = self.appender.write().and_then(|()| {
+            failpoint::hit("segment-written");
+            match self.fsync {
+                FsyncMode::Always if log_bytes > 0 => self.appender.sync(),
+                FsyncMode::Interval(_) if log_bytes > 0 => {
+                    self.unsynced_since.get_or_insert_with(Instant::now);
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        });
+        if let Err(e) = written {
+            return self.fail_group(group, e, shared);
+        }
+        failpoint::hit("segment-synced");
+        if let Err(e) = self.db.apply_batch(std::mem::take(&mut group.batch)) {
+            return self.fail_group(group, e.into(), shared);
+        }
+        failpoint::hit("index-applied");
+        checkpoints.applied(log_bytes, emptied);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let messages: usize = appended.iter().map(|(_, m)| m.len()).sum();
+            if log_bytes > 0 {
+                self.counters.commits.fetch_add(1, Relaxed);
+            }
+            self.counters.messages.fetch_add(messages as u64, Relaxed);
+            self.counters
+                .ack_states
+                .fetch_add(group.ack_states, Relaxed);
+        }
+        self.announce(group, appended, collected, shared)
+    }
+
+    /// Ends the group's log entry with its commit frame (when it changes anything at all) and
+    /// records in the batch where the log now ends; returns the group's bytes of log.
+    fn frame_commit(&mut self, group: &mut Group) -> Result<u64> {
+        if group.changes.is_empty() && group.records == 0 {
+            return Ok(0);
+        }
+        let mut body = Vec::new();
+        change::encode(&group.changes, &mut body);
+        self.appender
+            .append(|out| codec::frame_commit(group.records, &body, out))?;
+        let end = codec::LogPosition {
+            segment: self.appender.current(),
+            offset: self.appender.end(),
+        };
+        group.batch.insert(codec::KEY_LOG_END, &end.encode());
+        Ok(self.appender.pending_len())
+    }
+
+    /// Shows the committed group to readers, then answers its callers: readers see the new
+    /// state before any caller hears of it.
+    fn announce(
+        &mut self,
+        mut group: Group,
+        appended: Vec<(ChannelId, Vec<Message>)>,
+        collected: Vec<ChannelId>,
+        shared: &Shared,
+    ) -> bool {
+        {
+            let mut logs = shared.logs.write().expect("logs lock");
+            for log in group.new_logs.drain(..) {
+                logs.insert(log.id(), log);
+            }
+            for id in group.dropped_logs.drain(..) {
+                logs.remove(&id);
+            }
+        }
+        let stats = |id: &ChannelId| {
+            let record = self.state.channels.get(id)?;
+            Some((self.logs.get(id)?.log.clone(), stats_of(record)))
+        };
+        for (id, messages) in appended {
+            if let Some((log, stats)) = stats(&id) {
+                log.appended(messages, stats);
+            }
+        }
+        for id in collected {
+            if let Some((log, stats)) = stats(&id) {
+                log.collected(stats);
+            }
+        }
+        shared.cache.enforce(&shared.logs);
+        failpoint::hit("synced");
+        for reply in group.replies.drain(..) {
+            reply(None);
+        }
+        group.close
+    }
+
+    /// Refuses a group that could not be committed. A full disk is survivable: nothing of the
+    /// group reached sled, so the writer forgets what planning it changed and goes on (the
+    /// next groups' acks free space). Any other failure stops all writes.
+    fn fail_group(&mut self, group: Group, e: StoreError, shared: &Shared) -> bool {
+        let survivable = matches!(e, StoreError::DiskFull { .. });
+        if survivable {
+            self.space.disk_full();
+            if let Err(reload) = self.forget_group(shared) {
+                fail(shared, &reload);
+            }
+        } else {
+            fail(shared, &e);
+        }
+        for reply in group.replies {
+            reply(Some(&e));
+        }
+        group.close
+    }
+
+    /// Undoes a group that failed before sled saw it: its frames are cut from the segment
+    /// file, and the writer's state is read back from sled, which holds exactly what was
+    /// committed.
+    fn forget_group(&mut self, shared: &Shared) -> Result<()> {
+        self.appender.discard()?;
+        self.state = State::load(&self.db)?;
+        // A channel created by the failed group has no record; one it deleted still has its
+        // log among the announced ones.
+        let announced = shared.logs.read().expect("logs lock").clone();
+        let mut logs = HashMap::new();
+        for (id, record) in &self.state.channels {
+            let log = match self.logs.remove(id) {
+                Some(log) => log,
+                None => WriterLog::new(announced.get(id).cloned().ok_or_else(|| {
+                    StoreError::Corrupt(format!("channel {:?} has no log", record.name))
+                })?),
+            };
+            logs.insert(*id, log);
+        }
+        self.logs = logs;
+        self.pending_collects = self.state.channels.keys().copied().collect();
+        tracing::warn!(
+            "a group was refused for lack of disk space; the writer goes on with what is committed"
+        );
+        Ok(())
+    }
+
+    /// When the writer must wake to fsync what it has written, if ever.
+    fn sync_deadline(&self) -> Option<Instant> {
+        match self.fsync {
+            FsyncMode::Interval(every) => self.unsynced_since.map(|since| since + every),
+            _ => None,
+        }
+    }
+
+    fn sync_now(&mut self) -> Result<()> {
+        self.unsynced_since = None;
+        self.appender.sync()
+    }
+}
+
+/// Reads back the records `verify` asks for (the last of each segment file, or all) and marks
+/// the damaged ones in their channel's log, which reports them and makes readers skip them.
+fn verify_records(
+    db: &sled::Db,
+    segments: &Segments,
+    state: &State,
+    logs: &HashMap<ChannelId, WriterLog>,
+    verify: Verify,
+) -> Result<()> {
+    if verify == Verify::Off {
+        return Ok(());
+    }
+    // A record ends where the next one of its channel starts, or at the channel's end.
+    let mut records = Vec::new();
+    let mut previous: Option<(ChannelId, u64, RecordLocation)> = None;
+    let end_of = |channel: &ChannelId| state.channels.get(channel).map_or(0, |c| c.next_seq);
+    for entry in db.scan_prefix(b"M") {
+        let (key, value) = entry?;
+        let channel = ChannelId(id_of(&key)?);
+        let first = codec::parse_record_key(&key)?;
+        let at = RecordLocation::decode(&value)?;
+        if let Some((p_channel, p_first, p_at)) = previous.replace((channel, first, at)) {
+            let end = if p_channel == channel {
+                first
+            } else {
+                end_of(&p_channel)
+            };
+            records.push((p_channel, p_first, end, p_at));
+        }
+    }
+    if let Some((channel, first, at)) = previous {
+        records.push((channel, first, end_of(&channel), at));
+    }
+    if verify == Verify::Tail {
+        let mut last: HashMap<u32, (ChannelId, u64, u64, RecordLocation)> = HashMap::new();
+        for record in records {
+            let slot = last.entry(record.3.segment).or_insert(record);
+            if record.3.offset > slot.3.offset {
+                *slot = record;
+            }
+        }
+        records = last.into_values().collect();
+    }
+    let mut damaged = 0;
+    for (channel, first, end, at) in records {
+        let checked = segments
+            .read(at)
+            .and_then(|framed| codec::check_record(channel, first, &framed).map(drop));
+        let (Err(e), Some(owner)) = (checked, logs.get(&channel)) else {
+            continue;
+        };
+        damaged += 1;
+        owner.log.mark_damaged(StoreError::Damaged {
+            segment: at.segment,
+            offset: at.offset,
+            first_seq: first,
+            end_seq: end.max(first + 1),
+            reason: e.to_string(),
+        });
+    }
+    if damaged > 0 {
+        tracing::error!(
+            damaged,
+            "damaged message records found on start-up; see the lines above"
+        );
+    }
+    Ok(())
+}
+
+/// Checks (or, for a new store, writes) the format version; an older store is upgraded in
+/// place (its records are still read; new ones are written in the current version).
+fn check_version(db: &sled::Db, dir: &Path) -> Result<()> {
+    let current = codec::FORMAT_VERSION.to_le_bytes();
+    match db.get(KEY_VERSION)? {
+        Some(v) if v.as_ref() == current => {}
+        Some(v)
+            if v.as_ref() == codec::FORMAT_VERSION_3.to_le_bytes()
+                || v.as_ref() == codec::FORMAT_VERSION_2.to_le_bytes() =>
+        {
+            db.insert(KEY_VERSION, &current)?;
+        }
+        Some(v) => {
+            return Err(StoreError::Corrupt(format!(
+                "unsupported store format {v:?} in {}",
+                dir.display()
+            )));
+        }
+        None if db.is_empty() => {
+            db.insert(KEY_VERSION, &current)?;
+        }
+        None => {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds data that is not a Ferry store",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn stats_of(record: &codec::ChannelRecord) -> ChannelStats {
+    ChannelStats {
+        next_seq: record.next_seq,
+        first_seq: record.first_seq,
+        bytes: record.bytes,
+    }
+}
+
+pub(crate) fn fail(shared: &Shared, e: &StoreError) {
+    tracing::error!(error = %e, "store write failed; refusing further writes");
+    shared
+        .failure
+        .lock()
+        .expect("failure lock")
+        .get_or_insert_with(|| e.to_string());
+}
+
+fn refuse(op: Op, e: &StoreError) {
+    let send = |reply: Pending| reply(Some(e));
+    match op {
+        Op::Append { reply, .. } => send(pending(reply, 0..0)),
+        Op::SaveAcks { reply, .. }
+        | Op::DeleteChannel { reply, .. }
+        | Op::UpdateSubscription { reply, .. }
+        | Op::DeleteSubscription { reply, .. }
+        | Op::Close { reply } => send(pending(reply, ())),
+        Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
+        Op::CreateSubscription { reply, .. } => {
+            send(pending(reply, (SubscriptionId(0), AckState::default())))
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The store's authoritative state as the writer keeps it, and the one place where a change
+//! or a message record becomes sled writes: live commits and replay at start-up both go
+//! through [`State::apply`] and [`State::index_record`], so a replayed commit leaves the
+//! index exactly as the live one did.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::change::Change;
+use crate::codec::{
+    self, ChannelRecord, KEY_NEXT_ID, RecordLocation, SegmentUsage, SubscriptionRecord, ack_key,
+    channel_key, record_key, segment_key, subscription_key,
+};
+use crate::{ChannelId, Result, StoreError, SubscriptionId};
+
+/// Channels, subscriptions, ack floors and segment usage, as committed.
+#[derive(Default)]
+pub(crate) struct State {
+    pub channels: HashMap<ChannelId, ChannelRecord>,
+    pub names: HashMap<String, ChannelId>,
+    pub subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
+    /// Each subscription's ack floor: a channel's records below the lowest are collected.
+    pub floors: HashMap<SubscriptionId, u64>,
+    /// Indexed records per segment file.
+    pub usage: HashMap<u32, SegmentUsage>,
+    /// The next channel or subscription id: ids are never given out twice.
+    pub next_id: u32,
+    /// Channels whose records the log holds but the index lost (see `recovery.rs`).
+    pub orphans: HashSet<ChannelId>,
+}
+
+/// What applying a commit touched: written out by [`State::finish`].
+#[derive(Default)]
+pub(crate) struct Touched {
+    /// Channels whose record must be rewritten.
+    pub channels: HashSet<ChannelId>,
+    /// Segment files whose usage changed.
+    pub segments: HashSet<u32>,
+    /// Channels whose lowest ack floor may have moved.
+    pub collects: HashSet<ChannelId>,
+}
+
+impl State {
+    /// Reads the state sled holds (never the messages).
+    pub(crate) fn load(db: &sled::Db) -> Result<State> {
+        let mut state = State {
+            next_id: read_next_id(db)?,
+            usage: read_usage(db)?,
+            ..State::default()
+        };
+        for entry in db.scan_prefix(b"C") {
+            let (key, value) = entry?;
+            let record = ChannelRecord::decode(&value)?;
+            let id = ChannelId(id_of(&key)?);
+            state.names.insert(record.name.clone(), id);
+            state.channels.insert(id, record);
+        }
+        for entry in db.scan_prefix(b"S") {
+            let (key, value) = entry?;
+            let id = SubscriptionId(id_of(&key)?);
+            let record = SubscriptionRecord::decode(&value)?;
+            if !state.channels.contains_key(&record.channel) {
+                return Err(StoreError::Corrupt(format!(
+                    "subscription {:?} names a missing channel",
+                    record.name
+                )));
+            }
+            let Some(raw) = db.get(ack_key(id))? else {
+                return Err(StoreError::Corrupt(format!(
+                    "subscription {:?} has no ack state",
+                    record.name
+                )));
+            };
+            state
+                .floors
+                .insert(id, codec::decode_ack_state(&raw)?.floor);
+            state.subscriptions.insert(id, record);
+        }
+        for entry in db.scan_prefix(b"O") {
+            state.orphans.insert(ChannelId(id_of(&entry?.0)?));
+        }
+        Ok(state)
+    }
+
+    /// Whether any subscription reads `channel`.
+    pub(crate) fn subscribed(&self, channel: ChannelId) -> bool {
+        self.subscriptions.values().any(|s| s.channel == channel)
+    }
+
+    /// Applies one change to the state and to `batch`. A change that names what no longer
+    /// exists changes nothing (on replay, a later commit may already be in the index).
+    pub(crate) fn apply(
+        &mut self,
+        db: &sled::Db,
+        change: &Change,
+        batch: &mut sled::Batch,
+        touched: &mut Touched,
+    ) -> Result<()> {
+        match change {
+            Change::CreateChannel { id, name } => {
+                let record = ChannelRecord {
+                    name: name.clone(),
+                    next_seq: 1,
+                    first_seq: 1,
+                    bytes: 0,
+                };
+                self.names.insert(name.clone(), *id);
+                self.channels.insert(*id, record);
+                self.saw_id(id.0, batch);
+                touched.channels.insert(*id);
+            }
+            Change::DeleteChannel { id } => self.delete_channel(db, *id, batch, touched)?,
+            Change::CreateSubscription { id, record, acks } => {
+                batch.insert(&subscription_key(*id), record.encode());
+                batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
+                self.floors.insert(*id, acks.floor);
+                self.subscriptions.insert(*id, record.clone());
+                self.saw_id(id.0, batch);
+            }
+            Change::UpdateSubscription { id, settings } => {
+                if let Some(record) = self.subscriptions.get_mut(id) {
+                    record.settings = *settings;
+                    batch.insert(&subscription_key(*id), record.encode());
+                }
+            }
+            Change::DeleteSubscription { id } => {
+                if let Some(record) = self.subscriptions.remove(id) {
+                    self.floors.remove(id);
+                    touched.collects.insert(record.channel);
+                    batch.remove(&subscription_key(*id));
+                    batch.remove(&ack_key(*id));
+                }
+            }
+            Change::SaveAcks { id, acks } => {
+                if let Some(record) = self.subscriptions.get(id) {
+                    batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
+                    self.floors.insert(*id, acks.floor);
+                    touched.collects.insert(record.channel);
+                }
+            }
+            Change::Skipped { channel, next_seq } => {
+                if let Some(record) = self.channels.get_mut(channel) {
+                    record.next_seq = *next_seq;
+                    record.first_seq = *next_seq;
+                    touched.channels.insert(*channel);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a channel with its records and subscriptions. Everything to delete is read
+    /// before anything changes, so that a failed read leaves the channel whole.
+    fn delete_channel(
+        &mut self,
+        db: &sled::Db,
+        id: ChannelId,
+        batch: &mut sled::Batch,
+        touched: &mut Touched,
+    ) -> Result<()> {
+        let mut records = Vec::new();
+        for entry in db.scan_prefix(codec::channel_log_prefix(id)) {
+            let (key, value) = entry?;
+            records.push((key, RecordLocation::decode(&value)?));
+        }
+        let Some(record) = self.channels.remove(&id) else {
+            return Ok(());
+        };
+        self.names.remove(&record.name);
+        batch.remove(&channel_key(id));
+        touched.channels.remove(&id);
+        touched.collects.remove(&id);
+        for (key, at) in records {
+            batch.remove(key);
+            self.release(at, touched);
+        }
+        let doomed: Vec<_> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| s.channel == id)
+            .map(|(sub, _)| *sub)
+            .collect();
+        for sub in doomed {
+            self.subscriptions.remove(&sub);
+            self.floors.remove(&sub);
+            batch.remove(&subscription_key(sub));
+            batch.remove(&ack_key(sub));
+        }
+        Ok(())
+    }
+
+    /// Gives out the next id.
+    pub(crate) fn allocate_id(&mut self) -> u32 {
+        self.next_id
+    }
+
+    fn saw_id(&mut self, id: u32, batch: &mut sled::Batch) {
+        if id >= self.next_id {
+            self.next_id = id.saturating_add(1);
+            batch.insert(KEY_NEXT_ID, &self.next_id.to_le_bytes());
+        }
+    }
+
+    /// Indexes a message record of `channel` (which must exist) stored at `at`.
+    pub(crate) fn index_record(
+        &mut self,
+        channel: ChannelId,
+        first_seq: u64,
+        count: u32,
+        at: RecordLocation,
+        batch: &mut sled::Batch,
+        touched: &mut Touched,
+    ) {
+        let Some(record) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        batch.insert(&record_key(channel, first_seq), &at.encode());
+        if record.first_seq == record.next_seq {
+            record.first_seq = first_seq;
+        }
+        record.next_seq = record.next_seq.max(first_seq + u64::from(count));
+        record.bytes += u64::from(at.len);
+        touched.channels.insert(channel);
+        let usage = self.usage.entry(at.segment).or_default();
+        usage.records += 1;
+        usage.bytes += u64::from(at.len);
+        touched.segments.insert(at.segment);
+    }
+
+    /// Counts a record out of its segment file.
+    pub(crate) fn release(&mut self, at: RecordLocation, touched: &mut Touched) {
+        let usage = self.usage.entry(at.segment).or_default();
+        usage.records = usage.records.saturating_sub(1);
+        usage.bytes = usage.bytes.saturating_sub(u64::from(at.len));
+        touched.segments.insert(at.segment);
+    }
+
+    /// Writes what a commit touched: channel records and segment usage. A segment no record is
+    /// left in, and that is no longer appended to (`current`), loses its entry: returns those,
+    /// to be deleted once that is durable.
+    pub(crate) fn finish(
+        &mut self,
+        batch: &mut sled::Batch,
+        touched: &mut Touched,
+        current: Option<u32>,
+    ) -> Vec<u32> {
+        for id in touched.channels.drain() {
+            if let Some(record) = self.channels.get(&id) {
+                batch.insert(&channel_key(id), record.encode());
+            }
+        }
+        let mut emptied = Vec::new();
+        for segment in touched.segments.drain() {
+            let usage = self.usage.get(&segment).copied().unwrap_or_default();
+            if usage.records == 0 && Some(segment) != current {
+                self.usage.remove(&segment);
+                batch.remove(&segment_key(segment));
+                emptied.push(segment);
+            } else {
+                batch.insert(&segment_key(segment), &usage.encode());
+            }
+        }
+        emptied
+    }
+}
+
+pub(crate) fn read_next_id(db: &sled::Db) -> Result<u32> {
+    match db.get(KEY_NEXT_ID)? {
+        Some(raw) => {
+            Ok(u32::from_le_bytes(raw.as_ref().try_into().map_err(
+                |_| StoreError::Corrupt("bad id counter".into()),
+            )?))
+        }
+        None => Ok(1),
+    }
+}
+
+pub(crate) fn read_usage(db: &sled::Db) -> Result<HashMap<u32, SegmentUsage>> {
+    let mut usage = HashMap::new();
+    for entry in db.scan_prefix(b"G") {
+        let (key, value) = entry?;
+        usage.insert(id_of(&key)?, SegmentUsage::decode(&value)?);
+    }
+    Ok(usage)
+}
+
+pub(crate) fn id_of(key: &[u8]) -> Result<u32> {
+    key.get(1..5)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad key {key:?}")))
+}
