@@ -85,13 +85,15 @@ struct Log {
     changes: Vec<(LogPosition, Vec<Change>)>,
     /// Where a damaged frame starts.
     damaged: BTreeSet<(u32, u64)>,
+    /// Where the last whole commit ends: a rebuilt index's log position.
+    end: LogPosition,
     /// The ids of the quarantined files.
     quarantined: Vec<u32>,
 }
 
 impl Found {
     fn end(&self) -> u64 {
-        self.first + u64::from(self.count)
+        self.first.saturating_add(u64::from(self.count))
     }
 }
 
@@ -159,7 +161,7 @@ pub fn repair(dir: &Path) -> Result<Report> {
     }
     {
         let db = sled::Config::new().path(&rebuilt).open()?;
-        rebuild(&db, index, &log.found, &mut report)?;
+        rebuild(&db, index, &log, &mut report)?;
         db.flush()?;
     }
     swap_in(dir, &rebuilt, &mut report)?;
@@ -367,6 +369,7 @@ fn scan_all(dir: &Path, report: &mut Report) -> Result<Log> {
                     segment: id,
                     offset: commit.end,
                 };
+                log.end = log.end.max(at);
                 match commit.changes.as_deref().map(change::decode) {
                     Some(Ok(changes)) => log.changes.push((at, changes)),
                     Some(Err(_)) => undecodable += 1,
@@ -398,6 +401,9 @@ fn scan_all(dir: &Path, report: &mut Report) -> Result<Log> {
             }
         }
     }
+    // Quarantined files are read after the others, but their commits are older or newer by
+    // their ids: changes are replayed in log order.
+    log.changes.sort_by_key(|(at, _)| *at);
     Ok(log)
 }
 
@@ -427,7 +433,7 @@ fn apply_change(index: &mut Index, change: &Change) {
                     bytes: 0,
                 },
             );
-            index.next_id = index.next_id.max(id.0 + 1);
+            index.next_id = index.next_id.max(id.0.saturating_add(1));
         }
         Change::DeleteChannel { id } => {
             index.channels.remove(id);
@@ -438,7 +444,7 @@ fn apply_change(index: &mut Index, change: &Change) {
             index
                 .subscriptions
                 .insert(*id, (record.clone(), Some(acks.clone())));
-            index.next_id = index.next_id.max(id.0 + 1);
+            index.next_id = index.next_id.max(id.0.saturating_add(1));
         }
         Change::UpdateSubscription { id, settings } => {
             if let Some((record, _)) = index.subscriptions.get_mut(id) {
@@ -592,7 +598,8 @@ fn compare(index: &Index, log: &Log, report: &mut Report) {
 }
 
 /// Writes the rebuilt index into `db`.
-fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report) -> Result<()> {
+fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> Result<()> {
+    let found = &log.found;
     let mut batch = sled::Batch::default();
     let mut next_id = index.next_id.max(1);
     // Channels the old index does not know, and did not delete, come back under a name that
@@ -612,7 +619,7 @@ fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report
         .map(|(&channel, &(first, _))| (channel, first))
         .collect();
     if let Some(highest) = unknown.iter().map(|(c, _)| c.0).max() {
-        next_id = next_id.max(highest + 1);
+        next_id = next_id.max(highest.saturating_add(1));
     }
     for (channel, first) in unknown {
         let name = format!("recovered.channel-{}", channel.0);
@@ -650,16 +657,14 @@ fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report
     }
     // Every intact record of a known channel that is not collected is indexed.
     let mut usage: BTreeMap<u32, SegmentUsage> = BTreeMap::new();
-    let mut log_end = LogPosition::default();
+    // Replay starts after the last whole commit: nothing the rebuilt index holds is replayed
+    // again.
+    let log_end = log.end;
     let mut indexed = 0u64;
     for channel in index.channels.values_mut() {
         channel.bytes = 0;
     }
     for f in found {
-        log_end = log_end.max(LogPosition {
-            segment: f.segment,
-            offset: f.offset + f.len,
-        });
         let Some(channel) = index.channels.get_mut(&f.channel) else {
             continue;
         };
@@ -681,7 +686,7 @@ fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report
     }
     for (id, channel) in &index.channels {
         batch.insert(&codec::channel_key(*id), channel.encode());
-        next_id = next_id.max(id.0 + 1);
+        next_id = next_id.max(id.0.saturating_add(1));
     }
     for (id, (sub, acks)) in &index.subscriptions {
         let Some(channel) = index.channels.get(&sub.channel) else {
@@ -703,7 +708,7 @@ fn rebuild(db: &sled::Db, mut index: Index, found: &[Found], report: &mut Report
         });
         batch.insert(&codec::subscription_key(*id), sub.encode());
         batch.insert(&codec::ack_key(*id), codec::encode_ack_state(&acks));
-        next_id = next_id.max(id.0 + 1);
+        next_id = next_id.max(id.0.saturating_add(1));
     }
     for (segment, use_) in &usage {
         batch.insert(&codec::segment_key(*segment), &use_.encode());

@@ -23,7 +23,8 @@ use std::collections::HashSet;
 
 use crate::change;
 use crate::codec::{
-    KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation, orphan_key, segment_key,
+    KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation, orphan_key, record_key,
+    segment_key,
 };
 use crate::segment::{FoundCommit, Segments};
 use crate::writer::{DurableFiles, State, Touched};
@@ -48,14 +49,17 @@ pub(crate) fn reconcile(
     files: &mut DurableFiles,
 ) -> Result<Reconciled> {
     let mut state = State::load(db)?;
-    let next_id_before = state.next_id;
-    let orphans_before = state.orphans.clone();
+    let start = log_end(db)?;
     let replayed = replay(db, segments, on_disk, &mut state)?;
+    drop_collected(db, &mut state)?;
+    // The log end counts too: its file may be gone (emptied), and a new file must never take
+    // an id at or below where replay starts.
     let highest = state
         .usage
         .keys()
         .chain(on_disk)
         .chain(&segments.quarantined())
+        .chain([&start.segment, &replayed.end.segment])
         .copied()
         .max()
         .unwrap_or(0);
@@ -70,8 +74,8 @@ pub(crate) fn reconcile(
         |id| state.usage.contains_key(&id),
         &state,
         Known {
-            next_id: next_id_before,
-            orphans: &orphans_before,
+            next_id: state.next_id,
+            orphans: &state.orphans,
             log_end: replayed.end,
         },
     )?;
@@ -88,6 +92,37 @@ pub(crate) fn reconcile(
     files.sync()?;
     apply_tidy(segments, &tidy)?;
     Ok(Reconciled { state, highest })
+}
+
+/// Drops the index entries below each channel's first sequence. Replay does not collect, so a
+/// replayed commit that emptied a channel (`Skipped`, after a collection that was not yet
+/// checkpointed) can leave entries of records that are gone from the channel's bounds: they
+/// would pin their segment files for good.
+fn drop_collected(db: &sled::Db, state: &mut State) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    let mut touched = Touched::default();
+    let firsts: Vec<(ChannelId, u64)> = state
+        .channels
+        .iter()
+        .map(|(id, c)| (*id, c.first_seq))
+        .collect();
+    for (channel, first_seq) in firsts {
+        for entry in db.range(record_key(channel, 0)..record_key(channel, first_seq)) {
+            let (key, value) = entry?;
+            let at = RecordLocation::decode(&value)?;
+            batch.remove(key);
+            state.release(at, &mut touched);
+            if let Some(record) = state.channels.get_mut(&channel) {
+                record.bytes = record.bytes.saturating_sub(u64::from(at.len));
+                touched.channels.insert(channel);
+            }
+        }
+    }
+    if !touched.segments.is_empty() {
+        state.finish(&mut batch, &mut touched, None);
+        db.apply_batch(batch)?;
+    }
+    Ok(())
 }
 
 /// What replaying the log found, for the start-up report.
@@ -261,7 +296,12 @@ fn index(
         return;
     };
     // Already indexed (a store written before commits were framed replays from an older end).
-    if record.first_seq < channel.next_seq {
+    if record.first_seq < channel.next_seq
+        || record
+            .first_seq
+            .checked_add(u64::from(record.count))
+            .is_none()
+    {
         return;
     }
     if record.first_seq > channel.next_seq {
@@ -374,6 +414,9 @@ pub(crate) struct Known<'a> {
 pub(crate) fn apply_tidy(segments: &Segments, tidy: &Tidy) -> Result<()> {
     for &segment in &tidy.delete {
         segments.delete(segment)?;
+    }
+    if !tidy.delete.is_empty() {
+        segments.sync()?;
     }
     for &segment in &tidy.quarantine {
         let to = segments.quarantine(segment)?;

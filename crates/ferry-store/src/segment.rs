@@ -115,6 +115,11 @@ impl Segments {
         std::fs::remove_file(&path).map_err(|e| io_error(&path, e))
     }
 
+    /// Makes the directory's entries durable (after files were deleted).
+    pub(crate) fn sync(&self) -> Result<()> {
+        sync_dir(&self.dir)
+    }
+
     /// The ids of the files in quarantine: never to be given to a new segment.
     pub(crate) fn quarantined(&self) -> Vec<u32> {
         std::fs::read_dir(self.dir.join("quarantine"))
@@ -202,13 +207,13 @@ impl Segments {
         let mut offset = from;
         let mut header = [0u8; RECORD_HEADER_LEN];
         let mut body = Vec::new();
-        while offset + RECORD_HEADER_LEN as u64 <= len {
+        while offset.saturating_add(RECORD_HEADER_LEN as u64) <= len {
             file.read_exact_at(&mut header, offset)
                 .map_err(|e| io_error(&path, e))?;
             let Some(record) = RecordHeader::parse(&header) else {
                 break;
             };
-            if record.len > u64::from(MAX_RECORD_BYTES) || offset + record.len > len {
+            if record.len > u64::from(MAX_RECORD_BYTES) || offset.saturating_add(record.len) > len {
                 break;
             }
             body.resize((record.len - RECORD_HEADER_LEN as u64) as usize, 0);
@@ -274,6 +279,8 @@ impl Segments {
         if ids.is_empty() {
             return Ok(());
         }
+        // One file that cannot be deleted does not keep the others: each is tried.
+        let mut first_error = None;
         let mut readers = self.readers.lock().expect("readers lock");
         for id in ids {
             readers.remove(id);
@@ -281,11 +288,14 @@ impl Segments {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error(&path, e)),
+                Err(e) => {
+                    first_error.get_or_insert(io_error(&path, e));
+                }
             }
         }
         drop(readers);
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -347,6 +357,16 @@ impl Appender {
         std::mem::take(&mut self.finished)
     }
 
+    /// Gives back segments taken by a group that failed: the next group looks at them again.
+    pub(crate) fn restore_finished(&mut self, finished: Vec<u32>) {
+        self.finished.extend(finished);
+    }
+
+    /// Whether the current group's frames fit the largest frame a scan accepts.
+    pub(crate) fn frame_fits(len: usize) -> bool {
+        len as u64 <= u64::from(MAX_RECORD_BYTES)
+    }
+
     fn roll(&mut self) -> Result<()> {
         self.write()?;
         let (id, file) = self.segments.create(next_id(self.id)?)?;
@@ -404,10 +424,12 @@ impl Appender {
 
     /// Makes everything written so far durable.
     pub(crate) fn sync(&mut self) -> Result<()> {
-        for file in self.unsynced.drain(..) {
+        // A file leaves the list only once synced: after a failure, the next sync tries again.
+        while let Some(file) = self.unsynced.first() {
             file.sync_data()
                 .map_err(|e| io_error(&self.segments.dir, e))?;
             self.counters.synced(1);
+            self.unsynced.remove(0);
         }
         self.file
             .sync_data()

@@ -89,10 +89,18 @@ impl Checkpointer {
     }
 
     /// Takes a last checkpoint of everything applied and stops the thread.
-    pub(crate) fn stop(mut self) {
+    pub(crate) fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Checkpointer {
+    /// Also when the writer stops early (a failure, a panic): the thread must not outlive it
+    /// holding sled open.
+    fn drop(&mut self) {
         {
             let (lock, wake) = &*self.pending;
-            lock.lock().expect("checkpoint lock").stop = true;
+            lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
             wake.notify_one();
         }
         if let Some(thread) = self.thread.take() {

@@ -91,6 +91,8 @@ impl Op {
     fn bytes(&self) -> usize {
         match self {
             Op::Append { messages, .. } => messages.iter().map(NewMessage::size).sum(),
+            // Its encoded size: a group's commit frame stays bounded too.
+            Op::SaveAcks { state, .. } => 20 + 16 * state.acked_above_floor.len(),
             _ => 64,
         }
     }
@@ -154,6 +156,11 @@ struct Group {
     batch: sled::Batch,
     /// The changes to write in the commit frame, in the order they were applied.
     changes: Vec<Change>,
+    /// Where each subscription's ack state is in `changes`: a later state of the same group
+    /// replaces it, so the frame holds one per subscription.
+    acks_at: HashMap<SubscriptionId, usize>,
+    /// Segments finished before this group, to look at again if it fails.
+    finished: Vec<u32>,
     /// New messages per channel, with the sequence of the first.
     appends: BTreeMap<ChannelId, (u64, Vec<NewMessage>)>,
     touched: Touched,
@@ -322,7 +329,8 @@ impl Writer {
         }
         let failed = shared.failure.lock().expect("failure lock").is_some();
         if !failed && let Err(e) = self.appender.sync() {
-            tracing::error!(error = %e, "final store sync failed");
+            // No checkpoint may then make the index durable past the log.
+            fail(&shared, &e);
         }
         // The last checkpoint: a clean stop leaves nothing to replay.
         checkpoints.stop();
@@ -370,7 +378,11 @@ impl Writer {
             Err(e) => return self.fail_group(group, e, shared),
         };
         // A segment finished at the start of this group may have been emptied while current.
-        group.touched.segments.extend(self.appender.take_finished());
+        group.finished = self.appender.take_finished();
+        group
+            .touched
+            .segments
+            .extend(group.finished.iter().copied());
         let emptied = self.state.finish(
             &mut group.batch,
             &mut group.touched,
@@ -420,6 +432,12 @@ impl Writer {
         }
         let mut body = Vec::new();
         change::encode(&group.changes, &mut body);
+        if !Appender::frame_fits(body.len()) {
+            return Err(StoreError::Failed(format!(
+                "a commit frame of {} bytes is larger than a scan reads back",
+                body.len()
+            )));
+        }
         self.appender
             .append(|out| codec::frame_commit(group.records, &body, out))?;
         let end = codec::LogPosition {
@@ -473,7 +491,9 @@ impl Writer {
     /// Refuses a group that could not be committed. A full disk is survivable: nothing of the
     /// group reached sled, so the writer forgets what planning it changed and goes on (the
     /// next groups' acks free space). Any other failure stops all writes.
-    fn fail_group(&mut self, group: Group, e: StoreError, shared: &Shared) -> bool {
+    fn fail_group(&mut self, mut group: Group, e: StoreError, shared: &Shared) -> bool {
+        self.appender
+            .restore_finished(std::mem::take(&mut group.finished));
         let survivable = matches!(e, StoreError::DiskFull { .. });
         if survivable {
             self.space.disk_full();
@@ -481,6 +501,10 @@ impl Writer {
                 fail(shared, &reload);
             }
         } else {
+            // The callers are told it failed: its frames must not come back on replay.
+            if let Err(undo) = self.appender.discard() {
+                tracing::error!(error = %undo, "cannot cut a failed commit from the segment log: a restart may apply it");
+            }
             fail(shared, &e);
         }
         for reply in group.replies {
@@ -507,6 +531,10 @@ impl Writer {
                 })?),
             };
             logs.insert(*id, log);
+        }
+        // The failed group's collection bounds were never committed.
+        for log in logs.values_mut() {
+            log.collected_below = 0;
         }
         self.logs = logs;
         self.pending_collects = self.state.channels.keys().copied().collect();

@@ -47,6 +47,24 @@ impl Writer {
                 if !self.state.subscriptions.contains_key(&subscription) {
                     return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
                 }
+                if let Some(&at) = group.acks_at.get(&subscription) {
+                    // A later state of the same subscription replaces the earlier one.
+                    let change = Change::SaveAcks {
+                        id: subscription,
+                        acks: state,
+                    };
+                    if let Err(e) =
+                        self.state
+                            .apply(&self.db, &change, &mut group.batch, &mut group.touched)
+                    {
+                        return Err((pending(reply, ()), e));
+                    }
+                    group.changes[at] = change;
+                    group.ack_states += 1;
+                    group.replies.push(pending(reply, ()));
+                    return Ok(());
+                }
+                group.acks_at.insert(subscription, group.changes.len());
                 let change = Change::SaveAcks {
                     id: subscription,
                     acks: state,

@@ -96,6 +96,8 @@ impl State {
         touched: &mut Touched,
     ) -> Result<()> {
         match change {
+            // Replay may meet what an index it started from already holds: a no-op then.
+            Change::CreateChannel { id, .. } if self.channels.contains_key(id) => {}
             Change::CreateChannel { id, name } => {
                 let record = ChannelRecord {
                     name: name.clone(),
@@ -109,6 +111,9 @@ impl State {
                 touched.channels.insert(*id);
             }
             Change::DeleteChannel { id } => self.delete_channel(db, *id, batch, touched)?,
+            Change::CreateSubscription { id, record, .. }
+                if self.subscriptions.contains_key(id)
+                    || !self.channels.contains_key(&record.channel) => {}
             Change::CreateSubscription { id, record, acks } => {
                 batch.insert(&subscription_key(*id), record.encode());
                 batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
@@ -217,7 +222,9 @@ impl State {
         if record.first_seq == record.next_seq {
             record.first_seq = first_seq;
         }
-        record.next_seq = record.next_seq.max(first_seq + u64::from(count));
+        record.next_seq = record
+            .next_seq
+            .max(first_seq.saturating_add(u64::from(count)));
         record.bytes += u64::from(at.len);
         touched.channels.insert(channel);
         let usage = self.usage.entry(at.segment).or_default();
