@@ -138,6 +138,16 @@ pub(crate) struct Writer {
     unsynced_since: Option<Instant>,
 }
 
+/// A group built into frames and a batch, and what to announce once it is committed.
+struct Built {
+    collected: Vec<ChannelId>,
+    appended: Vec<(ChannelId, Vec<Message>)>,
+    /// Bytes of log the group writes (0: nothing to write, e.g. it only collects).
+    log_bytes: u64,
+    /// Segment files the group empties: deleted once a checkpoint covers it.
+    emptied: Vec<u32>,
+}
+
 /// A reply to send once the group's fate is known.
 type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
@@ -338,20 +348,7 @@ impl Writer {
 
     /// Commits one group; true if it asked the writer to stop.
     fn commit(&mut self, ops: Vec<Op>, shared: &Shared, checkpoints: &Checkpointer) -> bool {
-        if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
-            let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
-            for op in ops {
-                refuse(op, &StoreError::Failed(failure.clone()));
-            }
-            return close;
-        }
-        // Starting a new segment file changes nothing committed: if it fails, the group is
-        // refused as it stands.
-        if let Err(e) = self.appender.begin_group() {
-            match e {
-                StoreError::DiskFull { .. } => self.space.disk_full(),
-                _ => fail(shared, &e),
-            }
+        if let Err(e) = self.admit(shared) {
             let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
             for op in ops {
                 refuse(op, &e);
@@ -365,18 +362,46 @@ impl Writer {
                 reply(Some(&e));
             }
         }
-        let collected = match self.plan_collects(&mut group) {
-            Ok(collected) => collected,
+        let built = match self.build(&mut group) {
+            Ok(built) => built,
             Err(e) => return self.fail_group(group, e, shared),
         };
-        let appended = match self.encode_appends(&mut group) {
-            Ok(appended) => appended,
-            Err(e) => return self.fail_group(group, e, shared),
-        };
-        let log_bytes = match self.frame_commit(&mut group) {
-            Ok(bytes) => bytes,
-            Err(e) => return self.fail_group(group, e, shared),
-        };
+        if let Err(e) = self.make_durable(&mut group, built.log_bytes) {
+            return self.fail_group(group, e, shared);
+        }
+        checkpoints.applied(built.log_bytes, built.emptied);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let messages: usize = built.appended.iter().map(|(_, m)| m.len()).sum();
+            if built.log_bytes > 0 {
+                self.counters.commits.fetch_add(1, Relaxed);
+            }
+            self.counters.messages.fetch_add(messages as u64, Relaxed);
+            self.counters
+                .ack_states
+                .fetch_add(group.ack_states, Relaxed);
+        }
+        self.announce(group, built.appended, built.collected, shared)
+    }
+
+    /// Whether a group may be committed at all: not after a failure, and not if the segment
+    /// file it would start cannot be created (which changes nothing committed).
+    fn admit(&mut self, shared: &Shared) -> Result<()> {
+        if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
+            return Err(StoreError::Failed(failure));
+        }
+        self.appender.begin_group().inspect_err(|e| match e {
+            StoreError::DiskFull { .. } => self.space.disk_full(),
+            _ => fail(shared, e),
+        })
+    }
+
+    /// Turns the planned group into frames and a sled batch: collection, message records,
+    /// the commit frame, channel records and segment usage.
+    fn build(&mut self, group: &mut Group) -> Result<Built> {
+        let collected = self.plan_collects(group)?;
+        let appended = self.encode_appends(group)?;
+        let log_bytes = self.frame_commit(group)?;
         // A segment finished at the start of this group may have been emptied while current.
         group.finished = self.appender.take_finished();
         group
@@ -388,40 +413,31 @@ impl Writer {
             &mut group.touched,
             Some(self.appender.current()),
         );
-        // The commit is durable once its frames are: this is the only sync it waits for.
+        Ok(Built {
+            collected,
+            appended,
+            log_bytes,
+            emptied,
+        })
+    }
+
+    /// Writes the group's frames and syncs them (the commit is durable then: this is the only
+    /// sync it waits for), then applies its batch to sled, in memory.
+    fn make_durable(&mut self, group: &mut Group, log_bytes: u64) -> Result<()> {
         self.space.wrote(log_bytes);
-        let written = self.appender.write().and_then(|()| {
-            failpoint::hit("segment-written");
-            match self.fsync {
-                FsyncMode::Always if log_bytes > 0 => self.appender.sync(),
-                FsyncMode::Interval(_) if log_bytes > 0 => {
-                    self.unsynced_since.get_or_insert_with(Instant::now);
-                    Ok(())
-                }
-                _ => Ok(()),
+        self.appender.write()?;
+        failpoint::hit("segment-written");
+        match self.fsync {
+            FsyncMode::Always if log_bytes > 0 => self.appender.sync()?,
+            FsyncMode::Interval(_) if log_bytes > 0 => {
+                self.unsynced_since.get_or_insert_with(Instant::now);
             }
-        });
-        if let Err(e) = written {
-            return self.fail_group(group, e, shared);
+            _ => {}
         }
         failpoint::hit("segment-synced");
-        if let Err(e) = self.db.apply_batch(std::mem::take(&mut group.batch)) {
-            return self.fail_group(group, e.into(), shared);
-        }
+        self.db.apply_batch(std::mem::take(&mut group.batch))?;
         failpoint::hit("index-applied");
-        checkpoints.applied(log_bytes, emptied);
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            let messages: usize = appended.iter().map(|(_, m)| m.len()).sum();
-            if log_bytes > 0 {
-                self.counters.commits.fetch_add(1, Relaxed);
-            }
-            self.counters.messages.fetch_add(messages as u64, Relaxed);
-            self.counters
-                .ack_states
-                .fetch_add(group.ack_states, Relaxed);
-        }
-        self.announce(group, appended, collected, shared)
+        Ok(())
     }
 
     /// Ends the group's log entry with its commit frame (when it changes anything at all) and
