@@ -423,6 +423,7 @@ fn replay_changes(index: &mut Index, log: &Log) -> usize {
 
 fn apply_change(index: &mut Index, change: &Change) {
     match change {
+        Change::CreateChannel { id, .. } if index.channels.contains_key(id) => {}
         Change::CreateChannel { id, name } => {
             index.channels.insert(
                 *id,

@@ -87,9 +87,18 @@ pub(crate) fn reconcile(
         state.next_id = state.next_id.max(channel.0.saturating_add(1));
     }
     db.insert(KEY_NEXT_ID, &state.next_id.to_le_bytes())?;
-    // Durable before any file goes: a file deleted now may hold commits the old state needed.
+    // Durable before any file changes: a file cut or deleted now may hold commits the old
+    // state needed.
     db.flush()?;
     files.sync()?;
+    if let Some(at) = replayed.torn_tail {
+        segments.truncate(at.segment, at.offset)?;
+        tracing::info!(
+            segment = at.segment,
+            offset = at.offset,
+            "cut a torn tail after the last whole commit"
+        );
+    }
     apply_tidy(segments, &tidy)?;
     Ok(Reconciled { state, highest })
 }
@@ -138,6 +147,8 @@ pub(crate) struct Replayed {
     pub orphans: u64,
     /// Where the log ends now.
     pub end: LogPosition,
+    /// Where the last file's whole commits end, when a torn tail follows them.
+    pub torn_tail: Option<LogPosition>,
 }
 
 /// The index's log end, or (for a store written before it was kept) the end of the last
@@ -152,7 +163,7 @@ pub(crate) fn log_end(db: &sled::Db) -> Result<LogPosition> {
         let at = RecordLocation::decode(&value)?;
         end = end.max(LogPosition {
             segment: at.segment,
-            offset: at.offset + u64::from(at.len),
+            offset: at.offset.saturating_add(u64::from(at.len)),
         });
     }
     Ok(end)
@@ -190,6 +201,21 @@ pub(crate) fn replay(
             return Err(e);
         }
         let last = Some(&segment) == on_disk.last();
+        // The file written at the crash may end in a torn frame or in the records of a commit
+        // that never got its commit frame: never confirmed, cut once replay is durable (a
+        // checksum mismatch is left alone: it may be damage, not a tear).
+        let torn = scan.stopped < scan.len || !scan.uncommitted.is_empty();
+        if last && torn && scan.damaged.is_none() {
+            let whole = if replayed.end.segment == segment {
+                replayed.end.offset
+            } else {
+                from
+            };
+            replayed.torn_tail = Some(LogPosition {
+                segment,
+                offset: whole,
+            });
+        }
         if let Some(offset) = scan
             .damaged
             .or((scan.stopped < scan.len).then_some(scan.stopped))
@@ -363,7 +389,8 @@ pub(crate) fn plan_tidy(
                 let accounted = match state.channels.get(&record.channel) {
                     // Collected: every subscription acked it.
                     Some(channel) => {
-                        record.first_seq + u64::from(record.count) <= channel.first_seq
+                        record.first_seq.saturating_add(u64::from(record.count))
+                            <= channel.first_seq
                     }
                     // Deleted with its channel (ids are never reused), or lost with the index.
                     None => {

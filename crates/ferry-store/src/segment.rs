@@ -115,6 +115,19 @@ impl Segments {
         std::fs::remove_file(&path).map_err(|e| io_error(&path, e))
     }
 
+    /// Cuts segment file `id` to `len` bytes, durably: what follows was never confirmed.
+    pub(crate) fn truncate(&self, id: u32, len: u64) -> Result<()> {
+        let path = self.path(id);
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| {
+                file.set_len(len)?;
+                file.sync_all()
+            })
+            .map_err(|e| io_error(&path, e))
+    }
+
     /// Makes the directory's entries durable (after files were deleted).
     pub(crate) fn sync(&self) -> Result<()> {
         sync_dir(&self.dir)

@@ -448,7 +448,7 @@ impl Writer {
         }
         let mut body = Vec::new();
         change::encode(&group.changes, &mut body);
-        if !Appender::frame_fits(body.len()) {
+        if !Appender::frame_fits(body.len() + codec::RECORD_HEADER_LEN) {
             return Err(StoreError::Failed(format!(
                 "a commit frame of {} bytes is larger than a scan reads back",
                 body.len()

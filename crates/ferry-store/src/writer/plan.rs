@@ -64,7 +64,7 @@ impl Writer {
                     group.replies.push(pending(reply, ()));
                     return Ok(());
                 }
-                group.acks_at.insert(subscription, group.changes.len());
+                let at = group.changes.len();
                 let change = Change::SaveAcks {
                     id: subscription,
                     acks: state,
@@ -72,6 +72,7 @@ impl Writer {
                 if let Err(e) = self.change(change, group) {
                     return Err((pending(reply, ()), e));
                 }
+                group.acks_at.insert(subscription, at);
                 group.ack_states += 1;
                 group.replies.push(pending(reply, ()));
             }

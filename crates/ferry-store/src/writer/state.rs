@@ -97,7 +97,9 @@ impl State {
     ) -> Result<()> {
         match change {
             // Replay may meet what an index it started from already holds: a no-op then.
-            Change::CreateChannel { id, .. } if self.channels.contains_key(id) => {}
+            Change::CreateChannel { id, .. } if self.channels.contains_key(id) => {
+                self.saw_id(id.0, batch);
+            }
             Change::CreateChannel { id, name } => {
                 let record = ChannelRecord {
                     name: name.clone(),
@@ -113,7 +115,11 @@ impl State {
             Change::DeleteChannel { id } => self.delete_channel(db, *id, batch, touched)?,
             Change::CreateSubscription { id, record, .. }
                 if self.subscriptions.contains_key(id)
-                    || !self.channels.contains_key(&record.channel) => {}
+                    || !self.channels.contains_key(&record.channel) =>
+            {
+                // Ignored, but its id is never given out again.
+                self.saw_id(id.0, batch);
+            }
             Change::CreateSubscription { id, record, acks } => {
                 batch.insert(&subscription_key(*id), record.encode());
                 batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
