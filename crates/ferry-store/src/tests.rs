@@ -597,3 +597,53 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
     assert!(store.create_channel("next".into()).await.unwrap().0 > gone.0);
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn ack_states_queued_together_replay_to_the_last_one() {
+    // States queued back to back share groups, where the latest of each subscription replaces
+    // the earlier ones in the commit frame: live and replayed, the last state wins.
+    let dir = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let channel = store.create_channel("c".into()).await.unwrap();
+    let a = subscribe(&store, channel, "a").await;
+    let b = subscribe(&store, channel, "b").await;
+    store.append(channel, messages(200, 10)).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    copy_index(dir.path(), saved.path());
+
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let mut confirmations = Vec::new();
+    for floor in 2..=150u64 {
+        for (sub, floor) in [(a, floor), (b, floor / 2 + 1)] {
+            let state = AckState {
+                floor,
+                acked_total: floor - 1,
+                acked_above_floor: vec![(floor + 1, floor + 2)],
+            };
+            confirmations.push(store.submit_acks(sub, state).await.unwrap());
+        }
+    }
+    for confirmation in confirmations {
+        confirmation.confirmed().await.unwrap();
+    }
+    let commits = store.counters().commits;
+    store.close().await.unwrap();
+    drop(store);
+    assert!(
+        commits < 298,
+        "some states shared a commit ({commits} commits)"
+    );
+
+    copy_index(saved.path(), dir.path());
+    let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
+    let floors: HashMap<_, _> = recovered
+        .subscriptions
+        .iter()
+        .map(|s| (s.id, (s.acks.floor, s.acks.acked_above_floor.clone())))
+        .collect();
+    assert_eq!(floors[&a], (150, vec![(151, 152)]));
+    assert_eq!(floors[&b], (76, vec![(77, 78)]));
+    store.close().await.unwrap();
+}
