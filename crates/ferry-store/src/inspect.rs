@@ -319,6 +319,18 @@ fn read_index(db: &sled::Db) -> Result<Index> {
             index.unreadable.push(format!("{key:?}"));
         }
     }
+    // An index written before the log end was kept: as the broker does, its end is the end
+    // of the last record it indexes.
+    if index.log_end.is_none() {
+        index.log_end = index
+            .records
+            .values()
+            .map(|at| LogPosition {
+                segment: at.segment,
+                offset: at.offset.saturating_add(u64::from(at.len)),
+            })
+            .max();
+    }
     // Ack states without a subscription record are of no use.
     index
         .subscriptions
