@@ -358,9 +358,7 @@ impl Writer {
         let mut group = Group::default();
         group.touched.collects = std::mem::take(&mut self.pending_collects);
         for op in ops {
-            if let Err((reply, e)) = self.plan(op, &mut group) {
-                reply(Some(&e));
-            }
+            self.plan(op, &mut group);
         }
         let built = match self.build(&mut group) {
             Ok(built) => built,

@@ -2,112 +2,45 @@
 //! (or is refused at once), collection follows the ack floors, and new messages are framed
 //! into records.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Group, Op, Pending, Writer, WriterLog, pending, stats_of};
+use super::{Group, Op, Reply, Writer, WriterLog, pending, stats_of};
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, SubscriptionRecord, record_key};
-use crate::{AckState, ChannelId, ChannelLog, Message, Result, StoreError, SubscriptionId};
+use crate::{
+    AckState, ChannelId, ChannelLog, Message, NewMessage, Result, StoreError, SubscriptionId,
+    SubscriptionSettings,
+};
 
 impl Writer {
     /// Adds one request to the group, or refuses it at once.
-    pub(super) fn plan(&mut self, op: Op, group: &mut Group) -> Result<(), (Pending, StoreError)> {
+    pub(super) fn plan(&mut self, op: Op, group: &mut Group) {
         match op {
             Op::Append {
                 channel,
                 messages,
                 reply,
             } => {
-                let Some(record) = self.state.channels.get_mut(&channel) else {
-                    return Err((pending(reply, 0..0), StoreError::ChannelNotFound));
-                };
-                // Checked again here: appends queued before the watermark was crossed must not
-                // take the disk past it.
-                if let Err(e) = self.space.check() {
-                    return Err((pending(reply, 0..0), e));
-                }
-                let first = record.next_seq;
-                let range = first..first + messages.len() as u64;
-                record.next_seq = range.end;
-                group.touched.channels.insert(channel);
-                group
-                    .appends
-                    .entry(channel)
-                    .or_insert_with(|| (first, Vec::new()))
-                    .1
-                    .extend(messages);
-                group.replies.push(pending(reply, range));
+                let planned = self.plan_append(channel, messages, group);
+                answer(group, reply, planned);
             }
             Op::SaveAcks {
                 subscription,
                 state,
                 reply,
             } => {
-                if !self.state.subscriptions.contains_key(&subscription) {
-                    return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
-                }
-                if let Some(&at) = group.acks_at.get(&subscription) {
-                    // A later state of the same subscription replaces the earlier one.
-                    let change = Change::SaveAcks {
-                        id: subscription,
-                        acks: state,
-                    };
-                    if let Err(e) =
-                        self.state
-                            .apply(&self.db, &change, &mut group.batch, &mut group.touched)
-                    {
-                        return Err((pending(reply, ()), e));
-                    }
-                    group.changes[at] = change;
-                    group.ack_states += 1;
-                    group.replies.push(pending(reply, ()));
-                    return Ok(());
-                }
-                let at = group.changes.len();
-                let change = Change::SaveAcks {
-                    id: subscription,
-                    acks: state,
-                };
-                if let Err(e) = self.change(change, group) {
-                    return Err((pending(reply, ()), e));
-                }
-                group.acks_at.insert(subscription, at);
-                group.ack_states += 1;
-                group.replies.push(pending(reply, ()));
+                let planned = self.plan_acks(subscription, state, group);
+                answer(group, reply, planned);
             }
             Op::CreateChannel { name, reply } => {
-                let refused = |reply| pending(reply, ChannelId(0));
-                if self.state.names.contains_key(&name) {
-                    return Err((refused(reply), StoreError::ChannelExists(name)));
-                }
-                let id = ChannelId(self.state.allocate_id());
-                if let Err(e) = self.change(Change::CreateChannel { id, name }, group) {
-                    return Err((refused(reply), e));
-                }
-                let record = &self.state.channels[&id];
-                let log = Arc::new(ChannelLog::new(
-                    id,
-                    self.db.clone(),
-                    self.segments.clone(),
-                    stats_of(record),
-                    self.cache.clone(),
-                ));
-                group.new_logs.push(log.clone());
-                self.logs.insert(id, WriterLog::new(log));
-                group.replies.push(pending(reply, id));
+                let planned = self.plan_create_channel(name, group);
+                answer(group, reply, planned);
             }
             Op::DeleteChannel { channel, reply } => {
-                if !self.state.channels.contains_key(&channel) {
-                    return Err((pending(reply, ()), StoreError::ChannelNotFound));
-                }
-                if let Err(e) = self.change(Change::DeleteChannel { id: channel }, group) {
-                    return Err((pending(reply, ()), e));
-                }
-                group.appends.remove(&channel);
-                self.logs.remove(&channel);
-                group.dropped_logs.push(channel);
-                group.replies.push(pending(reply, ()));
+                let planned = self.plan_delete_channel(channel, group);
+                answer(group, reply, planned);
             }
             Op::CreateSubscription {
                 channel,
@@ -115,82 +48,183 @@ impl Writer {
                 settings,
                 reply,
             } => {
-                let refused = |reply| pending(reply, (SubscriptionId(0), AckState::default()));
-                let Some(record) = self.state.channels.get(&channel) else {
-                    return Err((refused(reply), StoreError::ChannelNotFound));
-                };
-                if self
-                    .state
-                    .subscriptions
-                    .values()
-                    .any(|s| s.channel == channel && s.name == name)
-                {
-                    return Err((refused(reply), StoreError::SubscriptionExists(name)));
-                }
-                let acks = AckState {
-                    floor: record.next_seq,
-                    acked_total: 0,
-                    acked_above_floor: Vec::new(),
-                };
-                let id = SubscriptionId(self.state.allocate_id());
-                let change = Change::CreateSubscription {
-                    id,
-                    record: SubscriptionRecord {
-                        channel,
-                        name,
-                        settings,
-                    },
-                    acks: acks.clone(),
-                };
-                if let Err(e) = self.change(change, group) {
-                    return Err((refused(reply), e));
-                }
-                group.replies.push(pending(reply, (id, acks)));
+                let planned = self.plan_create_subscription(channel, name, settings, group);
+                answer(group, reply, planned);
             }
             Op::UpdateSubscription {
                 subscription,
                 settings,
                 reply,
             } => {
-                if !self.state.subscriptions.contains_key(&subscription) {
-                    return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
-                }
                 let change = Change::UpdateSubscription {
                     id: subscription,
                     settings,
                 };
-                if let Err(e) = self.change(change, group) {
-                    return Err((pending(reply, ()), e));
-                }
-                group.replies.push(pending(reply, ()));
+                let planned = self.plan_subscription_change(subscription, change, group);
+                answer(group, reply, planned);
             }
             Op::DeleteSubscription {
                 subscription,
                 reply,
             } => {
-                if !self.state.subscriptions.contains_key(&subscription) {
-                    return Err((pending(reply, ()), StoreError::SubscriptionNotFound));
-                }
                 let change = Change::DeleteSubscription { id: subscription };
-                if let Err(e) = self.change(change, group) {
-                    return Err((pending(reply, ()), e));
-                }
-                group.replies.push(pending(reply, ()));
+                let planned = self.plan_subscription_change(subscription, change, group);
+                answer(group, reply, planned);
             }
             Op::Close { reply } => {
                 group.close = true;
-                group.replies.push(pending(reply, ()));
+                answer(group, reply, Ok(()));
             }
         }
+    }
+
+    fn plan_append(
+        &mut self,
+        channel: ChannelId,
+        messages: Vec<NewMessage>,
+        group: &mut Group,
+    ) -> Result<Range<u64>> {
+        let record = self
+            .state
+            .channels
+            .get_mut(&channel)
+            .ok_or(StoreError::ChannelNotFound)?;
+        // Checked again here: appends queued before the watermark was crossed must not take
+        // the disk past it.
+        self.space.check()?;
+        let first = record.next_seq;
+        let range = first..first + messages.len() as u64;
+        record.next_seq = range.end;
+        group.touched.channels.insert(channel);
+        group
+            .appends
+            .entry(channel)
+            .or_insert_with(|| (first, Vec::new()))
+            .1
+            .extend(messages);
+        Ok(range)
+    }
+
+    fn plan_acks(
+        &mut self,
+        subscription: SubscriptionId,
+        acks: AckState,
+        group: &mut Group,
+    ) -> Result<()> {
+        self.subscription_exists(subscription)?;
+        // A later state of the same subscription takes the earlier one's place in the frame.
+        let slot = group.acks_at.get(&subscription).copied();
+        let change = Change::SaveAcks {
+            id: subscription,
+            acks,
+        };
+        let at = self.change(change, group, slot)?;
+        group.acks_at.insert(subscription, at);
+        group.ack_states += 1;
         Ok(())
     }
 
-    /// Applies a change to the state and the group's batch, and keeps it for the commit frame.
-    fn change(&mut self, change: Change, group: &mut Group) -> Result<()> {
+    fn plan_create_channel(&mut self, name: String, group: &mut Group) -> Result<ChannelId> {
+        if self.state.names.contains_key(&name) {
+            return Err(StoreError::ChannelExists(name));
+        }
+        let id = ChannelId(self.state.next_id);
+        self.change(Change::CreateChannel { id, name }, group, None)?;
+        let log = Arc::new(ChannelLog::new(
+            id,
+            self.db.clone(),
+            self.segments.clone(),
+            stats_of(&self.state.channels[&id]),
+            self.cache.clone(),
+        ));
+        group.new_logs.push(log.clone());
+        self.logs.insert(id, WriterLog::new(log));
+        Ok(id)
+    }
+
+    fn plan_delete_channel(&mut self, channel: ChannelId, group: &mut Group) -> Result<()> {
+        if !self.state.channels.contains_key(&channel) {
+            return Err(StoreError::ChannelNotFound);
+        }
+        self.change(Change::DeleteChannel { id: channel }, group, None)?;
+        group.appends.remove(&channel);
+        self.logs.remove(&channel);
+        group.dropped_logs.push(channel);
+        Ok(())
+    }
+
+    fn plan_create_subscription(
+        &mut self,
+        channel: ChannelId,
+        name: String,
+        settings: SubscriptionSettings,
+        group: &mut Group,
+    ) -> Result<(SubscriptionId, AckState)> {
+        let record = self
+            .state
+            .channels
+            .get(&channel)
+            .ok_or(StoreError::ChannelNotFound)?;
+        if self
+            .state
+            .subscriptions
+            .values()
+            .any(|s| s.channel == channel && s.name == name)
+        {
+            return Err(StoreError::SubscriptionExists(name));
+        }
+        let acks = AckState {
+            floor: record.next_seq,
+            acked_total: 0,
+            acked_above_floor: Vec::new(),
+        };
+        let id = SubscriptionId(self.state.next_id);
+        let change = Change::CreateSubscription {
+            id,
+            record: SubscriptionRecord {
+                channel,
+                name,
+                settings,
+            },
+            acks: acks.clone(),
+        };
+        self.change(change, group, None)?;
+        Ok((id, acks))
+    }
+
+    /// Updates or deletes an existing subscription.
+    fn plan_subscription_change(
+        &mut self,
+        subscription: SubscriptionId,
+        change: Change,
+        group: &mut Group,
+    ) -> Result<()> {
+        self.subscription_exists(subscription)?;
+        self.change(change, group, None).map(drop)
+    }
+
+    fn subscription_exists(&self, subscription: SubscriptionId) -> Result<()> {
+        match self.state.subscriptions.contains_key(&subscription) {
+            true => Ok(()),
+            false => Err(StoreError::SubscriptionNotFound),
+        }
+    }
+
+    /// Applies a change to the state and the group's batch, and keeps it for the commit frame
+    /// (in place of the change at `slot`, if given); returns where it is in the frame.
+    fn change(&mut self, change: Change, group: &mut Group, slot: Option<usize>) -> Result<usize> {
         self.state
             .apply(&self.db, &change, &mut group.batch, &mut group.touched)?;
-        group.changes.push(change);
-        Ok(())
+        match slot {
+            Some(at) => {
+                group.changes[at] = change;
+                Ok(at)
+            }
+            None => {
+                group.changes.push(change);
+                Ok(group.changes.len() - 1)
+            }
+        }
     }
 
     /// Deletes the records wholly below the lowest ack floor of each channel whose floors may
@@ -298,7 +332,7 @@ impl Writer {
                         channel: id,
                         next_seq: record.next_seq,
                     };
-                    self.change(change, group)?;
+                    self.change(change, group, None)?;
                     stored.push((id, Vec::new()));
                     continue;
                 }
@@ -344,5 +378,15 @@ impl Writer {
             stored.push((id, messages));
         }
         Ok(stored)
+    }
+}
+
+/// Answers a request once its group is committed, or at once if it was refused.
+fn answer<T: Send + 'static>(group: &mut Group, reply: Reply<T>, planned: Result<T>) {
+    match planned {
+        Ok(value) => group.replies.push(pending(reply, value)),
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
     }
 }

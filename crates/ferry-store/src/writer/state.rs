@@ -199,11 +199,6 @@ impl State {
         Ok(())
     }
 
-    /// Gives out the next id.
-    pub(crate) fn allocate_id(&mut self) -> u32 {
-        self.next_id
-    }
-
     fn saw_id(&mut self, id: u32, batch: &mut sled::Batch) {
         if id >= self.next_id {
             self.next_id = id.saturating_add(1);
