@@ -133,8 +133,7 @@ async fn names_are_unique_and_deletes_remove_everything() {
         Err(StoreError::ChannelNotFound)
     ));
     assert!(store.log(channel).is_err());
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     let (_store, recovered) = Store::open(dir.path(), StoreOptions::default()).unwrap();
     assert!(recovered.channels.is_empty() && recovered.subscriptions.is_empty());
 }
@@ -328,8 +327,7 @@ async fn a_torn_tail_after_the_last_whole_commit_is_cut_on_open() {
     let channel = store.create_channel("c".into()).await.unwrap();
     subscribe(&store, channel, "s").await;
     store.append(channel, messages(10, 100)).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     let path = dir.path().join("segments/0000000001.seg");
     let whole = std::fs::metadata(&path).unwrap().len();
     // A frame a crash cut short: a header that promises more than the file holds.
@@ -370,8 +368,7 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     let kept = store.create_channel("kept".into()).await.unwrap();
     subscribe(&store, kept, "s").await;
     store.append(kept, messages(10, 100)).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
 
     // sled comes back as it was before "lost" existed; the segment files still hold its
     // records (as after a damaged index).
@@ -379,8 +376,7 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     let lost = store.create_channel("lost".into()).await.unwrap();
     subscribe(&store, lost, "s").await;
     store.append(lost, messages(5, 100)).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     {
         let db = sled::open(dir.path()).unwrap();
         db.remove(codec::channel_key(lost)).unwrap();
@@ -417,6 +413,11 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     // Neither an id nor a sequence is given out twice.
     assert!(store.create_channel("new".into()).await.unwrap().0 > lost.0);
     assert_eq!(store.append(kept, messages(1, 10)).await.unwrap(), 11..12);
+    store.close().await.unwrap();
+}
+
+/// Closes the store and lets go of it, as a stopped broker does.
+async fn shut(store: Store) {
     store.close().await.unwrap();
 }
 
@@ -475,8 +476,7 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     let orders = store.create_channel("orders".into()).await.unwrap();
     let audit = subscribe(&store, orders, "audit").await;
     store.append(orders, messages(10, 100)).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     copy_index(dir.path(), saved.path());
 
     // Every kind of change after the copy.
@@ -500,13 +500,11 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     // Not so far that the copy's records are collected: a file is deleted only once sled's
     // durable copy no longer names it, which a real crash never takes back.
     ack(&store, audit, 8).await;
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
 
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
     let expected = contents(&store, &recovered);
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
 
     copy_index(saved.path(), dir.path());
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
@@ -532,8 +530,7 @@ async fn replay_leaves_no_index_entry_behind_a_channel_it_empties() {
     let kept = store.create_channel("kept".into()).await.unwrap();
     subscribe(&store, kept, "s").await;
     store.append(kept, messages(3, 100)).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     copy_index(dir.path(), saved.path());
 
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
@@ -543,8 +540,7 @@ async fn replay_leaves_no_index_entry_behind_a_channel_it_empties() {
         store.append(channel, messages(5, 100)).await.unwrap(),
         11..16
     );
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
 
     copy_index(saved.path(), dir.path());
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
@@ -559,8 +555,7 @@ async fn replay_leaves_no_index_entry_behind_a_channel_it_empties() {
             .len(),
         3
     );
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     // Nothing of the emptied channel is left in the index.
     let db = sled::open(dir.path()).unwrap();
     assert_eq!(
@@ -575,8 +570,7 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     store.create_channel("kept".into()).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     copy_index(dir.path(), saved.path());
 
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
@@ -584,8 +578,7 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
     subscribe(&store, gone, "s").await;
     store.append(gone, messages(5, 100)).await.unwrap();
     store.delete_channel(gone).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
 
     copy_index(saved.path(), dir.path());
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
@@ -609,8 +602,7 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
     let a = subscribe(&store, channel, "a").await;
     let b = subscribe(&store, channel, "b").await;
     store.append(channel, messages(200, 10)).await.unwrap();
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     copy_index(dir.path(), saved.path());
 
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
@@ -629,8 +621,7 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
         confirmation.confirmed().await.unwrap();
     }
     let commits = store.counters().commits;
-    store.close().await.unwrap();
-    drop(store);
+    shut(store).await;
     assert!(
         commits < 298,
         "some states shared a commit ({commits} commits)"
