@@ -31,6 +31,7 @@ async fn admin_manages_channels_and_subscriptions_that_persist_and_shows_their_f
             channel: "orders.created".into(),
             name: "billing".into(),
             ack_deadline: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -51,6 +52,7 @@ async fn admin_manages_channels_and_subscriptions_that_persist_and_shows_their_f
             channel: "orders.created".into(),
             name: "billing".into(),
             ack_deadline: None,
+            ..Default::default()
         })
         .await;
     assert_eq!(again.unwrap_err().code(), Code::AlreadyExists);
@@ -205,6 +207,7 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
             channel: channel.into(),
             name: name.into(),
             ack_deadline: seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
         };
     let bad_sub = admin
         .create_subscription(subscription("ok", "a..b", None))

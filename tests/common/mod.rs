@@ -189,6 +189,7 @@ impl Daemon {
                         seconds: (*deadline_ms / 1000) as i64,
                         nanos: ((*deadline_ms % 1000) * 1_000_000) as i32,
                     }),
+                    ..Default::default()
                 })
                 .await
                 .expect("create subscription");
@@ -473,7 +474,11 @@ impl Consumer {
 
     /// Nacks and waits for the results.
     pub async fn nack(&mut self, ack_ids: Vec<String>) -> Vec<pb::AckStatus> {
-        self.send(Req::Nack(pb::AckIds { ack_ids })).await;
+        self.send(Req::Nack(pb::Nack {
+            ack_ids,
+            ..Default::default()
+        }))
+        .await;
         self.results_of(pb::AckOperation::Nack).await
     }
 

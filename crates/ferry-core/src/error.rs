@@ -40,6 +40,12 @@ pub enum CoreError {
         /// The subscription.
         name: String,
     },
+    /// A subscription names a dead-letter channel that does not exist.
+    #[error("dead-letter channel {} does not exist: create it first", quote(.0))]
+    DeadLetterChannelNotFound(String),
+    /// The request cannot be done in the current state; the message says what to change first.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A consumer read nothing from its stream for too long while deliveries waited for it: it
     /// was detached and its deliveries released to other consumers.
     #[error(

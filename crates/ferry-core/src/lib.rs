@@ -9,13 +9,17 @@
 //!   deliveries, deadlines, redeliveries) and saves acks before confirming them;
 //! - [`outbox`]: what waits for one consumer's stream, bounded in bytes;
 //! - `acks`: the ack floor and the acked ranges above it;
+//! - [`retry`]: retry policies and their backoff;
+//! - [`dead_letter`]: what a dead letter says about itself, and how redrive reads it back;
 //! - [`names`]: what a channel or subscription name may be;
 //! - [`error`]: the errors the server maps to gRPC status codes.
 
 pub mod broker;
+pub mod dead_letter;
 pub mod error;
 pub mod names;
 pub mod outbox;
+pub mod retry;
 
 mod acks;
 mod dispatcher;
@@ -26,8 +30,8 @@ use std::time::Duration;
 pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
-    Attributes, FsyncMode, Message, NewMessage, SpaceOptions, SpaceReport, StoreError,
-    StoreOptions, SubscriptionSettings, Verify,
+    Attributes, FsyncMode, Message, NewMessage, RetryPolicy, SpaceOptions, SpaceReport, StoreError,
+    StoreOptions, Verify,
 };
 pub use outbox::ConsumerEvents;
 
@@ -138,6 +142,12 @@ impl Limits {
             if message.attributes.iter().any(|(name, _)| name.is_empty()) {
                 return invalid(format!("message {i} has an attribute with an empty name"));
             }
+            if message.attributes.get(dead_letter::REDRIVE_FOR).is_some() {
+                return invalid(format!(
+                    "message {i} has the attribute {:?}, which only the broker may set",
+                    dead_letter::REDRIVE_FOR
+                ));
+            }
             total += size;
         }
         if total > self.max_batch_bytes {
@@ -150,19 +160,72 @@ impl Limits {
     }
 }
 
-/// Checks a subscription's settings.
-pub fn check_settings(settings: &SubscriptionSettings) -> Result<()> {
-    if !(1..=MAX_ACK_DEADLINE_MS).contains(&settings.ack_deadline_ms) {
-        return Err(CoreError::InvalidArgument(format!(
-            "ack deadline of {} ms is out of range: it must be from 1 ms to {MAX_ACK_DEADLINE_MS} ms (1 h)",
-            settings.ack_deadline_ms
-        )));
+/// A subscription's settings, as clients give and see them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionSettings {
+    /// How long a delivery may stay unacked before it counts as failed.
+    pub ack_deadline_ms: u64,
+    /// The wait between a failed delivery and the next (all zeros: at once).
+    pub retry: RetryPolicy,
+    /// After this many failed deliveries a message is dead-lettered (0: no limit). Needs a
+    /// dead-letter channel.
+    pub max_delivery_attempts: u32,
+    /// The channel messages go to after their last attempt or a terminal nack.
+    pub dead_letter_channel: Option<String>,
+    /// Messages with the same key go out one at a time, in order (the default).
+    pub ordering: bool,
+}
+
+impl Default for SubscriptionSettings {
+    fn default() -> Self {
+        Self {
+            ack_deadline_ms: DEFAULT_ACK_DEADLINE_MS,
+            retry: RetryPolicy::default(),
+            max_delivery_attempts: 0,
+            dead_letter_channel: None,
+            ordering: true,
+        }
     }
-    Ok(())
+}
+
+/// Checks a subscription's settings on their own (the dead-letter channel's existence is
+/// checked where it is resolved); the error names the field.
+pub fn check_settings(settings: &SubscriptionSettings) -> Result<()> {
+    let invalid = |m: String| Err(CoreError::InvalidArgument(m));
+    if !(1..=MAX_ACK_DEADLINE_MS).contains(&settings.ack_deadline_ms) {
+        return invalid(format!(
+            "ack_deadline is {} ms: it must be from 1 ms to {MAX_ACK_DEADLINE_MS} ms (1 h)",
+            settings.ack_deadline_ms
+        ));
+    }
+    if let Some(problem) = retry::check(&settings.retry) {
+        return invalid(problem);
+    }
+    if settings.max_delivery_attempts > retry::MAX_DELIVERY_ATTEMPTS {
+        return invalid(format!(
+            "max_delivery_attempts is {}: at most {}",
+            settings.max_delivery_attempts,
+            retry::MAX_DELIVERY_ATTEMPTS
+        ));
+    }
+    match (
+        settings.max_delivery_attempts,
+        &settings.dead_letter_channel,
+    ) {
+        (0, Some(channel)) => invalid(format!(
+            "dead_letter_channel {channel:?} is set but max_delivery_attempts is not: set both \
+             (how many attempts before a message goes to the dead-letter channel) or neither"
+        )),
+        (n, None) if n > 0 => invalid(format!(
+            "max_delivery_attempts is {n} but no dead_letter_channel is set: after its last \
+             attempt a message goes to the dead-letter channel, so name one (or set neither)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A channel declared in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChannelDecl {
     /// Its name.
     pub name: String,
@@ -171,7 +234,7 @@ pub struct ChannelDecl {
 }
 
 /// A subscription declared in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SubscriptionDecl {
     /// Its name.
     pub name: String,
@@ -252,12 +315,48 @@ pub struct Delivery {
     pub attempt: u32,
 }
 
+/// What a consumer says of some of its deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: never deliver again.
+    Ack,
+    /// Failed: deliver again after the retry policy's wait, or as the nack says.
+    Nack(Nack),
+    /// Still working: the deadline is now this far from now.
+    Extend(Duration),
+}
+
+impl Settlement {
+    /// The kind of request, as results name it.
+    pub fn operation(&self) -> AckOperation {
+        match self {
+            Settlement::Ack => AckOperation::Ack,
+            Settlement::Nack(_) => AckOperation::Nack,
+            Settlement::Extend(_) => AckOperation::Extend,
+        }
+    }
+}
+
+/// How a nack wants its deliveries retried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nack {
+    /// Retry after this long instead of the policy's wait.
+    pub delay: Option<Duration>,
+    /// Why it failed (kept up to 1 KiB; the dead letter carries the last one).
+    pub reason: String,
+    /// Never retry: dead-letter at once (discard if there is no dead-letter channel).
+    pub terminal: bool,
+}
+
+/// The longest delay a nack may ask for.
+pub const MAX_NACK_DELAY: Duration = retry::MAX_RETRY_WAIT;
+
 /// What a consumer asks of its deliveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckOperation {
     /// Done: never deliver again.
     Ack,
-    /// Failed: deliver again now.
+    /// Failed: deliver again later, or dead-letter.
     Nack,
     /// Still working: push the deadline out.
     Extend,
@@ -288,8 +387,10 @@ pub enum AckResult {
 pub struct SubscriptionStats {
     /// Its name.
     pub name: String,
-    /// Its settings.
-    pub settings: SubscriptionSettings,
+    /// Its settings as stored (the dead-letter channel by id).
+    pub settings: ferry_store::SubscriptionSettings,
+    /// The name of its dead-letter channel, if it has one.
+    pub dead_letter_channel: Option<String>,
     /// Messages waiting to be delivered (redeliveries included).
     pub backlog: u64,
     /// Deliveries not yet settled.
@@ -306,6 +407,32 @@ pub struct SubscriptionStats {
     pub damaged_skipped: u64,
     /// The durable ack floor.
     pub ack_floor: u64,
+    /// Deliveries that were not a message's first (since the broker started).
+    pub redelivered: u64,
+    /// Deliveries nacked (since the broker started).
+    pub nacked: u64,
+    /// Messages dead-lettered (since the broker started).
+    pub dead_lettered: u64,
+    /// Messages discarded by a terminal nack without a dead-letter channel (since the broker
+    /// started).
+    pub discarded: u64,
+    /// Failed messages waiting out their retry wait now.
+    pub waiting_retry: u64,
+    /// Ordering keys with messages held back behind an unacked one now.
+    pub keys_blocked: u64,
+}
+
+impl SubscriptionStats {
+    /// The settings as clients see them.
+    pub fn client_settings(&self) -> SubscriptionSettings {
+        SubscriptionSettings {
+            ack_deadline_ms: self.settings.ack_deadline_ms,
+            retry: self.settings.retry,
+            max_delivery_attempts: self.settings.max_delivery_attempts,
+            dead_letter_channel: self.dead_letter_channel.clone(),
+            ordering: self.settings.ordering,
+        }
+    }
 }
 
 /// A channel's figures.

@@ -1,6 +1,7 @@
 //! The `Admin` service: channels, subscriptions and their figures.
 
-use ferry_core::{Broker, SubscriptionSettings};
+use ferry_core::Broker;
+use ferry_core::broker::RedriveSelection;
 use ferry_proto::pb::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
@@ -101,9 +102,7 @@ impl Admin for AdminService {
         request: Request<pb::CreateSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
         let request = request.into_inner();
-        let settings = SubscriptionSettings {
-            ack_deadline_ms: convert::ack_deadline_ms(request.ack_deadline)?,
-        };
+        let settings = convert::subscription_settings(&request)?;
         let stats = self
             .broker
             .create_subscription(&request.channel, &request.name, settings)
@@ -113,6 +112,47 @@ impl Admin for AdminService {
             &request.channel,
             stats,
         )))
+    }
+
+    async fn update_subscription(
+        &self,
+        request: Request<pb::CreateSubscriptionRequest>,
+    ) -> Answer<pb::SubscriptionInfo> {
+        let request = request.into_inner();
+        let settings = convert::subscription_settings(&request)?;
+        self.broker
+            .update_subscription(&request.channel, &request.name, settings)
+            .await
+            .map_err(to_status)?;
+        let stats = self
+            .broker
+            .subscription_info(&request.channel, &request.name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::subscription_info(
+            &request.channel,
+            stats,
+        )))
+    }
+
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Answer<pb::RedriveResponse> {
+        let request = request.into_inner();
+        let selection = RedriveSelection {
+            first_sequence: request.first_sequence,
+            last_sequence: request.last_sequence,
+            attributes: request.attributes.into_iter().collect(),
+            limit: request.limit,
+        };
+        let outcome = self
+            .broker
+            .redrive(&request.channel, &selection)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RedriveResponse {
+            redriven: outcome.redriven,
+            skipped: outcome.skipped,
+            first_skip_reason: outcome.first_skip_reason.unwrap_or_default(),
+        }))
     }
 
     async fn get_subscription(

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ferry_core::{
     BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, DamagePolicy, FsyncMode,
-    Limits, SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings, Verify,
+    Limits, RetryPolicy, SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings,
+    Verify,
 };
 use serde::Deserialize;
 
@@ -142,10 +143,57 @@ pub struct SubscriptionConfig {
     /// How long a delivery may stay unacked.
     #[serde(default = "default_ack_deadline")]
     pub ack_deadline: HumanDuration,
+    /// Failed deliveries before a message is dead-lettered (0: no limit).
+    #[serde(default)]
+    pub max_delivery_attempts: u32,
+    /// Where messages go after their last attempt or a terminal nack.
+    #[serde(default)]
+    pub dead_letter_channel: Option<String>,
+    /// Whether messages with the same key go one at a time, in order.
+    #[serde(default = "default_ordering")]
+    pub ordering: bool,
+    /// `[channels.subscriptions.retry]`: the wait between failed deliveries (absent: none).
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+}
+
+/// `[channels.subscriptions.retry]`: the n-th retry waits `min(maximum, initial ×
+/// multiplier^(n-1))`, ± `jitter` × that.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// The first wait.
+    #[serde(default = "default_retry_initial")]
+    pub initial: HumanDuration,
+    /// The longest wait.
+    #[serde(default = "default_retry_maximum")]
+    pub maximum: HumanDuration,
+    /// Growth per retry (at least 1).
+    #[serde(default = "default_retry_multiplier")]
+    pub multiplier: f64,
+    /// Random spread of each wait, a fraction from 0 to 1.
+    #[serde(default)]
+    pub jitter: f64,
 }
 
 fn default_ack_deadline() -> HumanDuration {
     HumanDuration(Duration::from_millis(DEFAULT_ACK_DEADLINE_MS))
+}
+
+fn default_ordering() -> bool {
+    true
+}
+
+fn default_retry_initial() -> HumanDuration {
+    HumanDuration(ferry_core::retry::DEFAULT_RETRY_INITIAL)
+}
+
+fn default_retry_maximum() -> HumanDuration {
+    HumanDuration(ferry_core::retry::DEFAULT_RETRY_MAXIMUM)
+}
+
+fn default_retry_multiplier() -> f64 {
+    ferry_core::retry::DEFAULT_RETRY_MULTIPLIER
 }
 
 /// The `fsync` setting.
@@ -332,8 +380,7 @@ impl Config {
                         sub.name, channel.name
                     ));
                 }
-                ferry_core::check_settings(&sub.settings())
-                    .map_err(|e| format!("{key}.ack_deadline: {e}"))?;
+                ferry_core::check_settings(&sub.settings()).map_err(|e| format!("{key}: {e}"))?;
             }
         }
         Ok(())
@@ -401,8 +448,21 @@ impl Config {
 
 impl SubscriptionConfig {
     fn settings(&self) -> SubscriptionSettings {
+        let retry = match &self.retry {
+            None => RetryPolicy::default(),
+            Some(retry) => RetryPolicy {
+                initial_ms: retry.initial.0.as_millis() as u64,
+                maximum_ms: retry.maximum.0.as_millis() as u64,
+                multiplier: retry.multiplier,
+                jitter: retry.jitter,
+            },
+        };
         SubscriptionSettings {
             ack_deadline_ms: self.ack_deadline.0.as_millis() as u64,
+            retry,
+            max_delivery_attempts: self.max_delivery_attempts,
+            dead_letter_channel: self.dead_letter_channel.clone(),
+            ordering: self.ordering,
         }
     }
 }

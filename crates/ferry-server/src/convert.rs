@@ -4,9 +4,10 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
     AckOutcome, AckResult, Attributes, ChannelInfo, DEFAULT_ACK_DEADLINE_MS, Delivery, Message,
-    NewMessage, SubscriptionStats, Window,
+    Nack, NewMessage, RetryPolicy, SubscriptionSettings, SubscriptionStats, Window,
 };
 use ferry_proto::pb;
 use tonic::Status;
@@ -86,20 +87,68 @@ pub fn duration(d: Duration) -> prost_types::Duration {
     }
 }
 
-/// An ack deadline from a request: absent means the default.
-pub fn ack_deadline_ms(d: Option<prost_types::Duration>) -> Result<u64, Status> {
+/// A duration field of a request in milliseconds (absent: `None`); `field` names it in the
+/// error.
+fn millis(field: &str, d: Option<prost_types::Duration>) -> Result<Option<u64>, Status> {
     let Some(d) = d else {
-        return Ok(DEFAULT_ACK_DEADLINE_MS);
+        return Ok(None);
     };
     if d.seconds < 0 || d.nanos < 0 {
-        return Err(Status::invalid_argument(
-            "ack_deadline must not be negative",
-        ));
+        return Err(Status::invalid_argument(format!(
+            "{field} must not be negative"
+        )));
     }
     (d.seconds as u64)
         .checked_mul(1000)
         .and_then(|ms| ms.checked_add(d.nanos as u64 / 1_000_000))
-        .ok_or_else(|| Status::invalid_argument("ack_deadline is out of range: at most 1 h"))
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("{field} is out of range")))
+}
+
+/// A subscription's settings from a create or update request. The broker checks them.
+pub fn subscription_settings(
+    request: &pb::CreateSubscriptionRequest,
+) -> Result<SubscriptionSettings, Status> {
+    let retry = match &request.retry {
+        None => RetryPolicy::default(),
+        Some(policy) => RetryPolicy {
+            initial_ms: millis("retry.initial", policy.initial)?
+                .unwrap_or(DEFAULT_RETRY_INITIAL.as_millis() as u64),
+            maximum_ms: millis("retry.maximum", policy.maximum)?
+                .unwrap_or(DEFAULT_RETRY_MAXIMUM.as_millis() as u64),
+            multiplier: match policy.multiplier {
+                0.0 => DEFAULT_RETRY_MULTIPLIER,
+                m => m,
+            },
+            jitter: policy.jitter,
+        },
+    };
+    Ok(SubscriptionSettings {
+        ack_deadline_ms: millis("ack_deadline", request.ack_deadline)?
+            .unwrap_or(DEFAULT_ACK_DEADLINE_MS),
+        retry,
+        max_delivery_attempts: request.max_delivery_attempts,
+        dead_letter_channel: Some(request.dead_letter_channel.clone()).filter(|c| !c.is_empty()),
+        ordering: !request.disable_ordering,
+    })
+}
+
+/// A nack request's options.
+pub fn nack(request: &pb::Nack) -> Result<Nack, Status> {
+    Ok(Nack {
+        delay: millis("delay", request.delay)?.map(Duration::from_millis),
+        reason: request.reason.clone(),
+        terminal: request.terminal,
+    })
+}
+
+fn retry_policy(policy: &RetryPolicy) -> Option<pb::RetryPolicy> {
+    (policy.initial_ms > 0).then(|| pb::RetryPolicy {
+        initial: Some(duration(Duration::from_millis(policy.initial_ms))),
+        maximum: Some(duration(Duration::from_millis(policy.maximum_ms))),
+        multiplier: policy.multiplier,
+        jitter: policy.jitter,
+    })
 }
 
 pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::SubscriptionInfo {
@@ -107,8 +156,18 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
     let now_ms = UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64);
     pb::SubscriptionInfo {
         channel: channel.to_owned(),
-        name: s.name,
         ack_deadline: Some(duration(Duration::from_millis(s.settings.ack_deadline_ms))),
+        retry: retry_policy(&s.settings.retry),
+        max_delivery_attempts: s.settings.max_delivery_attempts,
+        dead_letter_channel: s.dead_letter_channel.unwrap_or_default(),
+        ordering: s.settings.ordering,
+        redelivered: s.redelivered,
+        nacked: s.nacked,
+        dead_lettered: s.dead_lettered,
+        discarded: s.discarded,
+        waiting_retry: s.waiting_retry,
+        keys_blocked: s.keys_blocked,
+        name: s.name,
         backlog: s.backlog,
         in_flight: s.in_flight,
         acked: s.acked,

@@ -14,9 +14,10 @@ pub fn to_status(error: CoreError) -> Status {
     let message = error.to_string();
     match error {
         CoreError::InvalidArgument(_) => Status::invalid_argument(message),
-        CoreError::ChannelNotFound(_) | CoreError::SubscriptionNotFound { .. } => {
-            Status::not_found(message)
-        }
+        CoreError::ChannelNotFound(_)
+        | CoreError::SubscriptionNotFound { .. }
+        | CoreError::DeadLetterChannelNotFound(_) => Status::not_found(message),
+        CoreError::FailedPrecondition(_) => Status::failed_precondition(message),
         CoreError::ChannelExists(_) | CoreError::SubscriptionExists { .. } => {
             Status::already_exists(message)
         }
@@ -32,6 +33,7 @@ pub fn to_status(error: CoreError) -> Status {
         CoreError::Storage(StoreError::ChannelExists(_) | StoreError::SubscriptionExists(_)) => {
             Status::already_exists(message)
         }
+        CoreError::Storage(StoreError::ChannelInUse(_)) => Status::failed_precondition(message),
         CoreError::Storage(StoreError::Closed) => Status::unavailable(message),
         // The client may try again once space is freed; the message says how much there is.
         CoreError::Storage(StoreError::NoSpace { .. } | StoreError::DiskFull { .. }) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ferry_core::{
     AckOperation, Broker, ConsumerEvent, ConsumerEvents, ConsumerHandle, CoreError,
-    MAX_ACK_DEADLINE_MS,
+    MAX_ACK_DEADLINE_MS, Settlement,
 };
 use ferry_proto::pb::subscriber_server::Subscriber;
 use ferry_proto::pb::{
@@ -122,16 +122,18 @@ async fn read_requests(
             }
         };
         let outcome = match request.request {
-            Some(Req::Ack(ids)) => {
-                consumer
-                    .settle(AckOperation::Ack, ids.ack_ids, Duration::ZERO)
-                    .await
-            }
-            Some(Req::Nack(ids)) => {
-                consumer
-                    .settle(AckOperation::Nack, ids.ack_ids, Duration::ZERO)
-                    .await
-            }
+            Some(Req::Ack(ids)) => consumer.settle(ids.ack_ids, Settlement::Ack).await,
+            Some(Req::Nack(request)) => match convert::nack(&request) {
+                Ok(nack) => {
+                    consumer
+                        .settle(request.ack_ids, Settlement::Nack(nack))
+                        .await
+                }
+                Err(status) => {
+                    let _ = abort.send(status);
+                    return;
+                }
+            },
             Some(Req::Extend(extend)) => {
                 let ms = u64::from(extend.extension_ms);
                 if !(1..=MAX_ACK_DEADLINE_MS).contains(&ms) {
@@ -140,13 +142,8 @@ async fn read_requests(
                     )));
                     return;
                 }
-                consumer
-                    .settle(
-                        AckOperation::Extend,
-                        extend.ack_ids,
-                        Duration::from_millis(ms),
-                    )
-                    .await
+                let extension = Settlement::Extend(Duration::from_millis(ms));
+                consumer.settle(extend.ack_ids, extension).await
             }
             Some(Req::Flow(window)) => consumer.set_window(convert::window(Some(window))).await,
             Some(Req::Attach(_)) => {

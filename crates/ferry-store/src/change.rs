@@ -9,10 +9,10 @@
 use bytes::{Buf, BufMut};
 
 use crate::codec::{self, SubscriptionRecord};
-use crate::{AckState, ChannelId, StoreError, SubscriptionId, SubscriptionSettings};
+use crate::{AckState, ChannelId, Failure, StoreError, SubscriptionId, SubscriptionSettings};
 
 /// One change a commit makes to channels, subscriptions or ack state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Change {
     /// A channel was created with this id.
     CreateChannel { id: ChannelId, name: String },
@@ -31,8 +31,19 @@ pub(crate) enum Change {
     },
     /// A subscription was deleted.
     DeleteSubscription { id: SubscriptionId },
-    /// A subscription's ack state is now this.
-    SaveAcks { id: SubscriptionId, acks: AckState },
+    /// A subscription's ack state is now this, and these failure records are written
+    /// (`Some`) or dropped (`None`).
+    SaveAcks {
+        id: SubscriptionId,
+        acks: AckState,
+        failures: Vec<(u64, Option<Failure>)>,
+    },
+    /// Messages left a channel for good (they were redriven): every subscription counts them
+    /// as acked.
+    Withdraw {
+        channel: ChannelId,
+        ranges: Vec<(u64, u64)>,
+    },
     /// Messages of a channel nobody subscribes to got their sequences without being stored:
     /// the channel's log is empty and continues at `next_seq`.
     Skipped { channel: ChannelId, next_seq: u64 },
@@ -45,6 +56,11 @@ const UPDATE_SUBSCRIPTION: u8 = 4;
 const DELETE_SUBSCRIPTION: u8 = 5;
 const SAVE_ACKS: u8 = 6;
 const SKIPPED: u8 = 7;
+/// Since the retry policy: the whole settings.
+const UPDATE_SUBSCRIPTION_2: u8 = 8;
+/// Since failure records: the ack state and failure records.
+const SAVE_ACKS_2: u8 = 9;
+const WITHDRAW: u8 = 10;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -67,18 +83,35 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 put_bytes(out, &codec::encode_ack_state(acks));
             }
             Change::UpdateSubscription { id, settings } => {
-                out.put_u8(UPDATE_SUBSCRIPTION);
+                out.put_u8(UPDATE_SUBSCRIPTION_2);
                 out.put_u32_le(id.0);
-                out.put_u64_le(settings.ack_deadline_ms);
+                let mut encoded = Vec::new();
+                codec::encode_settings(settings, &mut encoded);
+                put_bytes(out, &encoded);
             }
             Change::DeleteSubscription { id } => {
                 out.put_u8(DELETE_SUBSCRIPTION);
                 out.put_u32_le(id.0);
             }
-            Change::SaveAcks { id, acks } => {
-                out.put_u8(SAVE_ACKS);
+            Change::SaveAcks { id, acks, failures } => {
+                out.put_u8(SAVE_ACKS_2);
                 out.put_u32_le(id.0);
                 put_bytes(out, &codec::encode_ack_state(acks));
+                out.put_u32_le(failures.len() as u32);
+                let mut encoded = Vec::new();
+                for (seq, failure) in failures {
+                    out.put_u64_le(*seq);
+                    encoded.clear();
+                    if let Some(failure) = failure {
+                        codec::encode_failure(failure, &mut encoded);
+                    }
+                    put_bytes(out, &encoded);
+                }
+            }
+            Change::Withdraw { channel, ranges } => {
+                out.put_u8(WITHDRAW);
+                out.put_u32_le(channel.0);
+                out.put_slice(&codec::encode_ranges(ranges));
             }
             Change::Skipped { channel, next_seq } => {
                 out.put_u8(SKIPPED);
@@ -123,8 +156,19 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                 id: SubscriptionId(id),
                 settings: SubscriptionSettings {
                     ack_deadline_ms: get_u64(&mut raw).ok_or_else(|| bad("settings"))?,
+                    ..SubscriptionSettings::default()
                 },
             },
+            UPDATE_SUBSCRIPTION_2 => {
+                let mut encoded = get_bytes(&mut raw).ok_or_else(|| bad("settings"))?;
+                let settings = codec::decode_settings(&mut encoded)
+                    .filter(|_| encoded.is_empty())
+                    .ok_or_else(|| bad("settings"))?;
+                Change::UpdateSubscription {
+                    id: SubscriptionId(id),
+                    settings,
+                }
+            }
             DELETE_SUBSCRIPTION => Change::DeleteSubscription {
                 id: SubscriptionId(id),
             },
@@ -133,6 +177,18 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                 acks: codec::decode_ack_state(
                     get_bytes(&mut raw).ok_or_else(|| bad("ack state"))?,
                 )?,
+                failures: Vec::new(),
+            },
+            SAVE_ACKS_2 => Change::SaveAcks {
+                id: SubscriptionId(id),
+                acks: codec::decode_ack_state(
+                    get_bytes(&mut raw).ok_or_else(|| bad("ack state"))?,
+                )?,
+                failures: get_failures(&mut raw).ok_or_else(|| bad("failure records"))?,
+            },
+            WITHDRAW => Change::Withdraw {
+                channel: ChannelId(id),
+                ranges: codec::decode_ranges(&mut raw)?,
             },
             SKIPPED => Change::Skipped {
                 channel: ChannelId(id),
@@ -146,6 +202,22 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
         return Err(bad("bytes after the last change"));
     }
     Ok(changes)
+}
+
+fn get_failures(raw: &mut &[u8]) -> Option<Vec<(u64, Option<Failure>)>> {
+    let n = get_u32(raw)? as usize;
+    // Every entry takes at least twelve bytes: a damaged count cannot size the allocation.
+    let mut failures = Vec::with_capacity(n.min(raw.len() / 12));
+    for _ in 0..n {
+        let seq = get_u64(raw)?;
+        let mut encoded = get_bytes(raw)?;
+        let failure = match encoded.is_empty() {
+            true => None,
+            false => Some(codec::decode_failure(&mut encoded).ok()?),
+        };
+        failures.push((seq, failure));
+    }
+    Some(failures)
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -184,6 +256,15 @@ mod tests {
         };
         let settings = SubscriptionSettings {
             ack_deadline_ms: 5000,
+            retry: crate::RetryPolicy {
+                initial_ms: 100,
+                maximum_ms: 60_000,
+                multiplier: 2.5,
+                jitter: 0.2,
+            },
+            max_delivery_attempts: 5,
+            dead_letter: Some(ChannelId(9)),
+            ordering: false,
         };
         let changes = vec![
             Change::CreateChannel {
@@ -206,6 +287,22 @@ mod tests {
             Change::SaveAcks {
                 id: SubscriptionId(4),
                 acks,
+                failures: vec![
+                    (
+                        8,
+                        Some(Failure {
+                            count: 3,
+                            retry_at_ms: 1_700_000_000_000,
+                            cause: "nack".into(),
+                            reason: "timeout talking to the bank".into(),
+                        }),
+                    ),
+                    (9, None),
+                ],
+            },
+            Change::Withdraw {
+                channel: ChannelId(9),
+                ranges: vec![(3, 5), (8, 9)],
             },
             Change::Skipped {
                 channel: ChannelId(3),

@@ -15,6 +15,8 @@
 //! | `G` segment(u32) | [`SegmentUsage`]: how many indexed records a segment file still holds |
 //! | `P` | [`LogPosition`]: where the index's view of the segment log ends |
 //! | `O` channel(u32) | (empty) a channel the log holds records of but the index lost |
+//! | `F` subscription(u32) seq(u64) | [`Failure`]: a message's failed deliveries so far |
+//! | `W` channel(u32) | sequences withdrawn from the channel (redriven dead letters) |
 //!
 //! The message records themselves are appended to segment files (see `segment.rs`), not to
 //! sled: sled stores large values by rewriting whole tree pages, which costs CPU, memory and
@@ -29,8 +31,8 @@ use bytes::{Buf, BufMut, Bytes};
 
 use crate::message::AttributesBuilder;
 use crate::{
-    AckState, Attributes, ChannelId, Message, NewMessage, StoreError, SubscriptionId,
-    SubscriptionSettings,
+    AckState, Attributes, ChannelId, Failure, Message, NewMessage, RetryPolicy, StoreError,
+    SubscriptionId, SubscriptionSettings,
 };
 
 /// The version of this layout, stored under `V`. Older stores open too and are upgraded in
@@ -132,11 +134,19 @@ pub(crate) fn channel_log_prefix(channel: ChannelId) -> [u8; 5] {
 
 /// The first sequence of the record an index key names.
 pub(crate) fn parse_record_key(key: &[u8]) -> Result<u64, StoreError> {
+    parse_sequence_key(b'M', key)
+}
+
+/// The sequence in a key of `kind` (an id, then a sequence).
+fn parse_sequence_key(kind: u8, key: &[u8]) -> Result<u64, StoreError> {
     match key {
-        [b'M', _, _, _, _, seq @ ..] if seq.len() == 8 => {
+        [k, _, _, _, _, seq @ ..] if *k == kind && seq.len() == 8 => {
             Ok(u64::from_be_bytes(seq.try_into().expect("8 bytes")))
         }
-        _ => Err(StoreError::Corrupt(format!("bad record key {key:?}"))),
+        _ => Err(StoreError::Corrupt(format!(
+            "bad {} key {key:?}",
+            char::from(kind)
+        ))),
     }
 }
 
@@ -444,7 +454,7 @@ impl ChannelRecord {
 }
 
 /// The persisted part of a subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SubscriptionRecord {
     pub channel: ChannelId,
     pub name: String,
@@ -453,10 +463,10 @@ pub(crate) struct SubscriptionRecord {
 
 impl SubscriptionRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.name.len());
+        let mut out = Vec::with_capacity(80 + self.name.len());
         out.put_u32_le(self.channel.0);
         put_str(&mut out, &self.name);
-        out.put_u64_le(self.settings.ack_deadline_ms);
+        encode_settings(&self.settings, &mut out);
         out
     }
 
@@ -467,18 +477,131 @@ impl SubscriptionRecord {
         }
         let channel = ChannelId(raw.get_u32_le());
         let name = get_str_slice(&mut raw).ok_or_else(bad)?;
-        if raw.remaining() < 8 {
-            return Err(bad());
-        }
-        let settings = SubscriptionSettings {
-            ack_deadline_ms: raw.get_u64_le(),
-        };
+        let settings = decode_settings(&mut raw).ok_or_else(bad)?;
         Ok(Self {
             channel,
             name,
             settings,
         })
     }
+}
+
+/// The settings' encoding after this tag (older records end after the ack deadline).
+const SETTINGS_V2: u8 = 2;
+/// Flag bit: messages with the same key are not held back for one another.
+const UNORDERED: u8 = 1;
+
+/// Appends a subscription's settings: the ack deadline, then (tagged) the retry policy,
+/// attempt limit, dead-letter channel and flags.
+pub(crate) fn encode_settings(settings: &SubscriptionSettings, out: &mut Vec<u8>) {
+    out.put_u64_le(settings.ack_deadline_ms);
+    out.put_u8(SETTINGS_V2);
+    out.put_u64_le(settings.retry.initial_ms);
+    out.put_u64_le(settings.retry.maximum_ms);
+    out.put_f64_le(settings.retry.multiplier);
+    out.put_f64_le(settings.retry.jitter);
+    out.put_u32_le(settings.max_delivery_attempts);
+    out.put_u32_le(settings.dead_letter.map_or(0, |c| c.0));
+    out.put_u8(if settings.ordering { 0 } else { UNORDERED });
+}
+
+/// Reads what [`encode_settings`] wrote (or an older record's ack deadline alone).
+pub(crate) fn decode_settings(raw: &mut &[u8]) -> Option<SubscriptionSettings> {
+    if raw.remaining() < 8 {
+        return None;
+    }
+    let mut settings = SubscriptionSettings {
+        ack_deadline_ms: raw.get_u64_le(),
+        ..SubscriptionSettings::default()
+    };
+    if raw.remaining() == 0 {
+        return Some(settings);
+    }
+    if raw.get_u8() != SETTINGS_V2 || raw.remaining() < 8 * 4 + 4 + 4 + 1 {
+        return None;
+    }
+    settings.retry = RetryPolicy {
+        initial_ms: raw.get_u64_le(),
+        maximum_ms: raw.get_u64_le(),
+        multiplier: raw.get_f64_le(),
+        jitter: raw.get_f64_le(),
+    };
+    settings.max_delivery_attempts = raw.get_u32_le();
+    settings.dead_letter = Some(raw.get_u32_le()).filter(|&id| id != 0).map(ChannelId);
+    settings.ordering = raw.get_u8() & UNORDERED == 0;
+    Some(settings)
+}
+
+/// Where a subscription's failure record of one message is.
+pub(crate) fn failure_key(subscription: SubscriptionId, seq: u64) -> [u8; 13] {
+    let mut key = [b'F'; 13];
+    key[1..5].copy_from_slice(&subscription.0.to_be_bytes());
+    key[5..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Every failure key of a subscription starts with this.
+pub(crate) fn failure_prefix(subscription: SubscriptionId) -> [u8; 5] {
+    prefixed(b'F', subscription.0)
+}
+
+/// The sequence a failure key names.
+pub(crate) fn parse_failure_key(key: &[u8]) -> Result<u64, StoreError> {
+    parse_sequence_key(b'F', key)
+}
+
+pub(crate) fn encode_failure(failure: &Failure, out: &mut Vec<u8>) {
+    out.put_u32_le(failure.count);
+    out.put_u64_le(failure.retry_at_ms);
+    put_str(out, &failure.cause);
+    put_str(out, &failure.reason);
+}
+
+pub(crate) fn decode_failure(raw: &mut &[u8]) -> Result<Failure, StoreError> {
+    let bad = || StoreError::Corrupt("bad failure record".into());
+    if raw.remaining() < 12 {
+        return Err(bad());
+    }
+    let count = raw.get_u32_le();
+    let retry_at_ms = raw.get_u64_le();
+    let cause = get_str_slice(raw).ok_or_else(bad)?;
+    let reason = get_str_slice(raw).ok_or_else(bad)?;
+    Ok(Failure {
+        count,
+        retry_at_ms,
+        cause,
+        reason,
+    })
+}
+
+/// Where a channel's withdrawn sequences are.
+pub(crate) fn withdrawn_key(channel: ChannelId) -> [u8; 5] {
+    prefixed(b'W', channel.0)
+}
+
+/// Sorted, disjoint ranges `[start, end)`.
+pub(crate) fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 16 * ranges.len());
+    out.put_u32_le(ranges.len() as u32);
+    for &(start, end) in ranges {
+        out.put_u64_le(start);
+        out.put_u64_le(end);
+    }
+    out
+}
+
+pub(crate) fn decode_ranges(raw: &mut &[u8]) -> Result<Vec<(u64, u64)>, StoreError> {
+    let bad = || StoreError::Corrupt("bad sequence ranges".into());
+    if raw.remaining() < 4 {
+        return Err(bad());
+    }
+    let n = raw.get_u32_le() as usize;
+    if raw.remaining() < n.saturating_mul(16) {
+        return Err(bad());
+    }
+    Ok((0..n)
+        .map(|_| (raw.get_u64_le(), raw.get_u64_le()))
+        .collect())
 }
 
 pub(crate) fn encode_ack_state(state: &AckState) -> Vec<u8> {

@@ -344,9 +344,7 @@ fn placeholder_subscription() -> SubscriptionRecord {
     SubscriptionRecord {
         channel: ChannelId(0),
         name: PLACEHOLDER.into(),
-        settings: SubscriptionSettings {
-            ack_deadline_ms: 30_000,
-        },
+        settings: SubscriptionSettings::default(),
     }
 }
 
@@ -467,7 +465,9 @@ fn apply_change(index: &mut Index, change: &Change) {
         Change::DeleteSubscription { id } => {
             index.subscriptions.remove(id);
         }
-        Change::SaveAcks { id, acks } => {
+        // What a check compares does not depend on failure records or withdrawn sequences.
+        Change::Withdraw { .. } => {}
+        Change::SaveAcks { id, acks, .. } => {
             if let Some((_, state)) = index.subscriptions.get_mut(id) {
                 *state = Some(acks.clone());
             }
@@ -653,9 +653,7 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
                 SubscriptionRecord {
                     channel,
                     name: "recovered".into(),
-                    settings: SubscriptionSettings {
-                        ack_deadline_ms: 30_000,
-                    },
+                    settings: SubscriptionSettings::default(),
                 },
                 Some(AckState {
                     floor: first,

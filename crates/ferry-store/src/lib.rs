@@ -65,10 +65,82 @@ pub struct AckState {
 }
 
 /// A subscription's settings, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SubscriptionSettings {
     /// How long a delivery may stay unacked before it is redelivered.
     pub ack_deadline_ms: u64,
+    /// How long a failed delivery waits before the message is delivered again.
+    pub retry: RetryPolicy,
+    /// After this many failed deliveries a message is dead-lettered (0: no limit).
+    pub max_delivery_attempts: u32,
+    /// Where messages go after their last attempt or a terminal nack.
+    pub dead_letter: Option<ChannelId>,
+    /// Whether messages with the same key are delivered one at a time, in order.
+    pub ordering: bool,
+}
+
+impl Default for SubscriptionSettings {
+    fn default() -> Self {
+        Self {
+            ack_deadline_ms: 30_000,
+            retry: RetryPolicy::default(),
+            max_delivery_attempts: 0,
+            dead_letter: None,
+            ordering: true,
+        }
+    }
+}
+
+/// The backoff between a failed delivery and the next: the n-th retry waits
+/// `min(maximum, initial × multiplier^(n-1))`, then ± `jitter` × that. All zeros (the default)
+/// retry at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// The wait before the first retry.
+    pub initial_ms: u64,
+    /// The longest wait.
+    pub maximum_ms: u64,
+    /// Each retry waits this many times longer than the one before (at least 1).
+    pub multiplier: f64,
+    /// The fraction (0 to 1) by which a wait is randomly shortened or lengthened.
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_ms: 0,
+            maximum_ms: 0,
+            multiplier: 1.0,
+            jitter: 0.0,
+        }
+    }
+}
+
+/// What a subscription durably remembers of a message's failed deliveries, so that attempt
+/// counts and backoff survive a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Failed deliveries so far: the next delivery is attempt `count + 1`.
+    pub count: u32,
+    /// Not to be delivered again before this time (ms since the Unix epoch).
+    pub retry_at_ms: u64,
+    /// The last failure's cause (`deadline`, `nack`, `released`).
+    pub cause: String,
+    /// The consumer's reason text of the last nack ("" if none).
+    pub reason: String,
+}
+
+/// A new ack state and what goes with it, committed as one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AckUpdate {
+    /// The subscription's ack state.
+    pub state: AckState,
+    /// Failure records to write (`Some`) or drop (`None`), by sequence.
+    pub failures: Vec<(u64, Option<Failure>)>,
+    /// Messages to append to the subscription's dead-letter channel in the same commit (the
+    /// state acks their originals).
+    pub dead_letters: Vec<NewMessage>,
 }
 
 /// When a write counts as done.
@@ -209,6 +281,9 @@ pub enum StoreError {
     /// The channel has a subscription of that name.
     #[error("subscription {0:?} already exists")]
     SubscriptionExists(String),
+    /// The channel is the dead-letter channel of a subscription.
+    #[error("channel is the dead-letter channel of subscription {0:?}")]
+    ChannelInUse(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -242,6 +317,8 @@ pub struct RecoveredSubscription {
     pub settings: SubscriptionSettings,
     /// Its durable ack state.
     pub acks: AckState,
+    /// Failure records of its unacked messages, by sequence.
+    pub failures: Vec<(u64, Failure)>,
 }
 
 /// What the store holds at start-up: metadata and ack state only, never the backlog itself, so
@@ -417,22 +494,46 @@ impl Store {
 
     /// Replaces a subscription's ack state; resolves once it is durable.
     pub async fn save_acks(&self, subscription: SubscriptionId, state: AckState) -> Result<()> {
-        self.submit_acks(subscription, state)
+        let update = AckUpdate {
+            state,
+            ..AckUpdate::default()
+        };
+        self.submit_acks(subscription, update)
             .await?
             .confirmed()
             .await
     }
 
-    /// Queues a new ack state; states queued one after another are committed in that order, so a
-    /// later state never loses to an earlier one.
+    /// Queues a new ack state with its failure records and dead letters, committed as one;
+    /// states queued one after another are committed in that order, so a later state never
+    /// loses to an earlier one.
     pub async fn submit_acks(
         &self,
         subscription: SubscriptionId,
-        state: AckState,
+        update: AckUpdate,
     ) -> Result<Confirmation<()>> {
         self.submit(|reply| Op::SaveAcks {
             subscription,
-            state,
+            update,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves dead letters back to their origin: appends each message to channel `to` and
+    /// withdraws its sequence from channel `from`, in one commit. Sequences already withdrawn
+    /// or no longer stored are left out; returns each moved (`from` sequence, `to` sequence).
+    pub async fn redrive(
+        &self,
+        from: ChannelId,
+        to: ChannelId,
+        moves: Vec<(u64, NewMessage)>,
+    ) -> Result<Vec<(u64, u64)>> {
+        self.shared.space.check()?;
+        self.call(|reply| Op::Redrive {
+            from,
+            to,
+            moves,
             reply,
         })
         .await

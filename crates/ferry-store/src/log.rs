@@ -85,6 +85,9 @@ pub struct ChannelLog {
     segments: Arc<Segments>,
     /// The durable end (next sequence); readers wait on it for new messages.
     end: watch::Sender<u64>,
+    /// Sequences withdrawn from the channel (redriven dead letters), as sorted ranges: every
+    /// subscription counts them as acked.
+    withdrawn: watch::Sender<Arc<[(u64, u64)]>>,
     state: Mutex<LogState>,
     cache: Arc<MessageCache>,
     /// When a reader last asked for messages (ms since the cache's epoch): the coldest channels
@@ -122,6 +125,7 @@ impl ChannelLog {
             db,
             segments,
             end,
+            withdrawn: watch::channel(Arc::from(Vec::new())).0,
             state: Mutex::new(state),
             last_read: AtomicU64::new(cache.now_ms()),
             cache,
@@ -131,6 +135,16 @@ impl ChannelLog {
     /// The channel this log belongs to.
     pub fn id(&self) -> ChannelId {
         self.id
+    }
+
+    /// A watch on the sequences withdrawn from the channel (durably), as sorted ranges
+    /// `[start, end)`.
+    pub fn watch_withdrawn(&self) -> watch::Receiver<Arc<[(u64, u64)]>> {
+        self.withdrawn.subscribe()
+    }
+
+    pub(crate) fn set_withdrawn(&self, ranges: Vec<(u64, u64)>) {
+        self.withdrawn.send_replace(Arc::from(ranges));
     }
 
     /// The log's figures now.

@@ -28,6 +28,7 @@ async fn ack(store: &Store, sub: SubscriptionId, floor: u64) {
 async fn subscribe(store: &Store, channel: ChannelId, name: &str) -> SubscriptionId {
     let settings = SubscriptionSettings {
         ack_deadline_ms: 1000,
+        ..SubscriptionSettings::default()
     };
     store
         .create_subscription(channel, name.into(), settings)
@@ -51,6 +52,7 @@ async fn appends_survive_reopen_and_collection_frees_records() {
     let channel = store.create_channel("orders".into()).await.unwrap();
     let settings = SubscriptionSettings {
         ack_deadline_ms: 1000,
+        ..SubscriptionSettings::default()
     };
     let (sub, acks) = store
         .create_subscription(channel, "audit".into(), settings)
@@ -115,6 +117,7 @@ async fn names_are_unique_and_deletes_remove_everything() {
     ));
     let settings = SubscriptionSettings {
         ack_deadline_ms: 1000,
+        ..SubscriptionSettings::default()
     };
     store
         .create_subscription(channel, "s".into(), settings)
@@ -450,15 +453,16 @@ fn contents(store: &Store, recovered: &Recovered) -> Vec<String> {
             .iter()
             .map(|m| m.sequence)
             .collect();
+        let withdrawn = log.watch_withdrawn().borrow().clone();
         out.push(format!(
-            "channel {} {:?} {stats:?} {seqs:?}",
+            "channel {} {:?} {stats:?} {seqs:?} withdrawn {withdrawn:?}",
             c.id.0, c.name
         ));
     }
     for s in &recovered.subscriptions {
         out.push(format!(
-            "subscription {} {:?} on {} {:?} {:?}",
-            s.id.0, s.name, s.channel.0, s.settings, s.acks
+            "subscription {} {:?} on {} {:?} {:?} {:?}",
+            s.id.0, s.name, s.channel.0, s.settings, s.acks, s.failures
         ));
     }
     out.sort();
@@ -487,6 +491,7 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     store.append(orders, messages(5, 100)).await.unwrap();
     let settings = SubscriptionSettings {
         ack_deadline_ms: 7_000,
+        ..SubscriptionSettings::default()
     };
     store.update_subscription(billing, settings).await.unwrap();
     let gone = store.create_channel("gone".into()).await.unwrap();
@@ -497,6 +502,39 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     store.append(quiet, messages(4, 100)).await.unwrap();
     let temp = subscribe(&store, orders, "temp").await;
     store.delete_subscription(temp).await.unwrap();
+    // A failure record, a dead letter with its ack, and a redrive.
+    let dead = store.create_channel("dead".into()).await.unwrap();
+    // Its subscriber acks nothing, so that nothing is collected (replay leaves collection to
+    // the first commit after it).
+    subscribe(&store, dead, "inspect").await;
+    let settings = SubscriptionSettings {
+        dead_letter: Some(dead),
+        max_delivery_attempts: 2,
+        ..SubscriptionSettings::default()
+    };
+    store.update_subscription(billing, settings).await.unwrap();
+    let update = AckUpdate {
+        state: AckState {
+            floor: 31,
+            acked_total: 1,
+            acked_above_floor: vec![(32, 33)],
+        },
+        failures: vec![(33, Some(failure(1))), (32, None)],
+        dead_letters: messages(2, 10),
+    };
+    store
+        .submit_acks(billing, update)
+        .await
+        .unwrap()
+        .confirmed()
+        .await
+        .unwrap();
+    let moved = store.redrive(
+        dead,
+        orders,
+        messages(1, 10).into_iter().map(|m| (2, m)).collect(),
+    );
+    assert_eq!(moved.await.unwrap(), vec![(2, 36)]);
     // Not so far that the copy's records are collected: a file is deleted only once sled's
     // durable copy no longer names it, which a real crash never takes back.
     ack(&store, audit, 8).await;
@@ -512,8 +550,92 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     // Ids and sequences go on from where the log ends.
     assert!(store.create_channel("next".into()).await.unwrap().0 > temp.0);
     assert_eq!(store.append(quiet, messages(1, 1)).await.unwrap(), 5..6);
-    assert_eq!(store.append(orders, messages(1, 1)).await.unwrap(), 36..37);
+    assert_eq!(store.append(orders, messages(1, 1)).await.unwrap(), 37..38);
     store.close().await.unwrap();
+}
+
+fn failure(count: u32) -> Failure {
+    Failure {
+        count,
+        retry_at_ms: 1_700_000_000_000,
+        cause: "nack".into(),
+        reason: "the bank said no".into(),
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_commit_with_their_acks_and_redrives_move_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let orders = store.create_channel("orders".into()).await.unwrap();
+    let dead = store.create_channel("orders.dead".into()).await.unwrap();
+    let settings = SubscriptionSettings {
+        dead_letter: Some(dead),
+        max_delivery_attempts: 3,
+        ..SubscriptionSettings::default()
+    };
+    let (work, _) = store
+        .create_subscription(orders, "work".into(), settings)
+        .await
+        .unwrap();
+    store.append(orders, messages(5, 100)).await.unwrap();
+    let update = AckUpdate {
+        state: AckState {
+            floor: 1,
+            acked_total: 2,
+            acked_above_floor: vec![(2, 4)],
+        },
+        failures: vec![(1, Some(failure(2))), (3, None)],
+        dead_letters: messages(2, 50),
+    };
+    store
+        .submit_acks(work, update)
+        .await
+        .unwrap()
+        .confirmed()
+        .await
+        .unwrap();
+    // Nobody subscribes to the dead-letter channel, and still it keeps what it receives.
+    let dead_log = store.log(dead).unwrap();
+    assert_eq!(dead_log.read(1, 10, usize::MAX).unwrap().len(), 2);
+    assert!(matches!(
+        store.delete_channel(dead).await,
+        Err(StoreError::ChannelInUse(name)) if name == "work"
+    ));
+
+    let moves = |seqs: &[u64]| {
+        seqs.iter()
+            .map(|&seq| (seq, messages(1, 10).remove(0)))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store
+            .redrive(dead, orders, moves(&[2, 2, 9]))
+            .await
+            .unwrap(),
+        vec![(2, 6)]
+    );
+    assert_eq!(
+        store.redrive(dead, orders, moves(&[2])).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(dead_log.watch_withdrawn().borrow()[..], [(2, 3)]);
+    drop(dead_log);
+    shut(store).await;
+
+    let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
+    assert_eq!(recovered.subscriptions[0].failures, vec![(1, failure(2))]);
+    assert_eq!(
+        store.log(dead).unwrap().watch_withdrawn().borrow()[..],
+        [(2, 3)]
+    );
+    // A subscription of a dead-letter channel starts at the first message it holds.
+    let (_, acks) = store
+        .create_subscription(dead, "inspect".into(), SubscriptionSettings::default())
+        .await
+        .unwrap();
+    assert_eq!(acks.floor, 1);
+    shut(store).await;
 }
 
 #[tokio::test]
@@ -614,7 +736,11 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
                 acked_total: floor - 1,
                 acked_above_floor: vec![(floor + 1, floor + 2)],
             };
-            confirmations.push(store.submit_acks(sub, state).await.unwrap());
+            let update = crate::AckUpdate {
+                state,
+                ..Default::default()
+            };
+            confirmations.push(store.submit_acks(sub, update).await.unwrap());
         }
     }
     for confirmation in confirmations {

@@ -31,9 +31,9 @@ use crate::log::MessageCache;
 use crate::segment::{Appender, Segments};
 use crate::space::Space;
 use crate::{
-    AckState, ChannelId, ChannelLog, ChannelStats, Counters, FsyncMode, Message, NewMessage,
-    Recovered, RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError, StoreOptions,
-    SubscriptionId, SubscriptionSettings,
+    AckState, AckUpdate, ChannelId, ChannelLog, ChannelStats, Counters, FsyncMode, Message,
+    NewMessage, Recovered, RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError,
+    StoreOptions, SubscriptionId, SubscriptionSettings,
 };
 use crate::{failpoint, recovery};
 use checkpoint::Checkpointer;
@@ -56,8 +56,14 @@ pub(crate) enum Op {
     },
     SaveAcks {
         subscription: SubscriptionId,
-        state: AckState,
+        update: AckUpdate,
         reply: Reply<()>,
+    },
+    Redrive {
+        from: ChannelId,
+        to: ChannelId,
+        moves: Vec<(u64, NewMessage)>,
+        reply: Reply<Vec<(u64, u64)>>,
     },
     CreateChannel {
         name: String,
@@ -92,7 +98,24 @@ impl Op {
         match self {
             Op::Append { messages, .. } => messages.iter().map(NewMessage::size).sum(),
             // Its encoded size: a group's commit frame stays bounded too.
-            Op::SaveAcks { state, .. } => 20 + 16 * state.acked_above_floor.len(),
+            Op::SaveAcks { update, .. } => {
+                20 + 16 * update.state.acked_above_floor.len()
+                    + update
+                        .failures
+                        .iter()
+                        .map(|(_, f)| {
+                            16 + f
+                                .as_ref()
+                                .map_or(0, |f| 20 + f.cause.len() + f.reason.len())
+                        })
+                        .sum::<usize>()
+                    + update
+                        .dead_letters
+                        .iter()
+                        .map(NewMessage::size)
+                        .sum::<usize>()
+            }
+            Op::Redrive { moves, .. } => moves.iter().map(|(_, m)| 16 + m.size()).sum(),
             _ => 64,
         }
     }
@@ -178,6 +201,8 @@ struct Group {
     records: u32,
     /// Logs to publish or withdraw once committed.
     new_logs: Vec<Arc<ChannelLog>>,
+    /// Channels whose withdrawn sequences changed.
+    withdrawals: HashSet<ChannelId>,
     dropped_logs: Vec<ChannelId>,
     replies: Vec<Pending>,
     /// Ack states the group saves.
@@ -221,6 +246,7 @@ impl Writer {
                 stats_of(record),
                 cache.clone(),
             ));
+            log.set_withdrawn(state.withdrawn.get(&id).cloned().unwrap_or_default());
             recovered.channels.push(RecoveredChannel {
                 id,
                 name: record.name.clone(),
@@ -235,12 +261,22 @@ impl Writer {
                     record.name
                 )));
             };
+            let acks = codec::decode_ack_state(&raw)?;
+            let mut failures = Vec::new();
+            for entry in db.scan_prefix(codec::failure_prefix(id)) {
+                let (key, value) = entry?;
+                failures.push((
+                    codec::parse_failure_key(&key)?,
+                    codec::decode_failure(&mut value.as_ref())?,
+                ));
+            }
             recovered.subscriptions.push(RecoveredSubscription {
                 id,
                 channel: record.channel,
                 name: record.name.clone(),
                 settings: record.settings,
-                acks: codec::decode_ack_state(&raw)?,
+                acks,
+                failures,
             });
         }
         verify_records(&db, &segments, &state, &writer_logs, options.verify)?;
@@ -494,6 +530,11 @@ impl Writer {
                 log.collected(stats);
             }
         }
+        for id in group.withdrawals.drain() {
+            if let (Some(log), Some(ranges)) = (self.logs.get(&id), self.state.withdrawn.get(&id)) {
+                log.log.set_withdrawn(ranges.clone());
+            }
+        }
         shared.cache.enforce(&shared.logs);
         failpoint::hit("synced");
         for reply in group.replies.drain(..) {
@@ -699,6 +740,7 @@ fn refuse(op: Op, e: &StoreError) {
         | Op::DeleteSubscription { reply, .. }
         | Op::Close { reply } => send(pending(reply, ())),
         Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
+        Op::Redrive { reply, .. } => send(pending(reply, Vec::new())),
         Op::CreateSubscription { reply, .. } => {
             send(pending(reply, (SubscriptionId(0), AckState::default())))
         }

@@ -6,12 +6,12 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Group, Op, Reply, Writer, WriterLog, pending, stats_of};
+use super::{Group, Op, Reply, Writer, WriterLog, pending, state, stats_of};
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, SubscriptionRecord, record_key};
 use crate::{
-    AckState, ChannelId, ChannelLog, Message, NewMessage, Result, StoreError, SubscriptionId,
-    SubscriptionSettings,
+    AckState, AckUpdate, ChannelId, ChannelLog, Message, NewMessage, Result, StoreError,
+    SubscriptionId, SubscriptionSettings,
 };
 
 impl Writer {
@@ -23,15 +23,27 @@ impl Writer {
                 messages,
                 reply,
             } => {
-                let planned = self.plan_append(channel, messages, group);
+                let planned = self
+                    .space
+                    .check()
+                    .and_then(|()| self.plan_append(channel, messages, group));
                 answer(group, reply, planned);
             }
             Op::SaveAcks {
                 subscription,
-                state,
+                update,
                 reply,
             } => {
-                let planned = self.plan_acks(subscription, state, group);
+                let planned = self.plan_acks(subscription, update, group);
+                answer(group, reply, planned);
+            }
+            Op::Redrive {
+                from,
+                to,
+                moves,
+                reply,
+            } => {
+                let planned = self.plan_redrive(from, to, moves, group);
                 answer(group, reply, planned);
             }
             Op::CreateChannel { name, reply } => {
@@ -60,7 +72,9 @@ impl Writer {
                     id: subscription,
                     settings,
                 };
-                let planned = self.plan_subscription_change(subscription, change, group);
+                let planned = self
+                    .check_dead_letter(&settings)
+                    .and_then(|()| self.plan_subscription_change(subscription, change, group));
                 answer(group, reply, planned);
             }
             Op::DeleteSubscription {
@@ -78,6 +92,9 @@ impl Writer {
         }
     }
 
+    /// Gives messages their sequences in the group. Publishes check free space first (again
+    /// here: appends queued before the watermark was crossed must not take the disk past it);
+    /// dead letters do not, as they come with the acks that free space.
     fn plan_append(
         &mut self,
         channel: ChannelId,
@@ -89,9 +106,6 @@ impl Writer {
             .channels
             .get_mut(&channel)
             .ok_or(StoreError::ChannelNotFound)?;
-        // Checked again here: appends queued before the watermark was crossed must not take
-        // the disk past it.
-        self.space.check()?;
         let first = record.next_seq;
         let range = first..first + messages.len() as u64;
         record.next_seq = range.end;
@@ -105,23 +119,90 @@ impl Writer {
         Ok(range)
     }
 
+    /// Saves an ack state with its failure records, and appends its dead letters to the
+    /// subscription's dead-letter channel in the same commit: a dead-lettered message is
+    /// acked exactly when its copy is stored.
     fn plan_acks(
         &mut self,
         subscription: SubscriptionId,
-        acks: AckState,
+        update: AckUpdate,
         group: &mut Group,
     ) -> Result<()> {
-        self.subscription_exists(subscription)?;
-        // A later state of the same subscription takes the earlier one's place in the frame.
+        let record = self
+            .state
+            .subscriptions
+            .get(&subscription)
+            .ok_or(StoreError::SubscriptionNotFound)?;
+        if !update.dead_letters.is_empty() {
+            let target = record.settings.dead_letter.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "dead letters for subscription {:?}, which has no dead-letter channel",
+                    record.name
+                ))
+            })?;
+            self.plan_append(target, update.dead_letters, group)?;
+        }
+        // A later state of the same subscription takes the earlier one's place in the frame;
+        // the failure records of both are kept, the later last.
         let slot = group.acks_at.get(&subscription).copied();
+        let mut failures = match slot.map(|at| &mut group.changes[at]) {
+            Some(Change::SaveAcks { failures, .. }) => std::mem::take(failures),
+            _ => Vec::new(),
+        };
+        failures.extend(update.failures);
         let change = Change::SaveAcks {
             id: subscription,
-            acks,
+            acks: update.state,
+            failures,
         };
         let at = self.change(change, group, slot)?;
         group.acks_at.insert(subscription, at);
         group.ack_states += 1;
         Ok(())
+    }
+
+    /// Moves dead letters back to their origin channel: each message is appended to `to` and
+    /// its sequence withdrawn from `from` in the same commit. A sequence already withdrawn,
+    /// or no longer stored, is left out (so two redrives never move one message twice);
+    /// returns each moved (`from` sequence, `to` sequence).
+    fn plan_redrive(
+        &mut self,
+        from: ChannelId,
+        to: ChannelId,
+        moves: Vec<(u64, NewMessage)>,
+        group: &mut Group,
+    ) -> Result<Vec<(u64, u64)>> {
+        let source = self
+            .state
+            .channels
+            .get(&from)
+            .ok_or(StoreError::ChannelNotFound)?;
+        let stored = source.first_seq..source.next_seq;
+        self.space.check()?;
+        let mut seen = std::collections::HashSet::new();
+        let (seqs, messages): (Vec<u64>, Vec<NewMessage>) = moves
+            .into_iter()
+            .filter(|(seq, _)| {
+                stored.contains(seq) && !self.state.is_withdrawn(from, *seq) && seen.insert(*seq)
+            })
+            .unzip();
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let range = self.plan_append(to, messages, group)?;
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        let ranges = state::ranges_of(&sorted);
+        self.change(
+            Change::Withdraw {
+                channel: from,
+                ranges,
+            },
+            group,
+            None,
+        )?;
+        group.withdrawals.insert(from);
+        Ok(seqs.into_iter().zip(range).collect())
     }
 
     fn plan_create_channel(&mut self, name: String, group: &mut Group) -> Result<ChannelId> {
@@ -145,6 +226,11 @@ impl Writer {
     fn plan_delete_channel(&mut self, channel: ChannelId, group: &mut Group) -> Result<()> {
         if !self.state.channels.contains_key(&channel) {
             return Err(StoreError::ChannelNotFound);
+        }
+        if let Some(user) = self.state.dead_letter_user(channel)
+            && user.channel != channel
+        {
+            return Err(StoreError::ChannelInUse(user.name.clone()));
         }
         self.change(Change::DeleteChannel { id: channel }, group, None)?;
         group.appends.remove(&channel);
@@ -173,8 +259,15 @@ impl Writer {
         {
             return Err(StoreError::SubscriptionExists(name));
         }
+        // A dead-letter channel keeps what it received while nobody subscribed: a new
+        // subscription starts at the first message it still holds.
+        let start = match self.state.dead_letter_user(channel) {
+            Some(_) => record.first_seq,
+            None => record.next_seq,
+        };
+        self.check_dead_letter(&settings)?;
         let acks = AckState {
-            floor: record.next_seq,
+            floor: start,
             acked_total: 0,
             acked_above_floor: Vec::new(),
         };
@@ -201,6 +294,14 @@ impl Writer {
     ) -> Result<()> {
         self.subscription_exists(subscription)?;
         self.change(change, group, None).map(drop)
+    }
+
+    /// A subscription's dead-letter channel must exist.
+    fn check_dead_letter(&self, settings: &SubscriptionSettings) -> Result<()> {
+        match settings.dead_letter {
+            Some(id) if !self.state.channels.contains_key(&id) => Err(StoreError::ChannelNotFound),
+            _ => Ok(()),
+        }
     }
 
     fn subscription_exists(&self, subscription: SubscriptionId) -> Result<()> {
@@ -239,22 +340,32 @@ impl Writer {
         let mut changed = Vec::new();
         let mut releases = Vec::new();
         for &id in &group.touched.collects {
+            // Withdrawn sequences count as acked by every subscription.
             let lowest_floor = self
                 .state
                 .subscriptions
                 .iter()
                 .filter(|(_, s)| s.channel == id)
                 .filter_map(|(sub, _)| self.state.floors.get(sub))
-                .min()
-                .copied();
+                .map(|&floor| self.state.skip_withdrawn(id, floor))
+                .min();
+            let keeps = self.state.dead_letter_user(id).is_some();
+            let Some(record) = self.state.channels.get(&id) else {
+                continue;
+            };
+            // Without subscriptions everything written goes, including what is not announced
+            // yet; a dead-letter channel keeps all but what was withdrawn.
+            let wanted = match lowest_floor {
+                Some(floor) => floor,
+                None if keeps => self.state.skip_withdrawn(id, record.first_seq),
+                None => record.next_seq,
+            };
             let (Some(record), Some(log)) =
                 (self.state.channels.get_mut(&id), self.logs.get_mut(&id))
             else {
                 continue;
             };
             let committed_end = log.log.stats().next_seq;
-            // Without subscriptions everything written goes, including what is not announced yet.
-            let wanted = lowest_floor.unwrap_or(record.next_seq);
             if wanted > committed_end {
                 self.pending_collects.insert(id);
             }
@@ -303,6 +414,7 @@ impl Writer {
             record.first_seq = new_first;
             group.touched.channels.insert(id);
             changed.push(id);
+            self.state.trim_withdrawn(id, new_first, &mut group.batch);
         }
         for at in releases {
             self.state.release(at, &mut group.touched);
@@ -321,7 +433,7 @@ impl Writer {
             .map_or(0, |d| d.as_millis() as u64);
         let mut stored = Vec::with_capacity(group.appends.len());
         for (id, (first, messages)) in std::mem::take(&mut group.appends) {
-            let subscribed = self.state.subscribed(id);
+            let subscribed = self.state.subscribed(id) || self.state.dead_letter_user(id).is_some();
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
             };

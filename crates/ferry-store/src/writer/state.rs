@@ -26,6 +26,9 @@ pub(crate) struct State {
     pub next_id: u32,
     /// Channels whose records the log holds but the index lost (see `recovery.rs`).
     pub orphans: HashSet<ChannelId>,
+    /// Sequences withdrawn from each channel (redriven dead letters), as sorted, disjoint,
+    /// non-adjacent ranges `[start, end)`: every subscription counts them as acked.
+    pub withdrawn: HashMap<ChannelId, Vec<(u64, u64)>>,
 }
 
 /// What applying a commit touched: written out by [`State::finish`].
@@ -78,12 +81,58 @@ impl State {
         for entry in db.scan_prefix(b"O") {
             state.orphans.insert(ChannelId(id_of(&entry?.0)?));
         }
+        for entry in db.scan_prefix(b"W") {
+            let (key, value) = entry?;
+            let ranges = codec::decode_ranges(&mut value.as_ref())?;
+            state.withdrawn.insert(ChannelId(id_of(&key)?), ranges);
+        }
         Ok(state)
     }
 
     /// Whether any subscription reads `channel`.
     pub(crate) fn subscribed(&self, channel: ChannelId) -> bool {
         self.subscriptions.values().any(|s| s.channel == channel)
+    }
+
+    /// The subscription whose dead-letter channel `channel` is, if any: such a channel keeps
+    /// what it receives even while nobody subscribes to it.
+    pub(crate) fn dead_letter_user(&self, channel: ChannelId) -> Option<&SubscriptionRecord> {
+        self.subscriptions
+            .values()
+            .find(|s| s.settings.dead_letter == Some(channel))
+    }
+
+    /// Whether `seq` was withdrawn from `channel`.
+    pub(crate) fn is_withdrawn(&self, channel: ChannelId, seq: u64) -> bool {
+        self.withdrawn
+            .get(&channel)
+            .is_some_and(|ranges| ranges.iter().any(|&(s, e)| (s..e).contains(&seq)))
+    }
+
+    /// The first sequence at or after `seq` that was not withdrawn from `channel`.
+    pub(crate) fn skip_withdrawn(&self, channel: ChannelId, seq: u64) -> u64 {
+        let ranges = self.withdrawn.get(&channel).map_or(&[][..], Vec::as_slice);
+        match ranges.iter().find(|&&(s, e)| (s..e).contains(&seq)) {
+            Some(&(_, end)) => end,
+            None => seq,
+        }
+    }
+
+    /// Forgets withdrawn ranges below `first_seq` (their records are collected).
+    pub(crate) fn trim_withdrawn(
+        &mut self,
+        channel: ChannelId,
+        first_seq: u64,
+        batch: &mut sled::Batch,
+    ) {
+        let Some(ranges) = self.withdrawn.get_mut(&channel) else {
+            return;
+        };
+        let before = ranges.len();
+        ranges.retain(|&(_, end)| end > first_seq);
+        if ranges.len() != before {
+            write_withdrawn(channel, ranges, batch);
+        }
     }
 
     /// Applies one change to the state and to `batch`. A change that names what no longer
@@ -139,13 +188,34 @@ impl State {
                     touched.collects.insert(record.channel);
                     batch.remove(&subscription_key(*id));
                     batch.remove(&ack_key(*id));
+                    remove_failures(db, *id, batch)?;
                 }
             }
-            Change::SaveAcks { id, acks } => {
+            Change::SaveAcks { id, acks, failures } => {
                 if let Some(record) = self.subscriptions.get(id) {
                     batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
                     self.floors.insert(*id, acks.floor);
                     touched.collects.insert(record.channel);
+                    let mut encoded = Vec::new();
+                    for (seq, failure) in failures {
+                        let key = codec::failure_key(*id, *seq);
+                        match failure {
+                            Some(failure) => {
+                                encoded.clear();
+                                codec::encode_failure(failure, &mut encoded);
+                                batch.insert(&key, encoded.as_slice());
+                            }
+                            None => batch.remove(&key),
+                        }
+                    }
+                }
+            }
+            Change::Withdraw { channel, ranges } => {
+                if self.channels.contains_key(channel) {
+                    let all = self.withdrawn.entry(*channel).or_default();
+                    merge_ranges(all, ranges);
+                    write_withdrawn(*channel, all, batch);
+                    touched.collects.insert(*channel);
                 }
             }
             Change::Skipped { channel, next_seq } => {
@@ -195,6 +265,10 @@ impl State {
             self.floors.remove(&sub);
             batch.remove(&subscription_key(sub));
             batch.remove(&ack_key(sub));
+            remove_failures(db, sub, batch)?;
+        }
+        if self.withdrawn.remove(&id).is_some() {
+            batch.remove(&codec::withdrawn_key(id));
         }
         Ok(())
     }
@@ -269,6 +343,48 @@ impl State {
         }
         emptied
     }
+}
+
+/// Drops every failure record of a subscription.
+fn remove_failures(db: &sled::Db, id: SubscriptionId, batch: &mut sled::Batch) -> Result<()> {
+    for entry in db.scan_prefix(codec::failure_prefix(id)) {
+        batch.remove(entry?.0);
+    }
+    Ok(())
+}
+
+fn write_withdrawn(channel: ChannelId, ranges: &[(u64, u64)], batch: &mut sled::Batch) {
+    let key = codec::withdrawn_key(channel);
+    match ranges.is_empty() {
+        true => batch.remove(&key),
+        false => batch.insert(&key, codec::encode_ranges(ranges)),
+    }
+}
+
+/// Adds `new` to the sorted, disjoint, non-adjacent ranges `all`, keeping them so.
+pub(crate) fn merge_ranges(all: &mut Vec<(u64, u64)>, new: &[(u64, u64)]) {
+    all.extend(new.iter().copied().filter(|(s, e)| s < e));
+    all.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for &(start, end) in all.iter() {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    *all = merged;
+}
+
+/// Sorted sequences as ranges `[start, end)`.
+pub(crate) fn ranges_of(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &seq in seqs {
+        match ranges.last_mut() {
+            Some(last) if last.1 == seq => last.1 += 1,
+            _ => ranges.push((seq, seq + 1)),
+        }
+    }
+    ranges
 }
 
 pub(crate) fn read_next_id(db: &sled::Db) -> Result<u32> {

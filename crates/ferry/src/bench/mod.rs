@@ -770,6 +770,7 @@ impl Bench<'_> {
                     seconds: d.as_secs() as i64,
                     nanos: d.subsec_nanos() as i32,
                 }),
+                ..Default::default()
             })
             .await
             .map_err(|s| {

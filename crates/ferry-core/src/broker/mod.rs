@@ -1,27 +1,31 @@
 //! The broker: the registry of channels and subscriptions, publishing, attaching consumers, and
 //! administration. It owns the store handle and one dispatcher task per subscription.
 
+mod redrive;
+
+pub use redrive::{RedriveOutcome, RedriveSelection};
+
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use ferry_store::{
-    ChannelId, ChannelLog, Confirmation, NewMessage, Store, StoreCounters, StoreError,
-    SubscriptionId, SubscriptionSettings,
+    ChannelId, ChannelLog, Confirmation, Failure, NewMessage, Store, StoreCounters, StoreError,
+    SubscriptionId,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::acks::AckSet;
-use crate::dispatcher::{Command, Dispatcher};
+use crate::dispatcher::{Command, Dispatcher, Start};
 use crate::error::{CoreError, Result};
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
-    AckOperation, Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy,
-    Limits, SpaceReport, SubscriptionStats, Window, names,
+    Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy, Limits,
+    MAX_NACK_DELAY, Settlement, SpaceReport, SubscriptionSettings, SubscriptionStats, Window,
+    names,
 };
 
 /// How many commands may wait for a dispatcher before senders wait.
@@ -56,7 +60,7 @@ struct ChannelShared {
 struct SubscriptionHandle {
     id: SubscriptionId,
     commands: mpsc::Sender<Command>,
-    settings: Mutex<SubscriptionSettings>,
+    settings: Mutex<ferry_store::SubscriptionSettings>,
 }
 
 impl ChannelShared {
@@ -113,12 +117,15 @@ impl ConsumerHandle {
     /// Acks, nacks or extends deliveries; the outcome comes back as
     /// [`ConsumerEvent::Results`](crate::ConsumerEvent::Results). Waits first while the
     /// consumer's outbox is full of answers it has not read (see [`crate::outbox`]).
-    pub async fn settle(
-        &self,
-        operation: AckOperation,
-        ack_ids: Vec<String>,
-        extension: Duration,
-    ) -> Result<()> {
+    pub async fn settle(&self, ack_ids: Vec<String>, settlement: Settlement) -> Result<()> {
+        if let Settlement::Nack(nack) = &settlement
+            && nack.delay.is_some_and(|d| d > MAX_NACK_DELAY)
+        {
+            return Err(CoreError::InvalidArgument(format!(
+                "a nack's delay may be at most {} s",
+                MAX_NACK_DELAY.as_secs()
+            )));
+        }
         let gate = &self.attachment.gate;
         if !gate.room_for_requests().await {
             return Err(CoreError::ConsumerDetached);
@@ -130,9 +137,8 @@ impl ConsumerHandle {
         gate.reserve(reserved);
         let command = Command::Settle {
             consumer: self.attachment.consumer,
-            operation,
             ack_ids,
-            extension,
+            settlement,
             reserved,
         };
         self.attachment.commands.send(command).await.map_err(|_| {
@@ -212,6 +218,7 @@ impl Broker {
                 sub.name,
                 sub.settings,
                 AckSet::from_state(&sub.acks),
+                sub.failures,
             );
         }
         Ok(broker)
@@ -238,17 +245,23 @@ impl Broker {
         channel: &Arc<ChannelShared>,
         id: SubscriptionId,
         name: String,
-        settings: SubscriptionSettings,
+        settings: ferry_store::SubscriptionSettings,
         acks: AckSet,
+        failures: Vec<(u64, Failure)>,
     ) {
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
-        let dispatcher = Dispatcher::new(
+        let start = Start {
             id,
-            name.clone(),
-            channel.log.clone(),
-            self.inner.store.clone(),
+            name: name.clone(),
+            channel: channel.name.clone(),
+            log: channel.log.clone(),
             settings,
             acks,
+            failures,
+        };
+        let dispatcher = Dispatcher::new(
+            start,
+            self.inner.store.clone(),
             commands.clone(),
             self.inner.consumer_limits,
             self.inner.on_damage,
@@ -288,20 +301,24 @@ impl Broker {
 
     /// Creates the declared channels and subscriptions that do not exist, and applies changed
     /// settings to those that do. Nothing is deleted: what the config no longer names stays.
+    /// Channels come first, so that a subscription may name a dead-letter channel declared
+    /// after it.
     pub async fn declare(&self, channels: &[ChannelDecl]) -> Result<()> {
         for decl in channels {
             match self.create_channel(&decl.name).await {
                 Ok(_) | Err(CoreError::ChannelExists(_)) => {}
                 Err(e) => return Err(e),
             }
+        }
+        for decl in channels {
             for sub in &decl.subscriptions {
                 match self
-                    .create_subscription(&decl.name, &sub.name, sub.settings)
+                    .create_subscription(&decl.name, &sub.name, sub.settings.clone())
                     .await
                 {
                     Ok(_) => {}
                     Err(CoreError::SubscriptionExists { .. }) => {
-                        self.update_subscription(&decl.name, &sub.name, sub.settings)
+                        self.update_subscription(&decl.name, &sub.name, sub.settings.clone())
                             .await?
                     }
                     Err(e) => return Err(e),
@@ -309,6 +326,46 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    /// Turns settings as clients give them into settings as stored: checks them and resolves
+    /// the dead-letter channel, which must exist and be another channel.
+    fn resolve(
+        &self,
+        channel: &ChannelShared,
+        settings: &SubscriptionSettings,
+    ) -> Result<ferry_store::SubscriptionSettings> {
+        crate::check_settings(settings)?;
+        let dead_letter = match &settings.dead_letter_channel {
+            None => None,
+            Some(name) if *name == channel.name => {
+                return Err(CoreError::FailedPrecondition(format!(
+                    "dead_letter_channel {name:?} is the subscription's own channel: a message \
+                     that keeps failing would come back to it; name another channel"
+                )));
+            }
+            Some(name) => Some(
+                self.channel(name)
+                    .map_err(|_| CoreError::DeadLetterChannelNotFound(name.clone()))?
+                    .id,
+            ),
+        };
+        Ok(ferry_store::SubscriptionSettings {
+            ack_deadline_ms: settings.ack_deadline_ms,
+            retry: settings.retry,
+            max_delivery_attempts: settings.max_delivery_attempts,
+            dead_letter,
+            ordering: settings.ordering,
+        })
+    }
+
+    /// The name of the channel with this id.
+    fn channel_name(&self, id: ChannelId) -> Option<String> {
+        let channels = self.inner.channels.read().expect("channels lock");
+        channels
+            .values()
+            .find(|c| c.id == id)
+            .map(|c| c.name.clone())
     }
 
     /// Checks a batch against the limits and queues it; the confirmation resolves once durable.
@@ -392,7 +449,18 @@ impl Broker {
         self.check_open()?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(name)?;
-        self.inner.store.delete_channel(shared.id).await?;
+        self.inner
+            .store
+            .delete_channel(shared.id)
+            .await
+            .map_err(|e| match e {
+                StoreError::ChannelInUse(subscription) => CoreError::FailedPrecondition(format!(
+                    "channel {name:?} is the dead-letter channel of subscription \
+                     {subscription:?}: give that subscription another dead-letter channel, or \
+                     delete it, first"
+                )),
+                e => e.into(),
+            })?;
         self.inner
             .channels
             .write()
@@ -450,14 +518,24 @@ impl Broker {
         let handles = channel.handles();
         let mut out = Vec::with_capacity(handles.len());
         for handle in handles {
-            if let Ok(stats) = stats_of(&handle).await {
+            if let Ok(stats) = self.stats_of(&handle).await {
                 out.push(stats);
             }
         }
         out
     }
 
-    /// Creates a subscription; it receives the messages published from now on.
+    async fn stats_of(&self, handle: &SubscriptionHandle) -> Result<SubscriptionStats> {
+        let mut stats = stats_of(handle).await?;
+        stats.dead_letter_channel = stats
+            .settings
+            .dead_letter
+            .and_then(|id| self.channel_name(id));
+        Ok(stats)
+    }
+
+    /// Creates a subscription; it receives the messages published from now on (on a
+    /// dead-letter channel: every message the channel still holds).
     pub async fn create_subscription(
         &self,
         channel: &str,
@@ -469,6 +547,7 @@ impl Broker {
         crate::check_settings(&settings)?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(channel)?;
+        let settings = self.resolve(&shared, &settings)?;
         let exists = || CoreError::SubscriptionExists {
             channel: channel.to_owned(),
             name: name.to_owned(),
@@ -492,21 +571,25 @@ impl Broker {
             name.to_owned(),
             settings,
             AckSet::from_state(&acks),
+            Vec::new(),
         );
         tracing::info!(channel, subscription = name, "subscription created");
         let handle = shared.subscription(name)?;
-        stats_of(&handle).await
+        self.stats_of(&handle).await
     }
 
-    async fn update_subscription(
+    /// Changes a subscription's settings; deliveries in flight keep their deadlines.
+    pub async fn update_subscription(
         &self,
         channel: &str,
         name: &str,
         settings: SubscriptionSettings,
     ) -> Result<()> {
-        crate::check_settings(&settings)?;
+        self.check_open()?;
         let _admin = self.inner.admin.lock().await;
-        let handle = self.channel(channel)?.subscription(name)?;
+        let shared = self.channel(channel)?;
+        let settings = self.resolve(&shared, &settings)?;
+        let handle = shared.subscription(name)?;
         if *handle.settings.lock().expect("settings lock") == settings {
             return Ok(());
         }
@@ -531,7 +614,7 @@ impl Broker {
     /// Describes a subscription.
     pub async fn subscription_info(&self, channel: &str, name: &str) -> Result<SubscriptionStats> {
         let handle = self.channel(channel)?.subscription(name)?;
-        stats_of(&handle).await
+        self.stats_of(&handle).await
     }
 
     /// Describes the subscriptions of a channel, by name.
