@@ -474,11 +474,16 @@ impl Consumer {
 
     /// Nacks and waits for the results.
     pub async fn nack(&mut self, ack_ids: Vec<String>) -> Vec<pb::AckStatus> {
-        self.send(Req::Nack(pb::Nack {
+        self.nack_with(pb::Nack {
             ack_ids,
             ..Default::default()
-        }))
-        .await;
+        })
+        .await
+    }
+
+    /// Sends a nack with its options and waits for the results.
+    pub async fn nack_with(&mut self, nack: pb::Nack) -> Vec<pb::AckStatus> {
+        self.send(Req::Nack(nack)).await;
         self.results_of(pb::AckOperation::Nack).await
     }
 

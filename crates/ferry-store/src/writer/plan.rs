@@ -339,16 +339,23 @@ impl Writer {
     pub(super) fn plan_collects(&mut self, group: &mut Group) -> Result<Vec<ChannelId>> {
         let mut changed = Vec::new();
         let mut releases = Vec::new();
+        let mut trims = Vec::new();
         for &id in &group.touched.collects {
-            // Withdrawn sequences count as acked by every subscription.
-            let lowest_floor = self
+            let floors: Vec<u64> = self
                 .state
                 .subscriptions
                 .iter()
                 .filter(|(_, s)| s.channel == id)
-                .filter_map(|(sub, _)| self.state.floors.get(sub))
+                .filter_map(|(sub, _)| self.state.floors.get(sub).copied())
+                .collect();
+            // Withdrawn sequences count as acked by every subscription.
+            let lowest_floor = floors
+                .iter()
                 .map(|&floor| self.state.skip_withdrawn(id, floor))
                 .min();
+            // Until every subscription's own floor has passed them, its dispatcher may still
+            // need to learn of them.
+            trims.push((id, floors.iter().copied().min()));
             let keeps = self.state.dead_letter_user(id).is_some();
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
@@ -414,10 +421,16 @@ impl Writer {
             record.first_seq = new_first;
             group.touched.channels.insert(id);
             changed.push(id);
-            self.state.trim_withdrawn(id, new_first, &mut group.batch);
         }
         for at in releases {
             self.state.release(at, &mut group.touched);
+        }
+        // Withdrawn sequences below what is stored and below every floor matter to no one.
+        for (id, lowest_floor) in trims {
+            if let Some(record) = self.state.channels.get(&id) {
+                let below = lowest_floor.map_or(record.first_seq, |f| f.min(record.first_seq));
+                self.state.trim_withdrawn(id, below, &mut group.batch);
+            }
         }
         Ok(changed)
     }
