@@ -5,6 +5,11 @@
 //! one table row per fault and fails on anything but zeros (a damaged file's lost messages
 //! must equal what the broker reports as damaged).
 //!
+//! One run exercises the error flows: its consumer nacks every odd message terminally, so that
+//! it is dead-lettered, while a redriver keeps moving dead letters back, and the consumer acks
+//! them the second time round; there a message also counts as duplicated if it comes back in
+//! its first form after its dead-lettering was confirmed, and as lost if it is never acked.
+//!
 //! The form that runs with the suite is short; `FERRY_FAULT_CYCLES=1000 cargo test --test faults
 //! -- --nocapture` runs the long one (that many random kills, and a tenth as many at each fail
 //! point).
@@ -32,6 +37,8 @@ struct Ledger {
     confirmed: HashSet<u64>,
     /// Ids whose ack the broker confirmed.
     acked: HashSet<u64>,
+    /// Ids whose terminal nack (dead-lettering) the broker confirmed.
+    dead_lettered: HashSet<u64>,
     delivered: HashMap<u64, u32>,
     deliveries: u64,
     duplicated: u64,
@@ -120,8 +127,25 @@ async fn publish_batches(url: String, ledger: Shared, batches_to_send: u32) {
     feeder.abort();
 }
 
+/// What the consumer does with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Acks it.
+    Ack,
+    /// Nacks odd ids terminally (they are dead-lettered) unless redriven; acks the rest.
+    DeadLetterOdd,
+}
+
+/// The attribute a redriven message carries.
+const REDRIVEN: &str = "ferry.redrive.count";
+
 /// Consumes and acks until the broker goes away (or, with `idle`, nothing comes for that long).
 async fn consume(url: String, ledger: Shared, idle: Option<Duration>) {
+    consume_with(url, ledger, idle, Mode::Ack).await
+}
+
+/// Like `consume`, doing with each delivery what `mode` says.
+async fn consume_with(url: String, ledger: Shared, idle: Option<Duration>, mode: Mode) {
     let Some(channel) = connect(&url).await else {
         return;
     };
@@ -157,40 +181,65 @@ async fn consume(url: String, ledger: Shared, idle: Option<Duration>) {
         let Ok(Some(response)) = next else { return };
         match response.response {
             Some(Resp::Deliveries(batch)) => {
-                let mut ack_ids = Vec::new();
+                let (mut ack_ids, mut nack_ids) = (Vec::new(), Vec::new());
                 {
                     let mut ledger = ledger.lock().unwrap();
                     for delivery in batch.deliveries {
                         ledger.deliveries += 1;
-                        let id = check(&delivery.message.as_ref().unwrap().payload);
+                        let message = delivery.message.as_ref().unwrap();
+                        let redriven = message.attributes.contains_key(REDRIVEN);
+                        let id = check(&message.payload);
                         match id {
                             None => ledger.corrupted += 1,
                             Some(id) if !ledger.sent.contains(&id) => ledger.unexpected += 1,
                             Some(id) => {
-                                if ledger.acked.contains(&id) {
+                                let back = !redriven && ledger.dead_lettered.contains(&id);
+                                if ledger.acked.contains(&id) || back {
                                     ledger.duplicated += 1;
                                 }
                                 *ledger.delivered.entry(id).or_default() += 1;
                             }
                         }
                         pending.insert(delivery.ack_id.clone(), id);
-                        ack_ids.push(delivery.ack_id);
+                        let dead_letter = mode == Mode::DeadLetterOdd
+                            && !redriven
+                            && id.is_some_and(|id| id % 2 == 1);
+                        match dead_letter {
+                            true => nack_ids.push(delivery.ack_id),
+                            false => ack_ids.push(delivery.ack_id),
+                        }
                     }
                 }
-                let request = pb::SubscribeRequest {
-                    request: Some(Req::Ack(pb::AckIds { ack_ids })),
+                let nack = pb::Nack {
+                    ack_ids: nack_ids,
+                    reason: "odd".into(),
+                    terminal: true,
+                    ..Default::default()
                 };
-                if requests.send(request).await.is_err() {
-                    return;
+                let requests_out = [
+                    (!ack_ids.is_empty()).then_some(Req::Ack(pb::AckIds { ack_ids })),
+                    (!nack.ack_ids.is_empty()).then_some(Req::Nack(nack)),
+                ];
+                for request in requests_out.into_iter().flatten() {
+                    let request = pb::SubscribeRequest {
+                        request: Some(request),
+                    };
+                    if requests.send(request).await.is_err() {
+                        return;
+                    }
                 }
             }
             Some(Resp::Results(results)) => {
+                let nacks = results.operation() == pb::AckOperation::Nack;
                 let mut ledger = ledger.lock().unwrap();
                 for result in results.results {
                     if let (pb::AckStatus::Ok, Some(Some(id))) =
                         (result.status(), pending.remove(&result.ack_id))
                     {
-                        ledger.acked.insert(id);
+                        match nacks {
+                            true => ledger.dead_lettered.insert(id),
+                            false => ledger.acked.insert(id),
+                        };
                     }
                 }
             }
@@ -249,13 +298,42 @@ fn print_table(rows: &[Row]) {
 /// The config every fault runs with: small segments, so that faults also land while segment
 /// files are started and deleted.
 fn write_config(dir: &Path, extra: &str) -> Options {
+    write_config_with(dir, extra, "")
+}
+
+/// Like `write_config`, with more keys for the subscription (and what may follow them).
+fn write_config_with(dir: &Path, extra: &str, subscription: &str) -> Options {
     with_config(
         dir,
         &format!(
             "[storage]\nsegment_size = \"1MiB\"\nmin_free_bytes = \"16MiB\"\nmin_free_percent = 0\n{extra}\n\
-             [[channels]]\nname = \"{CHANNEL}\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n"
+             [[channels]]\nname = \"{CHANNEL}\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n\
+             {subscription}"
         ),
     )
+}
+
+/// The subscription of the error-flow run: a dead-letter channel no one subscribes to.
+const DEAD_LETTERS: &str = "max_delivery_attempts = 3\ndead_letter_channel = \"faults.dead\"\n\
+                            [[channels]]\nname = \"faults.dead\"\n";
+
+/// Redrives every dead letter every 50 to 300 ms until the broker goes away.
+async fn redrive_loop(url: String, seed: u64) {
+    let Some(channel) = connect(&url).await else {
+        return;
+    };
+    let mut admin = pb::admin_client::AdminClient::new(channel);
+    let mut rng = Rng::seeded(seed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.range(50..300))).await;
+        let request = pb::RedriveRequest {
+            channel: "faults.dead".into(),
+            ..Default::default()
+        };
+        if admin.redrive(request).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Runs publishers and a consumer against `daemon` until `fault` returns (it must end the
@@ -265,15 +343,29 @@ async fn load_until(
     ledger: &Shared,
     fault: impl std::future::Future<Output = ()>,
 ) {
-    let publishers: Vec<_> = (0..2)
+    load_until_with(daemon, ledger, Mode::Ack, fault).await
+}
+
+/// Like `load_until`, with the consumer in `mode` (and, for the error flows, a redriver).
+async fn load_until_with(
+    daemon: &Daemon,
+    ledger: &Shared,
+    mode: Mode,
+    fault: impl std::future::Future<Output = ()>,
+) {
+    let mut tasks: Vec<_> = (0..2)
         .map(|_| tokio::spawn(publish(daemon.url.clone(), ledger.clone())))
         .collect();
-    let consumer = tokio::spawn(consume(daemon.url.clone(), ledger.clone(), None));
+    let url = daemon.url.clone();
+    tasks.push(tokio::spawn(consume_with(url, ledger.clone(), None, mode)));
+    if mode == Mode::DeadLetterOdd {
+        let seed = u64::from(daemon.pid());
+        tasks.push(tokio::spawn(redrive_loop(daemon.url.clone(), seed)));
+    }
     fault.await;
-    for task in publishers {
+    for task in tasks {
         let _ = tokio::time::timeout(common::PATIENCE, task).await;
     }
-    let _ = tokio::time::timeout(common::PATIENCE, consumer).await;
 }
 
 /// Drains on a clean start until every confirmed message was delivered (or a minute passed),
@@ -285,22 +377,39 @@ async fn settle(
     options: Options,
     ledger: Shared,
 ) -> Row {
+    settle_with(fault, cycles, dir, options, ledger, Mode::Ack).await
+}
+
+/// Like `settle`, with the consumer in `mode`; for the error flows it also redrives what is
+/// left in the dead-letter channel, and a message counts as lost unless it was acked.
+async fn settle_with(
+    fault: &'static str,
+    cycles: u64,
+    dir: &Path,
+    options: Options,
+    ledger: Shared,
+    mode: Mode,
+) -> Row {
     let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     let daemon = Daemon::start_in(dir, options).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let arrived = |ledger: &Ledger, id: &u64| match mode {
+        Mode::Ack => ledger.delivered.contains_key(id),
+        Mode::DeadLetterOdd => ledger.acked.contains(id),
+    };
     loop {
-        consume(
-            daemon.url.clone(),
-            ledger.clone(),
-            Some(Duration::from_secs(1)),
-        )
-        .await;
+        if mode == Mode::DeadLetterOdd {
+            let request = pb::RedriveRequest {
+                channel: "faults.dead".into(),
+                ..Default::default()
+            };
+            daemon.admin().await.redrive(request).await.unwrap();
+        }
+        let idle = Some(Duration::from_secs(1));
+        consume_with(daemon.url.clone(), ledger.clone(), idle, mode).await;
         let done = {
             let ledger = ledger.lock().unwrap();
-            ledger
-                .confirmed
-                .iter()
-                .all(|id| ledger.delivered.contains_key(id))
+            ledger.confirmed.iter().all(|id| arrived(&ledger, id))
         };
         if done || tokio::time::Instant::now() > deadline {
             break;
@@ -332,7 +441,7 @@ async fn settle(
         lost: ledger
             .confirmed
             .iter()
-            .filter(|id| !ledger.delivered.contains_key(id))
+            .filter(|id| !arrived(&ledger, id))
             .count(),
         duplicated: ledger.duplicated,
         unexpected: ledger.unexpected,
@@ -362,6 +471,32 @@ async fn random_kills(cycles: u64, rng: &mut Rng) -> Row {
         dir.path(),
         options,
         ledger,
+    )
+    .await
+}
+
+async fn dead_letters_and_redrives(cycles: u64, rng: &mut Rng) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let options = write_config_with(dir.path(), "", DEAD_LETTERS);
+    let ledger = Shared::default();
+    for _ in 0..cycles {
+        let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+        let wait = Duration::from_millis(rng.range(100..600));
+        load_until_with(&daemon, &ledger, Mode::DeadLetterOdd, async {
+            tokio::time::sleep(wait).await;
+            common::signal(daemon.pid(), "KILL");
+        })
+        .await;
+        daemon.kill().await;
+    }
+    let fault = "kill -9 amid dead letters, redrives";
+    settle_with(
+        fault,
+        cycles,
+        dir.path(),
+        options,
+        ledger,
+        Mode::DeadLetterOdd,
     )
     .await
 }
@@ -541,7 +676,10 @@ async fn the_fault_suite_loses_duplicates_and_corrupts_nothing() {
         .unwrap_or(6);
     let per_point = (cycles / 10).max(2);
     let mut rng = Rng::from_env("faults");
-    let mut rows = vec![random_kills(cycles, &mut rng).await];
+    let mut rows = vec![
+        random_kills(cycles, &mut rng).await,
+        dead_letters_and_redrives(cycles, &mut rng).await,
+    ];
     // Commit points: past the two commits of the first start (the declared channel and
     // subscription). Between the segment sync and the checkpoint, sled's durable copy lags
     // the log: those kills test the replay.

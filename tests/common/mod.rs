@@ -556,6 +556,11 @@ impl Rng {
         Rng(seed | 1)
     }
 
+    /// A source with this seed (for a task of a test that printed its own seed).
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
     /// A number in `range`.
     pub fn range(&mut self, range: std::ops::Range<u64>) -> u64 {
         self.0 ^= self.0 << 13;
