@@ -598,3 +598,92 @@ jitter = 2.0
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn many_dead_letters_are_each_stored_once_and_all_come_back() {
+    let (daemon, _dir) = daemon_with(
+        r#"
+[[channels]]
+name = "jobs"
+[[channels.subscriptions]]
+name = "work"
+max_delivery_attempts = 3
+dead_letter_channel = "jobs.dead"
+
+[[channels]]
+name = "jobs.dead"
+"#,
+    )
+    .await;
+    const MESSAGES: u64 = 2000;
+    for chunk in 0..MESSAGES / 100 {
+        daemon
+            .publish(
+                "jobs",
+                (0..100).map(|i| (chunk * 100 + i).to_be_bytes().to_vec()),
+            )
+            .await;
+    }
+    let mut consumer = Consumer::attach(&daemon, "jobs", "work", 500).await;
+    let mut first_round = 0;
+    while first_round < MESSAGES {
+        let deliveries = consumer.take_for(Duration::from_millis(200)).await;
+        assert!(!deliveries.is_empty(), "only {first_round} delivered");
+        first_round += deliveries.len() as u64;
+        let (odd, even): (Vec<_>, Vec<_>) = deliveries
+            .iter()
+            .partition(|d| d.message.as_ref().unwrap().sequence % 2 == 1);
+        consumer
+            .ack(ack_ids(&even.into_iter().cloned().collect::<Vec<_>>()))
+            .await;
+        let odd_ids = ack_ids(&odd.into_iter().cloned().collect::<Vec<_>>());
+        consumer
+            .nack_with(pb::Nack {
+                ack_ids: odd_ids,
+                terminal: true,
+                ..Default::default()
+            })
+            .await;
+    }
+    let mut admin = daemon.admin().await;
+    let dead = admin
+        .get_channel(pb::GetChannelRequest {
+            name: "jobs.dead".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (dead.messages, dead.next_sequence),
+        (MESSAGES / 2, MESSAGES / 2 + 1)
+    );
+    let redriven = admin
+        .redrive(pb::RedriveRequest {
+            channel: "jobs.dead".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redriven.redriven, MESSAGES / 2);
+    let mut back = Vec::new();
+    while (back.len() as u64) < MESSAGES / 2 {
+        let deliveries = consumer.take_for(Duration::from_millis(500)).await;
+        assert!(!deliveries.is_empty(), "only {} came back", back.len());
+        consumer.ack(ack_ids(&deliveries)).await;
+        back.extend(sequences(&deliveries));
+    }
+    back.sort();
+    assert_eq!(back, (1..=MESSAGES).step_by(2).collect::<Vec<_>>());
+    let info = daemon.subscription("jobs", "work").await;
+    assert_eq!((info.unacked, info.dead_lettered), (0, MESSAGES / 2));
+    let dead = admin
+        .get_channel(pb::GetChannelRequest {
+            name: "jobs.dead".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dead.messages, 0);
+    daemon.stop().await;
+}

@@ -8,7 +8,8 @@
 //! One run exercises the error flows: its consumer nacks every odd message terminally, so that
 //! it is dead-lettered, while a redriver keeps moving dead letters back, and the consumer acks
 //! them the second time round; there a message also counts as duplicated if it comes back in
-//! its first form after its dead-lettering was confirmed, and as lost if it is never acked.
+//! its first form after its dead-lettering was confirmed, and as lost if it never comes back
+//! redriven.
 //!
 //! The form that runs with the suite is short; `FERRY_FAULT_CYCLES=1000 cargo test --test faults
 //! -- --nocapture` runs the long one (that many random kills, and a tenth as many at each fail
@@ -39,6 +40,8 @@ struct Ledger {
     acked: HashSet<u64>,
     /// Ids whose terminal nack (dead-lettering) the broker confirmed.
     dead_lettered: HashSet<u64>,
+    /// Ids delivered in their redriven form.
+    redriven: HashSet<u64>,
     delivered: HashMap<u64, u32>,
     deliveries: u64,
     duplicated: u64,
@@ -193,6 +196,9 @@ async fn consume_with(url: String, ledger: Shared, idle: Option<Duration>, mode:
                             None => ledger.corrupted += 1,
                             Some(id) if !ledger.sent.contains(&id) => ledger.unexpected += 1,
                             Some(id) => {
+                                if redriven {
+                                    ledger.redriven.insert(id);
+                                }
                                 let back = !redriven && ledger.dead_lettered.contains(&id);
                                 if ledger.acked.contains(&id) || back {
                                     ledger.duplicated += 1;
@@ -381,7 +387,8 @@ async fn settle(
 }
 
 /// Like `settle`, with the consumer in `mode`; for the error flows it also redrives what is
-/// left in the dead-letter channel, and a message counts as lost unless it was acked.
+/// left in the dead-letter channel, and a dead-lettered message counts as lost unless it was
+/// delivered redriven.
 async fn settle_with(
     fault: &'static str,
     cycles: u64,
@@ -393,9 +400,10 @@ async fn settle_with(
     let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     let daemon = Daemon::start_in(dir, options).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Delivered in its last form: an odd id in the error flows only once redriven.
     let arrived = |ledger: &Ledger, id: &u64| match mode {
-        Mode::Ack => ledger.delivered.contains_key(id),
-        Mode::DeadLetterOdd => ledger.acked.contains(id),
+        Mode::DeadLetterOdd if id % 2 == 1 => ledger.redriven.contains(id),
+        _ => ledger.delivered.contains_key(id),
     };
     loop {
         if mode == Mode::DeadLetterOdd {
@@ -424,6 +432,35 @@ async fn settle_with(
         .await
         .unwrap()
         .into_inner();
+    {
+        // Beyond what damage explains: show where things stand, for whoever debugs it.
+        let ledger = ledger.lock().unwrap();
+        let mut lost: Vec<u64> = ledger
+            .confirmed
+            .iter()
+            .filter(|id| !arrived(&ledger, id))
+            .copied()
+            .collect();
+        if lost.len() as u64 > info.damaged_messages {
+            lost.sort();
+            let first: Vec<_> = lost
+                .iter()
+                .take(20)
+                .map(|id| {
+                    (
+                        id,
+                        ledger.delivered.get(id),
+                        ledger.dead_lettered.contains(id),
+                    )
+                })
+                .collect();
+            eprintln!(
+                "{fault}: {} lost; the first (id, deliveries, dead-lettering confirmed): \
+                 {first:?}\n{info:?}",
+                lost.len()
+            );
+        }
+    }
     // Acked records are collected, and their files deleted, once the acks are durable: all but
     // the file being appended to and one a crash may have left for the next start.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -138,9 +138,25 @@ pub struct AckUpdate {
     pub state: AckState,
     /// Failure records to write (`Some`) or drop (`None`), by sequence.
     pub failures: Vec<(u64, Option<Failure>)>,
-    /// Messages to append to the subscription's dead-letter channel in the same commit (the
-    /// state acks their originals).
-    pub dead_letters: Vec<NewMessage>,
+    /// Messages to append to a dead-letter channel in the same commit (the state acks their
+    /// originals): each with its original's sequence and the channel it goes to. One whose
+    /// original an earlier committed state acks already was appended then, and is left out:
+    /// so a subscription may send every dead letter it has not seen confirmed with each save,
+    /// and a dead letter always commits with the first state that acks its original.
+    pub dead_letters: Vec<(u64, ChannelId, NewMessage)>,
+}
+
+impl AckState {
+    /// Whether `seq` is acked in this state.
+    pub fn contains(&self, seq: u64) -> bool {
+        if seq < self.floor {
+            return true;
+        }
+        let at = self
+            .acked_above_floor
+            .partition_point(|&(start, _)| start <= seq);
+        at > 0 && seq < self.acked_above_floor[at - 1].1
+    }
 }
 
 /// When a write counts as done.

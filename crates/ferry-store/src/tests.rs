@@ -520,7 +520,10 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
             acked_above_floor: vec![(32, 33)],
         },
         failures: vec![(33, Some(failure(1))), (32, None)],
-        dead_letters: messages(2, 10),
+        dead_letters: (32..34)
+            .zip(messages(2, 10))
+            .map(|(s, m)| (s, dead, m))
+            .collect(),
     };
     store
         .submit_acks(billing, update)
@@ -586,10 +589,32 @@ async fn dead_letters_commit_with_their_acks_and_redrives_move_each_message_once
             acked_above_floor: vec![(2, 4)],
         },
         failures: vec![(1, Some(failure(2))), (3, None)],
-        dead_letters: messages(2, 50),
+        dead_letters: [2, 4]
+            .into_iter()
+            .zip(messages(2, 50))
+            .map(|(s, m)| (s, dead, m))
+            .collect(),
     };
     store
         .submit_acks(work, update)
+        .await
+        .unwrap()
+        .confirmed()
+        .await
+        .unwrap();
+    // A dead letter sent again with a later save (its first save's outcome was unknown) is
+    // not appended again: the state it committed with acks its original.
+    let again = AckUpdate {
+        state: AckState {
+            floor: 1,
+            acked_total: 3,
+            acked_above_floor: vec![(2, 5)],
+        },
+        dead_letters: vec![(2, dead, messages(1, 50).remove(0))],
+        ..AckUpdate::default()
+    };
+    store
+        .submit_acks(work, again)
         .await
         .unwrap()
         .confirmed()

@@ -598,10 +598,14 @@ impl Broker {
             .update_subscription(handle.id, settings)
             .await?;
         *handle.settings.lock().expect("settings lock") = settings;
+        let (done, in_force) = oneshot::channel();
         let _ = handle
             .commands
-            .send(Command::Reconfigure { settings })
+            .send(Command::Reconfigure { settings, done })
             .await;
+        // Under the admin lock until it is in force, so that no channel the dispatcher might
+        // still send dead letters to is deleted meanwhile.
+        let _ = in_force.await;
         tracing::info!(
             channel,
             subscription = name,

@@ -21,8 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_store::{
-    ChannelLog, Failure, Message, NewMessage, Store, StoreError, SubscriptionId,
-    SubscriptionSettings,
+    ChannelLog, Failure, Message, Store, StoreError, SubscriptionId, SubscriptionSettings,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -70,12 +69,18 @@ pub(crate) enum Command {
     Stats {
         reply: oneshot::Sender<SubscriptionStats>,
     },
+    /// New settings; `done` is answered once they are in force.
     Reconfigure {
         settings: SubscriptionSettings,
+        done: oneshot::Sender<()>,
     },
     /// Save number `save` is durable, with this ack floor.
     Durable {
         floor: u64,
+        save: u64,
+    },
+    /// Save number `save` failed: what it carried must be sent again.
+    SaveFailed {
         save: u64,
     },
     Stop {
@@ -127,21 +132,6 @@ struct Counts {
     discarded: u64,
 }
 
-/// What the next save carries, and the answers that wait for it.
-#[derive(Default)]
-struct Pending {
-    /// Something changed since the last save.
-    dirty: bool,
-    /// Failure records to write or drop.
-    records: Vec<(u64, Option<Failure>)>,
-    dead_letters: Vec<NewMessage>,
-    /// Failed messages and when to deliver them again: they wait for their failure record to
-    /// be durable first, so that a crash can only forget the attempt in flight.
-    retries: Vec<(u64, Instant)>,
-    /// Results to send once the save is durable, with their reserved bytes.
-    answers: Vec<(Outbox, usize, ConsumerEvent)>,
-}
-
 /// A message chosen to go out next.
 struct Next {
     /// As stored (what goes back if nobody has room for it).
@@ -151,6 +141,8 @@ struct Next {
     attempt: u32,
     /// It came from the queue rather than from the read-ahead.
     from_queue: bool,
+    /// It takes its ordering key once handed out.
+    ordered: bool,
 }
 
 /// The dispatcher's state.
@@ -184,10 +176,8 @@ pub(crate) struct Dispatcher {
     queue: Queue,
     /// The durable failure record of every unacked message that failed before.
     failures: HashMap<u64, Failure>,
-    pending: Pending,
-    /// Saves submitted, and the retries waiting for each to be durable.
-    saves: u64,
-    saving: VecDeque<(u64, Vec<(u64, Instant)>)>,
+    /// What is not known to be durable yet, and the answers that wait for it.
+    unsaved: settle::Unsaved,
     withdrawn: watch::Receiver<Arc<[(u64, u64)]>>,
     jitter: Jitter,
     consumers: BTreeMap<u64, Consumer>,
@@ -229,11 +219,6 @@ impl Dispatcher {
             .map_or(1, |d| d.as_micros() as u64);
         let acks = start.acks;
         let withdrawn = start.log.watch_withdrawn();
-        let failures = start
-            .failures
-            .into_iter()
-            .filter(|(seq, _)| !acks.contains(*seq))
-            .collect();
         let mut dispatcher = Self {
             id: start.id,
             name: start.name,
@@ -253,10 +238,8 @@ impl Dispatcher {
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             queue: Queue::default(),
-            failures,
-            pending: Pending::default(),
-            saves: 0,
-            saving: VecDeque::new(),
+            failures: HashMap::new(),
+            unsaved: settle::Unsaved::default(),
             withdrawn,
             jitter: Jitter::new(epoch ^ u64::from(start.id.0) << 32),
             consumers: BTreeMap::new(),
@@ -264,6 +247,15 @@ impl Dispatcher {
             next_delivery: epoch,
             round_robin: 0,
         };
+        for (seq, failure) in start.failures {
+            match dispatcher.acks.contains(seq) {
+                // Left by a delete that shared a commit with the ack.
+                true => dispatcher.unsaved.drop_record(seq),
+                false => {
+                    dispatcher.failures.insert(seq, failure);
+                }
+            }
+        }
         // What was withdrawn while the broker was down counts as acked.
         dispatcher.fold_withdrawn();
         dispatcher
@@ -278,11 +270,14 @@ impl Dispatcher {
         );
         stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = self.deadlines.first().map(|(at, _)| *at);
-            let wake_at = match (deadline, self.queue.next_due()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let wake_at = [
+                self.deadlines.first().map(|(at, _)| *at),
+                self.queue.next_due(),
+                self.unsaved.wake_at(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
@@ -310,10 +305,9 @@ impl Dispatcher {
                 _ = self.wake.notified(), if !self.consumers.is_empty() => {}
                 _ = stall_check.tick(), if !self.consumers.is_empty() => self.detach_stalled(),
             }
+            self.give_up_deferred();
             self.dispatch();
-            if self.pending.dirty {
-                self.save().await;
-            }
+            self.save().await;
         }
         self.stop(CoreError::ShuttingDown);
     }
@@ -339,8 +333,12 @@ impl Dispatcher {
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
-            Command::Reconfigure { settings } => self.settings = settings,
+            Command::Reconfigure { settings, done } => {
+                self.reconfigure(settings);
+                let _ = done.send(());
+            }
             Command::Durable { floor, save } => self.durable(floor, save),
+            Command::SaveFailed { save } => self.save_failed(save),
             Command::Stop { reason } => {
                 self.stop(reason);
                 return false;
@@ -467,6 +465,9 @@ impl Dispatcher {
                 }
                 break;
             };
+            if next.ordered {
+                self.queue.hold(seq, &next.view.key);
+            }
             let delivery = self.next_delivery;
             self.next_delivery += 1;
             let deadline = Instant::now() + Duration::from_millis(self.settings.ack_deadline_ms);
@@ -502,6 +503,7 @@ impl Dispatcher {
     fn next_message(&mut self) -> Option<Next> {
         while let Some(seq) = self.queue.pop_ready() {
             if self.acks.contains(seq) {
+                self.forget(seq);
                 continue;
             }
             let stored = match self.read_one(seq) {
@@ -545,13 +547,14 @@ impl Dispatcher {
             Addressee::Redriven(view) => view,
             Addressee::Other => {
                 self.acks.insert(seq);
-                self.pending.dirty = true;
+                self.forget(seq);
+                self.unsaved.dirty = true;
                 return None;
             }
         };
         // Redriven messages skip ordering: their key's later messages went on without them.
         let ordered = self.settings.ordering && !view.key.is_empty() && Arc::ptr_eq(&view, &stored);
-        if ordered && !self.queue.claim(seq, &view.key) {
+        if ordered && self.queue.park_if_held(seq, &view.key) {
             return None;
         }
         let failure = self.failures.get(&seq);
@@ -569,6 +572,7 @@ impl Dispatcher {
             view,
             attempt,
             from_queue,
+            ordered,
         })
     }
 
@@ -637,7 +641,7 @@ impl Dispatcher {
             skipped,
             "skipped the messages of a damaged record"
         );
-        self.pending.dirty = true;
+        self.unsaved.dirty = true;
     }
 
     /// The next consumer, in turn, with room for a message of this size.
@@ -697,8 +701,7 @@ impl Dispatcher {
             None
         };
         let (keys_blocked, parked) = self.queue.blocked();
-        let unsaved: usize =
-            self.pending.retries.len() + self.saving.iter().map(|(_, r)| r.len()).sum::<usize>();
+        let unsaved = self.unsaved.retries_waiting();
         SubscriptionStats {
             name: self.name.clone(),
             settings: self.settings,

@@ -3,10 +3,10 @@
 //! message of their key.
 //!
 //! A key is *held* by its oldest unacked message from the moment that message is first handed
-//! out until it leaves the subscription (acked, dead-lettered, withdrawn); while held, later
-//! messages of the key are *parked* here in sequence order, and the next one is released when
-//! the holder leaves. So a retry of a keyed message holds back the rest of its key, and other
-//! keys, and unkeyed messages, flow past it.
+//! to a consumer until it leaves the subscription (acked, dead-lettered, withdrawn); while held,
+//! later messages of the key are *parked* here in sequence order, and the next one takes the
+//! key over (and is due at once) when the holder leaves. So a retry of a keyed message holds
+//! back the rest of its key, while other keys, and unkeyed messages, flow past it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 /// At most this many messages wait parked behind their keys; then the subscription reads no
 /// further ahead until some are released (a bound on memory, whatever the backlog).
-pub(crate) const MAX_PARKED: usize = 50_000;
+pub(crate) const MAX_PARKED: usize = 100_000;
 
 #[derive(Default)]
 pub(crate) struct Queue {
@@ -26,28 +26,29 @@ pub(crate) struct Queue {
     /// Each held key's holder, and each holder's key.
     holders: HashMap<Box<str>, u64>,
     held: HashMap<u64, Box<str>>,
-    /// Messages behind a held key, in sequence order.
+    /// Messages behind a held key, in sequence order, and each parked message's key.
     parked: HashMap<Box<str>, VecDeque<u64>>,
-    parked_count: usize,
+    parked_key: HashMap<u64, Box<str>>,
 }
 
 impl Queue {
-    /// Claims `key` for `seq` as it is about to be handed out: true if it may go (the key is
-    /// free, or already its own), false if it was parked behind the key's holder.
-    pub(crate) fn claim(&mut self, seq: u64, key: &str) -> bool {
+    /// Parks `seq` behind its key if another message holds it; true if it was parked.
+    pub(crate) fn park_if_held(&mut self, seq: u64, key: &str) -> bool {
         match self.holders.get(key) {
-            Some(&holder) if holder == seq => true,
-            Some(_) => {
+            Some(&holder) if holder != seq => {
                 self.parked.entry(key.into()).or_default().push_back(seq);
-                self.parked_count += 1;
-                false
-            }
-            None => {
-                self.holders.insert(key.into(), seq);
-                self.held.insert(seq, key.into());
+                self.parked_key.insert(seq, key.into());
                 true
             }
+            _ => false,
         }
+    }
+
+    /// `seq` was handed to a consumer: it holds its key (which was free, or its own).
+    pub(crate) fn hold(&mut self, seq: u64, key: &str) {
+        let holder = *self.holders.entry(key.into()).or_insert(seq);
+        debug_assert_eq!(holder, seq, "key {key:?} held by another message");
+        self.held.insert(seq, key.into());
     }
 
     /// `seq` is to be delivered again as soon as possible.
@@ -84,13 +85,21 @@ impl Queue {
         }
     }
 
-    /// `seq` left the subscription (acked, dead-lettered, withdrawn, skipped): it is forgotten
-    /// wherever it waits, and a key it held goes to the next message parked behind it, which
-    /// becomes ready.
+    /// `seq` left the subscription (acked, dead-lettered, withdrawn, skipped, gone): it is
+    /// forgotten wherever it waits, and a key it held goes to the next message parked behind
+    /// it, which becomes ready.
     pub(crate) fn remove(&mut self, seq: u64) {
         self.ready.remove(&seq);
         if let Some(at) = self.due.remove(&seq) {
             self.backoff.remove(&(at, seq));
+        }
+        if let Some(key) = self.parked_key.remove(&seq)
+            && let Some(waiting) = self.parked.get_mut(&key)
+        {
+            waiting.retain(|&s| s != seq);
+            if waiting.is_empty() {
+                self.parked.remove(&key);
+            }
         }
         let Some(key) = self.held.remove(&seq) else {
             return;
@@ -100,32 +109,21 @@ impl Queue {
             return;
         };
         if let Some(next) = waiting.pop_front() {
-            self.parked_count -= 1;
             if waiting.is_empty() {
                 self.parked.remove(&key);
             }
+            self.parked_key.remove(&next);
+            // The next one holds the key from now on, though it waits to be handed out: no
+            // later message may pass it.
             self.holders.insert(key.clone(), next);
             self.held.insert(next, key);
             self.ready.insert(next);
         }
     }
 
-    /// Forgets a parked message (withdrawn or skipped while it waited for its key).
-    pub(crate) fn unpark(&mut self, seq: u64, key: &str) {
-        if let Some(waiting) = self.parked.get_mut(key)
-            && let Some(at) = waiting.iter().position(|&s| s == seq)
-        {
-            waiting.remove(at);
-            self.parked_count -= 1;
-            if waiting.is_empty() {
-                self.parked.remove(key);
-            }
-        }
-    }
-
     /// Whether as many messages are parked as memory allows.
     pub(crate) fn parked_full(&self) -> bool {
-        self.parked_count >= MAX_PARKED
+        self.parked_key.len() >= MAX_PARKED
     }
 
     /// Messages due now.
@@ -140,20 +138,15 @@ impl Queue {
 
     /// Keys with messages parked behind them, and those messages.
     pub(crate) fn blocked(&self) -> (usize, usize) {
-        (self.parked.len(), self.parked_count)
+        (self.parked.len(), self.parked_key.len())
     }
 
-    /// Every sequence waiting here (ready, backing off or parked), for a sweep.
-    pub(crate) fn waiting(&self) -> Vec<(u64, Option<Box<str>>)> {
-        let mut all: Vec<(u64, Option<Box<str>>)> = self
-            .ready
-            .iter()
-            .chain(self.due.keys())
-            .map(|&s| (s, None))
-            .collect();
-        for (key, seqs) in &self.parked {
-            all.extend(seqs.iter().map(|&s| (s, Some(key.clone()))));
-        }
+    /// Every sequence known here (ready, backing off, holding a key or parked), for a sweep.
+    pub(crate) fn all(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self.ready.iter().copied().collect();
+        all.extend(self.due.keys());
+        all.extend(self.held.keys());
+        all.extend(self.parked_key.keys());
         all
     }
 }
@@ -166,24 +159,28 @@ mod tests {
     #[test]
     fn a_key_goes_to_its_next_message_only_when_its_holder_leaves() {
         let mut q = Queue::default();
-        assert!(q.claim(1, "a"));
-        assert!(q.claim(2, "b"));
-        assert!(!q.claim(3, "a"));
-        assert!(!q.claim(4, "a"));
-        assert!(q.claim(1, "a"), "a holder may go again (a retry)");
+        // Not handed out yet: nothing holds the key.
+        assert!(!q.park_if_held(1, "a"));
+        q.hold(1, "a");
+        q.hold(2, "b");
+        assert!(q.park_if_held(3, "a"));
+        assert!(q.park_if_held(4, "a"));
+        assert!(!q.park_if_held(1, "a"), "a holder may go again (a retry)");
         assert_eq!(q.blocked(), (1, 2));
         assert_eq!(q.pop_ready(), None);
         q.remove(1);
         assert_eq!(q.pop_ready(), Some(3));
-        assert!(q.claim(3, "a"));
-        assert!(!q.claim(5, "a"));
+        assert!(!q.park_if_held(3, "a"), "the next one holds the key");
+        assert!(q.park_if_held(5, "a"));
+        q.remove(5);
         q.remove(3);
         assert_eq!(q.pop_ready(), Some(4));
-        q.unpark(5, "a");
+        // Gone before it was handed out: it still lets go of the key.
         q.remove(4);
         assert_eq!(q.pop_ready(), None);
         assert_eq!(q.blocked(), (0, 0));
-        assert!(q.claim(6, "a"), "the key is free again");
+        assert!(!q.park_if_held(6, "a"), "the key is free again");
+        assert_eq!(q.all(), [2]);
     }
 
     #[test]

@@ -5,21 +5,38 @@
 //! record, and the message comes back after the retry policy's wait (or a nack's own delay)
 //! once that record is durable; after its last allowed attempt, or on a terminal nack, it is
 //! dead-lettered instead: its copy is appended to the dead-letter channel in the same commit
-//! as the ack that takes it off this subscription. Acks, nacks, failure records and dead
-//! letters made in one round go to the store as one save; their answers wait for it.
+//! as the ack state that takes it off this subscription.
+//!
+//! Each round's acks, failure records and dead letters go to the store as one save, whose
+//! answers wait for it. A save carries the whole ack state, so a dead letter must reach the
+//! store no later than the first state that acks its message: every save carries every dead
+//! letter not yet confirmed, and the store appends one only with the first state that acks
+//! its message. So a failed save (a full disk) loses no dead letter, and a save whose outcome
+//! is still unknown duplicates none.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use ferry_store::{AckUpdate, Failure, StoreError};
+use ferry_store::{AckUpdate, ChannelId, Failure, NewMessage, StoreError};
 use tokio::time::Instant;
 
 use super::ack_id::parse_ack_id;
 use super::{Command, Dispatcher, now_ms};
 use crate::dead_letter::{self, Addressee, Provenance};
+use crate::outbox::Outbox;
 use crate::{AckOutcome, AckResult, ConsumerEvent, Nack, Settlement, retry};
 
 /// The longest reason text a nack's failure record and dead letter keep (longer text is cut).
 pub(crate) const MAX_REASON_BYTES: usize = 1024;
+/// The most failure records one save carries (the rest go with the next ones), so that a
+/// commit frame stays small however many deliveries fail at once.
+const RECORDS_PER_SAVE: usize = 10_000;
+/// The most dead letters, and their bytes, waiting to be confirmed: more messages to give up
+/// wait until these are.
+const DEAD_LETTERS_UNCONFIRMED: usize = 1_000;
+const DEAD_LETTER_BYTES_UNCONFIRMED: usize = 16 << 20;
+/// How long after a failed save the dispatcher tries again.
+const SAVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a delivery failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +53,79 @@ impl Cause {
             Cause::Nack => "nack",
             Cause::Released => "released",
         }
+    }
+}
+
+/// A failure record to write (`Some`) or drop (`None`), and the retry that waits for it.
+struct Record {
+    failure: Option<Failure>,
+    retry: Option<Instant>,
+    /// The save that carries it, once sent.
+    sent_in: Option<u64>,
+}
+
+/// A message to take off the subscription for good, waiting for room in a save.
+pub(super) struct GiveUp {
+    seq: u64,
+    why: &'static str,
+    attempts: u32,
+    reason: String,
+}
+
+/// What is not known to be durable yet.
+#[derive(Default)]
+pub(super) struct Unsaved {
+    /// The ack state changed since the last save.
+    pub dirty: bool,
+    records: BTreeMap<u64, Record>,
+    /// Dead letters not yet confirmed, by their message's sequence, with their channel and
+    /// the first save that carried them.
+    dead_letters: BTreeMap<u64, (ChannelId, NewMessage, Option<u64>)>,
+    /// Bytes of those dead letters.
+    dead_letter_bytes: usize,
+    /// Messages to dead-letter once fewer dead letters wait to be confirmed.
+    deferred: VecDeque<GiveUp>,
+    /// Results to send once the next save is durable, with their reserved bytes.
+    answers: Vec<(Outbox, usize, ConsumerEvent)>,
+    /// Saves submitted so far.
+    saves: u64,
+    /// A save failed: the next waits until then.
+    hold_until: Option<Instant>,
+}
+
+impl Unsaved {
+    /// Drops a failure record.
+    pub(super) fn drop_record(&mut self, seq: u64) {
+        let record = Record {
+            failure: None,
+            retry: None,
+            sent_in: None,
+        };
+        self.records.insert(seq, record);
+        self.dirty = true;
+    }
+
+    /// When the dispatcher must wake for a save, if something waits for one.
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        let waiting = self.dirty
+            || !self.deferred.is_empty()
+            || self.records.values().any(|r| r.sent_in.is_none());
+        match self.hold_until {
+            Some(at) if waiting => Some(at),
+            None if waiting => Some(Instant::now()),
+            _ => None,
+        }
+    }
+
+    /// Failed messages whose retry waits for their failure record to be durable.
+    pub(super) fn retries_waiting(&self) -> usize {
+        self.records.values().filter(|r| r.retry.is_some()).count()
+    }
+
+    /// Whether another dead letter may wait to be confirmed.
+    fn room_for_dead_letters(&self) -> bool {
+        self.dead_letters.len() < DEAD_LETTERS_UNCONFIRMED
+            && self.dead_letter_bytes < DEAD_LETTER_BYTES_UNCONFIRMED
     }
 }
 
@@ -85,7 +175,8 @@ impl Dispatcher {
         };
         if changed {
             // The answer waits for the save; its bytes stay reserved meanwhile.
-            self.pending.answers.push((outbox, reserved, event));
+            self.unsaved.answers.push((outbox, reserved, event));
+            self.unsaved.dirty = true;
         } else {
             outbox.push_reserved(reserved, event);
         }
@@ -110,9 +201,9 @@ impl Dispatcher {
         self.acks.insert(seq);
         self.queue.remove(seq);
         if self.failures.remove(&seq).is_some() {
-            self.pending.records.push((seq, None));
+            self.unsaved.drop_record(seq);
         }
-        self.pending.dirty = true;
+        self.unsaved.dirty = true;
     }
 
     /// A delivery failed: the message is retried after its wait, or dead-lettered after its
@@ -132,17 +223,23 @@ impl Dispatcher {
                 .unwrap_or_default(),
         };
         let limit = self.settings.max_delivery_attempts;
-        if nack.is_some_and(|n| n.terminal) {
-            return self.give_up(seq, "terminal", attempts, &reason);
-        }
-        if limit > 0 && attempts >= limit {
-            return self.give_up(seq, cause.name(), attempts, &reason);
-        }
-        let wait = match nack.and_then(|n| n.delay) {
-            Some(delay) => delay,
-            None => retry::backoff(&self.settings.retry, attempts, self.jitter.next()),
+        let why = match nack {
+            Some(nack) if nack.terminal => "terminal",
+            _ if limit > 0 && attempts >= limit => cause.name(),
+            _ => {
+                let wait = match nack.and_then(|n| n.delay) {
+                    Some(delay) => delay,
+                    None => retry::backoff(&self.settings.retry, attempts, self.jitter.next()),
+                };
+                return self.retry_after(seq, attempts, wait, cause.name(), reason);
+            }
         };
-        self.retry_after(seq, attempts, wait, cause.name(), reason);
+        self.unsaved.deferred.push_back(GiveUp {
+            seq,
+            why,
+            attempts,
+            reason,
+        });
     }
 
     /// Records a failure and schedules the retry for when the record is durable.
@@ -154,15 +251,36 @@ impl Dispatcher {
             reason,
         };
         self.failures.insert(seq, failure.clone());
-        self.pending.records.push((seq, Some(failure)));
-        self.pending.retries.push((seq, Instant::now() + wait));
-        self.pending.dirty = true;
+        let record = Record {
+            failure: Some(failure),
+            retry: Some(Instant::now() + wait),
+            sent_in: None,
+        };
+        self.unsaved.records.insert(seq, record);
+        self.unsaved.dirty = true;
+    }
+
+    /// Takes the messages waiting to be given up off the subscription, as far as there is
+    /// room for their dead letters.
+    pub(super) fn give_up_deferred(&mut self) {
+        while self.unsaved.room_for_dead_letters() {
+            let Some(give_up) = self.unsaved.deferred.pop_front() else {
+                return;
+            };
+            self.give_up(give_up);
+        }
     }
 
     /// Takes a message off the subscription for good: into the dead-letter channel, or, for a
     /// terminal nack without one, discarded (the consumer said never to retry it).
-    fn give_up(&mut self, seq: u64, why: &str, attempts: u32, reason: &str) {
-        if self.settings.dead_letter.is_none() {
+    fn give_up(&mut self, give_up: GiveUp) {
+        let GiveUp {
+            seq,
+            why,
+            attempts,
+            reason,
+        } = give_up;
+        let Some(channel) = self.settings.dead_letter else {
             tracing::warn!(
                 subscription = %self.name,
                 seq,
@@ -171,18 +289,18 @@ impl Dispatcher {
             );
             self.counts.discarded += 1;
             return self.acked(seq);
-        }
+        };
         let stored = match self.log.get(seq) {
             Ok(Some(stored)) => stored,
-            Ok(None) => return self.acked(seq),
+            Ok(None) => return self.forget(seq),
             Err(StoreError::Damaged {
                 first_seq, end_seq, ..
             }) => return self.skip_damaged(first_seq..end_seq),
             Err(e) => {
-                // Not lost: it is tried again once it can be read.
+                // Not lost: it is given up again once it can be read.
                 tracing::error!(subscription = %self.name, seq, error = %e, "cannot read a message to dead-letter it");
                 let count = attempts.saturating_sub(1);
-                return self.retry_after(seq, count, Duration::from_secs(1), why, reason.into());
+                return self.retry_after(seq, count, Duration::from_secs(1), why, reason);
             }
         };
         let view = match dead_letter::addressee(&stored, &self.name) {
@@ -194,49 +312,69 @@ impl Dispatcher {
             subscription: &self.name,
             reason: why,
             attempts,
-            error: reason,
+            error: &reason,
             now_ms: now_ms(),
         };
-        self.pending
+        let letter = dead_letter::dead_letter(&view, &provenance);
+        self.unsaved.dead_letter_bytes += letter.size();
+        self.unsaved
             .dead_letters
-            .push(dead_letter::dead_letter(&view, &provenance));
+            .insert(seq, (channel, letter, None));
         self.counts.dead_lettered += 1;
         tracing::info!(subscription = %self.name, seq, why, attempts, "message dead-lettered");
         self.acked(seq);
     }
 
-    /// Forgets a message that is gone for this subscription, wherever it waits.
-    pub(super) fn forget(&mut self, seq: u64) {
-        self.forget_where(|s| s == seq);
+    /// Puts new settings in force. Dead letters not yet confirmed go to the new dead-letter
+    /// channel, if there is one: the old one may be deleted once this returns.
+    pub(super) fn reconfigure(&mut self, settings: ferry_store::SubscriptionSettings) {
+        if let Some(channel) = settings.dead_letter {
+            for (target, _, _) in self.unsaved.dead_letters.values_mut() {
+                *target = channel;
+            }
+        }
+        self.settings = settings;
     }
 
-    /// Takes every message `gone` says is gone out of flight, the queue and the read-ahead,
-    /// and drops its failure record.
+    /// Forgets a message that is gone for this subscription, wherever it waits.
+    pub(super) fn forget(&mut self, seq: u64) {
+        self.take_back(seq);
+        self.queue.remove(seq);
+        if self.failures.remove(&seq).is_some() {
+            self.unsaved.drop_record(seq);
+        }
+        self.unsaved.deferred.retain(|g| g.seq != seq);
+        if let Some(at) = self.prefetch.iter().position(|m| m.sequence == seq) {
+            self.prefetch.remove(at);
+        }
+    }
+
+    /// Forgets every message `gone` says is gone: in flight, in the queue (keys it held are
+    /// released), waiting to be given up, read ahead, and its failure record.
     pub(super) fn forget_where(&mut self, gone: impl Fn(u64) -> bool) {
-        let flying: Vec<u64> = self
+        let mut seqs: Vec<u64> = self
             .in_flight
             .keys()
             .copied()
             .filter(|&s| gone(s))
             .collect();
-        for seq in flying {
+        seqs.extend(self.queue.all().into_iter().filter(|&s| gone(s)));
+        seqs.extend(self.failures.keys().copied().filter(|&s| gone(s)));
+        seqs.extend(
+            self.unsaved
+                .deferred
+                .iter()
+                .map(|g| g.seq)
+                .filter(|&s| gone(s)),
+        );
+        for seq in seqs {
             self.take_back(seq);
             self.queue.remove(seq);
-        }
-        for (seq, key) in self.queue.waiting() {
-            if gone(seq) {
-                match key {
-                    Some(key) => self.queue.unpark(seq, &key),
-                    None => self.queue.remove(seq),
-                }
+            if self.failures.remove(&seq).is_some() {
+                self.unsaved.drop_record(seq);
             }
         }
-        let failed: Vec<u64> = self.failures.keys().copied().filter(|&s| gone(s)).collect();
-        for seq in failed {
-            self.failures.remove(&seq);
-            self.queue.remove(seq);
-            self.pending.records.push((seq, None));
-        }
+        self.unsaved.deferred.retain(|g| !gone(g.seq));
         self.prefetch.retain(|m| !gone(m.sequence));
     }
 
@@ -251,39 +389,74 @@ impl Dispatcher {
         if added == 0 {
             return;
         }
-        self.forget_where(|seq| ranges.iter().any(|&(s, e)| (s..e).contains(&seq)));
-        self.pending.dirty = true;
+        self.forget_where(|seq| {
+            let at = ranges.partition_point(|&(start, _)| start <= seq);
+            at > 0 && seq < ranges[at - 1].1
+        });
+        self.unsaved.dirty = true;
     }
 
-    /// Queues everything pending for the store from this task, so that saves reach it in the
-    /// order they were made (a later ack state never loses to an earlier one); then, in a task
-    /// of its own so that dispatching goes on, waits for it to be durable, tells the
-    /// dispatcher, and sends the answers that waited for it.
+    /// Queues what changed for the store from this task, so that saves reach it in the order
+    /// they were made (a later ack state never loses to an earlier one); then, in a task of its
+    /// own so that dispatching goes on, waits for it to be durable and tells the dispatcher,
+    /// and sends the answers that waited for it.
     pub(super) async fn save(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        self.saves += 1;
-        let save = self.saves;
-        if !pending.retries.is_empty() {
-            self.saving.push_back((save, pending.retries));
+        if self
+            .unsaved
+            .hold_until
+            .is_some_and(|at| Instant::now() < at)
+        {
+            return;
         }
+        let unsent_records = self.unsaved.records.values().any(|r| r.sent_in.is_none());
+        if !(self.unsaved.dirty || unsent_records) {
+            return;
+        }
+        self.unsaved.hold_until = None;
+        self.unsaved.saves += 1;
+        let save = self.unsaved.saves;
+        let failures = self
+            .unsaved
+            .records
+            .iter_mut()
+            .filter(|(_, r)| r.sent_in.is_none())
+            .take(RECORDS_PER_SAVE)
+            .map(|(&seq, r)| {
+                r.sent_in = Some(save);
+                (seq, r.failure.clone())
+            })
+            .collect();
+        // Every dead letter not confirmed goes with every state that acks its message.
+        let dead_letters = self
+            .unsaved
+            .dead_letters
+            .iter_mut()
+            .map(|(&seq, (channel, message, sent))| {
+                sent.get_or_insert(save);
+                (seq, *channel, message.clone())
+            })
+            .collect();
+        self.unsaved.dirty = false;
         let floor = self.acks.floor();
         let update = AckUpdate {
             state: self.acks.to_state(),
-            failures: pending.records,
-            dead_letters: pending.dead_letters,
+            failures,
+            dead_letters,
         };
         let submitted = self.store.submit_acks(self.id, update).await;
         let commands = self.commands.clone();
-        let answers = pending.answers;
+        let answers = std::mem::take(&mut self.unsaved.answers);
         tokio::spawn(async move {
             let outcome = match submitted {
                 Ok(confirmation) => confirmation.confirmed().await,
                 Err(e) => Err(e),
             };
-            if outcome.is_ok() {
-                // First: collection and retries must not wait on a consumer that reads slowly.
-                let _ = commands.send(Command::Durable { floor, save }).await;
-            }
+            // First: collection and retries must not wait on a consumer that reads slowly.
+            let told = match outcome {
+                Ok(()) => Command::Durable { floor, save },
+                Err(_) => Command::SaveFailed { save },
+            };
+            let _ = commands.send(told).await;
             for (outbox, bytes, event) in answers {
                 match &outcome {
                     Ok(()) => {
@@ -302,18 +475,49 @@ impl Dispatcher {
     /// messages whose failures it recorded may be retried.
     pub(super) fn durable(&mut self, floor: u64, save: u64) {
         self.durable_floor = self.durable_floor.max(floor);
-        while self.saving.front().is_some_and(|(s, _)| *s <= save) {
-            let (_, retries) = self.saving.pop_front().expect("checked");
-            for (seq, at) in retries {
-                let still_failed = self.failures.contains_key(&seq)
-                    && !self.acks.contains(seq)
-                    && !self.in_flight.contains_key(&seq);
-                if still_failed {
-                    self.queue.retry_at(seq, at);
-                }
+        let confirmed = |sent: &Option<u64>| sent.is_some_and(|s| s <= save);
+        let records = std::mem::take(&mut self.unsaved.records);
+        for (seq, record) in records {
+            if !confirmed(&record.sent_in) {
+                self.unsaved.records.insert(seq, record);
+                continue;
+            }
+            let still_failed = self.failures.contains_key(&seq)
+                && !self.acks.contains(seq)
+                && !self.in_flight.contains_key(&seq);
+            if let Some(at) = record.retry
+                && still_failed
+            {
+                self.queue.retry_at(seq, at);
             }
         }
+        let mut freed = 0;
+        self.unsaved.dead_letters.retain(|_, (_, message, sent)| {
+            let keep = !confirmed(sent);
+            if !keep {
+                freed += message.size();
+            }
+            keep
+        });
+        self.unsaved.dead_letter_bytes -= freed;
         self.queue.promote_due(Instant::now());
+    }
+
+    /// Save number `save` failed: its failure records are sent again, a little later, with the
+    /// ack state and every dead letter not yet confirmed.
+    pub(super) fn save_failed(&mut self, save: u64) {
+        tracing::warn!(
+            subscription = %self.name,
+            "saving acks failed; what it carried is sent again in {SAVE_AGAIN_AFTER:?}"
+        );
+        for record in self.unsaved.records.values_mut() {
+            if record.sent_in == Some(save) {
+                record.sent_in = None;
+            }
+        }
+        // Dead letters go with every save until one is confirmed; the ack state too.
+        self.unsaved.dirty = true;
+        self.unsaved.hold_until = Some(Instant::now() + SAVE_AGAIN_AFTER);
     }
 }
 

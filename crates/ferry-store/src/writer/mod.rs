@@ -112,7 +112,7 @@ impl Op {
                     + update
                         .dead_letters
                         .iter()
-                        .map(NewMessage::size)
+                        .map(|(_, _, m)| m.size())
                         .sum::<usize>()
             }
             Op::Redrive { moves, .. } => moves.iter().map(|(_, m)| 16 + m.size()).sum(),

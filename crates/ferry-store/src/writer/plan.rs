@@ -128,19 +128,17 @@ impl Writer {
         update: AckUpdate,
         group: &mut Group,
     ) -> Result<()> {
-        let record = self
-            .state
-            .subscriptions
-            .get(&subscription)
-            .ok_or(StoreError::SubscriptionNotFound)?;
-        if !update.dead_letters.is_empty() {
-            let target = record.settings.dead_letter.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "dead letters for subscription {:?}, which has no dead-letter channel",
-                    record.name
-                ))
-            })?;
-            self.plan_append(target, update.dead_letters, group)?;
+        self.subscription_exists(subscription)?;
+        let mut letters = Vec::with_capacity(update.dead_letters.len());
+        for (seq, channel, message) in update.dead_letters {
+            // Appended with the state that first acked its original.
+            if self.state.acked(subscription, seq) {
+                continue;
+            }
+            letters.push((self.dead_letter_target(subscription, channel)?, message));
+        }
+        for (target, message) in letters {
+            self.plan_append(target, vec![message], group)?;
         }
         // A later state of the same subscription takes the earlier one's place in the frame;
         // the failure records of both are kept, the later last.
@@ -159,6 +157,24 @@ impl Writer {
         group.acks_at.insert(subscription, at);
         group.ack_states += 1;
         Ok(())
+    }
+
+    /// Where a dead letter meant for `channel` goes: there, or, if that channel was deleted
+    /// since (the subscription was given another), to the subscription's dead-letter channel.
+    fn dead_letter_target(
+        &self,
+        subscription: SubscriptionId,
+        channel: ChannelId,
+    ) -> Result<ChannelId> {
+        if self.state.channels.contains_key(&channel) {
+            return Ok(channel);
+        }
+        self.state
+            .subscriptions
+            .get(&subscription)
+            .and_then(|s| s.settings.dead_letter)
+            .filter(|c| self.state.channels.contains_key(c))
+            .ok_or(StoreError::ChannelNotFound)
     }
 
     /// Moves dead letters back to their origin channel: each message is appended to `to` and

@@ -10,7 +10,7 @@ use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, RecordLocation, SegmentUsage, SubscriptionRecord, ack_key,
     channel_key, record_key, segment_key, subscription_key,
 };
-use crate::{ChannelId, Result, StoreError, SubscriptionId};
+use crate::{AckState, ChannelId, Result, StoreError, SubscriptionId};
 
 /// Channels, subscriptions, ack floors and segment usage, as committed.
 #[derive(Default)]
@@ -20,6 +20,8 @@ pub(crate) struct State {
     pub subscriptions: HashMap<SubscriptionId, SubscriptionRecord>,
     /// Each subscription's ack floor: a channel's records below the lowest are collected.
     pub floors: HashMap<SubscriptionId, u64>,
+    /// Each subscription's ack state as last committed or planned.
+    pub acks: HashMap<SubscriptionId, AckState>,
     /// Indexed records per segment file.
     pub usage: HashMap<u32, SegmentUsage>,
     /// The next channel or subscription id: ids are never given out twice.
@@ -73,9 +75,9 @@ impl State {
                     record.name
                 )));
             };
-            state
-                .floors
-                .insert(id, codec::decode_ack_state(&raw)?.floor);
+            let acks = codec::decode_ack_state(&raw)?;
+            state.floors.insert(id, acks.floor);
+            state.acks.insert(id, acks);
             state.subscriptions.insert(id, record);
         }
         for entry in db.scan_prefix(b"O") {
@@ -102,19 +104,27 @@ impl State {
             .find(|s| s.settings.dead_letter == Some(channel))
     }
 
+    /// Whether `subscription`'s ack state as last committed or planned acks `seq`.
+    pub(crate) fn acked(&self, subscription: SubscriptionId, seq: u64) -> bool {
+        self.acks
+            .get(&subscription)
+            .is_some_and(|a| a.contains(seq))
+    }
+
     /// Whether `seq` was withdrawn from `channel`.
     pub(crate) fn is_withdrawn(&self, channel: ChannelId, seq: u64) -> bool {
-        self.withdrawn
-            .get(&channel)
-            .is_some_and(|ranges| ranges.iter().any(|&(s, e)| (s..e).contains(&seq)))
+        self.skip_withdrawn(channel, seq) != seq
     }
 
     /// The first sequence at or after `seq` that was not withdrawn from `channel`.
     pub(crate) fn skip_withdrawn(&self, channel: ChannelId, seq: u64) -> u64 {
         let ranges = self.withdrawn.get(&channel).map_or(&[][..], Vec::as_slice);
-        match ranges.iter().find(|&&(s, e)| (s..e).contains(&seq)) {
-            Some(&(_, end)) => end,
-            None => seq,
+        // The ranges are sorted and disjoint: the one that may hold `seq` is the last that
+        // starts at or before it.
+        let at = ranges.partition_point(|&(start, _)| start <= seq);
+        match at.checked_sub(1).map(|i| ranges[i]) {
+            Some((_, end)) if seq < end => end,
+            _ => seq,
         }
     }
 
@@ -173,6 +183,7 @@ impl State {
                 batch.insert(&subscription_key(*id), record.encode());
                 batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
                 self.floors.insert(*id, acks.floor);
+                self.acks.insert(*id, acks.clone());
                 self.subscriptions.insert(*id, record.clone());
                 self.saw_id(id.0, batch);
             }
@@ -185,6 +196,7 @@ impl State {
             Change::DeleteSubscription { id } => {
                 if let Some(record) = self.subscriptions.remove(id) {
                     self.floors.remove(id);
+                    self.acks.remove(id);
                     touched.collects.insert(record.channel);
                     batch.remove(&subscription_key(*id));
                     batch.remove(&ack_key(*id));
@@ -195,6 +207,7 @@ impl State {
                 if let Some(record) = self.subscriptions.get(id) {
                     batch.insert(&ack_key(*id), codec::encode_ack_state(acks));
                     self.floors.insert(*id, acks.floor);
+                    self.acks.insert(*id, acks.clone());
                     touched.collects.insert(record.channel);
                     let mut encoded = Vec::new();
                     for (seq, failure) in failures {
@@ -263,6 +276,7 @@ impl State {
         for sub in doomed {
             self.subscriptions.remove(&sub);
             self.floors.remove(&sub);
+            self.acks.remove(&sub);
             batch.remove(&subscription_key(sub));
             batch.remove(&ack_key(sub));
             remove_failures(db, sub, batch)?;

@@ -124,6 +124,14 @@ pub struct BenchArgs {
     /// separate from --max-seconds because a backlog worth measuring takes minutes to build.
     #[arg(long, value_name = "S", default_value = "600", value_parser = parse_seconds)]
     backlog_seconds: Duration,
+    /// Give every scenario's subscription a retry policy (1 s backoff, 5 attempts) and a
+    /// dead-letter channel: what the error flows cost when nothing fails.
+    #[arg(long)]
+    retry_policy: bool,
+    /// Give the messages ordering keys, N of them in turn (0: none). A key has one unacked
+    /// delivery at a time, so a consumer's window can hold at most N keyed messages.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keys: u32,
 }
 
 /// The scenarios `--only` can pick; they always run in this order.
@@ -758,10 +766,25 @@ impl Bench<'_> {
     ) -> Result<String> {
         let name = format!("bench.{}.{what}", self.tag);
         let mut admin = self.admin.clone();
-        admin
-            .create_channel(pb::CreateChannelRequest { name: name.clone() })
-            .await
-            .map_err(|s| BenchError::status(format!("cannot create channel {name}"), &s))?;
+        let dead = format!("{name}.dead");
+        for channel in [&name, &dead] {
+            if *channel == dead && !self.args.retry_policy {
+                break;
+            }
+            admin
+                .create_channel(pb::CreateChannelRequest {
+                    name: channel.clone(),
+                })
+                .await
+                .map_err(|s| BenchError::status(format!("cannot create channel {channel}"), &s))?;
+        }
+        let policy = self.args.retry_policy.then(|| pb::RetryPolicy {
+            initial: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
         admin
             .create_subscription(pb::CreateSubscriptionRequest {
                 channel: name.clone(),
@@ -770,6 +793,13 @@ impl Bench<'_> {
                     seconds: d.as_secs() as i64,
                     nanos: d.subsec_nanos() as i32,
                 }),
+                max_delivery_attempts: if policy.is_some() { 5 } else { 0 },
+                dead_letter_channel: if policy.is_some() {
+                    dead
+                } else {
+                    String::new()
+                },
+                retry: policy,
                 ..Default::default()
             })
             .await
@@ -782,14 +812,21 @@ impl Bench<'_> {
     /// Deletes a scenario's channel, so that what it retained neither fills a shared broker's
     /// disk nor weighs on the next scenario. A failure only warrants a warning.
     async fn remove_channel(&self, name: &str) {
-        let request = pb::DeleteChannelRequest {
-            name: name.to_owned(),
-        };
-        if let Err(status) = self.admin.clone().delete_channel(request).await {
-            eprintln!(
-                "ferry bench: warning: {}",
-                BenchError::status(format!("cannot delete channel {name}"), &status)
-            );
+        let dead = format!("{name}.dead");
+        // The dead-letter channel last: it cannot go while the subscription names it.
+        for channel in [name, dead.as_str()] {
+            if channel == dead && !self.args.retry_policy {
+                break;
+            }
+            let request = pb::DeleteChannelRequest {
+                name: channel.to_owned(),
+            };
+            if let Err(status) = self.admin.clone().delete_channel(request).await {
+                eprintln!(
+                    "ferry bench: warning: {}",
+                    BenchError::status(format!("cannot delete channel {channel}"), &status)
+                );
+            }
         }
     }
 
@@ -822,6 +859,7 @@ impl Bench<'_> {
                 deadline,
                 rate: None,
                 payload: Payload::Fixed(Bytes::from(vec![b'x'; size])),
+                keys: self.args.keys,
             },
         )
         .await
@@ -955,6 +993,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
                 deadline: bench.deadline(started),
                 rate: None,
                 payload: payload.clone(),
+                keys: args.keys,
             },
         ));
     }
@@ -1038,6 +1077,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         deadline: bench.deadline(started),
         rate: None,
         payload: Payload::Fixed(Bytes::from(vec![b'x'; KIB])),
+        keys: args.keys,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1084,6 +1124,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
         deadline,
         rate: Some(args.rate),
         payload: Payload::Stamped { size: KIB, base },
+        keys: args.keys,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1349,6 +1390,8 @@ struct PublishPlan {
     /// Messages per second; `None` publishes as fast as confirmations allow.
     rate: Option<u64>,
     payload: Payload,
+    /// Ordering keys given in turn (0: none).
+    keys: u32,
 }
 
 /// What one publisher got confirmed.
@@ -1416,9 +1459,13 @@ async fn publish(connection: Channel, plan: PublishPlan) -> Result<Published> {
                 permit.forget();
                 let request = pb::PublishRequest {
                     channel: plan.channel.clone(),
-                    messages: (0..count)
-                        .map(|_| pb::OutgoingMessage {
+                    messages: (0..u64::from(count))
+                        .map(|i| pb::OutgoingMessage {
                             payload: plan.payload.next(),
+                            key: match plan.keys {
+                                0 => String::new(),
+                                keys => format!("k{}", (sent + i) % u64::from(keys)),
+                            },
                             ..Default::default()
                         })
                         .collect(),
