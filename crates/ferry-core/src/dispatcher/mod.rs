@@ -45,6 +45,9 @@ const PREFETCH_MESSAGES: usize = 512;
 const PREFETCH_BYTES: usize = 4 << 20;
 /// The most payload bytes in one deliveries event (a larger single message goes alone).
 const EVENT_BYTES: usize = 1 << 20;
+/// The most bytes of messages parked behind their ordering keys that a dispatcher keeps
+/// (at their size in memory); it reads no further ahead until some are released.
+const PARKED_BYTES: usize = 16 << 20;
 
 /// A request to a dispatcher.
 pub(crate) enum Command {
@@ -174,6 +177,10 @@ pub(crate) struct Dispatcher {
     deadlines: BTreeSet<(Instant, u64)>,
     /// Retries, backoffs and messages parked behind their keys.
     queue: Queue,
+    /// The messages parked behind their keys, kept so that releasing them reads nothing, and
+    /// their bytes in memory.
+    parked: HashMap<u64, Arc<Message>>,
+    parked_bytes: usize,
     /// The durable failure record of every unacked message that failed before.
     failures: HashMap<u64, Failure>,
     /// What is not known to be durable yet, and the answers that wait for it.
@@ -238,6 +245,8 @@ impl Dispatcher {
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             queue: Queue::default(),
+            parked: HashMap::new(),
+            parked_bytes: 0,
             failures: HashMap::new(),
             unsaved: settle::Unsaved::default(),
             withdrawn,
@@ -506,7 +515,8 @@ impl Dispatcher {
                 self.forget(seq);
                 continue;
             }
-            let stored = match self.read_one(seq) {
+            let kept = self.unpark(seq);
+            let stored = match kept.map_or_else(|| self.read_one(seq), |m| Ok(Some(m))) {
                 Ok(Some(stored)) => stored,
                 Ok(None) => continue,
                 Err(()) => {
@@ -519,7 +529,7 @@ impl Dispatcher {
             }
         }
         loop {
-            if self.queue.parked_full() {
+            if self.queue.parked_full() || self.parked_bytes >= PARKED_BYTES {
                 return None;
             }
             let Some(stored) = self.prefetch.pop_front() else {
@@ -555,6 +565,8 @@ impl Dispatcher {
         // Redriven messages skip ordering: their key's later messages went on without them.
         let ordered = self.settings.ordering && !view.key.is_empty() && Arc::ptr_eq(&view, &stored);
         if ordered && self.queue.park_if_held(seq, &view.key) {
+            self.parked_bytes += stored.heap_size();
+            self.parked.insert(seq, stored);
             return None;
         }
         let failure = self.failures.get(&seq);
@@ -574,6 +586,13 @@ impl Dispatcher {
             from_queue,
             ordered,
         })
+    }
+
+    /// Takes back a parked message's copy, if it was kept.
+    fn unpark(&mut self, seq: u64) -> Option<Arc<Message>> {
+        let message = self.parked.remove(&seq)?;
+        self.parked_bytes -= message.heap_size();
+        Some(message)
     }
 
     /// Reads one message to deliver again: `Ok(None)` if it is gone (lost to damage, or no

@@ -340,6 +340,7 @@ impl Dispatcher {
     pub(super) fn forget(&mut self, seq: u64) {
         self.take_back(seq);
         self.queue.remove(seq);
+        self.unpark(seq);
         if self.failures.remove(&seq).is_some() {
             self.unsaved.drop_record(seq);
         }
@@ -370,6 +371,7 @@ impl Dispatcher {
         for seq in seqs {
             self.take_back(seq);
             self.queue.remove(seq);
+            self.unpark(seq);
             if self.failures.remove(&seq).is_some() {
                 self.unsaved.drop_record(seq);
             }
