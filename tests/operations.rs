@@ -18,6 +18,7 @@ async fn admin_manages_channels_and_subscriptions_that_persist_and_shows_their_f
     let created = admin
         .create_channel(pb::CreateChannelRequest {
             name: "orders.created".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -44,6 +45,7 @@ async fn admin_manages_channels_and_subscriptions_that_persist_and_shows_their_f
     let again = admin
         .create_channel(pb::CreateChannelRequest {
             name: "orders.created".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(again.unwrap_err().code(), Code::AlreadyExists);
@@ -193,6 +195,7 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     let bad_name = admin
         .create_channel(pb::CreateChannelRequest {
             name: "no spaces!".into(),
+            ..Default::default()
         })
         .await;
     refused(

@@ -177,6 +177,7 @@ impl Daemon {
         admin
             .create_channel(pb::CreateChannelRequest {
                 name: channel.into(),
+                ..Default::default()
             })
             .await
             .expect("create channel");

@@ -30,8 +30,8 @@ use std::time::Duration;
 pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
-    Attributes, FsyncMode, Message, NewMessage, RetryPolicy, SpaceOptions, SpaceReport, StoreError,
-    StoreOptions, Verify,
+    Attributes, FsyncMode, Message, NewMessage, Position, Retention, RetryPolicy, SpaceOptions,
+    SpaceReport, StoreError, StoreOptions, Verify,
 };
 pub use outbox::ConsumerEvents;
 
@@ -229,6 +229,8 @@ pub fn check_settings(settings: &SubscriptionSettings) -> Result<()> {
 pub struct ChannelDecl {
     /// Its name.
     pub name: String,
+    /// How long it keeps acked messages.
+    pub retention: Retention,
     /// Its subscriptions.
     pub subscriptions: Vec<SubscriptionDecl>,
 }
@@ -452,6 +454,10 @@ pub struct ChannelInfo {
     pub damaged_records: u64,
     /// See `damaged_records`.
     pub damaged_messages: u64,
+    /// How long it keeps acked messages.
+    pub retention: Retention,
+    /// Bytes of messages every subscription has acked, kept only by retention.
+    pub retained_bytes: u64,
     /// Its subscriptions, by name.
     pub subscriptions: Vec<SubscriptionStats>,
 }

@@ -52,9 +52,25 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
+        let request = request.into_inner();
+        let retention = convert::retention(request.retention)?;
         let info = self
             .broker
-            .create_channel(&request.into_inner().name)
+            .create_channel(&request.name, retention)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::channel_info(info)))
+    }
+
+    async fn update_channel(
+        &self,
+        request: Request<pb::CreateChannelRequest>,
+    ) -> Answer<pb::ChannelInfo> {
+        let request = request.into_inner();
+        let retention = convert::retention(request.retention)?;
+        let info = self
+            .broker
+            .update_channel(&request.name, retention)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::channel_info(info)))
@@ -103,9 +119,10 @@ impl Admin for AdminService {
     ) -> Answer<pb::SubscriptionInfo> {
         let request = request.into_inner();
         let settings = convert::subscription_settings(&request)?;
+        let start = convert::position(request.start)?;
         let stats = self
             .broker
-            .create_subscription(&request.channel, &request.name, settings)
+            .create_subscription(&request.channel, &request.name, settings, start)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::subscription_info(

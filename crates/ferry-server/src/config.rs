@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use ferry_core::{
     BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, DamagePolicy, FsyncMode,
-    Limits, RetryPolicy, SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings,
-    Verify,
+    Limits, Retention, RetryPolicy, SpaceOptions, StoreOptions, SubscriptionDecl,
+    SubscriptionSettings, Verify,
 };
 use serde::Deserialize;
 
@@ -129,9 +129,26 @@ pub struct LimitsConfig {
 pub struct ChannelConfig {
     /// The channel's name.
     pub name: String,
+    /// `retention = { max_age = "7d", max_bytes = "10GiB" }`: how long it keeps acked
+    /// messages (absent: not at all).
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
     /// `[[channels.subscriptions]]`
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// A channel's `retention`: keep acked messages until they are older than `max_age`, or until
+/// the channel stores more than `max_bytes`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep acked messages this long.
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
+    /// Keep acked messages while the channel stores at most this much.
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
 }
 
 /// `[[channels.subscriptions]]`
@@ -433,6 +450,10 @@ impl Config {
             .iter()
             .map(|c| ChannelDecl {
                 name: c.name.clone(),
+                retention: c.retention.map_or_else(Retention::default, |r| Retention {
+                    max_age_ms: r.max_age.map_or(0, |d| d.0.as_millis() as u64),
+                    max_bytes: r.max_bytes.map_or(0, |b| b.0),
+                }),
                 subscriptions: c
                     .subscriptions
                     .iter()
@@ -508,7 +529,7 @@ fn number_and_unit(text: &str) -> Option<(u64, &str)> {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
-            "invalid duration {text:?}: write a whole number and a unit, like \"30s\", \"250ms\", \"5m\" or \"1h\""
+            "invalid duration {text:?}: write a whole number and a unit, like \"30s\", \"250ms\", \"5m\", \"1h\" or \"7d\""
         )
     };
     let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
@@ -517,6 +538,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(bad()),
     };
     n.checked_mul(scale)

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
     AckOutcome, AckResult, Attributes, ChannelInfo, DEFAULT_ACK_DEADLINE_MS, Delivery, Message,
-    Nack, NewMessage, RetryPolicy, SubscriptionSettings, SubscriptionStats, Window,
+    Nack, NewMessage, Position, Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats,
+    Window,
 };
 use ferry_proto::pb;
 use tonic::Status;
@@ -133,6 +134,50 @@ pub fn subscription_settings(
     })
 }
 
+/// A channel's retention from a request (absent: none).
+pub fn retention(r: Option<pb::Retention>) -> Result<Retention, Status> {
+    let Some(r) = r else {
+        return Ok(Retention::default());
+    };
+    Ok(Retention {
+        max_age_ms: millis("retention.max_age", r.max_age)?.unwrap_or(0),
+        max_bytes: r.max_bytes,
+    })
+}
+
+fn retention_info(r: Retention) -> Option<pb::Retention> {
+    r.keeps().then(|| pb::Retention {
+        max_age: (r.max_age_ms > 0).then(|| duration(Duration::from_millis(r.max_age_ms))),
+        max_bytes: r.max_bytes,
+    })
+}
+
+/// A position from a request (absent: the latest end).
+pub fn position(p: Option<pb::Position>) -> Result<Position, Status> {
+    use pb::position::At;
+    Ok(match p.and_then(|p| p.at) {
+        None => Position::Latest,
+        Some(At::Edge(edge)) => match pb::Edge::try_from(edge) {
+            Ok(pb::Edge::Latest) => Position::Latest,
+            Ok(pb::Edge::Earliest) => Position::Earliest,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "position.edge {edge} is not EDGE_LATEST (0) or EDGE_EARLIEST (1)"
+                )));
+            }
+        },
+        Some(At::Sequence(seq)) => Position::Sequence(seq),
+        Some(At::Time(t)) => {
+            if t.seconds < 0 || !(0..1_000_000_000).contains(&t.nanos) {
+                return Err(Status::invalid_argument(
+                    "position.time must be a valid time after 1970",
+                ));
+            }
+            Position::Time(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+        }
+    })
+}
+
 /// A nack request's options.
 pub fn nack(request: &pb::Nack) -> Result<Nack, Status> {
     Ok(Nack {
@@ -184,6 +229,8 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
 pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
     let name = c.name;
     pb::ChannelInfo {
+        retention: retention_info(c.retention),
+        retained_bytes: c.retained_bytes,
         messages: c.messages,
         bytes: c.bytes,
         next_sequence: c.next_sequence,

@@ -34,6 +34,7 @@ pub fn to_status(error: CoreError) -> Status {
             Status::already_exists(message)
         }
         CoreError::Storage(StoreError::ChannelInUse(_)) => Status::failed_precondition(message),
+        CoreError::Storage(StoreError::OutOfRange { .. }) => Status::out_of_range(message),
         CoreError::Storage(StoreError::Closed) => Status::unavailable(message),
         // The client may try again once space is freed; the message says how much there is.
         CoreError::Storage(StoreError::NoSpace { .. } | StoreError::DiskFull { .. }) => {

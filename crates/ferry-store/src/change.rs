@@ -9,7 +9,9 @@
 use bytes::{Buf, BufMut};
 
 use crate::codec::{self, SubscriptionRecord};
-use crate::{AckState, ChannelId, Failure, StoreError, SubscriptionId, SubscriptionSettings};
+use crate::{
+    AckState, ChannelId, Failure, Retention, StoreError, SubscriptionId, SubscriptionSettings,
+};
 
 /// One change a commit makes to channels, subscriptions or ack state.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,8 @@ pub(crate) enum Change {
         acks: AckState,
         failures: Vec<(u64, Option<Failure>)>,
     },
+    /// A channel's retention changed (or was set as it was created).
+    UpdateChannel { id: ChannelId, retention: Retention },
     /// Messages left a channel for good (they were redriven): every subscription counts them
     /// as acked.
     Withdraw {
@@ -61,6 +65,7 @@ const UPDATE_SUBSCRIPTION_2: u8 = 8;
 /// Since failure records: the ack state and failure records.
 const SAVE_ACKS_2: u8 = 9;
 const WITHDRAW: u8 = 10;
+const UPDATE_CHANNEL: u8 = 11;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -107,6 +112,12 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                     }
                     put_bytes(out, &encoded);
                 }
+            }
+            Change::UpdateChannel { id, retention } => {
+                out.put_u8(UPDATE_CHANNEL);
+                out.put_u32_le(id.0);
+                out.put_u64_le(retention.max_age_ms);
+                out.put_u64_le(retention.max_bytes);
             }
             Change::Withdraw { channel, ranges } => {
                 out.put_u8(WITHDRAW);
@@ -185,6 +196,13 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                     get_bytes(&mut raw).ok_or_else(|| bad("ack state"))?,
                 )?,
                 failures: get_failures(&mut raw).ok_or_else(|| bad("failure records"))?,
+            },
+            UPDATE_CHANNEL => Change::UpdateChannel {
+                id: ChannelId(id),
+                retention: Retention {
+                    max_age_ms: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
+                    max_bytes: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
+                },
             },
             WITHDRAW => Change::Withdraw {
                 channel: ChannelId(id),
@@ -303,6 +321,13 @@ mod tests {
             Change::Withdraw {
                 channel: ChannelId(9),
                 ranges: vec![(3, 5), (8, 9)],
+            },
+            Change::UpdateChannel {
+                id: ChannelId(3),
+                retention: Retention {
+                    max_age_ms: 7 * 86_400_000,
+                    max_bytes: 10 << 30,
+                },
             },
             Change::Skipped {
                 channel: ChannelId(3),

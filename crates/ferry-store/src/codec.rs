@@ -31,8 +31,8 @@ use bytes::{Buf, BufMut, Bytes};
 
 use crate::message::AttributesBuilder;
 use crate::{
-    AckState, Attributes, ChannelId, Failure, Message, NewMessage, RetryPolicy, StoreError,
-    SubscriptionId, SubscriptionSettings,
+    AckState, Attributes, ChannelId, Failure, Message, NewMessage, Retention, RetryPolicy,
+    StoreError, SubscriptionId, SubscriptionSettings,
 };
 
 /// The version of this layout, stored under `V`. Older stores open too and are upgraded in
@@ -166,25 +166,31 @@ pub(crate) struct RecordLocation {
     pub segment: u32,
     pub offset: u64,
     pub len: u32,
+    /// When its messages were published (one group's messages share it), in ms since the
+    /// Unix epoch: what retention by age and seeking by time go by. 0 for an entry written
+    /// before the index kept it.
+    pub publish_ms: u64,
 }
 
 impl RecordLocation {
-    pub fn encode(&self) -> [u8; 16] {
-        let mut out = [0; 16];
+    pub fn encode(&self) -> [u8; 24] {
+        let mut out = [0; 24];
         out[..4].copy_from_slice(&self.segment.to_le_bytes());
         out[4..12].copy_from_slice(&self.offset.to_le_bytes());
-        out[12..].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..].copy_from_slice(&self.publish_ms.to_le_bytes());
         out
     }
 
     pub fn decode(mut raw: &[u8]) -> Result<Self, StoreError> {
-        if raw.len() != 16 {
+        if raw.len() != 16 && raw.len() != 24 {
             return Err(StoreError::Corrupt("bad record location".into()));
         }
         Ok(Self {
             segment: raw.get_u32_le(),
             offset: raw.get_u64_le(),
             len: raw.get_u32_le(),
+            publish_ms: if raw.len() == 8 { raw.get_u64_le() } else { 0 },
         })
     }
 }
@@ -287,6 +293,8 @@ pub(crate) struct RecordHeader {
     /// Header and body.
     pub len: u64,
     crc: u32,
+    /// A message record's publish time, read from its body by a scan (0 until then).
+    pub publish_ms: u64,
 }
 
 impl RecordHeader {
@@ -315,6 +323,7 @@ impl RecordHeader {
             count,
             len: RECORD_HEADER_LEN as u64 + u64::from(body_len),
             crc,
+            publish_ms: 0,
         })
     }
 
@@ -426,15 +435,23 @@ pub(crate) struct ChannelRecord {
     pub first_seq: u64,
     /// Encoded bytes of the records still stored.
     pub bytes: u64,
+    /// How long it keeps acked messages.
+    pub retention: Retention,
 }
+
+/// A channel record's retention follows this tag (older records end before it).
+const CHANNEL_V2: u8 = 2;
 
 impl ChannelRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.name.len());
+        let mut out = Vec::with_capacity(56 + self.name.len());
         put_str(&mut out, &self.name);
         out.put_u64_le(self.next_seq);
         out.put_u64_le(self.first_seq);
         out.put_u64_le(self.bytes);
+        out.put_u8(CHANNEL_V2);
+        out.put_u64_le(self.retention.max_age_ms);
+        out.put_u64_le(self.retention.max_bytes);
         out
     }
 
@@ -444,11 +461,21 @@ impl ChannelRecord {
         if raw.remaining() < 24 {
             return Err(bad());
         }
+        let (next_seq, first_seq, bytes) = (raw.get_u64_le(), raw.get_u64_le(), raw.get_u64_le());
+        let retention = match raw.remaining() {
+            0 => Retention::default(),
+            17 if raw.get_u8() == CHANNEL_V2 => Retention {
+                max_age_ms: raw.get_u64_le(),
+                max_bytes: raw.get_u64_le(),
+            },
+            _ => return Err(bad()),
+        };
         Ok(Self {
             name,
-            next_seq: raw.get_u64_le(),
-            first_seq: raw.get_u64_le(),
-            bytes: raw.get_u64_le(),
+            next_seq,
+            first_seq,
+            bytes,
+            retention,
         })
     }
 }
@@ -735,6 +762,7 @@ mod tests {
             segment: 3,
             offset: 1 << 40,
             len: 77,
+            publish_ms: 1_795_833_296_789,
         };
         assert_eq!(
             RecordLocation::decode(&location.encode()).unwrap(),

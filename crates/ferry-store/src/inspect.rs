@@ -74,6 +74,7 @@ struct Found {
     channel: ChannelId,
     first: u64,
     count: u32,
+    publish_ms: u64,
 }
 
 /// What the segment log holds.
@@ -373,6 +374,7 @@ fn scan_all(dir: &Path, report: &mut Report) -> Result<Log> {
                         channel: record.channel,
                         first: record.first_seq,
                         count: record.count,
+                        publish_ms: record.publish_ms,
                     });
                 }
                 let at = LogPosition {
@@ -442,6 +444,7 @@ fn apply_change(index: &mut Index, change: &Change) {
                     next_seq: 1,
                     first_seq: 1,
                     bytes: 0,
+                    retention: Default::default(),
                 },
             );
             index.next_id = index.next_id.max(id.0.saturating_add(1));
@@ -465,8 +468,9 @@ fn apply_change(index: &mut Index, change: &Change) {
         Change::DeleteSubscription { id } => {
             index.subscriptions.remove(id);
         }
-        // What a check compares does not depend on failure records or withdrawn sequences.
-        Change::Withdraw { .. } => {}
+        // What a check compares does not depend on failure records, withdrawn sequences or
+        // retention.
+        Change::Withdraw { .. } | Change::UpdateChannel { .. } => {}
         Change::SaveAcks { id, acks, .. } => {
             if let Some((_, state)) = index.subscriptions.get_mut(id) {
                 *state = Some(acks.clone());
@@ -507,6 +511,7 @@ fn readable_unscanned(dir: &Path, index: &Index, found: &[Found]) -> Result<Vec<
                 channel,
                 first,
                 count,
+                publish_ms: at.publish_ms,
             });
         }
     }
@@ -643,6 +648,7 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
                 next_seq: first,
                 first_seq: first,
                 bytes: 0,
+                retention: Default::default(),
             },
         );
         let sub = SubscriptionId(next_id);
@@ -686,6 +692,7 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
             segment: f.segment,
             offset: f.offset,
             len: f.len as u32,
+            publish_ms: f.publish_ms,
         };
         batch.insert(&codec::record_key(f.channel, f.first), &at.encode());
         channel.next_seq = channel.next_seq.max(f.end());

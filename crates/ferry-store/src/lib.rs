@@ -159,6 +159,39 @@ impl AckState {
     }
 }
 
+/// How long a channel keeps messages every subscription has acked (zeros: not at all, the
+/// default). A message goes once it is older than `max_age_ms`, or once the channel's stored
+/// bytes exceed `max_bytes` (oldest first), whichever comes first; messages some subscription
+/// has not acked always stay. Space comes back a record, and a segment file, at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep acked messages this long (0: not by age).
+    pub max_age_ms: u64,
+    /// Keep acked messages while the channel stores at most this many bytes (0: not by size).
+    pub max_bytes: u64,
+}
+
+impl Retention {
+    /// Whether the channel keeps acked messages at all.
+    pub fn keeps(&self) -> bool {
+        self.max_age_ms > 0 || self.max_bytes > 0
+    }
+}
+
+/// Where a new subscription starts, or a seek goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Position {
+    /// After the last message published (the default for a new subscription).
+    #[default]
+    Latest,
+    /// At the first message still stored.
+    Earliest,
+    /// At this sequence.
+    Sequence(u64),
+    /// At the first message published at or after this time (ms since the Unix epoch).
+    Time(u64),
+}
+
 /// When a write counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncMode {
@@ -300,6 +333,22 @@ pub enum StoreError {
     /// The channel is the dead-letter channel of a subscription.
     #[error("channel is the dead-letter channel of subscription {0:?}")]
     ChannelInUse(String),
+    /// A position before the first message still stored (or after the last).
+    #[error(
+        "{wanted} is out of range: the first message still stored is {first_seq}{}, the next to \
+         be published {next_seq}",
+        .first_time_ms.map(|t| format!(" (published at {t} ms since the Unix epoch)")).unwrap_or_default()
+    )]
+    OutOfRange {
+        /// What was asked, in words.
+        wanted: String,
+        /// The first sequence still stored.
+        first_seq: u64,
+        /// When it was published, if it is known.
+        first_time_ms: Option<u64>,
+        /// The next sequence.
+        next_seq: u64,
+    },
 }
 
 impl From<sled::Error> for StoreError {
@@ -318,6 +367,8 @@ pub struct RecoveredChannel {
     pub id: ChannelId,
     /// Its name.
     pub name: String,
+    /// How long it keeps acked messages.
+    pub retention: Retention,
 }
 
 /// A subscription as found when the store is opened.
@@ -555,9 +606,31 @@ impl Store {
         .await
     }
 
-    /// Creates a channel.
-    pub async fn create_channel(&self, name: String) -> Result<ChannelId> {
-        self.call(|reply| Op::CreateChannel { name, reply }).await
+    /// Creates a channel (that keeps acked messages as `retention` says).
+    pub async fn create_channel(&self, name: String, retention: Retention) -> Result<ChannelId> {
+        self.call(|reply| Op::CreateChannel {
+            name,
+            retention,
+            reply,
+        })
+        .await
+    }
+
+    /// Changes how long a channel keeps acked messages.
+    pub async fn update_channel(&self, channel: ChannelId, retention: Retention) -> Result<()> {
+        self.call(|reply| Op::UpdateChannel {
+            channel,
+            retention,
+            reply,
+        })
+        .await
+    }
+
+    /// Bytes of the records of `channel` below `floor`: what retention alone keeps when
+    /// `floor` is the lowest ack floor of its subscriptions.
+    pub fn retained_bytes(&self, channel: ChannelId, floor: u64) -> Result<u64> {
+        let log = self.log(channel)?;
+        log.bytes_below(floor)
     }
 
     /// Deletes a channel with its messages and subscriptions.
@@ -566,17 +639,19 @@ impl Store {
             .await
     }
 
-    /// Creates a subscription that starts at the channel's end; returns its id and ack state.
+    /// Creates a subscription that starts at `start`; returns its id and ack state.
     pub async fn create_subscription(
         &self,
         channel: ChannelId,
         name: String,
         settings: SubscriptionSettings,
+        start: Position,
     ) -> Result<(SubscriptionId, AckState)> {
         self.call(|reply| Op::CreateSubscription {
             channel,
             name,
             settings,
+            start,
             reply,
         })
         .await

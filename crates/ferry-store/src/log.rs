@@ -147,6 +147,32 @@ impl ChannelLog {
         self.withdrawn.send_replace(Arc::from(ranges));
     }
 
+    /// Bytes of the records that end at or below `floor` (sequence): what the channel keeps
+    /// only for retention when `floor` is its lowest subscription floor.
+    pub(crate) fn bytes_below(&self, floor: u64) -> Result<u64> {
+        let mut bytes = 0;
+        let mut previous: Option<u32> = None;
+        for entry in self
+            .db
+            .range(record_key(self.id, 0)..=record_key(self.id, floor))
+        {
+            let (key, value) = entry?;
+            // A record counts once the next one starts at or below the floor.
+            if parse_record_key(&key)? <= floor
+                && let Some(len) = previous.replace(RecordLocation::decode(&value)?.len)
+            {
+                bytes += u64::from(len);
+            }
+        }
+        // The last record below the floor ends there if the floor is the end of the log.
+        if let Some(len) = previous
+            && floor >= self.stats().next_seq
+        {
+            bytes += u64::from(len);
+        }
+        Ok(bytes)
+    }
+
     /// The log's figures now.
     pub fn stats(&self) -> ChannelStats {
         self.lock().stats

@@ -343,6 +343,7 @@ fn index(
         segment,
         offset,
         len: record.len as u32,
+        publish_ms: record.publish_ms,
     };
     state.index_record(
         record.channel,

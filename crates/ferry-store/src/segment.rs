@@ -223,7 +223,7 @@ impl Segments {
         while offset.saturating_add(RECORD_HEADER_LEN as u64) <= len {
             file.read_exact_at(&mut header, offset)
                 .map_err(|e| io_error(&path, e))?;
-            let Some(record) = RecordHeader::parse(&header) else {
+            let Some(mut record) = RecordHeader::parse(&header) else {
                 break;
             };
             if record.len > u64::from(MAX_RECORD_BYTES) || offset.saturating_add(record.len) > len {
@@ -233,6 +233,10 @@ impl Segments {
             file.read_exact_at(&mut body, offset + RECORD_HEADER_LEN as u64)
                 .map_err(|e| io_error(&path, e))?;
             let intact = record.matches(&body);
+            // A message record's body starts with its (shared) publish time.
+            if intact && record.kind != FrameKind::Commit && body.len() >= 8 {
+                record.publish_ms = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            }
             if !found(offset, &record, intact.then_some(&body[..])) || !intact {
                 break;
             }
@@ -347,6 +351,7 @@ impl Appender {
             segment: self.id,
             offset,
             len,
+            publish_ms: 0,
         })
     }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use bytes::Bytes;
+use std::time::SystemTime;
 
 fn messages(n: usize, size: usize) -> Vec<NewMessage> {
     (0..n)
@@ -31,7 +32,7 @@ async fn subscribe(store: &Store, channel: ChannelId, name: &str) -> Subscriptio
         ..SubscriptionSettings::default()
     };
     store
-        .create_subscription(channel, name.into(), settings)
+        .create_subscription(channel, name.into(), settings, Position::Latest)
         .await
         .unwrap()
         .0
@@ -49,13 +50,16 @@ async fn appends_survive_reopen_and_collection_frees_records() {
     let dir = tempfile::tempdir().unwrap();
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
     assert!(recovered.channels.is_empty());
-    let channel = store.create_channel("orders".into()).await.unwrap();
+    let channel = store
+        .create_channel("orders".into(), Retention::default())
+        .await
+        .unwrap();
     let settings = SubscriptionSettings {
         ack_deadline_ms: 1000,
         ..SubscriptionSettings::default()
     };
     let (sub, acks) = store
-        .create_subscription(channel, "audit".into(), settings)
+        .create_subscription(channel, "audit".into(), settings, Position::Latest)
         .await
         .unwrap();
     assert_eq!(acks.floor, 1);
@@ -110,9 +114,12 @@ async fn appends_survive_reopen_and_collection_frees_records() {
 async fn names_are_unique_and_deletes_remove_everything() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    let channel = store.create_channel("a".into()).await.unwrap();
+    let channel = store
+        .create_channel("a".into(), Retention::default())
+        .await
+        .unwrap();
     assert!(matches!(
-        store.create_channel("a".into()).await,
+        store.create_channel("a".into(), Retention::default()).await,
         Err(StoreError::ChannelExists(_))
     ));
     let settings = SubscriptionSettings {
@@ -120,12 +127,12 @@ async fn names_are_unique_and_deletes_remove_everything() {
         ..SubscriptionSettings::default()
     };
     store
-        .create_subscription(channel, "s".into(), settings)
+        .create_subscription(channel, "s".into(), settings, Position::Latest)
         .await
         .unwrap();
     assert!(matches!(
         store
-            .create_subscription(channel, "s".into(), settings)
+            .create_subscription(channel, "s".into(), settings, Position::Latest)
             .await,
         Err(StoreError::SubscriptionExists(_))
     ));
@@ -153,7 +160,10 @@ async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_c
             ..StoreOptions::default()
         };
         let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
-        let channel = store.create_channel("c".into()).await.unwrap();
+        let channel = store
+            .create_channel("c".into(), Retention::default())
+            .await
+            .unwrap();
         // Messages are only stored for a channel that has a subscription.
         subscribe(&store, channel, "s").await;
         for _ in 0..10 {
@@ -177,7 +187,10 @@ async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_c
 async fn collection_never_passes_the_lowest_subscription_floor() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     let slow = subscribe(&store, channel, "slow").await;
     let fast = subscribe(&store, channel, "fast").await;
     for _ in 0..5 {
@@ -200,7 +213,10 @@ async fn collection_never_passes_the_lowest_subscription_floor() {
 async fn reads_are_contiguous_across_disk_and_a_tiny_tail_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(2_000)).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     // Messages are only stored for a channel that has a subscription.
     subscribe(&store, channel, "s").await;
     for _ in 0..50 {
@@ -248,7 +264,10 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
         ..StoreOptions::default()
     };
     let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     let sub = subscribe(&store, channel, "s").await;
     for _ in 0..40 {
         store.append(channel, messages(10, 1000)).await.unwrap();
@@ -297,7 +316,10 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
         ..StoreOptions::default()
     };
     let (store, _) = Store::open(dir.path(), options).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     let sub = subscribe(&store, channel, "s").await;
     // One record of about 15 KB, under the segment size: its ack's commit goes to the same
     // file, and empties it while it is still current.
@@ -327,7 +349,10 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
 async fn a_torn_tail_after_the_last_whole_commit_is_cut_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     subscribe(&store, channel, "s").await;
     store.append(channel, messages(10, 100)).await.unwrap();
     shut(store).await;
@@ -368,7 +393,10 @@ async fn a_torn_tail_after_the_last_whole_commit_is_cut_on_open() {
 async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let kept = store.create_channel("kept".into()).await.unwrap();
+    let kept = store
+        .create_channel("kept".into(), Retention::default())
+        .await
+        .unwrap();
     subscribe(&store, kept, "s").await;
     store.append(kept, messages(10, 100)).await.unwrap();
     shut(store).await;
@@ -376,7 +404,10 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     // sled comes back as it was before "lost" existed; the segment files still hold its
     // records (as after a damaged index).
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let lost = store.create_channel("lost".into()).await.unwrap();
+    let lost = store
+        .create_channel("lost".into(), Retention::default())
+        .await
+        .unwrap();
     subscribe(&store, lost, "s").await;
     store.append(lost, messages(5, 100)).await.unwrap();
     shut(store).await;
@@ -414,7 +445,14 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
         "the lost channel's segment file is kept aside"
     );
     // Neither an id nor a sequence is given out twice.
-    assert!(store.create_channel("new".into()).await.unwrap().0 > lost.0);
+    assert!(
+        store
+            .create_channel("new".into(), Retention::default())
+            .await
+            .unwrap()
+            .0
+            > lost.0
+    );
     assert_eq!(store.append(kept, messages(1, 10)).await.unwrap(), 11..12);
     store.close().await.unwrap();
 }
@@ -477,7 +515,10 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     let dir = tempfile::tempdir().unwrap();
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let orders = store.create_channel("orders".into()).await.unwrap();
+    let orders = store
+        .create_channel("orders".into(), Retention::default())
+        .await
+        .unwrap();
     let audit = subscribe(&store, orders, "audit").await;
     store.append(orders, messages(10, 100)).await.unwrap();
     shut(store).await;
@@ -494,16 +535,25 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
         ..SubscriptionSettings::default()
     };
     store.update_subscription(billing, settings).await.unwrap();
-    let gone = store.create_channel("gone".into()).await.unwrap();
+    let gone = store
+        .create_channel("gone".into(), Retention::default())
+        .await
+        .unwrap();
     subscribe(&store, gone, "s").await;
     store.append(gone, messages(3, 100)).await.unwrap();
     store.delete_channel(gone).await.unwrap();
-    let quiet = store.create_channel("quiet".into()).await.unwrap();
+    let quiet = store
+        .create_channel("quiet".into(), Retention::default())
+        .await
+        .unwrap();
     store.append(quiet, messages(4, 100)).await.unwrap();
     let temp = subscribe(&store, orders, "temp").await;
     store.delete_subscription(temp).await.unwrap();
     // A failure record, a dead letter with its ack, and a redrive.
-    let dead = store.create_channel("dead".into()).await.unwrap();
+    let dead = store
+        .create_channel("dead".into(), Retention::default())
+        .await
+        .unwrap();
     // Its subscriber acks nothing, so that nothing is collected (replay leaves collection to
     // the first commit after it).
     subscribe(&store, dead, "inspect").await;
@@ -551,7 +601,14 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
     assert_eq!(contents(&store, &recovered), expected);
     // Ids and sequences go on from where the log ends.
-    assert!(store.create_channel("next".into()).await.unwrap().0 > temp.0);
+    assert!(
+        store
+            .create_channel("next".into(), Retention::default())
+            .await
+            .unwrap()
+            .0
+            > temp.0
+    );
     assert_eq!(store.append(quiet, messages(1, 1)).await.unwrap(), 5..6);
     assert_eq!(store.append(orders, messages(1, 1)).await.unwrap(), 37..38);
     store.close().await.unwrap();
@@ -570,15 +627,21 @@ fn failure(count: u32) -> Failure {
 async fn dead_letters_commit_with_their_acks_and_redrives_move_each_message_once() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let orders = store.create_channel("orders".into()).await.unwrap();
-    let dead = store.create_channel("orders.dead".into()).await.unwrap();
+    let orders = store
+        .create_channel("orders".into(), Retention::default())
+        .await
+        .unwrap();
+    let dead = store
+        .create_channel("orders.dead".into(), Retention::default())
+        .await
+        .unwrap();
     let settings = SubscriptionSettings {
         dead_letter: Some(dead),
         max_delivery_attempts: 3,
         ..SubscriptionSettings::default()
     };
     let (work, _) = store
-        .create_subscription(orders, "work".into(), settings)
+        .create_subscription(orders, "work".into(), settings, Position::Latest)
         .await
         .unwrap();
     store.append(orders, messages(5, 100)).await.unwrap();
@@ -656,7 +719,12 @@ async fn dead_letters_commit_with_their_acks_and_redrives_move_each_message_once
     );
     // A subscription of a dead-letter channel starts at the first message it holds.
     let (_, acks) = store
-        .create_subscription(dead, "inspect".into(), SubscriptionSettings::default())
+        .create_subscription(
+            dead,
+            "inspect".into(),
+            SubscriptionSettings::default(),
+            Position::Latest,
+        )
         .await
         .unwrap();
     assert_eq!(acks.floor, 1);
@@ -670,11 +738,17 @@ async fn replay_leaves_no_index_entry_behind_a_channel_it_empties() {
     let dir = tempfile::tempdir().unwrap();
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     let sub = subscribe(&store, channel, "s").await;
     store.append(channel, messages(10, 100)).await.unwrap();
     // Another channel keeps the first segment file alive, as a crash would find it.
-    let kept = store.create_channel("kept".into()).await.unwrap();
+    let kept = store
+        .create_channel("kept".into(), Retention::default())
+        .await
+        .unwrap();
     subscribe(&store, kept, "s").await;
     store.append(kept, messages(3, 100)).await.unwrap();
     shut(store).await;
@@ -716,12 +790,18 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
     let dir = tempfile::tempdir().unwrap();
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    store.create_channel("kept".into()).await.unwrap();
+    store
+        .create_channel("kept".into(), Retention::default())
+        .await
+        .unwrap();
     shut(store).await;
     copy_index(dir.path(), saved.path());
 
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let gone = store.create_channel("gone".into()).await.unwrap();
+    let gone = store
+        .create_channel("gone".into(), Retention::default())
+        .await
+        .unwrap();
     subscribe(&store, gone, "s").await;
     store.append(gone, messages(5, 100)).await.unwrap();
     store.delete_channel(gone).await.unwrap();
@@ -734,7 +814,14 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
         !dir.path().join("segments/quarantine").exists(),
         "a deleted channel's records are not taken for lost ones"
     );
-    assert!(store.create_channel("next".into()).await.unwrap().0 > gone.0);
+    assert!(
+        store
+            .create_channel("next".into(), Retention::default())
+            .await
+            .unwrap()
+            .0
+            > gone.0
+    );
     store.close().await.unwrap();
 }
 
@@ -745,7 +832,10 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
     let dir = tempfile::tempdir().unwrap();
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let channel = store.create_channel("c".into()).await.unwrap();
+    let channel = store
+        .create_channel("c".into(), Retention::default())
+        .await
+        .unwrap();
     let a = subscribe(&store, channel, "a").await;
     let b = subscribe(&store, channel, "b").await;
     store.append(channel, messages(200, 10)).await.unwrap();
@@ -788,4 +878,108 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
     assert_eq!(floors[&a], (150, vec![(151, 152)]));
     assert_eq!(floors[&b], (76, vec![(77, 78)]));
     store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_keeps_acked_messages_until_they_age_out_and_positions_find_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let keep = Retention {
+        max_age_ms: 1500,
+        max_bytes: 0,
+    };
+    let events = store.create_channel("events".into(), keep).await.unwrap();
+    // No subscription, and still stored.
+    store.append(events, messages(10, 100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.append(events, messages(10, 100)).await.unwrap();
+    let log = store.log(events).unwrap();
+    assert_eq!(log.stats().first_seq, 1);
+    // A subscription acks everything: retention still keeps it.
+    let sub = subscribe(&store, events, "all").await;
+    ack(&store, sub, 21).await;
+    assert_eq!(log.stats().first_seq, 1);
+    assert!(store.retained_bytes(events, 21).unwrap() > 2000);
+
+    let start = |position| {
+        let store = store.clone();
+        async move {
+            store
+                .create_subscription(
+                    events,
+                    format!("{position:?}"),
+                    SubscriptionSettings::default(),
+                    position,
+                )
+                .await
+                .map(|(_, acks)| acks.floor)
+        }
+    };
+    assert_eq!(start(Position::Earliest).await.unwrap(), 1);
+    assert_eq!(start(Position::Latest).await.unwrap(), 21);
+    assert_eq!(start(Position::Sequence(7)).await.unwrap(), 7);
+    assert_eq!(start(Position::Time(before)).await.unwrap(), 11);
+    assert_eq!(start(Position::Time(u64::MAX)).await.unwrap(), 21);
+    assert!(matches!(
+        start(Position::Sequence(99)).await,
+        Err(StoreError::OutOfRange {
+            first_seq: 1,
+            next_seq: 21,
+            ..
+        })
+    ));
+    drop((start, log));
+    shut(store).await;
+
+    // Age out, through the writer's timer, with every subscription's floor at the end.
+    let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
+    for s in &recovered.subscriptions {
+        ack(&store, s.id, 21).await;
+    }
+    let log = store.log(events).unwrap();
+    assert_eq!(log.stats().first_seq, 1, "not yet old enough");
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(log.stats().first_seq, 21);
+    assert!(matches!(
+        store
+            .create_subscription(
+                events,
+                "late".into(),
+                SubscriptionSettings::default(),
+                Position::Sequence(3)
+            )
+            .await,
+        Err(StoreError::OutOfRange { first_seq: 21, .. })
+    ));
+    drop(log);
+    shut(store).await;
+}
+
+#[tokio::test]
+async fn retention_by_size_drops_the_oldest_acked_records_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let keep = Retention {
+        max_age_ms: 0,
+        max_bytes: 3000,
+    };
+    let events = store.create_channel("events".into(), keep).await.unwrap();
+    let sub = subscribe(&store, events, "all").await;
+    for _ in 0..10 {
+        store.append(events, messages(1, 1000)).await.unwrap();
+    }
+    let log = store.log(events).unwrap();
+    assert_eq!(log.stats().first_seq, 1, "nothing acked: all kept");
+    ack(&store, sub, 11).await;
+    let stats = log.stats();
+    // Records of about 1,050 bytes: two fit in 3,000, a third would not.
+    assert!(stats.bytes <= 3000 && stats.bytes > 2000, "{stats:?}");
+    assert_eq!(stats.first_seq, 9);
+    drop(log);
+    shut(store).await;
 }

@@ -24,9 +24,24 @@ use crate::error::{CoreError, Result};
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
     Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy, Limits,
-    MAX_NACK_DELAY, Settlement, SpaceReport, SubscriptionSettings, SubscriptionStats, Window,
-    names,
+    MAX_NACK_DELAY, Position, Retention, Settlement, SpaceReport, SubscriptionSettings,
+    SubscriptionStats, Window, names,
 };
+
+/// The longest a channel may keep acked messages by age (100 years: "forever" is 0 with a
+/// size bound, or a very long age).
+const MAX_RETENTION_AGE_MS: u64 = 100 * 365 * 86_400_000;
+
+/// Checks a retention; the error names the field.
+fn check_retention(retention: &Retention) -> Result<()> {
+    if retention.max_age_ms > MAX_RETENTION_AGE_MS {
+        return Err(CoreError::InvalidArgument(format!(
+            "retention.max_age is {} ms: at most 100 years",
+            retention.max_age_ms
+        )));
+    }
+    Ok(())
+}
 
 /// How many commands may wait for a dispatcher before senders wait.
 const COMMAND_QUEUE: usize = 1024;
@@ -53,6 +68,7 @@ struct Inner {
 struct ChannelShared {
     id: ChannelId,
     name: String,
+    retention: Mutex<Retention>,
     log: Arc<ChannelLog>,
     subscriptions: RwLock<BTreeMap<String, Arc<SubscriptionHandle>>>,
 }
@@ -202,7 +218,7 @@ impl Broker {
         };
         let mut by_id = HashMap::new();
         for channel in recovered.channels {
-            let shared = broker.register_channel(channel.id, channel.name)?;
+            let shared = broker.register_channel(channel.id, channel.name, channel.retention)?;
             by_id.insert(channel.id, shared);
         }
         for sub in recovered.subscriptions {
@@ -224,11 +240,17 @@ impl Broker {
         Ok(broker)
     }
 
-    fn register_channel(&self, id: ChannelId, name: String) -> Result<Arc<ChannelShared>> {
+    fn register_channel(
+        &self,
+        id: ChannelId,
+        name: String,
+        retention: Retention,
+    ) -> Result<Arc<ChannelShared>> {
         let log = self.inner.store.log(id)?;
         let shared = Arc::new(ChannelShared {
             id,
             name: name.clone(),
+            retention: Mutex::new(retention),
             log,
             subscriptions: RwLock::new(BTreeMap::new()),
         });
@@ -305,15 +327,23 @@ impl Broker {
     /// after it.
     pub async fn declare(&self, channels: &[ChannelDecl]) -> Result<()> {
         for decl in channels {
-            match self.create_channel(&decl.name).await {
-                Ok(_) | Err(CoreError::ChannelExists(_)) => {}
+            match self.create_channel(&decl.name, decl.retention).await {
+                Ok(_) => {}
+                Err(CoreError::ChannelExists(_)) => {
+                    self.update_channel(&decl.name, decl.retention).await?;
+                }
                 Err(e) => return Err(e),
             }
         }
         for decl in channels {
             for sub in &decl.subscriptions {
                 match self
-                    .create_subscription(&decl.name, &sub.name, sub.settings.clone())
+                    .create_subscription(
+                        &decl.name,
+                        &sub.name,
+                        sub.settings.clone(),
+                        Position::Latest,
+                    )
                     .await
                 {
                     Ok(_) => {}
@@ -422,10 +452,11 @@ impl Broker {
         Ok((consumer, events, attached))
     }
 
-    /// Creates a channel.
-    pub async fn create_channel(&self, name: &str) -> Result<ChannelInfo> {
+    /// Creates a channel that keeps acked messages as `retention` says.
+    pub async fn create_channel(&self, name: &str, retention: Retention) -> Result<ChannelInfo> {
         self.check_open()?;
         names::validate("channel", name)?;
+        check_retention(&retention)?;
         let _admin = self.inner.admin.lock().await;
         if self.channel(name).is_ok() {
             return Err(CoreError::ChannelExists(name.to_owned()));
@@ -433,14 +464,32 @@ impl Broker {
         let id = self
             .inner
             .store
-            .create_channel(name.to_owned())
+            .create_channel(name.to_owned(), retention)
             .await
             .map_err(|e| match e {
                 StoreError::ChannelExists(name) => CoreError::ChannelExists(name),
                 e => e.into(),
             })?;
-        self.register_channel(id, name.to_owned())?;
-        tracing::info!(channel = name, "channel created");
+        self.register_channel(id, name.to_owned(), retention)?;
+        tracing::info!(channel = name, ?retention, "channel created");
+        self.channel_info(name).await
+    }
+
+    /// Changes how long a channel keeps acked messages.
+    pub async fn update_channel(&self, name: &str, retention: Retention) -> Result<ChannelInfo> {
+        self.check_open()?;
+        check_retention(&retention)?;
+        let _admin = self.inner.admin.lock().await;
+        let shared = self.channel(name)?;
+        if *shared.retention.lock().expect("retention lock") != retention {
+            self.inner
+                .store
+                .update_channel(shared.id, retention)
+                .await?;
+            *shared.retention.lock().expect("retention lock") = retention;
+            tracing::info!(channel = name, ?retention, "channel updated");
+        }
+        drop(_admin);
         self.channel_info(name).await
     }
 
@@ -482,9 +531,21 @@ impl Broker {
         let stats = shared.log.stats();
         let subscriptions = self.subscription_stats(&shared).await;
         let (damaged_records, damaged_messages) = shared.log.damage();
+        let retention = *shared.retention.lock().expect("retention lock");
+        let lowest_floor = subscriptions
+            .iter()
+            .map(|s| s.ack_floor)
+            .min()
+            .unwrap_or(stats.next_seq);
+        let retained_bytes = match retention.keeps() {
+            true => self.inner.store.retained_bytes(shared.id, lowest_floor)?,
+            false => 0,
+        };
         Ok(ChannelInfo {
             damaged_records,
             damaged_messages,
+            retention,
+            retained_bytes,
             name: shared.name.clone(),
             messages: stats.next_seq - stats.first_seq,
             bytes: stats.bytes,
@@ -534,13 +595,14 @@ impl Broker {
         Ok(stats)
     }
 
-    /// Creates a subscription; it receives the messages published from now on (on a
-    /// dead-letter channel: every message the channel still holds).
+    /// Creates a subscription starting at `start`: `Latest` receives the messages published
+    /// from now on (on a dead-letter channel: every message the channel still holds).
     pub async fn create_subscription(
         &self,
         channel: &str,
         name: &str,
         settings: SubscriptionSettings,
+        start: Position,
     ) -> Result<SubscriptionStats> {
         self.check_open()?;
         names::validate("subscription", name)?;
@@ -558,7 +620,7 @@ impl Broker {
         let (id, acks) = self
             .inner
             .store
-            .create_subscription(shared.id, name.to_owned(), settings)
+            .create_subscription(shared.id, name.to_owned(), settings, start)
             .await
             .map_err(|e| match e {
                 StoreError::SubscriptionExists(_) => exists(),

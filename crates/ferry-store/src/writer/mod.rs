@@ -32,14 +32,16 @@ use crate::segment::{Appender, Segments};
 use crate::space::Space;
 use crate::{
     AckState, AckUpdate, ChannelId, ChannelLog, ChannelStats, Counters, FsyncMode, Message,
-    NewMessage, Recovered, RecoveredChannel, RecoveredSubscription, Result, Shared, StoreError,
-    StoreOptions, SubscriptionId, SubscriptionSettings,
+    NewMessage, Position, Recovered, RecoveredChannel, RecoveredSubscription, Result, Retention,
+    Shared, StoreError, StoreOptions, SubscriptionId, SubscriptionSettings,
 };
 use crate::{failpoint, recovery};
 use checkpoint::Checkpointer;
 pub(crate) use checkpoint::DurableFiles;
 pub(crate) use state::{State, Touched, id_of};
 
+/// How often channels that keep messages by age are looked at for what aged out.
+const RETENTION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// A group takes at most this many requests...
 const MAX_GROUP_OPS: usize = 4096;
 /// ...or this many payload bytes, whichever comes first.
@@ -67,7 +69,13 @@ pub(crate) enum Op {
     },
     CreateChannel {
         name: String,
+        retention: Retention,
         reply: Reply<ChannelId>,
+    },
+    UpdateChannel {
+        channel: ChannelId,
+        retention: Retention,
+        reply: Reply<()>,
     },
     DeleteChannel {
         channel: ChannelId,
@@ -77,6 +85,7 @@ pub(crate) enum Op {
         channel: ChannelId,
         name: String,
         settings: SubscriptionSettings,
+        start: Position,
         reply: Reply<(SubscriptionId, AckState)>,
     },
     UpdateSubscription {
@@ -159,6 +168,8 @@ pub(crate) struct Writer {
     files: Option<DurableFiles>,
     /// Commits written but not yet fsync'd (`interval` mode).
     unsynced_since: Option<Instant>,
+    /// When channels that keep messages by age are next looked at for collection.
+    next_retention_check: Instant,
 }
 
 /// A group built into frames and a batch, and what to announce once it is committed.
@@ -250,6 +261,7 @@ impl Writer {
             recovered.channels.push(RecoveredChannel {
                 id,
                 name: record.name.clone(),
+                retention: record.retention,
             });
             logs.insert(id, log.clone());
             writer_logs.insert(id, WriterLog::new(log));
@@ -294,6 +306,7 @@ impl Writer {
             logs: writer_logs,
             files: Some(files),
             unsynced_since: None,
+            next_retention_check: Instant::now(),
         };
         Ok((writer, recovered, logs))
     }
@@ -325,7 +338,11 @@ impl Writer {
             }
         };
         loop {
-            let first = match self.sync_deadline() {
+            let wake = [self.sync_deadline(), self.retention_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let first = match wake {
                 Some(deadline) => {
                     // The timer must be created inside the runtime, hence the async block.
                     let next = runtime.block_on(async {
@@ -334,9 +351,7 @@ impl Writer {
                     match next {
                         Ok(op) => op,
                         Err(_) => {
-                            if let Err(e) = self.sync_now() {
-                                fail(&shared, &e);
-                            }
+                            self.on_timer(&shared, &checkpoints);
                             continue;
                         }
                     }
@@ -599,6 +614,39 @@ impl Writer {
         Ok(())
     }
 
+    /// What the writer does when nothing came before its timer: the interval's fsync, and
+    /// collection of what channels keep by age only (time passes with no commit to notice).
+    fn on_timer(&mut self, shared: &Shared, checkpoints: &Checkpointer) {
+        if self.sync_deadline().is_some_and(|at| Instant::now() >= at)
+            && let Err(e) = self.sync_now()
+        {
+            fail(shared, &e);
+        }
+        if self
+            .retention_deadline()
+            .is_some_and(|at| Instant::now() >= at)
+        {
+            self.next_retention_check = Instant::now() + RETENTION_CHECK;
+            let aging = self
+                .state
+                .channels
+                .iter()
+                .filter(|(_, c)| c.retention.max_age_ms > 0)
+                .map(|(id, _)| *id);
+            self.pending_collects.extend(aging);
+            self.commit(Vec::new(), shared, checkpoints);
+        }
+    }
+
+    /// When channels that keep messages by age must next be collected, if any does.
+    fn retention_deadline(&self) -> Option<Instant> {
+        self.state
+            .channels
+            .values()
+            .any(|c| c.retention.max_age_ms > 0)
+            .then_some(self.next_retention_check)
+    }
+
     /// When the writer must wake to fsync what it has written, if ever.
     fn sync_deadline(&self) -> Option<Instant> {
         match self.fsync {
@@ -736,6 +784,7 @@ fn refuse(op: Op, e: &StoreError) {
         Op::Append { reply, .. } => send(pending(reply, 0..0)),
         Op::SaveAcks { reply, .. }
         | Op::DeleteChannel { reply, .. }
+        | Op::UpdateChannel { reply, .. }
         | Op::UpdateSubscription { reply, .. }
         | Op::DeleteSubscription { reply, .. }
         | Op::Close { reply } => send(pending(reply, ())),

@@ -10,8 +10,8 @@ use super::{Group, Op, Reply, Writer, WriterLog, pending, state, stats_of};
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, SubscriptionRecord, record_key};
 use crate::{
-    AckState, AckUpdate, ChannelId, ChannelLog, Message, NewMessage, Result, StoreError,
-    SubscriptionId, SubscriptionSettings,
+    AckState, AckUpdate, ChannelId, ChannelLog, Message, NewMessage, Position, Result, Retention,
+    StoreError, SubscriptionId, SubscriptionSettings,
 };
 
 impl Writer {
@@ -46,8 +46,32 @@ impl Writer {
                 let planned = self.plan_redrive(from, to, moves, group);
                 answer(group, reply, planned);
             }
-            Op::CreateChannel { name, reply } => {
-                let planned = self.plan_create_channel(name, group);
+            Op::CreateChannel {
+                name,
+                retention,
+                reply,
+            } => {
+                let planned = self.plan_create_channel(name, retention, group);
+                answer(group, reply, planned);
+            }
+            Op::UpdateChannel {
+                channel,
+                retention,
+                reply,
+            } => {
+                let planned = match self.state.channels.contains_key(&channel) {
+                    true => self
+                        .change(
+                            Change::UpdateChannel {
+                                id: channel,
+                                retention,
+                            },
+                            group,
+                            None,
+                        )
+                        .map(drop),
+                    false => Err(StoreError::ChannelNotFound),
+                };
                 answer(group, reply, planned);
             }
             Op::DeleteChannel { channel, reply } => {
@@ -58,9 +82,10 @@ impl Writer {
                 channel,
                 name,
                 settings,
+                start,
                 reply,
             } => {
-                let planned = self.plan_create_subscription(channel, name, settings, group);
+                let planned = self.plan_create_subscription(channel, name, settings, start, group);
                 answer(group, reply, planned);
             }
             Op::UpdateSubscription {
@@ -221,12 +246,20 @@ impl Writer {
         Ok(seqs.into_iter().zip(range).collect())
     }
 
-    fn plan_create_channel(&mut self, name: String, group: &mut Group) -> Result<ChannelId> {
+    fn plan_create_channel(
+        &mut self,
+        name: String,
+        retention: Retention,
+        group: &mut Group,
+    ) -> Result<ChannelId> {
         if self.state.names.contains_key(&name) {
             return Err(StoreError::ChannelExists(name));
         }
         let id = ChannelId(self.state.next_id);
         self.change(Change::CreateChannel { id, name }, group, None)?;
+        if retention.keeps() {
+            self.change(Change::UpdateChannel { id, retention }, group, None)?;
+        }
         let log = Arc::new(ChannelLog::new(
             id,
             self.db.clone(),
@@ -260,13 +293,12 @@ impl Writer {
         channel: ChannelId,
         name: String,
         settings: SubscriptionSettings,
+        start: Position,
         group: &mut Group,
     ) -> Result<(SubscriptionId, AckState)> {
-        let record = self
-            .state
-            .channels
-            .get(&channel)
-            .ok_or(StoreError::ChannelNotFound)?;
+        if !self.state.channels.contains_key(&channel) {
+            return Err(StoreError::ChannelNotFound);
+        }
         if self
             .state
             .subscriptions
@@ -276,11 +308,14 @@ impl Writer {
             return Err(StoreError::SubscriptionExists(name));
         }
         // A dead-letter channel keeps what it received while nobody subscribed: a new
-        // subscription starts at the first message it still holds.
-        let start = match self.state.dead_letter_user(channel) {
-            Some(_) => record.first_seq,
-            None => record.next_seq,
+        // subscription starts at the first message it still holds unless told otherwise.
+        let start = match start {
+            Position::Latest if self.state.dead_letter_user(channel).is_some() => {
+                Position::Earliest
+            }
+            start => start,
         };
+        let start = self.resolve(channel, start)?;
         self.check_dead_letter(&settings)?;
         let acks = AckState {
             floor: start,
@@ -310,6 +345,71 @@ impl Writer {
     ) -> Result<()> {
         self.subscription_exists(subscription)?;
         self.change(change, group, None).map(drop)
+    }
+
+    /// The sequence a position names in `channel`: where a subscription starting (or
+    /// seeking) there has its ack floor. Before the first message still stored is out of
+    /// range, and so is after the end.
+    pub(super) fn resolve(&self, channel: ChannelId, position: Position) -> Result<u64> {
+        let record = self
+            .state
+            .channels
+            .get(&channel)
+            .ok_or(StoreError::ChannelNotFound)?;
+        let first = self.state.skip_withdrawn(channel, record.first_seq);
+        let out_of_range = |wanted: String| -> Result<u64> {
+            Err(StoreError::OutOfRange {
+                wanted,
+                first_seq: first,
+                first_time_ms: self.first_time(channel).ok().flatten(),
+                next_seq: record.next_seq,
+            })
+        };
+        match position {
+            Position::Latest => Ok(record.next_seq),
+            Position::Earliest => Ok(first.min(record.next_seq)),
+            Position::Sequence(seq) if seq < record.first_seq => {
+                out_of_range(format!("sequence {seq}"))
+            }
+            Position::Sequence(seq) if seq > record.next_seq => {
+                out_of_range(format!("sequence {seq}"))
+            }
+            Position::Sequence(seq) => Ok(seq),
+            Position::Time(ms) => {
+                // The records' publish times grow with their sequences.
+                for entry in self
+                    .db
+                    .range(record_key(channel, 0)..record_key(channel, u64::MAX))
+                {
+                    let (key, value) = entry?;
+                    let at = RecordLocation::decode(&value)?;
+                    if at.publish_ms >= ms {
+                        let first_seq = codec::parse_record_key(&key)?;
+                        // Older messages were collected: they may have been after `ms`.
+                        if first_seq == record.first_seq
+                            && record.first_seq > 1
+                            && at.publish_ms > ms
+                        {
+                            return out_of_range(format!("time {ms} ms since the Unix epoch"));
+                        }
+                        return Ok(first_seq.max(first));
+                    }
+                }
+                Ok(record.next_seq)
+            }
+        }
+    }
+
+    /// The publish time of the first record still stored in `channel`.
+    fn first_time(&self, channel: ChannelId) -> Result<Option<u64>> {
+        match self
+            .db
+            .range(record_key(channel, 0)..record_key(channel, u64::MAX))
+            .next()
+        {
+            Some(entry) => Ok(Some(RecordLocation::decode(&entry?.1)?.publish_ms)),
+            None => Ok(None),
+        }
     }
 
     /// A subscription's dead-letter channel must exist.
@@ -372,15 +472,16 @@ impl Writer {
             // Until every subscription's own floor has passed them, its dispatcher may still
             // need to learn of them.
             trims.push((id, floors.iter().copied().min()));
-            let keeps = self.state.dead_letter_user(id).is_some();
+            let dead_letters = self.state.dead_letter_user(id).is_some();
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
             };
+            let retention = record.retention;
             // Without subscriptions everything written goes, including what is not announced
-            // yet; a dead-letter channel keeps all but what was withdrawn.
+            // yet; a dead-letter channel keeps all but what was withdrawn (retention aside).
             let wanted = match lowest_floor {
                 Some(floor) => floor,
-                None if keeps => self.state.skip_withdrawn(id, record.first_seq),
+                None if dead_letters => self.state.skip_withdrawn(id, record.first_seq),
                 None => record.next_seq,
             };
             let (Some(record), Some(log)) =
@@ -424,6 +525,26 @@ impl Writer {
                 doomed.retain(|(first, _, _)| *first != last_first);
                 new_first = last_first;
             }
+            if retention.keeps() {
+                // Only what has aged out, or what takes the channel past its size, goes.
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let mut bytes = record.bytes;
+                let keep_from = doomed.iter().position(|(_, _, at)| {
+                    let aged = retention.max_age_ms > 0
+                        && at.publish_ms.saturating_add(retention.max_age_ms) <= now;
+                    let over = retention.max_bytes > 0 && bytes > retention.max_bytes;
+                    bytes = bytes.saturating_sub(u64::from(at.len));
+                    !(aged || over)
+                });
+                if let Some(keep_from) = keep_from {
+                    new_first = doomed[keep_from].0;
+                    doomed.truncate(keep_from);
+                    // Not collected as far as the floors allow: look again next time.
+                    log.collected_below = 0;
+                }
+            }
             if doomed.is_empty() {
                 continue;
             }
@@ -462,7 +583,7 @@ impl Writer {
             .map_or(0, |d| d.as_millis() as u64);
         let mut stored = Vec::with_capacity(group.appends.len());
         for (id, (first, messages)) in std::mem::take(&mut group.appends) {
-            let subscribed = self.state.subscribed(id) || self.state.dead_letter_user(id).is_some();
+            let subscribed = self.state.subscribed(id) || self.state.keeps(id);
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
             };
@@ -488,9 +609,10 @@ impl Writer {
                 if body.len() >= codec::RECORD_TARGET_BYTES || last {
                     let count = (end - start) as u32;
                     let record_first = first + start as u64;
-                    let at = self
+                    let mut at = self
                         .appender
                         .append(|out| codec::frame_record(id, record_first, count, &body, out))?;
+                    at.publish_ms = now;
                     self.state.index_record(
                         id,
                         record_first,

@@ -10,7 +10,7 @@ use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, RecordLocation, SegmentUsage, SubscriptionRecord, ack_key,
     channel_key, record_key, segment_key, subscription_key,
 };
-use crate::{AckState, ChannelId, Result, StoreError, SubscriptionId};
+use crate::{AckState, ChannelId, Result, Retention, StoreError, SubscriptionId};
 
 /// Channels, subscriptions, ack floors and segment usage, as committed.
 #[derive(Default)]
@@ -91,6 +91,15 @@ impl State {
         Ok(state)
     }
 
+    /// Whether `channel` stores what it is sent even with no subscription: it keeps acked
+    /// messages, or it is a dead-letter channel.
+    pub(crate) fn keeps(&self, channel: ChannelId) -> bool {
+        self.channels
+            .get(&channel)
+            .is_some_and(|c| c.retention.keeps())
+            || self.dead_letter_user(channel).is_some()
+    }
+
     /// Whether any subscription reads `channel`.
     pub(crate) fn subscribed(&self, channel: ChannelId) -> bool {
         self.subscriptions.values().any(|s| s.channel == channel)
@@ -165,6 +174,7 @@ impl State {
                     next_seq: 1,
                     first_seq: 1,
                     bytes: 0,
+                    retention: Retention::default(),
                 };
                 self.names.insert(name.clone(), *id);
                 self.channels.insert(*id, record);
@@ -221,6 +231,13 @@ impl State {
                             None => batch.remove(&key),
                         }
                     }
+                }
+            }
+            Change::UpdateChannel { id, retention } => {
+                if let Some(record) = self.channels.get_mut(id) {
+                    record.retention = *retention;
+                    touched.channels.insert(*id);
+                    touched.collects.insert(*id);
                 }
             }
             Change::Withdraw { channel, ranges } => {

@@ -774,6 +774,7 @@ impl Bench<'_> {
             admin
                 .create_channel(pb::CreateChannelRequest {
                     name: channel.clone(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| BenchError::status(format!("cannot create channel {channel}"), &s))?;
