@@ -151,3 +151,115 @@ name = "live"
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn seek_moves_a_subscription_and_a_fork_replays_without_touching_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(
+        dir.path(),
+        r#"
+[[channels]]
+name = "events"
+retention = { max_bytes = "1GiB" }
+[[channels.subscriptions]]
+name = "live"
+"#,
+    );
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    daemon
+        .publish("events", (0..100).map(|i| vec![i as u8]))
+        .await;
+    let mut live = Consumer::attach(&daemon, "events", "live", 1000).await;
+    let first = live.take(100).await;
+    live.ack(ack_ids(&first[..60])).await;
+    live.nack(ack_ids(&first[60..61])).await;
+    let retried = live.take(1).await;
+    assert_eq!(retried[0].attempt, 2);
+
+    // A fork of live: what live has not acked, for another consumer; live goes on untouched.
+    use pb::position::At;
+    let mut admin = daemon.admin().await;
+    admin
+        .create_subscription(subscription("copy", Some(At::Subscription("live".into()))))
+        .await
+        .unwrap();
+    let mut copy = Consumer::attach(&daemon, "events", "copy", 1000).await;
+    assert_eq!(
+        sequences(&copy.take(40).await),
+        (61..=100).collect::<Vec<_>>()
+    );
+    assert_eq!(daemon.subscription("events", "live").await.unacked, 40);
+
+    // Seek back: what live holds is void, and it starts again at 30, attempts reset.
+    let seek = |to: At| pb::SeekRequest {
+        channel: "events".into(),
+        subscription: "live".into(),
+        to: Some(pb::Position { at: Some(to) }),
+    };
+    let moved = admin
+        .seek(seek(At::Sequence(30)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((moved.ack_floor, moved.unacked), (30, 71));
+    let stale = live.ack(ack_ids(&first[61..])).await;
+    assert!(
+        stale.iter().all(|s| *s == pb::AckStatus::Stale),
+        "{stale:?}"
+    );
+    let again = live.take(71).await;
+    assert_eq!(sequences(&again), (30..=100).collect::<Vec<_>>());
+    assert!(again.iter().all(|d| d.attempt == 1));
+
+    // Seek by time: to the first message published at or after a moment. (A new consumer
+    // each time, so that what the old one was sent before the move is out of the way.)
+    drop(live);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let moment = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    daemon
+        .publish("events", (0..10).map(|i| vec![i as u8]))
+        .await;
+    let time = prost_types::Timestamp {
+        seconds: moment.as_secs() as i64,
+        nanos: moment.subsec_nanos() as i32,
+    };
+    admin.seek(seek(At::Time(time))).await.unwrap();
+    let mut live = Consumer::attach(&daemon, "events", "live", 1000).await;
+    assert_eq!(
+        live.take(10).await[0].message.as_ref().unwrap().sequence,
+        101
+    );
+    drop(live);
+
+    // Out of range names where the stored messages begin.
+    let refused = admin.seek(seek(At::Sequence(0))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("first message still stored is 1"),
+        "{refused:?}"
+    );
+
+    // To the earliest end, and the move survives a crash.
+    admin
+        .seek(seek(At::Edge(pb::Edge::Earliest as i32)))
+        .await
+        .unwrap();
+    let mut live = Consumer::attach(&daemon, "events", "live", 1000).await;
+    assert_eq!(live.take(1).await[0].message.as_ref().unwrap().sequence, 1);
+    drop((live, copy));
+    daemon.kill().await;
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let mut live = Consumer::attach(&daemon, "events", "live", 1000).await;
+    assert_eq!(
+        live.take(110).await[0].message.as_ref().unwrap().sequence,
+        1
+    );
+    let info = daemon.subscription("events", "copy").await;
+    assert_eq!(info.ack_floor, 61);
+    daemon.stop().await;
+}

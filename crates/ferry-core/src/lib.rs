@@ -160,6 +160,22 @@ impl Limits {
     }
 }
 
+/// Where a subscription starts, or is moved to by a seek, as clients name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Point {
+    /// After the last message published.
+    #[default]
+    Latest,
+    /// At the first message still stored.
+    Earliest,
+    /// At this sequence.
+    Sequence(u64),
+    /// At the first message published at or after this time (ms since the Unix epoch).
+    Time(u64),
+    /// Where this other subscription of the same channel is: a copy of its ack state.
+    Subscription(String),
+}
+
 /// A subscription's settings, as clients give and see them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubscriptionSettings {

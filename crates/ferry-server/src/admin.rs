@@ -172,6 +172,20 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn seek(&self, request: Request<pb::SeekRequest>) -> Answer<pb::SubscriptionInfo> {
+        let request = request.into_inner();
+        let to = convert::position(request.to)?;
+        let stats = self
+            .broker
+            .seek(&request.channel, &request.subscription, to)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::subscription_info(
+            &request.channel,
+            stats,
+        )))
+    }
+
     async fn get_subscription(
         &self,
         request: Request<pb::GetSubscriptionRequest>,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
     AckOutcome, AckResult, Attributes, ChannelInfo, DEFAULT_ACK_DEADLINE_MS, Delivery, Message,
-    Nack, NewMessage, Position, Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats,
+    Nack, NewMessage, Point, Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats,
     Window,
 };
 use ferry_proto::pb;
@@ -153,27 +153,28 @@ fn retention_info(r: Retention) -> Option<pb::Retention> {
 }
 
 /// A position from a request (absent: the latest end).
-pub fn position(p: Option<pb::Position>) -> Result<Position, Status> {
+pub fn position(p: Option<pb::Position>) -> Result<Point, Status> {
     use pb::position::At;
     Ok(match p.and_then(|p| p.at) {
-        None => Position::Latest,
+        None => Point::Latest,
         Some(At::Edge(edge)) => match pb::Edge::try_from(edge) {
-            Ok(pb::Edge::Latest) => Position::Latest,
-            Ok(pb::Edge::Earliest) => Position::Earliest,
+            Ok(pb::Edge::Latest) => Point::Latest,
+            Ok(pb::Edge::Earliest) => Point::Earliest,
             Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "position.edge {edge} is not EDGE_LATEST (0) or EDGE_EARLIEST (1)"
                 )));
             }
         },
-        Some(At::Sequence(seq)) => Position::Sequence(seq),
+        Some(At::Sequence(seq)) => Point::Sequence(seq),
+        Some(At::Subscription(name)) => Point::Subscription(name),
         Some(At::Time(t)) => {
             if t.seconds < 0 || !(0..1_000_000_000).contains(&t.nanos) {
                 return Err(Status::invalid_argument(
                     "position.time must be a valid time after 1970",
                 ));
             }
-            Position::Time(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+            Point::Time(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
         }
     })
 }

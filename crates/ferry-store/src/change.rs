@@ -40,6 +40,8 @@ pub(crate) enum Change {
         acks: AckState,
         failures: Vec<(u64, Option<Failure>)>,
     },
+    /// A subscription's failure records are all dropped (it was moved by a seek).
+    ClearFailures { id: SubscriptionId },
     /// A channel's retention changed (or was set as it was created).
     UpdateChannel { id: ChannelId, retention: Retention },
     /// Messages left a channel for good (they were redriven): every subscription counts them
@@ -66,6 +68,7 @@ const UPDATE_SUBSCRIPTION_2: u8 = 8;
 const SAVE_ACKS_2: u8 = 9;
 const WITHDRAW: u8 = 10;
 const UPDATE_CHANNEL: u8 = 11;
+const CLEAR_FAILURES: u8 = 12;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -112,6 +115,10 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                     }
                     put_bytes(out, &encoded);
                 }
+            }
+            Change::ClearFailures { id } => {
+                out.put_u8(CLEAR_FAILURES);
+                out.put_u32_le(id.0);
             }
             Change::UpdateChannel { id, retention } => {
                 out.put_u8(UPDATE_CHANNEL);
@@ -196,6 +203,9 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                     get_bytes(&mut raw).ok_or_else(|| bad("ack state"))?,
                 )?,
                 failures: get_failures(&mut raw).ok_or_else(|| bad("failure records"))?,
+            },
+            CLEAR_FAILURES => Change::ClearFailures {
+                id: SubscriptionId(id),
             },
             UPDATE_CHANNEL => Change::UpdateChannel {
                 id: ChannelId(id),
@@ -321,6 +331,9 @@ mod tests {
             Change::Withdraw {
                 channel: ChannelId(9),
                 ranges: vec![(3, 5), (8, 9)],
+            },
+            Change::ClearFailures {
+                id: SubscriptionId(4),
             },
             Change::UpdateChannel {
                 id: ChannelId(3),

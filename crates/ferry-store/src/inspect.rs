@@ -470,7 +470,7 @@ fn apply_change(index: &mut Index, change: &Change) {
         }
         // What a check compares does not depend on failure records, withdrawn sequences or
         // retention.
-        Change::Withdraw { .. } | Change::UpdateChannel { .. } => {}
+        Change::Withdraw { .. } | Change::UpdateChannel { .. } | Change::ClearFailures { .. } => {}
         Change::SaveAcks { id, acks, .. } => {
             if let Some((_, state)) = index.subscriptions.get_mut(id) {
                 *state = Some(acks.clone());

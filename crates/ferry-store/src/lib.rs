@@ -190,6 +190,9 @@ pub enum Position {
     Sequence(u64),
     /// At the first message published at or after this time (ms since the Unix epoch).
     Time(u64),
+    /// Where another subscription of the same channel is: a copy of its ack state, as last
+    /// saved.
+    AckStateOf(SubscriptionId),
 }
 
 /// When a write counts as done.
@@ -652,6 +655,18 @@ impl Store {
             name,
             settings,
             start,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves a subscription to `position`: its ack state is replaced (everything before the
+    /// position acked, everything after not) and its failure records dropped, in one commit;
+    /// returns the new state.
+    pub async fn seek(&self, subscription: SubscriptionId, position: Position) -> Result<AckState> {
+        self.call(|reply| Op::Seek {
+            subscription,
+            position,
             reply,
         })
         .await

@@ -24,7 +24,7 @@ use crate::error::{CoreError, Result};
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
     Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy, Limits,
-    MAX_NACK_DELAY, Position, Retention, Settlement, SpaceReport, SubscriptionSettings,
+    MAX_NACK_DELAY, Point, Position, Retention, Settlement, SpaceReport, SubscriptionSettings,
     SubscriptionStats, Window, names,
 };
 
@@ -338,12 +338,7 @@ impl Broker {
         for decl in channels {
             for sub in &decl.subscriptions {
                 match self
-                    .create_subscription(
-                        &decl.name,
-                        &sub.name,
-                        sub.settings.clone(),
-                        Position::Latest,
-                    )
+                    .create_subscription(&decl.name, &sub.name, sub.settings.clone(), Point::Latest)
                     .await
                 {
                     Ok(_) => {}
@@ -602,7 +597,7 @@ impl Broker {
         channel: &str,
         name: &str,
         settings: SubscriptionSettings,
-        start: Position,
+        start: Point,
     ) -> Result<SubscriptionStats> {
         self.check_open()?;
         names::validate("subscription", name)?;
@@ -610,6 +605,7 @@ impl Broker {
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(channel)?;
         let settings = self.resolve(&shared, &settings)?;
+        let start = position(&shared, start)?;
         let exists = || CoreError::SubscriptionExists {
             channel: channel.to_owned(),
             name: name.to_owned(),
@@ -675,6 +671,24 @@ impl Broker {
             "subscription updated"
         );
         Ok(())
+    }
+
+    /// Moves a subscription to `to`: messages before the point count as acked, those after
+    /// as unacked (delivered again, attempts reset), atomically; deliveries in flight are void
+    /// (their acks are answered `STALE`).
+    pub async fn seek(&self, channel: &str, name: &str, to: Point) -> Result<SubscriptionStats> {
+        self.check_open()?;
+        let shared = self.channel(channel)?;
+        let handle = shared.subscription(name)?;
+        let position = position(&shared, to)?;
+        let (reply, floor) = oneshot::channel();
+        handle
+            .commands
+            .send(Command::Seek { position, reply })
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
+        floor.await.map_err(|_| CoreError::ShuttingDown)??;
+        self.stats_of(&handle).await
     }
 
     /// Describes a subscription.
@@ -765,6 +779,17 @@ impl Broker {
         self.inner.store.close().await?;
         Ok(())
     }
+}
+
+/// The store's position for a point of `channel`.
+fn position(channel: &ChannelShared, point: Point) -> Result<Position> {
+    Ok(match point {
+        Point::Latest => Position::Latest,
+        Point::Earliest => Position::Earliest,
+        Point::Sequence(seq) => Position::Sequence(seq),
+        Point::Time(ms) => Position::Time(ms),
+        Point::Subscription(name) => Position::AckStateOf(channel.subscription(&name)?.id),
+    })
 }
 
 async fn stats_of(handle: &SubscriptionHandle) -> Result<SubscriptionStats> {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_store::{
-    ChannelLog, Failure, Message, Store, StoreError, SubscriptionId, SubscriptionSettings,
+    ChannelLog, Failure, Message, Position, Store, StoreError, SubscriptionId, SubscriptionSettings,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -85,6 +85,11 @@ pub(crate) enum Command {
     /// Save number `save` failed: what it carried must be sent again.
     SaveFailed {
         save: u64,
+    },
+    /// Move the subscription; answered with its new ack floor.
+    Seek {
+        position: Position,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Stop {
         reason: CoreError,
@@ -290,13 +295,13 @@ impl Dispatcher {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    if !self.handle(command) {
+                    if !self.handle(command).await {
                         return;
                     }
                     // Take what else is queued before dispatching once for all of it.
                     for _ in 0..64 {
                         match commands.try_recv() {
-                            Ok(command) => if !self.handle(command) { return },
+                            Ok(command) => if !self.handle(command).await { return },
                             Err(_) => break,
                         }
                     }
@@ -322,7 +327,7 @@ impl Dispatcher {
     }
 
     /// Handles one command; false when the dispatcher must stop.
-    fn handle(&mut self, command: Command) -> bool {
+    async fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Attach { window, reply } => self.attach(window, reply),
             Command::Detach { consumer } => {
@@ -348,6 +353,9 @@ impl Dispatcher {
             }
             Command::Durable { floor, save } => self.durable(floor, save),
             Command::SaveFailed { save } => self.save_failed(save),
+            Command::Seek { position, reply } => {
+                let _ = reply.send(self.seek(position).await);
+            }
             Command::Stop { reason } => {
                 self.stop(reason);
                 return false;

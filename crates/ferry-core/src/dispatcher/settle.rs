@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use ferry_store::{AckUpdate, ChannelId, Failure, NewMessage, StoreError};
+use ferry_store::{AckUpdate, ChannelId, Failure, NewMessage, Position, StoreError};
 use tokio::time::Instant;
 
 use super::ack_id::parse_ack_id;
@@ -91,6 +91,8 @@ pub(super) struct Unsaved {
     saves: u64,
     /// A save failed: the next waits until then.
     hold_until: Option<Instant>,
+    /// The saves made before the last seek: their floors no longer count.
+    moved_after: u64,
 }
 
 impl Unsaved {
@@ -473,10 +475,40 @@ impl Dispatcher {
         });
     }
 
+    /// Moves the subscription (see [`ferry_store::Store::seek`]): once the store has made the
+    /// new state durable, every delivery in flight is void (its ack is `STALE`), and the
+    /// dispatcher starts over from the new floor, attempts reset.
+    pub(super) async fn seek(&mut self, position: Position) -> Result<u64, StoreError> {
+        // Queued behind every save made so far, so that none of them lands after it.
+        let state = self.store.seek(self.id, position).await?;
+        let flying: Vec<u64> = self.in_flight.keys().copied().collect();
+        for seq in flying {
+            self.take_back(seq);
+        }
+        self.queue = super::queue::Queue::default();
+        self.parked.clear();
+        self.parked_bytes = 0;
+        self.failures.clear();
+        self.unsaved.records.clear();
+        self.unsaved.dead_letters.clear();
+        self.unsaved.dead_letter_bytes = 0;
+        self.unsaved.deferred.clear();
+        self.prefetch.clear();
+        self.acks = crate::acks::AckSet::from_state(&state);
+        self.cursor = state.floor;
+        self.durable_floor = state.floor;
+        // Floors that earlier saves report are from before the move.
+        self.unsaved.moved_after = self.unsaved.saves;
+        tracing::info!(subscription = %self.name, floor = state.floor, ?position, "subscription moved");
+        Ok(state.floor)
+    }
+
     /// Save number `save` is durable: its floor is what a crash comes back to, and the
     /// messages whose failures it recorded may be retried.
     pub(super) fn durable(&mut self, floor: u64, save: u64) {
-        self.durable_floor = self.durable_floor.max(floor);
+        if save > self.unsaved.moved_after {
+            self.durable_floor = self.durable_floor.max(floor);
+        }
         let confirmed = |sent: &Option<u64>| sent.is_some_and(|s| s <= save);
         let records = std::mem::take(&mut self.unsaved.records);
         for (seq, record) in records {

@@ -93,6 +93,11 @@ pub(crate) enum Op {
         settings: SubscriptionSettings,
         reply: Reply<()>,
     },
+    Seek {
+        subscription: SubscriptionId,
+        position: Position,
+        reply: Reply<AckState>,
+    },
     DeleteSubscription {
         subscription: SubscriptionId,
         reply: Reply<()>,
@@ -790,6 +795,7 @@ fn refuse(op: Op, e: &StoreError) {
         | Op::Close { reply } => send(pending(reply, ())),
         Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
         Op::Redrive { reply, .. } => send(pending(reply, Vec::new())),
+        Op::Seek { reply, .. } => send(pending(reply, AckState::default())),
         Op::CreateSubscription { reply, .. } => {
             send(pending(reply, (SubscriptionId(0), AckState::default())))
         }

@@ -102,6 +102,14 @@ impl Writer {
                     .and_then(|()| self.plan_subscription_change(subscription, change, group));
                 answer(group, reply, planned);
             }
+            Op::Seek {
+                subscription,
+                position,
+                reply,
+            } => {
+                let planned = self.plan_seek(subscription, position, group);
+                answer(group, reply, planned);
+            }
             Op::DeleteSubscription {
                 subscription,
                 reply,
@@ -315,13 +323,11 @@ impl Writer {
             }
             start => start,
         };
-        let start = self.resolve(channel, start)?;
-        self.check_dead_letter(&settings)?;
         let acks = AckState {
-            floor: start,
             acked_total: 0,
-            acked_above_floor: Vec::new(),
+            ..self.starting_state(channel, start)?
         };
+        self.check_dead_letter(&settings)?;
         let id = SubscriptionId(self.state.next_id);
         let change = Change::CreateSubscription {
             id,
@@ -347,6 +353,56 @@ impl Writer {
         self.change(change, group, None).map(drop)
     }
 
+    /// Moves a subscription: its new ack state, and the end of its failure records, in one
+    /// commit. Messages acked since its creation still count as acked in its figures.
+    fn plan_seek(
+        &mut self,
+        subscription: SubscriptionId,
+        position: Position,
+        group: &mut Group,
+    ) -> Result<AckState> {
+        let record = self
+            .state
+            .subscriptions
+            .get(&subscription)
+            .ok_or(StoreError::SubscriptionNotFound)?;
+        let acks = AckState {
+            acked_total: self
+                .state
+                .acks
+                .get(&subscription)
+                .map_or(0, |a| a.acked_total),
+            ..self.starting_state(record.channel, position)?
+        };
+        let slot = group.acks_at.get(&subscription).copied();
+        let change = Change::SaveAcks {
+            id: subscription,
+            acks: acks.clone(),
+            failures: Vec::new(),
+        };
+        let at = self.change(change, group, slot)?;
+        group.acks_at.insert(subscription, at);
+        let clear = Change::ClearFailures { id: subscription };
+        self.change(clear, group, None)?;
+        Ok(acks)
+    }
+
+    /// The ack state a subscription of `channel` starting at (or seeking to) `position` has:
+    /// everything before it acked; or a copy of another subscription's.
+    fn starting_state(&self, channel: ChannelId, position: Position) -> Result<AckState> {
+        if let Position::AckStateOf(source) = position {
+            let same_channel = self.state.subscriptions.get(&source).map(|s| s.channel);
+            if same_channel != Some(channel) {
+                return Err(StoreError::SubscriptionNotFound);
+            }
+            return Ok(self.state.acks.get(&source).cloned().unwrap_or_default());
+        }
+        Ok(AckState {
+            floor: self.resolve(channel, position)?,
+            ..AckState::default()
+        })
+    }
+
     /// The sequence a position names in `channel`: where a subscription starting (or
     /// seeking) there has its ack floor. Before the first message still stored is out of
     /// range, and so is after the end.
@@ -366,7 +422,7 @@ impl Writer {
             })
         };
         match position {
-            Position::Latest => Ok(record.next_seq),
+            Position::Latest | Position::AckStateOf(_) => Ok(record.next_seq),
             Position::Earliest => Ok(first.min(record.next_seq)),
             Position::Sequence(seq) if seq < record.first_seq => {
                 out_of_range(format!("sequence {seq}"))

@@ -233,6 +233,11 @@ impl State {
                     }
                 }
             }
+            Change::ClearFailures { id } => {
+                if self.subscriptions.contains_key(id) {
+                    remove_failures(db, *id, batch)?;
+                }
+            }
             Change::UpdateChannel { id, retention } => {
                 if let Some(record) = self.channels.get_mut(id) {
                     record.retention = *retention;
