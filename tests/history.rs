@@ -263,3 +263,75 @@ name = "live"
     assert_eq!(info.ack_floor, 61);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_published_id_is_stored_once_within_the_window_across_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(
+        dir.path(),
+        r#"
+[[channels]]
+name = "orders"
+dedup_window = "2s"
+[[channels.subscriptions]]
+name = "billing"
+
+[[channels]]
+name = "raw"
+dedup_window = "0s"
+"#,
+    );
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    let first = publish_ids(&daemon, "orders", &["a", "b", "a"]).await;
+    assert_eq!(first.sequences, [1, 2, 1]);
+    assert_eq!(first.duplicate, [false, false, true]);
+    let raw = publish_ids(&daemon, "raw", &["a", "a"]).await;
+    assert_eq!((raw.sequences, raw.duplicate), (vec![1, 2], vec![]));
+    daemon.kill().await;
+
+    // A publisher that saw no confirmation retries after the crash: stored once.
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let retried = publish_ids(&daemon, "orders", &["b", "c"]).await;
+    assert_eq!(retried.sequences, [2, 3]);
+    assert_eq!(retried.duplicate, [true, false]);
+    // Past the window an id is new again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = publish_ids(&daemon, "orders", &["a"]).await;
+    assert_eq!((later.sequences, later.duplicate), (vec![4], vec![]));
+    let mut billing = Consumer::attach(&daemon, "orders", "billing", 10).await;
+    let got = billing.take(4).await;
+    let payloads: Vec<_> = got
+        .iter()
+        .map(|d| String::from_utf8(d.message.as_ref().unwrap().payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(payloads, ["a", "b", "c", "a"]);
+    assert!(
+        billing
+            .take_for(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    daemon.stop().await;
+}
+
+/// Publishes one message per id (its payload the id) as one batch.
+async fn publish_ids(daemon: &Daemon, channel: &str, ids: &[&str]) -> pb::PublishResponse {
+    let request = pb::PublishRequest {
+        channel: channel.into(),
+        messages: ids
+            .iter()
+            .map(|id| pb::OutgoingMessage {
+                payload: id.as_bytes().to_vec().into(),
+                id: (*id).into(),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    daemon
+        .publisher()
+        .await
+        .publish(request)
+        .await
+        .unwrap()
+        .into_inner()
+}

@@ -30,8 +30,8 @@ use std::time::Duration;
 pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
-    Attributes, FsyncMode, Message, NewMessage, Position, Retention, RetryPolicy, SpaceOptions,
-    SpaceReport, StoreError, StoreOptions, Verify,
+    Appended, Attributes, ChannelSettings, DEFAULT_DEDUP_WINDOW_MS, FsyncMode, Message, NewMessage,
+    Position, Retention, RetryPolicy, SpaceOptions, SpaceReport, StoreError, StoreOptions, Verify,
 };
 pub use outbox::ConsumerEvents;
 
@@ -245,8 +245,8 @@ pub fn check_settings(settings: &SubscriptionSettings) -> Result<()> {
 pub struct ChannelDecl {
     /// Its name.
     pub name: String,
-    /// How long it keeps acked messages.
-    pub retention: Retention,
+    /// Its settings (retention, de-duplication window).
+    pub settings: ChannelSettings,
     /// Its subscriptions.
     pub subscriptions: Vec<SubscriptionDecl>,
 }
@@ -470,8 +470,8 @@ pub struct ChannelInfo {
     pub damaged_records: u64,
     /// See `damaged_records`.
     pub damaged_messages: u64,
-    /// How long it keeps acked messages.
-    pub retention: Retention,
+    /// Its settings (retention, de-duplication window).
+    pub settings: ChannelSettings,
     /// Bytes of messages every subscription has acked, kept only by retention.
     pub retained_bytes: u64,
     /// Its subscriptions, by name.

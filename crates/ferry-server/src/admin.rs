@@ -53,10 +53,10 @@ impl Admin for AdminService {
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
         let request = request.into_inner();
-        let retention = convert::retention(request.retention)?;
+        let settings = convert::channel_settings(&request)?;
         let info = self
             .broker
-            .create_channel(&request.name, retention)
+            .create_channel(&request.name, settings)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::channel_info(info)))
@@ -67,10 +67,10 @@ impl Admin for AdminService {
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
         let request = request.into_inner();
-        let retention = convert::retention(request.retention)?;
+        let settings = convert::channel_settings(&request)?;
         let info = self
             .broker
-            .update_channel(&request.name, retention)
+            .update_channel(&request.name, settings)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::channel_info(info)))

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::{
-    BrokerOptions, ChannelDecl, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS, DamagePolicy, FsyncMode,
-    Limits, Retention, RetryPolicy, SpaceOptions, StoreOptions, SubscriptionDecl,
-    SubscriptionSettings, Verify,
+    BrokerOptions, ChannelDecl, ChannelSettings, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS,
+    DEFAULT_DEDUP_WINDOW_MS, DamagePolicy, FsyncMode, Limits, Retention, RetryPolicy, SpaceOptions,
+    StoreOptions, SubscriptionDecl, SubscriptionSettings, Verify,
 };
 use serde::Deserialize;
 
@@ -133,6 +133,9 @@ pub struct ChannelConfig {
     /// messages (absent: not at all).
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
+    /// `dedup_window = "2m"`: a published id stored this recently is a duplicate ("0s": off).
+    #[serde(default)]
+    pub dedup_window: Option<HumanDuration>,
     /// `[[channels.subscriptions]]`
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
@@ -450,10 +453,15 @@ impl Config {
             .iter()
             .map(|c| ChannelDecl {
                 name: c.name.clone(),
-                retention: c.retention.map_or_else(Retention::default, |r| Retention {
-                    max_age_ms: r.max_age.map_or(0, |d| d.0.as_millis() as u64),
-                    max_bytes: r.max_bytes.map_or(0, |b| b.0),
-                }),
+                settings: ChannelSettings {
+                    retention: c.retention.map_or_else(Retention::default, |r| Retention {
+                        max_age_ms: r.max_age.map_or(0, |d| d.0.as_millis() as u64),
+                        max_bytes: r.max_bytes.map_or(0, |b| b.0),
+                    }),
+                    dedup_window_ms: c
+                        .dedup_window
+                        .map_or(DEFAULT_DEDUP_WINDOW_MS, |d| d.0.as_millis() as u64),
+                },
                 subscriptions: c
                     .subscriptions
                     .iter()

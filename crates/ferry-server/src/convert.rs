@@ -6,9 +6,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
-    AckOutcome, AckResult, Attributes, ChannelInfo, DEFAULT_ACK_DEADLINE_MS, Delivery, Message,
-    Nack, NewMessage, Point, Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats,
-    Window,
+    AckOutcome, AckResult, Appended, Attributes, ChannelInfo, ChannelSettings,
+    DEFAULT_ACK_DEADLINE_MS, DEFAULT_DEDUP_WINDOW_MS, Delivery, Message, Nack, NewMessage, Point,
+    Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats, Window,
 };
 use ferry_proto::pb;
 use tonic::Status;
@@ -134,15 +134,36 @@ pub fn subscription_settings(
     })
 }
 
-/// A channel's retention from a request (absent: none).
-pub fn retention(r: Option<pb::Retention>) -> Result<Retention, Status> {
-    let Some(r) = r else {
-        return Ok(Retention::default());
+/// A channel's settings from a create or update request.
+pub fn channel_settings(request: &pb::CreateChannelRequest) -> Result<ChannelSettings, Status> {
+    let retention = match request.retention {
+        None => Retention::default(),
+        Some(r) => Retention {
+            max_age_ms: millis("retention.max_age", r.max_age)?.unwrap_or(0),
+            max_bytes: r.max_bytes,
+        },
     };
-    Ok(Retention {
-        max_age_ms: millis("retention.max_age", r.max_age)?.unwrap_or(0),
-        max_bytes: r.max_bytes,
+    Ok(ChannelSettings {
+        retention,
+        dedup_window_ms: millis("dedup_window", request.dedup_window)?
+            .unwrap_or(DEFAULT_DEDUP_WINDOW_MS),
     })
+}
+
+/// A publish confirmation.
+pub fn published(appended: &Appended) -> pb::PublishResponse {
+    let sequences = appended.sequences();
+    let mut duplicate = Vec::new();
+    if !appended.duplicates.is_empty() {
+        duplicate = vec![false; sequences.len()];
+        for &(at, _) in &appended.duplicates {
+            duplicate[at] = true;
+        }
+    }
+    pb::PublishResponse {
+        sequences,
+        duplicate,
+    }
 }
 
 fn retention_info(r: Retention) -> Option<pb::Retention> {
@@ -230,7 +251,8 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
 pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
     let name = c.name;
     pb::ChannelInfo {
-        retention: retention_info(c.retention),
+        retention: retention_info(c.settings.retention),
+        dedup_window: Some(duration(Duration::from_millis(c.settings.dedup_window_ms))),
         retained_bytes: c.retained_bytes,
         messages: c.messages,
         bytes: c.bytes,

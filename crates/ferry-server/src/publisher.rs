@@ -51,12 +51,6 @@ async fn submit(
         .map_err(to_status)
 }
 
-fn response(range: std::ops::Range<u64>) -> pb::PublishResponse {
-    pb::PublishResponse {
-        sequences: range.collect(),
-    }
-}
-
 #[tonic::async_trait]
 impl Publisher for PublisherService {
     async fn publish(
@@ -64,8 +58,8 @@ impl Publisher for PublisherService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let confirmation = submit(&self.broker, request.into_inner()).await?;
-        let range = confirmation.confirmed().await.map_err(to_status)?;
-        Ok(Response::new(response(range)))
+        let appended = confirmation.confirmed().await.map_err(to_status)?;
+        Ok(Response::new(convert::published(&appended)))
     }
 
     type PublishStreamStream =
@@ -115,7 +109,7 @@ impl Publisher for PublisherService {
                     Ok(confirmation) => confirmation
                         .confirmed()
                         .await
-                        .map(response)
+                        .map(|appended| convert::published(&appended))
                         .map_err(to_status),
                     Err(status) => Err(status),
                 };

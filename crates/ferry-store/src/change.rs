@@ -10,7 +10,8 @@ use bytes::{Buf, BufMut};
 
 use crate::codec::{self, SubscriptionRecord};
 use crate::{
-    AckState, ChannelId, Failure, Retention, StoreError, SubscriptionId, SubscriptionSettings,
+    AckState, ChannelId, ChannelSettings, Failure, Retention, StoreError, SubscriptionId,
+    SubscriptionSettings,
 };
 
 /// One change a commit makes to channels, subscriptions or ack state.
@@ -40,10 +41,19 @@ pub(crate) enum Change {
         acks: AckState,
         failures: Vec<(u64, Option<Failure>)>,
     },
+    /// Published ids the channel de-duplicates against, with their sequences.
+    Ids {
+        channel: ChannelId,
+        publish_ms: u64,
+        entries: Vec<(u64, String)>,
+    },
     /// A subscription's failure records are all dropped (it was moved by a seek).
     ClearFailures { id: SubscriptionId },
     /// A channel's retention changed (or was set as it was created).
-    UpdateChannel { id: ChannelId, retention: Retention },
+    UpdateChannel {
+        id: ChannelId,
+        settings: ChannelSettings,
+    },
     /// Messages left a channel for good (they were redriven): every subscription counts them
     /// as acked.
     Withdraw {
@@ -69,6 +79,7 @@ const SAVE_ACKS_2: u8 = 9;
 const WITHDRAW: u8 = 10;
 const UPDATE_CHANNEL: u8 = 11;
 const CLEAR_FAILURES: u8 = 12;
+const IDS: u8 = 13;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -120,11 +131,26 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 out.put_u8(CLEAR_FAILURES);
                 out.put_u32_le(id.0);
             }
-            Change::UpdateChannel { id, retention } => {
+            Change::Ids {
+                channel,
+                publish_ms,
+                entries,
+            } => {
+                out.put_u8(IDS);
+                out.put_u32_le(channel.0);
+                out.put_u64_le(*publish_ms);
+                out.put_u32_le(entries.len() as u32);
+                for (seq, id) in entries {
+                    out.put_u64_le(*seq);
+                    put_bytes(out, id.as_bytes());
+                }
+            }
+            Change::UpdateChannel { id, settings } => {
                 out.put_u8(UPDATE_CHANNEL);
                 out.put_u32_le(id.0);
-                out.put_u64_le(retention.max_age_ms);
-                out.put_u64_le(retention.max_bytes);
+                out.put_u64_le(settings.retention.max_age_ms);
+                out.put_u64_le(settings.retention.max_bytes);
+                out.put_u64_le(settings.dedup_window_ms);
             }
             Change::Withdraw { channel, ranges } => {
                 out.put_u8(WITHDRAW);
@@ -207,11 +233,32 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
             CLEAR_FAILURES => Change::ClearFailures {
                 id: SubscriptionId(id),
             },
+            IDS => {
+                let publish_ms = get_u64(&mut raw).ok_or_else(|| bad("publish time"))?;
+                let n = get_u32(&mut raw).ok_or_else(|| bad("id count"))? as usize;
+                // Every entry takes at least twelve bytes.
+                let mut entries = Vec::with_capacity(n.min(raw.len() / 12));
+                for _ in 0..n {
+                    let seq = get_u64(&mut raw).ok_or_else(|| bad("id sequence"))?;
+                    let text = get_bytes(&mut raw)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .ok_or_else(|| bad("id"))?;
+                    entries.push((seq, text.to_owned()));
+                }
+                Change::Ids {
+                    channel: ChannelId(id),
+                    publish_ms,
+                    entries,
+                }
+            }
             UPDATE_CHANNEL => Change::UpdateChannel {
                 id: ChannelId(id),
-                retention: Retention {
-                    max_age_ms: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
-                    max_bytes: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
+                settings: ChannelSettings {
+                    retention: Retention {
+                        max_age_ms: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
+                        max_bytes: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
+                    },
+                    dedup_window_ms: get_u64(&mut raw).ok_or_else(|| bad("window"))?,
                 },
             },
             WITHDRAW => Change::Withdraw {
@@ -335,11 +382,19 @@ mod tests {
             Change::ClearFailures {
                 id: SubscriptionId(4),
             },
+            Change::Ids {
+                channel: ChannelId(3),
+                publish_ms: 1_795_833_296_789,
+                entries: vec![(12, "order-1".into()), (13, "é".into())],
+            },
             Change::UpdateChannel {
                 id: ChannelId(3),
-                retention: Retention {
-                    max_age_ms: 7 * 86_400_000,
-                    max_bytes: 10 << 30,
+                settings: ChannelSettings {
+                    retention: Retention {
+                        max_age_ms: 7 * 86_400_000,
+                        max_bytes: 10 << 30,
+                    },
+                    dedup_window_ms: 60_000,
                 },
             },
             Change::Skipped {

@@ -17,6 +17,8 @@
 //! | `O` channel(u32) | (empty) a channel the log holds records of but the index lost |
 //! | `F` subscription(u32) seq(u64) | [`Failure`]: a message's failed deliveries so far |
 //! | `W` channel(u32) | sequences withdrawn from the channel (redriven dead letters) |
+//! | `D` channel(u32) id | a published id's sequence and publish time (de-duplication) |
+//! | `E` channel(u32) time(u64) seq(u64) | the same id, in time order, for its expiry |
 //!
 //! The message records themselves are appended to segment files (see `segment.rs`), not to
 //! sled: sled stores large values by rewriting whole tree pages, which costs CPU, memory and
@@ -31,8 +33,8 @@ use bytes::{Buf, BufMut, Bytes};
 
 use crate::message::AttributesBuilder;
 use crate::{
-    AckState, Attributes, ChannelId, Failure, Message, NewMessage, Retention, RetryPolicy,
-    StoreError, SubscriptionId, SubscriptionSettings,
+    AckState, Attributes, ChannelId, ChannelSettings, Failure, Message, NewMessage, Retention,
+    RetryPolicy, StoreError, SubscriptionId, SubscriptionSettings,
 };
 
 /// The version of this layout, stored under `V`. Older stores open too and are upgraded in
@@ -435,12 +437,12 @@ pub(crate) struct ChannelRecord {
     pub first_seq: u64,
     /// Encoded bytes of the records still stored.
     pub bytes: u64,
-    /// How long it keeps acked messages.
-    pub retention: Retention,
+    /// Its settings.
+    pub settings: ChannelSettings,
 }
 
-/// A channel record's retention follows this tag (older records end before it).
-const CHANNEL_V2: u8 = 2;
+/// A channel record's settings follow this tag (older records end before it: the defaults).
+const CHANNEL_V3: u8 = 3;
 
 impl ChannelRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -449,9 +451,10 @@ impl ChannelRecord {
         out.put_u64_le(self.next_seq);
         out.put_u64_le(self.first_seq);
         out.put_u64_le(self.bytes);
-        out.put_u8(CHANNEL_V2);
-        out.put_u64_le(self.retention.max_age_ms);
-        out.put_u64_le(self.retention.max_bytes);
+        out.put_u8(CHANNEL_V3);
+        out.put_u64_le(self.settings.retention.max_age_ms);
+        out.put_u64_le(self.settings.retention.max_bytes);
+        out.put_u64_le(self.settings.dedup_window_ms);
         out
     }
 
@@ -462,11 +465,14 @@ impl ChannelRecord {
             return Err(bad());
         }
         let (next_seq, first_seq, bytes) = (raw.get_u64_le(), raw.get_u64_le(), raw.get_u64_le());
-        let retention = match raw.remaining() {
-            0 => Retention::default(),
-            17 if raw.get_u8() == CHANNEL_V2 => Retention {
-                max_age_ms: raw.get_u64_le(),
-                max_bytes: raw.get_u64_le(),
+        let settings = match raw.remaining() {
+            0 => ChannelSettings::default(),
+            25 if raw.get_u8() == CHANNEL_V3 => ChannelSettings {
+                retention: Retention {
+                    max_age_ms: raw.get_u64_le(),
+                    max_bytes: raw.get_u64_le(),
+                },
+                dedup_window_ms: raw.get_u64_le(),
             },
             _ => return Err(bad()),
         };
@@ -475,7 +481,7 @@ impl ChannelRecord {
             next_seq,
             first_seq,
             bytes,
-            retention,
+            settings,
         })
     }
 }
@@ -599,6 +605,51 @@ pub(crate) fn decode_failure(raw: &mut &[u8]) -> Result<Failure, StoreError> {
         cause,
         reason,
     })
+}
+
+/// Where the de-duplication index holds a published `id` of a channel: its sequence and
+/// publish time.
+pub(crate) fn id_key(channel: ChannelId, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(5 + id.len());
+    key.push(b'D');
+    key.extend_from_slice(&channel.0.to_be_bytes());
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// The de-duplication index's entries of a channel in publish-time order (for expiry), one
+/// per commit: `E` channel, publish time, first sequence; the value lists the commit's ids
+/// (see [`encode_ids`]).
+pub(crate) fn id_time_key(channel: ChannelId, publish_ms: u64, seq: u64) -> [u8; 21] {
+    let mut key = [b'E'; 21];
+    key[1..5].copy_from_slice(&channel.0.to_be_bytes());
+    key[5..13].copy_from_slice(&publish_ms.to_be_bytes());
+    key[13..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// A commit's (sequence, id) pairs, as an `E` value holds them.
+pub(crate) fn encode_ids(entries: &[(u64, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.iter().map(|(_, id)| 12 + id.len()).sum());
+    for (seq, id) in entries {
+        out.put_u64_le(*seq);
+        put_str(&mut out, id);
+    }
+    out
+}
+
+/// Reads what [`encode_ids`] wrote.
+pub(crate) fn decode_ids(mut raw: &[u8]) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut entries = Vec::new();
+    while raw.has_remaining() {
+        let bad = || StoreError::Corrupt("bad de-duplication ids".into());
+        if raw.remaining() < 8 {
+            return Err(bad());
+        }
+        let seq = raw.get_u64_le();
+        entries.push((seq, get_str_slice(&mut raw).ok_or_else(bad)?));
+    }
+    Ok(entries)
 }
 
 /// Where a channel's withdrawn sequences are.

@@ -444,7 +444,7 @@ fn apply_change(index: &mut Index, change: &Change) {
                     next_seq: 1,
                     first_seq: 1,
                     bytes: 0,
-                    retention: Default::default(),
+                    settings: Default::default(),
                 },
             );
             index.next_id = index.next_id.max(id.0.saturating_add(1));
@@ -470,7 +470,10 @@ fn apply_change(index: &mut Index, change: &Change) {
         }
         // What a check compares does not depend on failure records, withdrawn sequences or
         // retention.
-        Change::Withdraw { .. } | Change::UpdateChannel { .. } | Change::ClearFailures { .. } => {}
+        Change::Withdraw { .. }
+        | Change::UpdateChannel { .. }
+        | Change::ClearFailures { .. }
+        | Change::Ids { .. } => {}
         Change::SaveAcks { id, acks, .. } => {
             if let Some((_, state)) = index.subscriptions.get_mut(id) {
                 *state = Some(acks.clone());
@@ -648,7 +651,7 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
                 next_seq: first,
                 first_seq: first,
                 bytes: 0,
-                retention: Default::default(),
+                settings: Default::default(),
             },
         );
         let sub = SubscriptionId(next_id);

@@ -178,6 +178,56 @@ impl Retention {
     }
 }
 
+/// A channel's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelSettings {
+    /// How long it keeps acked messages.
+    pub retention: Retention,
+    /// A published message whose non-empty `id` the channel stored this recently is a
+    /// duplicate: not stored again (0: no de-duplication).
+    pub dedup_window_ms: u64,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// The sequences the stored messages got, in the order given.
+    pub stored: Range<u64>,
+    /// The messages not stored because the channel stored their `id` within its
+    /// de-duplication window: their index in the batch, and the original's sequence.
+    pub duplicates: Vec<(usize, u64)>,
+}
+
+impl Appended {
+    /// Each message's sequence, in the order given (a duplicate's is its original's).
+    pub fn sequences(&self) -> Vec<u64> {
+        let total = self.stored.end - self.stored.start + self.duplicates.len() as u64;
+        let mut next = self.stored.start;
+        let mut duplicates = self.duplicates.iter().peekable();
+        (0..total as usize)
+            .map(|i| match duplicates.next_if(|(at, _)| *at == i) {
+                Some((_, original)) => *original,
+                None => {
+                    next += 1;
+                    next - 1
+                }
+            })
+            .collect()
+    }
+}
+
+/// The de-duplication window of a channel that does not set one.
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 120_000;
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        Self {
+            retention: Retention::default(),
+            dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
+        }
+    }
+}
+
 /// Where a new subscription starts, or a seek goes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Position {
@@ -370,8 +420,8 @@ pub struct RecoveredChannel {
     pub id: ChannelId,
     /// Its name.
     pub name: String,
-    /// How long it keeps acked messages.
-    pub retention: Retention,
+    /// Its settings.
+    pub settings: ChannelSettings,
 }
 
 /// A subscription as found when the store is opened.
@@ -535,11 +585,7 @@ impl Store {
     }
 
     /// Appends messages to a channel; resolves once they are durable, with their sequences.
-    pub async fn append(
-        &self,
-        channel: ChannelId,
-        messages: Vec<NewMessage>,
-    ) -> Result<Range<u64>> {
+    pub async fn append(&self, channel: ChannelId, messages: Vec<NewMessage>) -> Result<Appended> {
         self.submit_append(channel, messages)
             .await?
             .confirmed()
@@ -552,7 +598,7 @@ impl Store {
         &self,
         channel: ChannelId,
         messages: Vec<NewMessage>,
-    ) -> Result<Confirmation<Range<u64>>> {
+    ) -> Result<Confirmation<Appended>> {
         self.shared.space.check()?;
         self.submit(|reply| Op::Append {
             channel,
@@ -609,21 +655,29 @@ impl Store {
         .await
     }
 
-    /// Creates a channel (that keeps acked messages as `retention` says).
-    pub async fn create_channel(&self, name: String, retention: Retention) -> Result<ChannelId> {
+    /// Creates a channel.
+    pub async fn create_channel(
+        &self,
+        name: String,
+        settings: ChannelSettings,
+    ) -> Result<ChannelId> {
         self.call(|reply| Op::CreateChannel {
             name,
-            retention,
+            settings,
             reply,
         })
         .await
     }
 
-    /// Changes how long a channel keeps acked messages.
-    pub async fn update_channel(&self, channel: ChannelId, retention: Retention) -> Result<()> {
+    /// Changes a channel's settings.
+    pub async fn update_channel(
+        &self,
+        channel: ChannelId,
+        settings: ChannelSettings,
+    ) -> Result<()> {
         self.call(|reply| Op::UpdateChannel {
             channel,
-            retention,
+            settings,
             reply,
         })
         .await

@@ -51,7 +51,7 @@ async fn appends_survive_reopen_and_collection_frees_records() {
     let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
     assert!(recovered.channels.is_empty());
     let channel = store
-        .create_channel("orders".into(), Retention::default())
+        .create_channel("orders".into(), ChannelSettings::default())
         .await
         .unwrap();
     let settings = SubscriptionSettings {
@@ -66,11 +66,19 @@ async fn appends_survive_reopen_and_collection_frees_records() {
 
     // Large messages make large records; many small ones span several records.
     assert_eq!(
-        store.append(channel, messages(3, 200_000)).await.unwrap(),
+        store
+            .append(channel, messages(3, 200_000))
+            .await
+            .unwrap()
+            .stored,
         1..4
     );
     assert_eq!(
-        store.append(channel, messages(1000, 1000)).await.unwrap(),
+        store
+            .append(channel, messages(1000, 1000))
+            .await
+            .unwrap()
+            .stored,
         4..1004
     );
     let log = store.log(channel).unwrap();
@@ -104,7 +112,7 @@ async fn appends_survive_reopen_and_collection_frees_records() {
     let rest = log.read(600, usize::MAX, usize::MAX).unwrap();
     assert_eq!(rest.len(), 404);
     assert_eq!(
-        store.append(channel, messages(1, 10)).await.unwrap(),
+        store.append(channel, messages(1, 10)).await.unwrap().stored,
         1004..1005
     );
     store.close().await.unwrap();
@@ -115,11 +123,13 @@ async fn names_are_unique_and_deletes_remove_everything() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let channel = store
-        .create_channel("a".into(), Retention::default())
+        .create_channel("a".into(), ChannelSettings::default())
         .await
         .unwrap();
     assert!(matches!(
-        store.create_channel("a".into(), Retention::default()).await,
+        store
+            .create_channel("a".into(), ChannelSettings::default())
+            .await,
         Err(StoreError::ChannelExists(_))
     ));
     let settings = SubscriptionSettings {
@@ -161,7 +171,7 @@ async fn weaker_fsync_modes_confirm_and_keep_what_was_confirmed_across_a_clean_c
         };
         let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
         let channel = store
-            .create_channel("c".into(), Retention::default())
+            .create_channel("c".into(), ChannelSettings::default())
             .await
             .unwrap();
         // Messages are only stored for a channel that has a subscription.
@@ -188,7 +198,7 @@ async fn collection_never_passes_the_lowest_subscription_floor() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     let slow = subscribe(&store, channel, "slow").await;
@@ -214,7 +224,7 @@ async fn reads_are_contiguous_across_disk_and_a_tiny_tail_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(2_000)).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     // Messages are only stored for a channel that has a subscription.
@@ -265,7 +275,7 @@ async fn segment_files_are_deleted_once_everything_in_them_is_acked() {
     };
     let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     let sub = subscribe(&store, channel, "s").await;
@@ -317,7 +327,7 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
     };
     let (store, _) = Store::open(dir.path(), options).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     let sub = subscribe(&store, channel, "s").await;
@@ -350,7 +360,7 @@ async fn a_torn_tail_after_the_last_whole_commit_is_cut_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     subscribe(&store, channel, "s").await;
@@ -394,7 +404,7 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let kept = store
-        .create_channel("kept".into(), Retention::default())
+        .create_channel("kept".into(), ChannelSettings::default())
         .await
         .unwrap();
     subscribe(&store, kept, "s").await;
@@ -405,7 +415,7 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     // records (as after a damaged index).
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let lost = store
-        .create_channel("lost".into(), Retention::default())
+        .create_channel("lost".into(), ChannelSettings::default())
         .await
         .unwrap();
     subscribe(&store, lost, "s").await;
@@ -447,13 +457,16 @@ async fn records_of_a_channel_the_index_lost_are_quarantined_not_deleted() {
     // Neither an id nor a sequence is given out twice.
     assert!(
         store
-            .create_channel("new".into(), Retention::default())
+            .create_channel("new".into(), ChannelSettings::default())
             .await
             .unwrap()
             .0
             > lost.0
     );
-    assert_eq!(store.append(kept, messages(1, 10)).await.unwrap(), 11..12);
+    assert_eq!(
+        store.append(kept, messages(1, 10)).await.unwrap().stored,
+        11..12
+    );
     store.close().await.unwrap();
 }
 
@@ -516,7 +529,7 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let orders = store
-        .create_channel("orders".into(), Retention::default())
+        .create_channel("orders".into(), ChannelSettings::default())
         .await
         .unwrap();
     let audit = subscribe(&store, orders, "audit").await;
@@ -536,14 +549,14 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     };
     store.update_subscription(billing, settings).await.unwrap();
     let gone = store
-        .create_channel("gone".into(), Retention::default())
+        .create_channel("gone".into(), ChannelSettings::default())
         .await
         .unwrap();
     subscribe(&store, gone, "s").await;
     store.append(gone, messages(3, 100)).await.unwrap();
     store.delete_channel(gone).await.unwrap();
     let quiet = store
-        .create_channel("quiet".into(), Retention::default())
+        .create_channel("quiet".into(), ChannelSettings::default())
         .await
         .unwrap();
     store.append(quiet, messages(4, 100)).await.unwrap();
@@ -551,7 +564,7 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     store.delete_subscription(temp).await.unwrap();
     // A failure record, a dead letter with its ack, and a redrive.
     let dead = store
-        .create_channel("dead".into(), Retention::default())
+        .create_channel("dead".into(), ChannelSettings::default())
         .await
         .unwrap();
     // Its subscriber acks nothing, so that nothing is collected (replay leaves collection to
@@ -609,14 +622,20 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     // Ids and sequences go on from where the log ends.
     assert!(
         store
-            .create_channel("next".into(), Retention::default())
+            .create_channel("next".into(), ChannelSettings::default())
             .await
             .unwrap()
             .0
             > temp.0
     );
-    assert_eq!(store.append(quiet, messages(1, 1)).await.unwrap(), 5..6);
-    assert_eq!(store.append(orders, messages(1, 1)).await.unwrap(), 37..38);
+    assert_eq!(
+        store.append(quiet, messages(1, 1)).await.unwrap().stored,
+        5..6
+    );
+    assert_eq!(
+        store.append(orders, messages(1, 1)).await.unwrap().stored,
+        37..38
+    );
     store.close().await.unwrap();
 }
 
@@ -634,11 +653,11 @@ async fn dead_letters_commit_with_their_acks_and_redrives_move_each_message_once
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let orders = store
-        .create_channel("orders".into(), Retention::default())
+        .create_channel("orders".into(), ChannelSettings::default())
         .await
         .unwrap();
     let dead = store
-        .create_channel("orders.dead".into(), Retention::default())
+        .create_channel("orders.dead".into(), ChannelSettings::default())
         .await
         .unwrap();
     let settings = SubscriptionSettings {
@@ -745,14 +764,14 @@ async fn replay_leaves_no_index_entry_behind_a_channel_it_empties() {
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     let sub = subscribe(&store, channel, "s").await;
     store.append(channel, messages(10, 100)).await.unwrap();
     // Another channel keeps the first segment file alive, as a crash would find it.
     let kept = store
-        .create_channel("kept".into(), Retention::default())
+        .create_channel("kept".into(), ChannelSettings::default())
         .await
         .unwrap();
     subscribe(&store, kept, "s").await;
@@ -764,7 +783,11 @@ async fn replay_leaves_no_index_entry_behind_a_channel_it_empties() {
     ack(&store, sub, 11).await;
     store.delete_subscription(sub).await.unwrap();
     assert_eq!(
-        store.append(channel, messages(5, 100)).await.unwrap(),
+        store
+            .append(channel, messages(5, 100))
+            .await
+            .unwrap()
+            .stored,
         11..16
     );
     shut(store).await;
@@ -797,7 +820,7 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     store
-        .create_channel("kept".into(), Retention::default())
+        .create_channel("kept".into(), ChannelSettings::default())
         .await
         .unwrap();
     shut(store).await;
@@ -805,7 +828,7 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
 
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let gone = store
-        .create_channel("gone".into(), Retention::default())
+        .create_channel("gone".into(), ChannelSettings::default())
         .await
         .unwrap();
     subscribe(&store, gone, "s").await;
@@ -822,7 +845,7 @@ async fn a_channel_created_and_deleted_after_the_index_copy_is_not_lost_on_repla
     );
     assert!(
         store
-            .create_channel("next".into(), Retention::default())
+            .create_channel("next".into(), ChannelSettings::default())
             .await
             .unwrap()
             .0
@@ -839,7 +862,7 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
     let saved = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let channel = store
-        .create_channel("c".into(), Retention::default())
+        .create_channel("c".into(), ChannelSettings::default())
         .await
         .unwrap();
     let a = subscribe(&store, channel, "a").await;
@@ -890,9 +913,12 @@ async fn ack_states_queued_together_replay_to_the_last_one() {
 async fn retention_keeps_acked_messages_until_they_age_out_and_positions_find_them() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let keep = Retention {
-        max_age_ms: 1500,
-        max_bytes: 0,
+    let keep = ChannelSettings {
+        retention: Retention {
+            max_age_ms: 1500,
+            max_bytes: 0,
+        },
+        ..ChannelSettings::default()
     };
     let events = store.create_channel("events".into(), keep).await.unwrap();
     // No subscription, and still stored.
@@ -970,9 +996,12 @@ async fn retention_keeps_acked_messages_until_they_age_out_and_positions_find_th
 async fn retention_by_size_drops_the_oldest_acked_records_first() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let keep = Retention {
-        max_age_ms: 0,
-        max_bytes: 3000,
+    let keep = ChannelSettings {
+        retention: Retention {
+            max_age_ms: 0,
+            max_bytes: 3000,
+        },
+        ..ChannelSettings::default()
     };
     let events = store.create_channel("events".into(), keep).await.unwrap();
     let sub = subscribe(&store, events, "all").await;
@@ -987,5 +1016,61 @@ async fn retention_by_size_drops_the_oldest_acked_records_first() {
     assert!(stats.bytes <= 3000 && stats.bytes > 2000, "{stats:?}");
     assert_eq!(stats.first_seq, 9);
     drop(log);
+    shut(store).await;
+}
+
+fn with_ids(ids: &[&str]) -> Vec<NewMessage> {
+    ids.iter()
+        .map(|id| NewMessage {
+            payload: Bytes::from_static(b"x"),
+            id: (*id).into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn published_ids_are_stored_once_within_the_window_even_after_a_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let orders = store
+        .create_channel("orders".into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    let short = ChannelSettings {
+        dedup_window_ms: 300,
+        ..ChannelSettings::default()
+    };
+    let quick = store.create_channel("quick".into(), short).await.unwrap();
+    shut(store).await;
+    copy_index(dir.path(), saved.path());
+
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    // A second copy within one batch is a duplicate of the first.
+    let first = store
+        .append(orders, with_ids(&["a", "b", "a", ""]))
+        .await
+        .unwrap();
+    assert_eq!(first.stored, 1..4);
+    assert_eq!(first.duplicates, vec![(2, 1)]);
+    assert_eq!(first.sequences(), vec![1, 2, 1, 3]);
+    let again = store.append(orders, with_ids(&["b", "c"])).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (4..5, vec![(0, 2)]));
+    store.append(quick, with_ids(&["q"])).await.unwrap();
+    shut(store).await;
+
+    // The index made older by hand: the ids come back from the log.
+    copy_index(saved.path(), dir.path());
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let replayed = store
+        .append(orders, with_ids(&["a", "c", "d"]))
+        .await
+        .unwrap();
+    assert_eq!(replayed.sequences(), vec![1, 4, 5]);
+    // Past its window an id is new again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = store.append(quick, with_ids(&["q"])).await.unwrap();
+    assert!(later.duplicates.is_empty(), "{later:?}");
     shut(store).await;
 }

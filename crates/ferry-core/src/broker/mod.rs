@@ -6,14 +6,13 @@ mod redrive;
 pub use redrive::{RedriveOutcome, RedriveSelection};
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferry_store::{
-    ChannelId, ChannelLog, Confirmation, Failure, NewMessage, Store, StoreCounters, StoreError,
-    SubscriptionId,
+    Appended, ChannelId, ChannelLog, Confirmation, Failure, NewMessage, Store, StoreCounters,
+    StoreError, SubscriptionId,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -23,9 +22,9 @@ use crate::dispatcher::{Command, Dispatcher, Start};
 use crate::error::{CoreError, Result};
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
-    Attached, BrokerOptions, ChannelDecl, ChannelInfo, ConsumerLimits, DamagePolicy, Limits,
-    MAX_NACK_DELAY, Point, Position, Retention, Settlement, SpaceReport, SubscriptionSettings,
-    SubscriptionStats, Window, names,
+    Attached, BrokerOptions, ChannelDecl, ChannelInfo, ChannelSettings, ConsumerLimits,
+    DamagePolicy, Limits, MAX_NACK_DELAY, Point, Position, Settlement, SpaceReport,
+    SubscriptionSettings, SubscriptionStats, Window, names,
 };
 
 /// The longest a channel may keep acked messages by age (100 years: "forever" is 0 with a
@@ -33,15 +32,24 @@ use crate::{
 const MAX_RETENTION_AGE_MS: u64 = 100 * 365 * 86_400_000;
 
 /// Checks a retention; the error names the field.
-fn check_retention(retention: &Retention) -> Result<()> {
-    if retention.max_age_ms > MAX_RETENTION_AGE_MS {
+fn check_channel(settings: &ChannelSettings) -> Result<()> {
+    if settings.retention.max_age_ms > MAX_RETENTION_AGE_MS {
         return Err(CoreError::InvalidArgument(format!(
             "retention.max_age is {} ms: at most 100 years",
-            retention.max_age_ms
+            settings.retention.max_age_ms
+        )));
+    }
+    if settings.dedup_window_ms > MAX_DEDUP_WINDOW_MS {
+        return Err(CoreError::InvalidArgument(format!(
+            "dedup_window is {} ms: at most 7 days (0 turns de-duplication off)",
+            settings.dedup_window_ms
         )));
     }
     Ok(())
 }
+
+/// The longest de-duplication window.
+const MAX_DEDUP_WINDOW_MS: u64 = 7 * 86_400_000;
 
 /// How many commands may wait for a dispatcher before senders wait.
 const COMMAND_QUEUE: usize = 1024;
@@ -68,7 +76,7 @@ struct Inner {
 struct ChannelShared {
     id: ChannelId,
     name: String,
-    retention: Mutex<Retention>,
+    settings: Mutex<ChannelSettings>,
     log: Arc<ChannelLog>,
     subscriptions: RwLock<BTreeMap<String, Arc<SubscriptionHandle>>>,
 }
@@ -101,13 +109,14 @@ impl ChannelShared {
 
 /// A publish the store has queued; resolves once it is durable.
 pub struct PublishConfirmation {
-    confirmation: Confirmation<Range<u64>>,
+    confirmation: Confirmation<Appended>,
     channel: Arc<ChannelShared>,
 }
 
 impl PublishConfirmation {
-    /// Waits until the batch is durable; returns the sequences it got.
-    pub async fn confirmed(self) -> Result<Range<u64>> {
+    /// Waits until the batch is durable; returns the sequences it got (a duplicate's is its
+    /// original's).
+    pub async fn confirmed(self) -> Result<Appended> {
         self.confirmation.confirmed().await.map_err(|e| match e {
             StoreError::ChannelNotFound => CoreError::ChannelNotFound(self.channel.name.clone()),
             e => e.into(),
@@ -218,7 +227,7 @@ impl Broker {
         };
         let mut by_id = HashMap::new();
         for channel in recovered.channels {
-            let shared = broker.register_channel(channel.id, channel.name, channel.retention)?;
+            let shared = broker.register_channel(channel.id, channel.name, channel.settings)?;
             by_id.insert(channel.id, shared);
         }
         for sub in recovered.subscriptions {
@@ -244,13 +253,13 @@ impl Broker {
         &self,
         id: ChannelId,
         name: String,
-        retention: Retention,
+        settings: ChannelSettings,
     ) -> Result<Arc<ChannelShared>> {
         let log = self.inner.store.log(id)?;
         let shared = Arc::new(ChannelShared {
             id,
             name: name.clone(),
-            retention: Mutex::new(retention),
+            settings: Mutex::new(settings),
             log,
             subscriptions: RwLock::new(BTreeMap::new()),
         });
@@ -327,10 +336,10 @@ impl Broker {
     /// after it.
     pub async fn declare(&self, channels: &[ChannelDecl]) -> Result<()> {
         for decl in channels {
-            match self.create_channel(&decl.name, decl.retention).await {
+            match self.create_channel(&decl.name, decl.settings).await {
                 Ok(_) => {}
                 Err(CoreError::ChannelExists(_)) => {
-                    self.update_channel(&decl.name, decl.retention).await?;
+                    self.update_channel(&decl.name, decl.settings).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -411,7 +420,7 @@ impl Broker {
     }
 
     /// Publishes a batch and waits until it is durable; returns the sequences assigned.
-    pub async fn publish(&self, channel: &str, messages: Vec<NewMessage>) -> Result<Range<u64>> {
+    pub async fn publish(&self, channel: &str, messages: Vec<NewMessage>) -> Result<Appended> {
         self.submit_publish(channel, messages)
             .await?
             .confirmed()
@@ -447,11 +456,15 @@ impl Broker {
         Ok((consumer, events, attached))
     }
 
-    /// Creates a channel that keeps acked messages as `retention` says.
-    pub async fn create_channel(&self, name: &str, retention: Retention) -> Result<ChannelInfo> {
+    /// Creates a channel.
+    pub async fn create_channel(
+        &self,
+        name: &str,
+        settings: ChannelSettings,
+    ) -> Result<ChannelInfo> {
         self.check_open()?;
         names::validate("channel", name)?;
-        check_retention(&retention)?;
+        check_channel(&settings)?;
         let _admin = self.inner.admin.lock().await;
         if self.channel(name).is_ok() {
             return Err(CoreError::ChannelExists(name.to_owned()));
@@ -459,30 +472,31 @@ impl Broker {
         let id = self
             .inner
             .store
-            .create_channel(name.to_owned(), retention)
+            .create_channel(name.to_owned(), settings)
             .await
             .map_err(|e| match e {
                 StoreError::ChannelExists(name) => CoreError::ChannelExists(name),
                 e => e.into(),
             })?;
-        self.register_channel(id, name.to_owned(), retention)?;
-        tracing::info!(channel = name, ?retention, "channel created");
+        self.register_channel(id, name.to_owned(), settings)?;
+        tracing::info!(channel = name, ?settings, "channel created");
         self.channel_info(name).await
     }
 
-    /// Changes how long a channel keeps acked messages.
-    pub async fn update_channel(&self, name: &str, retention: Retention) -> Result<ChannelInfo> {
+    /// Changes a channel's settings (retention, de-duplication window).
+    pub async fn update_channel(
+        &self,
+        name: &str,
+        settings: ChannelSettings,
+    ) -> Result<ChannelInfo> {
         self.check_open()?;
-        check_retention(&retention)?;
+        check_channel(&settings)?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(name)?;
-        if *shared.retention.lock().expect("retention lock") != retention {
-            self.inner
-                .store
-                .update_channel(shared.id, retention)
-                .await?;
-            *shared.retention.lock().expect("retention lock") = retention;
-            tracing::info!(channel = name, ?retention, "channel updated");
+        if *shared.settings.lock().expect("settings lock") != settings {
+            self.inner.store.update_channel(shared.id, settings).await?;
+            *shared.settings.lock().expect("settings lock") = settings;
+            tracing::info!(channel = name, ?settings, "channel updated");
         }
         drop(_admin);
         self.channel_info(name).await
@@ -526,20 +540,20 @@ impl Broker {
         let stats = shared.log.stats();
         let subscriptions = self.subscription_stats(&shared).await;
         let (damaged_records, damaged_messages) = shared.log.damage();
-        let retention = *shared.retention.lock().expect("retention lock");
+        let settings = *shared.settings.lock().expect("settings lock");
         let lowest_floor = subscriptions
             .iter()
             .map(|s| s.ack_floor)
             .min()
             .unwrap_or(stats.next_seq);
-        let retained_bytes = match retention.keeps() {
+        let retained_bytes = match settings.retention.keeps() {
             true => self.inner.store.retained_bytes(shared.id, lowest_floor)?,
             false => 0,
         };
         Ok(ChannelInfo {
             damaged_records,
             damaged_messages,
-            retention,
+            settings,
             retained_bytes,
             name: shared.name.clone(),
             messages: stats.next_seq - stats.first_seq,

@@ -17,7 +17,6 @@ mod plan;
 mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,15 +30,17 @@ use crate::log::MessageCache;
 use crate::segment::{Appender, Segments};
 use crate::space::Space;
 use crate::{
-    AckState, AckUpdate, ChannelId, ChannelLog, ChannelStats, Counters, FsyncMode, Message,
-    NewMessage, Position, Recovered, RecoveredChannel, RecoveredSubscription, Result, Retention,
-    Shared, StoreError, StoreOptions, SubscriptionId, SubscriptionSettings,
+    AckState, AckUpdate, Appended, ChannelId, ChannelLog, ChannelSettings, ChannelStats, Counters,
+    FsyncMode, Message, NewMessage, Position, Recovered, RecoveredChannel, RecoveredSubscription,
+    Result, Shared, StoreError, StoreOptions, SubscriptionId, SubscriptionSettings,
 };
 use crate::{failpoint, recovery};
 use checkpoint::Checkpointer;
 pub(crate) use checkpoint::DurableFiles;
 pub(crate) use state::{State, Touched, id_of};
 
+/// The most de-duplication ids forgotten at one check.
+const IDS_EXPIRED_PER_CHECK: usize = 50_000;
 /// How often channels that keep messages by age are looked at for what aged out.
 const RETENTION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// A group takes at most this many requests...
@@ -54,7 +55,7 @@ pub(crate) enum Op {
     Append {
         channel: ChannelId,
         messages: Vec<NewMessage>,
-        reply: Reply<Range<u64>>,
+        reply: Reply<Appended>,
     },
     SaveAcks {
         subscription: SubscriptionId,
@@ -69,12 +70,12 @@ pub(crate) enum Op {
     },
     CreateChannel {
         name: String,
-        retention: Retention,
+        settings: ChannelSettings,
         reply: Reply<ChannelId>,
     },
     UpdateChannel {
         channel: ChannelId,
-        retention: Retention,
+        settings: ChannelSettings,
         reply: Reply<()>,
     },
     DeleteChannel {
@@ -173,8 +174,11 @@ pub(crate) struct Writer {
     files: Option<DurableFiles>,
     /// Commits written but not yet fsync'd (`interval` mode).
     unsynced_since: Option<Instant>,
-    /// When channels that keep messages by age are next looked at for collection.
+    /// When channels that keep messages by age are next looked at for collection, and ids
+    /// that left their de-duplication window are forgotten.
     next_retention_check: Instant,
+    /// The de-duplication index holds ids that may need expiring.
+    ids_to_expire: bool,
 }
 
 /// A group built into frames and a batch, and what to announce once it is committed.
@@ -212,6 +216,10 @@ struct Group {
     finished: Vec<u32>,
     /// New messages per channel, with the sequence of the first.
     appends: BTreeMap<ChannelId, (u64, Vec<NewMessage>)>,
+    /// The ids the group's publishes carry, with their sequences: for de-duplication within
+    /// the group, and to remember once committed.
+    ids: HashMap<(ChannelId, String), u64>,
+    remember: BTreeMap<ChannelId, Vec<(u64, String)>>,
     touched: Touched,
     /// Message records written.
     records: u32,
@@ -266,7 +274,7 @@ impl Writer {
             recovered.channels.push(RecoveredChannel {
                 id,
                 name: record.name.clone(),
-                retention: record.retention,
+                settings: record.settings,
             });
             logs.insert(id, log.clone());
             writer_logs.insert(id, WriterLog::new(log));
@@ -312,6 +320,7 @@ impl Writer {
             files: Some(files),
             unsynced_since: None,
             next_retention_check: Instant::now(),
+            ids_to_expire: true,
         };
         Ok((writer, recovered, logs))
     }
@@ -632,24 +641,75 @@ impl Writer {
             .is_some_and(|at| Instant::now() >= at)
         {
             self.next_retention_check = Instant::now() + RETENTION_CHECK;
-            let aging = self
+            let aging: Vec<ChannelId> = self
                 .state
                 .channels
                 .iter()
-                .filter(|(_, c)| c.retention.max_age_ms > 0)
-                .map(|(id, _)| *id);
-            self.pending_collects.extend(aging);
-            self.commit(Vec::new(), shared, checkpoints);
+                .filter(|(_, c)| c.settings.retention.max_age_ms > 0)
+                .map(|(id, _)| *id)
+                .collect();
+            // A group of its own only where something may have aged out.
+            if !aging.is_empty() {
+                self.pending_collects.extend(aging);
+                self.commit(Vec::new(), shared, checkpoints);
+            }
+            if let Err(e) = self.expire_ids() {
+                tracing::warn!(error = %e, "cannot expire de-duplication ids; trying again later");
+            }
         }
     }
 
-    /// When channels that keep messages by age must next be collected, if any does.
+    /// When channels that keep messages by age must next be collected, or ids expired.
     fn retention_deadline(&self) -> Option<Instant> {
-        self.state
+        let aging = self
+            .state
             .channels
             .values()
-            .any(|c| c.retention.max_age_ms > 0)
-            .then_some(self.next_retention_check)
+            .any(|c| c.settings.retention.max_age_ms > 0);
+        (aging || self.ids_to_expire).then_some(self.next_retention_check)
+    }
+
+    /// Forgets ids that left their channel's de-duplication window (at most
+    /// `IDS_EXPIRED_PER_CHECK` a check, so that a check never holds up commits for long).
+    /// Not logged: a replay may bring some back, and a later check forgets them again.
+    fn expire_ids(&mut self) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut batch = sled::Batch::default();
+        let mut expired = 0;
+        let mut left = false;
+        for (&id, channel) in &self.state.channels {
+            let window = channel.settings.dedup_window_ms;
+            let until = now.saturating_sub(window);
+            let from = codec::id_time_key(id, 0, 0);
+            let to = codec::id_time_key(id, until, 0);
+            for entry in self.db.range(from..to) {
+                if expired >= IDS_EXPIRED_PER_CHECK {
+                    left = true;
+                    break;
+                }
+                let (key, value) = entry?;
+                for (seq, text) in codec::decode_ids(&value)? {
+                    // A later publish of the same id (after the window) points elsewhere.
+                    if self
+                        .state
+                        .find_id(&self.db, id, &text)?
+                        .is_some_and(|(s, _)| s == seq)
+                    {
+                        batch.remove(codec::id_key(id, &text));
+                    }
+                    expired += 1;
+                }
+                batch.remove(key);
+            }
+            let mut prefix = vec![b'E'];
+            prefix.extend_from_slice(&id.0.to_be_bytes());
+            left |= self.db.scan_prefix(prefix).next().is_some();
+        }
+        self.db.apply_batch(batch)?;
+        self.ids_to_expire = left || expired > 0;
+        Ok(())
     }
 
     /// When the writer must wake to fsync what it has written, if ever.
@@ -786,7 +846,7 @@ pub(crate) fn fail(shared: &Shared, e: &StoreError) {
 fn refuse(op: Op, e: &StoreError) {
     let send = |reply: Pending| reply(Some(e));
     match op {
-        Op::Append { reply, .. } => send(pending(reply, 0..0)),
+        Op::Append { reply, .. } => send(pending(reply, Appended::default())),
         Op::SaveAcks { reply, .. }
         | Op::DeleteChannel { reply, .. }
         | Op::UpdateChannel { reply, .. }

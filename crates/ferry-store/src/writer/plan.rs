@@ -10,8 +10,8 @@ use super::{Group, Op, Reply, Writer, WriterLog, pending, state, stats_of};
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, SubscriptionRecord, record_key};
 use crate::{
-    AckState, AckUpdate, ChannelId, ChannelLog, Message, NewMessage, Position, Result, Retention,
-    StoreError, SubscriptionId, SubscriptionSettings,
+    AckState, AckUpdate, Appended, ChannelId, ChannelLog, ChannelSettings, Message, NewMessage,
+    Position, Result, StoreError, SubscriptionId, SubscriptionSettings,
 };
 
 impl Writer {
@@ -26,7 +26,7 @@ impl Writer {
                 let planned = self
                     .space
                     .check()
-                    .and_then(|()| self.plan_append(channel, messages, group));
+                    .and_then(|()| self.plan_publish(channel, messages, group));
                 answer(group, reply, planned);
             }
             Op::SaveAcks {
@@ -48,15 +48,15 @@ impl Writer {
             }
             Op::CreateChannel {
                 name,
-                retention,
+                settings,
                 reply,
             } => {
-                let planned = self.plan_create_channel(name, retention, group);
+                let planned = self.plan_create_channel(name, settings, group);
                 answer(group, reply, planned);
             }
             Op::UpdateChannel {
                 channel,
-                retention,
+                settings,
                 reply,
             } => {
                 let planned = match self.state.channels.contains_key(&channel) {
@@ -64,7 +64,7 @@ impl Writer {
                         .change(
                             Change::UpdateChannel {
                                 id: channel,
-                                retention,
+                                settings,
                             },
                             group,
                             None,
@@ -123,6 +123,64 @@ impl Writer {
                 answer(group, reply, Ok(()));
             }
         }
+    }
+
+    /// Plans a publish: messages whose `id` the channel stored within its de-duplication
+    /// window (or that an earlier message of the group carries) are answered with their
+    /// original's sequence and not stored; the rest are appended, and their ids remembered.
+    fn plan_publish(
+        &mut self,
+        channel: ChannelId,
+        messages: Vec<NewMessage>,
+        group: &mut Group,
+    ) -> Result<Appended> {
+        let window = self
+            .state
+            .channels
+            .get(&channel)
+            .ok_or(StoreError::ChannelNotFound)?
+            .settings
+            .dedup_window_ms;
+        if window == 0 || messages.iter().all(|m| m.id.is_empty()) {
+            let stored = self.plan_append(channel, messages, group)?;
+            return Ok(Appended {
+                stored,
+                duplicates: Vec::new(),
+            });
+        }
+        let now = now_ms();
+        let first = self.state.channels[&channel].next_seq;
+        let mut kept = Vec::with_capacity(messages.len());
+        let mut duplicates = Vec::new();
+        let mut remembered = Vec::new();
+        for (at, message) in messages.into_iter().enumerate() {
+            if !message.id.is_empty() {
+                let key = (channel, message.id.clone());
+                let earlier = match group.ids.get(&key) {
+                    Some(&seq) => Some(seq),
+                    None => self
+                        .state
+                        .find_id(&self.db, channel, &message.id)?
+                        .filter(|(_, stored_at)| stored_at.saturating_add(window) > now)
+                        .map(|(seq, _)| seq),
+                };
+                if let Some(original) = earlier {
+                    duplicates.push((at, original));
+                    continue;
+                }
+                let seq = first + kept.len() as u64;
+                group.ids.insert(key, seq);
+                remembered.push((seq, message.id.clone()));
+            }
+            kept.push(message);
+        }
+        let stored = self.plan_append(channel, kept, group)?;
+        group
+            .remember
+            .entry(channel)
+            .or_default()
+            .extend(remembered);
+        Ok(Appended { stored, duplicates })
     }
 
     /// Gives messages their sequences in the group. Publishes check free space first (again
@@ -239,6 +297,7 @@ impl Writer {
             return Ok(Vec::new());
         }
         let range = self.plan_append(to, messages, group)?;
+        // Broker-made publishes bypass de-duplication.
         let mut sorted = seqs.clone();
         sorted.sort_unstable();
         let ranges = state::ranges_of(&sorted);
@@ -257,7 +316,7 @@ impl Writer {
     fn plan_create_channel(
         &mut self,
         name: String,
-        retention: Retention,
+        settings: ChannelSettings,
         group: &mut Group,
     ) -> Result<ChannelId> {
         if self.state.names.contains_key(&name) {
@@ -265,8 +324,8 @@ impl Writer {
         }
         let id = ChannelId(self.state.next_id);
         self.change(Change::CreateChannel { id, name }, group, None)?;
-        if retention.keeps() {
-            self.change(Change::UpdateChannel { id, retention }, group, None)?;
+        if settings != ChannelSettings::default() {
+            self.change(Change::UpdateChannel { id, settings }, group, None)?;
         }
         let log = Arc::new(ChannelLog::new(
             id,
@@ -532,7 +591,7 @@ impl Writer {
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
             };
-            let retention = record.retention;
+            let retention = record.settings.retention;
             // Without subscriptions everything written goes, including what is not announced
             // yet; a dead-letter channel keeps all but what was withdrawn (retention aside).
             let wanted = match lowest_floor {
@@ -628,15 +687,32 @@ impl Writer {
         Ok(changed)
     }
 
+    /// Writes the ids the group's publishes are to be de-duplicated against, with the
+    /// group's publish time, into its commit.
+    pub(super) fn plan_ids(&mut self, group: &mut Group, publish_ms: u64) -> Result<()> {
+        for (channel, entries) in std::mem::take(&mut group.remember) {
+            if entries.is_empty() || !self.state.channels.contains_key(&channel) {
+                continue;
+            }
+            let change = Change::Ids {
+                channel,
+                publish_ms,
+                entries,
+            };
+            self.change(change, group, None)?;
+            self.ids_to_expire = true;
+        }
+        Ok(())
+    }
+
     /// Frames each channel's new messages into records and indexes them; returns the messages
     /// as stored.
     pub(super) fn encode_appends(
         &mut self,
         group: &mut Group,
     ) -> Result<Vec<(ChannelId, Vec<Message>)>> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = now_ms();
+        self.plan_ids(group, now)?;
         let mut stored = Vec::with_capacity(group.appends.len());
         for (id, (first, messages)) in std::mem::take(&mut group.appends) {
             let subscribed = self.state.subscribed(id) || self.state.keeps(id);
@@ -698,6 +774,12 @@ impl Writer {
         }
         Ok(stored)
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Answers a request once its group is committed, or at once if it was refused.

@@ -10,7 +10,7 @@ use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, RecordLocation, SegmentUsage, SubscriptionRecord, ack_key,
     channel_key, record_key, segment_key, subscription_key,
 };
-use crate::{AckState, ChannelId, Result, Retention, StoreError, SubscriptionId};
+use crate::{AckState, ChannelId, ChannelSettings, Result, StoreError, SubscriptionId};
 
 /// Channels, subscriptions, ack floors and segment usage, as committed.
 #[derive(Default)]
@@ -96,7 +96,7 @@ impl State {
     pub(crate) fn keeps(&self, channel: ChannelId) -> bool {
         self.channels
             .get(&channel)
-            .is_some_and(|c| c.retention.keeps())
+            .is_some_and(|c| c.settings.retention.keeps())
             || self.dead_letter_user(channel).is_some()
     }
 
@@ -111,6 +111,26 @@ impl State {
         self.subscriptions
             .values()
             .find(|s| s.settings.dead_letter == Some(channel))
+    }
+
+    /// The sequence and publish time `channel` stored message `id` under, if its index still
+    /// holds it.
+    pub(crate) fn find_id(
+        &self,
+        db: &sled::Db,
+        channel: ChannelId,
+        id: &str,
+    ) -> Result<Option<(u64, u64)>> {
+        let Some(raw) = db.get(codec::id_key(channel, id))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 16] = raw
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("bad de-duplication entry".into()))?;
+        let seq = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let at = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
+        Ok(Some((seq, at)))
     }
 
     /// Whether `subscription`'s ack state as last committed or planned acks `seq`.
@@ -174,7 +194,7 @@ impl State {
                     next_seq: 1,
                     first_seq: 1,
                     bytes: 0,
-                    retention: Retention::default(),
+                    settings: ChannelSettings::default(),
                 };
                 self.names.insert(name.clone(), *id);
                 self.channels.insert(*id, record);
@@ -233,14 +253,32 @@ impl State {
                     }
                 }
             }
+            Change::Ids {
+                channel,
+                publish_ms,
+                entries,
+            } => {
+                if self.channels.contains_key(channel)
+                    && let Some(&(first, _)) = entries.first()
+                {
+                    for (seq, id) in entries {
+                        let mut value = [0; 16];
+                        value[..8].copy_from_slice(&seq.to_le_bytes());
+                        value[8..].copy_from_slice(&publish_ms.to_le_bytes());
+                        batch.insert(codec::id_key(*channel, id), &value);
+                    }
+                    let key = codec::id_time_key(*channel, *publish_ms, first);
+                    batch.insert(&key, codec::encode_ids(entries));
+                }
+            }
             Change::ClearFailures { id } => {
                 if self.subscriptions.contains_key(id) {
                     remove_failures(db, *id, batch)?;
                 }
             }
-            Change::UpdateChannel { id, retention } => {
+            Change::UpdateChannel { id, settings } => {
                 if let Some(record) = self.channels.get_mut(id) {
-                    record.retention = *retention;
+                    record.settings = *settings;
                     touched.channels.insert(*id);
                     touched.collects.insert(*id);
                 }
@@ -305,6 +343,13 @@ impl State {
         }
         if self.withdrawn.remove(&id).is_some() {
             batch.remove(&codec::withdrawn_key(id));
+        }
+        for kind in [b'D', b'E'] {
+            let mut prefix = vec![kind];
+            prefix.extend_from_slice(&id.0.to_be_bytes());
+            for entry in db.scan_prefix(prefix) {
+                batch.remove(entry?.0);
+            }
         }
         Ok(())
     }

@@ -182,6 +182,7 @@ async fn stuck_consumer(bench: &Bench<'_>, broker: &BrokerChild) -> Result<(u64,
             rate: Some(STUCK_RATE),
             payload: Payload::Fixed(Bytes::from(vec![b's'; KIB])),
             keys: 0,
+            ids: false,
         },
     )
     .await?;

@@ -132,6 +132,10 @@ pub struct BenchArgs {
     /// delivery at a time, so a consumer's window can hold at most N keyed messages.
     #[arg(long, value_name = "N", default_value_t = 0)]
     keys: u32,
+    /// Give every published message a unique id, which the channel de-duplicates on (its
+    /// window is 2 minutes by default): what exactly-once publishing costs.
+    #[arg(long)]
+    ids: bool,
 }
 
 /// The scenarios `--only` can pick; they always run in this order.
@@ -861,6 +865,7 @@ impl Bench<'_> {
                 rate: None,
                 payload: Payload::Fixed(Bytes::from(vec![b'x'; size])),
                 keys: self.args.keys,
+                ids: self.args.ids,
             },
         )
         .await
@@ -995,6 +1000,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
                 rate: None,
                 payload: payload.clone(),
                 keys: args.keys,
+                ids: args.ids,
             },
         ));
     }
@@ -1079,6 +1085,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         rate: None,
         payload: Payload::Fixed(Bytes::from(vec![b'x'; KIB])),
         keys: args.keys,
+        ids: args.ids,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1126,6 +1133,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
         rate: Some(args.rate),
         payload: Payload::Stamped { size: KIB, base },
         keys: args.keys,
+        ids: args.ids,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1393,6 +1401,8 @@ struct PublishPlan {
     payload: Payload,
     /// Ordering keys given in turn (0: none).
     keys: u32,
+    /// Give every message a unique id (what de-duplication costs).
+    ids: bool,
 }
 
 /// What one publisher got confirmed.
@@ -1432,6 +1442,10 @@ async fn publish(connection: Channel, plan: PublishPlan) -> Result<Published> {
     // Tells the confirming side the size of every batch sent, in order; its end means "done".
     let (sizes, mut expected) = mpsc::unbounded_channel::<u32>();
 
+    // Ids unique across the bench's publishers (and its runs).
+    static PUBLISHERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let publisher = (u64::from(std::process::id()) << 20)
+        | PUBLISHERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let send = async {
         let mut sent = 0u64;
         let mut timed_out = false;
@@ -1463,6 +1477,10 @@ async fn publish(connection: Channel, plan: PublishPlan) -> Result<Published> {
                     messages: (0..u64::from(count))
                         .map(|i| pb::OutgoingMessage {
                             payload: plan.payload.next(),
+                            id: match plan.ids {
+                                true => format!("{publisher:x}-{}", sent + i),
+                                false => String::new(),
+                            },
                             key: match plan.keys {
                                 0 => String::new(),
                                 keys => format!("k{}", (sent + i) % u64::from(keys)),
