@@ -335,3 +335,69 @@ async fn publish_ids(daemon: &Daemon, channel: &str, ids: &[&str]) -> pb::Publis
         .unwrap()
         .into_inner()
 }
+
+#[tokio::test]
+async fn expired_messages_are_not_delivered_and_are_dead_lettered_where_they_can_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(
+        dir.path(),
+        r#"
+[[channels]]
+name = "quotes"
+ttl = "300ms"
+[[channels.subscriptions]]
+name = "drop"
+[[channels.subscriptions]]
+name = "keep"
+max_delivery_attempts = 3
+dead_letter_channel = "quotes.dead"
+
+[[channels]]
+name = "quotes.dead"
+"#,
+    );
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let mut long = common::message(b"long".to_vec(), &[], "");
+    long.ttl = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    let request = pb::PublishRequest {
+        channel: "quotes".into(),
+        messages: vec![common::message(b"short".to_vec(), &[], ""), long],
+    };
+    daemon.publisher().await.publish(request).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    for name in ["drop", "keep"] {
+        let mut consumer = Consumer::attach(&daemon, "quotes", name, 10).await;
+        let got = consumer.take(1).await;
+        let message = got[0].message.as_ref().unwrap();
+        assert_eq!(message.payload.as_ref(), b"long");
+        assert!(message.expire_time.is_some() && message.attributes.is_empty());
+        consumer.ack(ack_ids(&got)).await;
+        assert!(
+            consumer
+                .take_for(Duration::from_millis(200))
+                .await
+                .is_empty()
+        );
+        assert_eq!(daemon.subscription("quotes", name).await.expired, 1);
+    }
+    let mut admin = daemon.admin().await;
+    admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "quotes.dead".into(),
+            name: "inspect".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut inspect = Consumer::attach(&daemon, "quotes.dead", "inspect", 10).await;
+    let dead = inspect.take(1).await;
+    let dead = dead[0].message.as_ref().unwrap();
+    assert_eq!(dead.payload.as_ref(), b"short");
+    assert_eq!(dead.attributes["ferry.dead_letter.reason"], "expired");
+    assert!(dead.expire_time.is_none(), "a dead letter does not expire");
+    daemon.stop().await;
+}

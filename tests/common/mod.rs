@@ -302,6 +302,7 @@ pub fn message(payload: Vec<u8>, attributes: &[(&str, &str)], key: &str) -> pb::
             .collect(),
         key: key.into(),
         id: String::new(),
+        ttl: None,
     }
 }
 

@@ -35,6 +35,17 @@ pub const REDRIVE_COUNT: &str = "ferry.redrive.count";
 /// Whom a redriven message is for: `SUBSCRIPTION SEQUENCE PUBLISH_TIME_MS`. Reserved:
 /// publishers may not set it.
 pub const REDRIVE_FOR: &str = "ferry.redrive.for";
+/// When a message expires, in ms since the Unix epoch: set from its time to live (or its
+/// channel's default) when it is published. An expired message is not delivered.
+pub const EXPIRE_AT: &str = "ferry.expire_at";
+
+/// When `message` expires, if it does.
+pub(crate) fn expire_at(message: &Message) -> Option<u64> {
+    if message.attributes.is_empty() {
+        return None;
+    }
+    message.attributes.get(EXPIRE_AT)?.parse().ok()
+}
 
 /// Where and why a message is dead-lettered.
 pub(crate) struct Provenance<'a> {
@@ -48,10 +59,11 @@ pub(crate) struct Provenance<'a> {
 
 /// The dead-lettered copy of `message` (as it was delivered).
 pub(crate) fn dead_letter(message: &Message, from: &Provenance<'_>) -> NewMessage {
+    // A dead letter does not expire: it waits for an operator.
     let mut attributes: Vec<(String, String)> = message
         .attributes
         .iter()
-        .filter(|(name, _)| !name.starts_with(PREFIX))
+        .filter(|(name, _)| !name.starts_with(PREFIX) && *name != EXPIRE_AT)
         .map(|(n, v)| (n.to_owned(), v.to_owned()))
         .collect();
     attributes.extend([

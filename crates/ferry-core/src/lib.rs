@@ -434,6 +434,8 @@ pub struct SubscriptionStats {
     /// Messages discarded by a terminal nack without a dead-letter channel (since the broker
     /// started).
     pub discarded: u64,
+    /// Messages that expired before they were delivered (since the broker started).
+    pub expired: u64,
     /// Failed messages waiting out their retry wait now.
     pub waiting_retry: u64,
     /// Ordering keys with messages held back behind an unacked one now.

@@ -136,6 +136,9 @@ pub struct ChannelConfig {
     /// `dedup_window = "2m"`: a published id stored this recently is a duplicate ("0s": off).
     #[serde(default)]
     pub dedup_window: Option<HumanDuration>,
+    /// `ttl = "1h"`: the time to live of a message published without its own.
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
     /// `[[channels.subscriptions]]`
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
@@ -461,6 +464,7 @@ impl Config {
                     dedup_window_ms: c
                         .dedup_window
                         .map_or(DEFAULT_DEDUP_WINDOW_MS, |d| d.0.as_millis() as u64),
+                    default_ttl_ms: c.ttl.map_or(0, |d| d.0.as_millis() as u64),
                 },
                 subscriptions: c
                     .subscriptions

@@ -4,6 +4,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ferry_core::dead_letter::EXPIRE_AT;
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
     AckOutcome, AckResult, Appended, Attributes, ChannelInfo, ChannelSettings,
@@ -13,23 +14,40 @@ use ferry_core::{
 use ferry_proto::pb;
 use tonic::Status;
 
-pub fn new_message(m: pb::OutgoingMessage) -> NewMessage {
-    NewMessage {
+/// The longest time to live a message may have.
+const MAX_TTL_MS: u64 = 100 * 365 * 86_400_000;
+
+pub fn new_message(m: pb::OutgoingMessage) -> Result<NewMessage, Status> {
+    let mut attributes: Vec<(String, String)> = m.attributes.into_iter().collect();
+    if let Some(ttl) = millis("ttl", m.ttl)? {
+        if !(1..=MAX_TTL_MS).contains(&ttl) {
+            return Err(Status::invalid_argument(format!(
+                "ttl is {ttl} ms: it must be from 1 ms to 100 years"
+            )));
+        }
+        let now = UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64);
+        attributes.retain(|(name, _)| name != EXPIRE_AT);
+        attributes.push((EXPIRE_AT.to_owned(), (now + ttl).to_string()));
+    }
+    Ok(NewMessage {
         // The decoded payload is a slice of the request's receive buffer; a cached message must
         // not keep that whole buffer alive, so it gets its own copy.
         payload: Bytes::copy_from_slice(&m.payload),
-        attributes: Attributes::from_pairs(m.attributes),
+        attributes: Attributes::from_pairs(attributes),
         key: m.key,
         id: m.id,
-    }
+    })
 }
 
 pub fn message(m: &Message) -> pb::Message {
+    let expire_at = m.attributes.get(EXPIRE_AT).and_then(|t| t.parse().ok());
     pb::Message {
+        expire_time: expire_at.map(timestamp),
         payload: m.payload.clone(),
         attributes: m
             .attributes
             .iter()
+            .filter(|(name, _)| *name != EXPIRE_AT)
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect(),
         key: m.key.clone(),
@@ -147,6 +165,7 @@ pub fn channel_settings(request: &pb::CreateChannelRequest) -> Result<ChannelSet
         retention,
         dedup_window_ms: millis("dedup_window", request.dedup_window)?
             .unwrap_or(DEFAULT_DEDUP_WINDOW_MS),
+        default_ttl_ms: millis("default_ttl", request.default_ttl)?.unwrap_or(0),
     })
 }
 
@@ -234,6 +253,7 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
         discarded: s.discarded,
         waiting_retry: s.waiting_retry,
         keys_blocked: s.keys_blocked,
+        expired: s.expired,
         name: s.name,
         backlog: s.backlog,
         in_flight: s.in_flight,
@@ -253,6 +273,8 @@ pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
     pb::ChannelInfo {
         retention: retention_info(c.settings.retention),
         dedup_window: Some(duration(Duration::from_millis(c.settings.dedup_window_ms))),
+        default_ttl: (c.settings.default_ttl_ms > 0)
+            .then(|| duration(Duration::from_millis(c.settings.default_ttl_ms))),
         retained_bytes: c.retained_bytes,
         messages: c.messages,
         bytes: c.bytes,

@@ -39,12 +39,14 @@ pub fn fuzz_publish_request(bytes: &[u8]) {
     };
     let _ = ferry_core::names::validate("channel", &request.channel);
     let _ = ferry_core::names::quote(&request.channel);
-    let messages: Vec<_> = request
+    let messages: Result<Vec<_>, _> = request
         .messages
         .into_iter()
         .map(convert::new_message)
         .collect();
-    let _ = ferry_core::Limits::default().check_batch(&messages);
+    if let Ok(messages) = messages {
+        let _ = ferry_core::Limits::default().check_batch(&messages);
+    }
 }
 
 /// How long a graceful shutdown waits for open calls to finish before it stops waiting.

@@ -44,7 +44,7 @@ async fn submit(
         .messages
         .into_iter()
         .map(convert::new_message)
-        .collect();
+        .collect::<Result<_, _>>()?;
     broker
         .submit_publish(&request.channel, messages)
         .await

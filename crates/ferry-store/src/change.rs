@@ -151,6 +151,7 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 out.put_u64_le(settings.retention.max_age_ms);
                 out.put_u64_le(settings.retention.max_bytes);
                 out.put_u64_le(settings.dedup_window_ms);
+                out.put_u64_le(settings.default_ttl_ms);
             }
             Change::Withdraw { channel, ranges } => {
                 out.put_u8(WITHDRAW);
@@ -259,6 +260,7 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                         max_bytes: get_u64(&mut raw).ok_or_else(|| bad("retention"))?,
                     },
                     dedup_window_ms: get_u64(&mut raw).ok_or_else(|| bad("window"))?,
+                    default_ttl_ms: get_u64(&mut raw).ok_or_else(|| bad("ttl"))?,
                 },
             },
             WITHDRAW => Change::Withdraw {
@@ -395,6 +397,7 @@ mod tests {
                         max_bytes: 10 << 30,
                     },
                     dedup_window_ms: 60_000,
+                    default_ttl_ms: 3_600_000,
                 },
             },
             Change::Skipped {

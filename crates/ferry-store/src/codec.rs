@@ -455,6 +455,7 @@ impl ChannelRecord {
         out.put_u64_le(self.settings.retention.max_age_ms);
         out.put_u64_le(self.settings.retention.max_bytes);
         out.put_u64_le(self.settings.dedup_window_ms);
+        out.put_u64_le(self.settings.default_ttl_ms);
         out
     }
 
@@ -467,12 +468,13 @@ impl ChannelRecord {
         let (next_seq, first_seq, bytes) = (raw.get_u64_le(), raw.get_u64_le(), raw.get_u64_le());
         let settings = match raw.remaining() {
             0 => ChannelSettings::default(),
-            25 if raw.get_u8() == CHANNEL_V3 => ChannelSettings {
+            33 if raw.get_u8() == CHANNEL_V3 => ChannelSettings {
                 retention: Retention {
                     max_age_ms: raw.get_u64_le(),
                     max_bytes: raw.get_u64_le(),
                 },
                 dedup_window_ms: raw.get_u64_le(),
+                default_ttl_ms: raw.get_u64_le(),
             },
             _ => return Err(bad()),
         };

@@ -186,6 +186,8 @@ pub struct ChannelSettings {
     /// A published message whose non-empty `id` the channel stored this recently is a
     /// duplicate: not stored again (0: no de-duplication).
     pub dedup_window_ms: u64,
+    /// A message published without its own time to live gets this one (0: none).
+    pub default_ttl_ms: u64,
 }
 
 /// What an append did.
@@ -224,6 +226,7 @@ impl Default for ChannelSettings {
         Self {
             retention: Retention::default(),
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
+            default_ttl_ms: 0,
         }
     }
 }

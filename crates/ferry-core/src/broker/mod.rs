@@ -412,6 +412,15 @@ impl Broker {
         self.check_open()?;
         let shared = self.channel(channel)?;
         self.inner.limits.check_batch(&messages)?;
+        let ttl = shared
+            .settings
+            .lock()
+            .expect("settings lock")
+            .default_ttl_ms;
+        let messages = match ttl {
+            0 => messages,
+            ttl => with_default_ttl(messages, ttl),
+        };
         let confirmation = self.inner.store.submit_append(shared.id, messages).await?;
         Ok(PublishConfirmation {
             confirmation,
@@ -793,6 +802,22 @@ impl Broker {
         self.inner.store.close().await?;
         Ok(())
     }
+}
+
+/// Gives every message without an expiry time its channel's default time to live.
+fn with_default_ttl(messages: Vec<NewMessage>, ttl_ms: u64) -> Vec<NewMessage> {
+    let expire_at = (crate::dispatcher::now_ms() + ttl_ms).to_string();
+    messages
+        .into_iter()
+        .map(|mut m| {
+            if m.attributes.get(crate::dead_letter::EXPIRE_AT).is_none() {
+                let mut pairs: Vec<(&str, &str)> = m.attributes.iter().collect();
+                pairs.push((crate::dead_letter::EXPIRE_AT, &expire_at));
+                m.attributes = ferry_store::Attributes::from_pairs(pairs);
+            }
+            m
+        })
+        .collect()
 }
 
 /// The store's position for a point of `channel`.

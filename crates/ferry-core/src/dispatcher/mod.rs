@@ -138,6 +138,7 @@ struct Counts {
     nacked: u64,
     dead_lettered: u64,
     discarded: u64,
+    expired: u64,
 }
 
 /// A message chosen to go out next.
@@ -570,6 +571,10 @@ impl Dispatcher {
                 return None;
             }
         };
+        if dead_letter::expire_at(&view).is_some_and(|at| at <= now_ms()) {
+            self.expired(seq);
+            return None;
+        }
         // Redriven messages skip ordering: their key's later messages went on without them.
         let ordered = self.settings.ordering && !view.key.is_empty() && Arc::ptr_eq(&view, &stored);
         if ordered && self.queue.park_if_held(seq, &view.key) {
@@ -748,6 +753,7 @@ impl Dispatcher {
             nacked: self.counts.nacked,
             dead_lettered: self.counts.dead_lettered,
             discarded: self.counts.discarded,
+            expired: self.counts.expired,
             waiting_retry: (self.queue.backoff_len() + unsaved) as u64,
             keys_blocked: keys_blocked as u64,
         }

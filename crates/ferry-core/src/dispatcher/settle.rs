@@ -244,6 +244,23 @@ impl Dispatcher {
         });
     }
 
+    /// A message expired before it could be delivered: dead-lettered (reason `expired`) where
+    /// the subscription has a dead-letter channel, otherwise counted and dropped.
+    pub(super) fn expired(&mut self, seq: u64) {
+        self.counts.expired += 1;
+        if self.settings.dead_letter.is_none() {
+            return self.acked(seq);
+        }
+        let failure = self.failures.get(&seq);
+        let give_up = GiveUp {
+            seq,
+            why: "expired",
+            attempts: failure.map_or(0, |f| f.count),
+            reason: failure.map(|f| f.reason.clone()).unwrap_or_default(),
+        };
+        self.unsaved.deferred.push_back(give_up);
+    }
+
     /// Records a failure and schedules the retry for when the record is durable.
     fn retry_after(&mut self, seq: u64, count: u32, wait: Duration, cause: &str, reason: String) {
         let failure = Failure {

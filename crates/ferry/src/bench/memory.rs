@@ -224,8 +224,7 @@ async fn wide_messages(bench: &Bench<'_>, broker: &BrokerChild) -> Result<u64> {
     let message = pb::OutgoingMessage {
         payload: Bytes::from_static(b"wide"),
         attributes,
-        key: String::new(),
-        id: String::new(),
+        ..Default::default()
     };
     let mut publisher = PublisherClient::new(bench.connect().await?);
     // 40 messages of ~90 KiB stay under the default 4 MiB batch limit.
