@@ -47,6 +47,8 @@ pub const DEFAULT_WINDOW: Window = Window {
     max_messages: 1000,
     max_bytes: 10 << 20,
 };
+/// The longest message id (the channel's de-duplication index is keyed by it).
+pub const MAX_ID_BYTES: usize = 256;
 /// The largest window a consumer may ask for, in messages.
 pub const MAX_WINDOW_MESSAGES: u32 = 100_000;
 
@@ -141,6 +143,12 @@ impl Limits {
             }
             if message.attributes.iter().any(|(name, _)| name.is_empty()) {
                 return invalid(format!("message {i} has an attribute with an empty name"));
+            }
+            if message.id.len() > MAX_ID_BYTES {
+                return invalid(format!(
+                    "message {i} has an id of {} bytes; an id may be at most {MAX_ID_BYTES} bytes",
+                    message.id.len()
+                ));
             }
             if message.attributes.get(dead_letter::REDRIVE_FOR).is_some() {
                 return invalid(format!(

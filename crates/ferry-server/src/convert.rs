@@ -214,7 +214,10 @@ pub fn position(p: Option<pb::Position>) -> Result<Point, Status> {
                     "position.time must be a valid time after 1970",
                 ));
             }
-            Point::Time(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+            let ms = (t.seconds as u64)
+                .checked_mul(1000)
+                .ok_or_else(|| Status::invalid_argument("position.time is too far away"))?;
+            Point::Time(ms + t.nanos as u64 / 1_000_000)
         }
     })
 }

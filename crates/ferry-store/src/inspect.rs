@@ -313,7 +313,8 @@ fn read_index(db: &sled::Db) -> Result<Index> {
                 index.orphans.insert(ChannelId(id));
                 true
             }
-            (b'V' | b'I' | b'P', _) => true,
+            // Derived or checked elsewhere: failure records, withdrawn sequences, published ids.
+            (b'V' | b'I' | b'P' | b'F' | b'W' | b'D' | b'E', _) => true,
             _ => false,
         };
         if !ok {

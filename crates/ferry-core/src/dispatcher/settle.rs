@@ -402,6 +402,9 @@ impl Dispatcher {
     /// Counts as acked what was withdrawn from the channel (redriven elsewhere).
     pub(super) fn fold_withdrawn(&mut self) {
         let ranges = self.withdrawn.borrow_and_update().clone();
+        if ranges.is_empty() {
+            return;
+        }
         let floor = self.acks.floor();
         let mut added = 0;
         for &(start, end) in ranges.iter().filter(|(_, end)| *end > floor) {
@@ -516,6 +519,8 @@ impl Dispatcher {
         self.durable_floor = state.floor;
         // Floors that earlier saves report are from before the move.
         self.unsaved.moved_after = self.unsaved.saves;
+        // What was withdrawn still counts as acked.
+        self.fold_withdrawn();
         tracing::info!(subscription = %self.name, floor = state.floor, ?position, "subscription moved");
         Ok(state.floor)
     }

@@ -40,7 +40,7 @@ pub(crate) use checkpoint::DurableFiles;
 pub(crate) use state::{State, Touched, id_of};
 
 /// The most de-duplication ids forgotten at one check.
-const IDS_EXPIRED_PER_CHECK: usize = 50_000;
+const IDS_EXPIRED_PER_CHECK: usize = 500_000;
 /// How often channels that keep messages by age are looked at for what aged out.
 const RETENTION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// A group takes at most this many requests...
@@ -387,8 +387,15 @@ impl Writer {
             if self.commit(batch, &shared, &checkpoints) {
                 break;
             }
-            // Under a steady stream of writes the idle timeout above never fires: keep the
-            // interval's promise here too.
+            // Under a steady stream of writes the idle timeout above never fires: collection by
+            // age and the expiry of ids must still happen.
+            if self
+                .retention_deadline()
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                self.on_timer(&shared, &checkpoints);
+            }
+            // Keep the interval's promise here too.
             if self
                 .sync_deadline()
                 .is_some_and(|deadline| Instant::now() >= deadline)

@@ -2,6 +2,7 @@
 //! (or is refused at once), collection follows the ack floors, and new messages are framed
 //! into records.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -153,10 +154,12 @@ impl Writer {
         let mut kept = Vec::with_capacity(messages.len());
         let mut duplicates = Vec::new();
         let mut remembered = Vec::new();
+        // Into the group only once the whole batch is planned: a refused batch leaves no ids.
+        let mut batch_ids: HashMap<(ChannelId, String), u64> = HashMap::new();
         for (at, message) in messages.into_iter().enumerate() {
             if !message.id.is_empty() {
                 let key = (channel, message.id.clone());
-                let earlier = match group.ids.get(&key) {
+                let earlier = match group.ids.get(&key).or_else(|| batch_ids.get(&key)) {
                     Some(&seq) => Some(seq),
                     None => self
                         .state
@@ -169,12 +172,13 @@ impl Writer {
                     continue;
                 }
                 let seq = first + kept.len() as u64;
-                group.ids.insert(key, seq);
+                batch_ids.insert(key, seq);
                 remembered.push((seq, message.id.clone()));
             }
             kept.push(message);
         }
         let stored = self.plan_append(channel, kept, group)?;
+        group.ids.extend(batch_ids);
         group
             .remember
             .entry(channel)
@@ -433,11 +437,19 @@ impl Writer {
                 .map_or(0, |a| a.acked_total),
             ..self.starting_state(record.channel, position)?
         };
+        // Failure records an earlier save of this group wrote are in its batch, where
+        // ClearFailures (which reads sled) cannot see them: they are dropped here.
         let slot = group.acks_at.get(&subscription).copied();
+        let failures = match slot.map(|at| &group.changes[at]) {
+            Some(Change::SaveAcks { failures, .. }) => {
+                failures.iter().map(|(seq, _)| (*seq, None)).collect()
+            }
+            _ => Vec::new(),
+        };
         let change = Change::SaveAcks {
             id: subscription,
             acks: acks.clone(),
-            failures: Vec::new(),
+            failures,
         };
         let at = self.change(change, group, slot)?;
         group.acks_at.insert(subscription, at);
@@ -613,51 +625,54 @@ impl Writer {
                 continue;
             }
             log.collected_below = below;
+            // With retention, only what has aged out, or what takes the channel past its size,
+            // goes: the scan stops at the first record kept (ages and sizes only grow from
+            // the oldest), so it costs what it collects, not what is retained.
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let mut bytes = record.bytes;
+            let mut kept_from = None;
             let mut doomed: Vec<(u64, sled::IVec, RecordLocation)> = Vec::new();
             for entry in self.db.range(record_key(id, 0)..record_key(id, below)) {
                 let (key, value) = entry?;
-                doomed.push((
-                    codec::parse_record_key(&key)?,
-                    key,
-                    RecordLocation::decode(&value)?,
-                ));
-            }
-            let next_record = match self
-                .db
-                .range(record_key(id, below)..=record_key(id, u64::MAX))
-                .next()
-            {
-                Some(entry) => Some(codec::parse_record_key(&entry?.0)?),
-                None => None,
-            };
-            // The newest record found may reach past `below`: keep it then.
-            let last_ends_below = match next_record {
-                Some(next) => next <= below,
-                None => committed_end <= below,
-            };
-            let mut new_first = next_record.unwrap_or(committed_end);
-            if !last_ends_below && let Some(&(last_first, _, _)) = doomed.last() {
-                doomed.retain(|(first, _, _)| *first != last_first);
-                new_first = last_first;
-            }
-            if retention.keeps() {
-                // Only what has aged out, or what takes the channel past its size, goes.
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                let mut bytes = record.bytes;
-                let keep_from = doomed.iter().position(|(_, _, at)| {
+                let first = codec::parse_record_key(&key)?;
+                let at = RecordLocation::decode(&value)?;
+                if retention.keeps() {
                     let aged = retention.max_age_ms > 0
                         && at.publish_ms.saturating_add(retention.max_age_ms) <= now;
                     let over = retention.max_bytes > 0 && bytes > retention.max_bytes;
+                    if !(aged || over) {
+                        kept_from = Some(first);
+                        break;
+                    }
                     bytes = bytes.saturating_sub(u64::from(at.len));
-                    !(aged || over)
-                });
-                if let Some(keep_from) = keep_from {
-                    new_first = doomed[keep_from].0;
-                    doomed.truncate(keep_from);
-                    // Not collected as far as the floors allow: look again next time.
-                    log.collected_below = 0;
+                }
+                doomed.push((first, key, at));
+            }
+            let mut new_first;
+            if let Some(kept) = kept_from {
+                new_first = kept;
+                // Not collected as far as the floors allow: look again next time.
+                log.collected_below = 0;
+            } else {
+                let next_record = match self
+                    .db
+                    .range(record_key(id, below)..=record_key(id, u64::MAX))
+                    .next()
+                {
+                    Some(entry) => Some(codec::parse_record_key(&entry?.0)?),
+                    None => None,
+                };
+                // The newest record found may reach past `below`: keep it then.
+                let last_ends_below = match next_record {
+                    Some(next) => next <= below,
+                    None => committed_end <= below,
+                };
+                new_first = next_record.unwrap_or(committed_end);
+                if !last_ends_below && let Some(&(last_first, _, _)) = doomed.last() {
+                    doomed.retain(|(first, _, _)| *first != last_first);
+                    new_first = last_first;
                 }
             }
             if doomed.is_empty() {
@@ -716,6 +731,10 @@ impl Writer {
         let mut stored = Vec::with_capacity(group.appends.len());
         for (id, (first, messages)) in std::mem::take(&mut group.appends) {
             let subscribed = self.state.subscribed(id) || self.state.keeps(id);
+            // What it keeps by size may now be over its bound.
+            if self.state.channels[&id].settings.retention.max_bytes > 0 {
+                self.pending_collects.insert(id);
+            }
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
             };
