@@ -331,6 +331,19 @@ async fn check_finds_and_repair_rebuilds_a_lost_index() {
         let payloads = (0..50).map(|i| vec![round.wrapping_add(i); 1024]);
         published.extend(daemon.publish("orders", payloads).await);
     }
+    // Ids too: their de-duplication entries are index entries a check must know.
+    let with_ids = ferry_proto::pb::PublishRequest {
+        channel: "orders".into(),
+        messages: (0..5)
+            .map(|i| ferry_proto::pb::OutgoingMessage {
+                payload: vec![i; 16].into(),
+                id: format!("id-{i}"),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let confirmed = daemon.publisher().await.publish(with_ids).await.unwrap();
+    published.extend(confirmed.into_inner().sequences);
     let (code, text) = ferry_tool("check", &data);
     assert_eq!(
         code, 2,

@@ -648,13 +648,23 @@ impl Writer {
             .is_some_and(|at| Instant::now() >= at)
         {
             self.next_retention_check = Instant::now() + RETENTION_CHECK;
-            let aging: Vec<ChannelId> = self
-                .state
-                .channels
-                .iter()
-                .filter(|(_, c)| c.settings.retention.max_age_ms > 0)
-                .map(|(id, _)| *id)
-                .collect();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            // Only where the oldest stored record has aged out: an idle broker commits (and
+            // syncs) nothing.
+            let aging: Vec<ChannelId> =
+                self.state
+                    .channels
+                    .iter()
+                    .filter(|(_, c)| c.settings.retention.max_age_ms > 0)
+                    .filter(|(id, c)| {
+                        self.first_time(**id).ok().flatten().is_some_and(|t| {
+                            t.saturating_add(c.settings.retention.max_age_ms) <= now
+                        })
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
             // A group of its own only where something may have aged out.
             if !aging.is_empty() {
                 self.pending_collects.extend(aging);

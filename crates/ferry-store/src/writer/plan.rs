@@ -528,7 +528,7 @@ impl Writer {
     }
 
     /// The publish time of the first record still stored in `channel`.
-    fn first_time(&self, channel: ChannelId) -> Result<Option<u64>> {
+    pub(super) fn first_time(&self, channel: ChannelId) -> Result<Option<u64>> {
         match self
             .db
             .range(record_key(channel, 0)..record_key(channel, u64::MAX))
