@@ -503,26 +503,43 @@ impl Writer {
             }
             Position::Sequence(seq) => Ok(seq),
             Position::Time(ms) => {
-                // The records' publish times grow with their sequences.
-                for entry in self
-                    .db
-                    .range(record_key(channel, 0)..record_key(channel, u64::MAX))
-                {
-                    let (key, value) = entry?;
-                    let at = RecordLocation::decode(&value)?;
-                    if at.publish_ms >= ms {
-                        let first_seq = codec::parse_record_key(&key)?;
-                        // Older messages were collected: they may have been after `ms`.
-                        if first_seq == record.first_seq
-                            && record.first_seq > 1
-                            && at.publish_ms > ms
-                        {
-                            return out_of_range(format!("time {ms} ms since the Unix epoch"));
+                // The records' publish times grow with their sequences: bisect the sequences
+                // for the first record published at or after `ms` (a few index lookups, however
+                // long the channel).
+                let record_from = |seq: u64| -> Result<Option<(u64, u64)>> {
+                    match self
+                        .db
+                        .range(record_key(channel, seq)..record_key(channel, u64::MAX))
+                        .next()
+                    {
+                        Some(entry) => {
+                            let (key, value) = entry?;
+                            let at = RecordLocation::decode(&value)?;
+                            Ok(Some((codec::parse_record_key(&key)?, at.publish_ms)))
                         }
-                        return Ok(first_seq.max(first));
+                        None => Ok(None),
+                    }
+                };
+                let (mut lo, mut hi) = (0, record.next_seq);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    match record_from(mid)? {
+                        Some((_, published)) if published < ms => lo = mid + 1,
+                        _ => hi = mid,
                     }
                 }
-                Ok(record.next_seq)
+                match record_from(lo)? {
+                    // Older messages were collected: they may have been after `ms`.
+                    Some((first_seq, published))
+                        if first_seq == record.first_seq
+                            && record.first_seq > 1
+                            && published > ms =>
+                    {
+                        out_of_range(format!("time {ms} ms since the Unix epoch"))
+                    }
+                    Some((first_seq, _)) => Ok(first_seq.max(first)),
+                    None => Ok(record.next_seq),
+                }
             }
         }
     }
