@@ -48,6 +48,10 @@ const EVENT_BYTES: usize = 1 << 20;
 /// The most bytes of messages parked behind their ordering keys that a dispatcher keeps
 /// (at their size in memory); it reads no further ahead until some are released.
 const PARKED_BYTES: usize = 16 << 20;
+/// The most failed messages a dispatcher tracks (each record holds at most 1 KiB of reason
+/// text: about 11 MiB); it reads no further ahead until some are acked or dead-lettered, so a
+/// consumer that fails everything cannot make it hold the whole backlog's failures.
+const MAX_FAILED: usize = 10_000;
 
 /// A request to a dispatcher.
 pub(crate) enum Command {
@@ -538,7 +542,10 @@ impl Dispatcher {
             }
         }
         loop {
-            if self.queue.parked_full() || self.parked_bytes >= PARKED_BYTES {
+            let holding = self.queue.parked_full()
+                || self.parked_bytes >= PARKED_BYTES
+                || self.failures.len() >= MAX_FAILED;
+            if holding {
                 return None;
             }
             let Some(stored) = self.prefetch.pop_front() else {

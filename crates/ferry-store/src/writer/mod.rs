@@ -648,9 +648,7 @@ impl Writer {
             .is_some_and(|at| Instant::now() >= at)
         {
             self.next_retention_check = Instant::now() + RETENTION_CHECK;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now = plan::now_ms();
             // Only where the oldest stored record has aged out: an idle broker commits (and
             // syncs) nothing.
             let aging: Vec<ChannelId> =
@@ -678,21 +676,14 @@ impl Writer {
 
     /// When channels that keep messages by age must next be collected, or ids expired.
     fn retention_deadline(&self) -> Option<Instant> {
-        let aging = self
-            .state
-            .channels
-            .values()
-            .any(|c| c.settings.retention.max_age_ms > 0);
-        (aging || self.ids_to_expire).then_some(self.next_retention_check)
+        (self.state.aging || self.ids_to_expire).then_some(self.next_retention_check)
     }
 
     /// Forgets ids that left their channel's de-duplication window (at most
     /// `IDS_EXPIRED_PER_CHECK` a check, so that a check never holds up commits for long).
     /// Not logged: a replay may bring some back, and a later check forgets them again.
     fn expire_ids(&mut self) -> Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = plan::now_ms();
         let mut batch = sled::Batch::default();
         let mut expired = 0;
         let mut left = false;

@@ -645,9 +645,7 @@ impl Writer {
             // With retention, only what has aged out, or what takes the channel past its size,
             // goes: the scan stops at the first record kept (ages and sizes only grow from
             // the oldest), so it costs what it collects, not what is retained.
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now = now_ms();
             let mut bytes = record.bytes;
             let mut kept_from = None;
             let mut doomed: Vec<(u64, sled::IVec, RecordLocation)> = Vec::new();
@@ -812,7 +810,8 @@ impl Writer {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch now.
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

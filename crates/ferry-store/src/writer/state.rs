@@ -28,6 +28,9 @@ pub(crate) struct State {
     pub next_id: u32,
     /// Channels whose records the log holds but the index lost (see `recovery.rs`).
     pub orphans: HashSet<ChannelId>,
+    /// Whether some channel keeps messages by age (kept up to date by `apply`: the writer asks
+    /// after every commit).
+    pub aging: bool,
     /// Sequences withdrawn from each channel (redriven dead letters), as sorted, disjoint,
     /// non-adjacent ranges `[start, end)`: every subscription counts them as acked.
     pub withdrawn: HashMap<ChannelId, Vec<(u64, u64)>>,
@@ -88,7 +91,15 @@ impl State {
             let ranges = codec::decode_ranges(&mut value.as_ref())?;
             state.withdrawn.insert(ChannelId(id_of(&key)?), ranges);
         }
+        state.refresh_aging();
         Ok(state)
+    }
+
+    fn refresh_aging(&mut self) {
+        self.aging = self
+            .channels
+            .values()
+            .any(|c| c.settings.retention.max_age_ms > 0);
     }
 
     /// Whether `channel` stores what it is sent even with no subscription: it keeps acked
@@ -201,7 +212,10 @@ impl State {
                 self.saw_id(id.0, batch);
                 touched.channels.insert(*id);
             }
-            Change::DeleteChannel { id } => self.delete_channel(db, *id, batch, touched)?,
+            Change::DeleteChannel { id } => {
+                self.delete_channel(db, *id, batch, touched)?;
+                self.refresh_aging();
+            }
             Change::CreateSubscription { id, record, .. }
                 if self.subscriptions.contains_key(id)
                     || !self.channels.contains_key(&record.channel) =>
@@ -282,6 +296,7 @@ impl State {
                     touched.channels.insert(*id);
                     touched.collects.insert(*id);
                 }
+                self.refresh_aging();
             }
             Change::Withdraw { channel, ranges } => {
                 if self.channels.contains_key(channel) {
