@@ -687,3 +687,94 @@ name = "jobs.dead"
     assert_eq!(dead.messages, 0);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn redrive_selects_by_attribute_and_limit_and_bad_requests_are_refused() {
+    let (daemon, _dir) = daemon_with(
+        r#"
+[[channels]]
+name = "orders"
+[[channels.subscriptions]]
+name = "billing"
+max_delivery_attempts = 2
+dead_letter_channel = "orders.dead"
+
+[[channels]]
+name = "orders.dead"
+"#,
+    )
+    .await;
+    let regions = ["eu", "us", "eu", "eu"];
+    let messages = regions
+        .iter()
+        .map(|r| message(r.as_bytes().to_vec(), &[("region", r)], ""))
+        .collect();
+    let mut publisher = daemon.publisher().await;
+    publisher
+        .publish(pb::PublishRequest {
+            channel: "orders".into(),
+            messages,
+        })
+        .await
+        .unwrap();
+    let mut billing = Consumer::attach(&daemon, "orders", "billing", 10).await;
+    let first = billing.take(4).await;
+    for delivery in &first {
+        billing.nack_with(nack(delivery, "no", true)).await;
+    }
+    let mut admin = daemon.admin().await;
+    let redrive = |attributes: &[(&str, &str)], limit| pb::RedriveRequest {
+        channel: "orders.dead".into(),
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        limit,
+        ..Default::default()
+    };
+    let one = admin
+        .redrive(redrive(&[("region", "eu")], 1))
+        .await
+        .unwrap();
+    assert_eq!(one.into_inner().redriven, 1);
+    let back = billing.take(1).await;
+    assert_eq!(attributes(&back[0])["region"], "eu");
+    let rest = admin
+        .redrive(redrive(&[("region", "eu")], 0))
+        .await
+        .unwrap();
+    assert_eq!(rest.into_inner().redriven, 2);
+    let back = billing.take(2).await;
+    assert!(back.iter().all(|d| attributes(d)["region"] == "eu"));
+    let us = admin.redrive(redrive(&[], 0)).await.unwrap().into_inner();
+    assert_eq!(us.redriven, 1, "only the us message was left");
+
+    // An id longer than the index takes, and a nack delay past 24 h, are refused.
+    let long = pb::OutgoingMessage {
+        id: "x".repeat(257),
+        ..message(b"x".to_vec(), &[], "")
+    };
+    let status = publisher
+        .publish(pb::PublishRequest {
+            channel: "orders".into(),
+            messages: vec![long],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("256 bytes"), "{status:?}");
+    let held = billing.take(1).await;
+    billing
+        .send(pb::subscribe_request::Request::Nack(pb::Nack {
+            ack_ids: vec![held[0].ack_id.clone()],
+            delay: Some(prost_types::Duration {
+                seconds: 25 * 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }))
+        .await;
+    let closed = billing.closed().await;
+    assert_eq!(closed.code(), Code::InvalidArgument, "{closed:?}");
+    daemon.stop().await;
+}

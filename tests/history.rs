@@ -401,3 +401,37 @@ name = "quotes.dead"
     assert!(dead.expire_time.is_none(), "a dead letter does not expire");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn channel_settings_change_through_admin() {
+    let daemon = Daemon::start().await;
+    daemon.create("events", &[]).await;
+    let mut admin = daemon.admin().await;
+    let update = |window_s: i64, retention: Option<pb::Retention>| pb::CreateChannelRequest {
+        name: "events".into(),
+        retention,
+        dedup_window: Some(prost_types::Duration {
+            seconds: window_s,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let keep = pb::Retention {
+        max_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let info = admin
+        .update_channel(update(30, Some(keep)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.dedup_window.unwrap().seconds, 30);
+    assert_eq!(info.retention.unwrap().max_bytes, 1 << 20);
+    let too_long = admin
+        .update_channel(update(8 * 86_400, None))
+        .await
+        .unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert!(too_long.message().contains("dedup_window"), "{too_long:?}");
+    daemon.stop().await;
+}
