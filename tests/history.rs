@@ -435,3 +435,117 @@ async fn channel_settings_change_through_admin() {
     assert!(too_long.message().contains("dedup_window"), "{too_long:?}");
     daemon.stop().await;
 }
+
+fn delayed(payload: &str, delay_ms: u64, id: &str) -> pb::OutgoingMessage {
+    pb::OutgoingMessage {
+        payload: payload.as_bytes().to_vec().into(),
+        id: id.into(),
+        delay: Some(prost_types::Duration {
+            seconds: (delay_ms / 1000) as i64,
+            nanos: (delay_ms % 1000 * 1_000_000) as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn delayed_messages_wait_without_holding_others_up_and_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(dir.path(), "");
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    daemon.create("events", &[("all", 30_000)]).await;
+    let mut publisher = daemon.publisher().await;
+    let published_at = std::time::SystemTime::now();
+    let request = pb::PublishRequest {
+        channel: "events".into(),
+        messages: vec![
+            delayed("in 1.5 s", 1500, ""),
+            common::message(b"now".to_vec(), &[], ""),
+            delayed("in 6 s", 6000, "late"),
+        ],
+    };
+    let response = publisher.publish(request).await.unwrap().into_inner();
+    assert_eq!(response.sequences, [0, 1, 0]);
+    assert_eq!(response.delayed, [true, false, true]);
+    // A retried publish of a delayed message is its duplicate, not a second copy.
+    let retried = pb::PublishRequest {
+        channel: "events".into(),
+        messages: vec![delayed("in 6 s", 6000, "late")],
+    };
+    let again = publisher.publish(retried).await.unwrap().into_inner();
+    assert_eq!((again.sequences, again.duplicate), (vec![0], vec![true]));
+
+    let mut consumer = Consumer::attach(&daemon, "events", "all", 100).await;
+    let first = consumer.take_for(Duration::from_millis(800)).await;
+    assert_eq!(
+        sequences(&first),
+        [1],
+        "the undelayed message does not wait"
+    );
+    consumer.ack(ack_ids(&first)).await;
+    let soon = consumer.take(1).await;
+    let waited = published_at.elapsed().unwrap();
+    assert_eq!(&soon[0].message.as_ref().unwrap().payload[..], b"in 1.5 s");
+    assert!(waited >= Duration::from_millis(1500), "early: {waited:?}");
+    let message = soon[0].message.as_ref().unwrap();
+    assert_eq!(message.sequence, 2);
+    let (due, entered) = (message.deliver_time.unwrap(), message.publish_time.unwrap());
+    let late_ms =
+        (entered.seconds - due.seconds) * 1000 + i64::from(entered.nanos - due.nanos) / 1_000_000;
+    assert!(
+        (0..1000).contains(&late_ms),
+        "entered {late_ms} ms after it was due"
+    );
+    consumer.ack(ack_ids(&soon)).await;
+    let mut admin = daemon.admin().await;
+    let info = admin
+        .get_channel(pb::GetChannelRequest {
+            name: "events".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.delayed, info.next_sequence), (1, 3));
+    assert!(info.delayed_bytes > 0);
+    drop(consumer);
+    daemon.kill().await;
+
+    // Still kept aside after the crash, and delivered when due.
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let mut consumer = Consumer::attach(&daemon, "events", "all", 100).await;
+    let late = consumer.take(1).await;
+    let waited = published_at.elapsed().unwrap();
+    assert!(waited >= Duration::from_secs(6), "early: {waited:?}");
+    let message = late[0].message.as_ref().unwrap();
+    assert_eq!(
+        (&message.payload[..], message.id.as_str()),
+        (&b"in 6 s"[..], "late")
+    );
+    assert_eq!(message.sequence, 3);
+    consumer.ack(ack_ids(&late)).await;
+    assert!(
+        consumer
+            .take_for(Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+
+    // Bad input is refused with what to fix.
+    let mut publisher = daemon.publisher().await;
+    let mut both = delayed("x", 1000, "");
+    both.deliver_time = Some(prost_types::Timestamp::default());
+    let mut reserved = common::message(b"x".to_vec(), &[("ferry.deliver_at", "1")], "");
+    reserved.key.clear();
+    for (message, expected) in [(both, "not both"), (reserved, "reserved")] {
+        let refused = publisher
+            .publish(pb::PublishRequest {
+                channel: "events".into(),
+                messages: vec![message],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains(expected), "{refused:?}");
+    }
+    daemon.stop().await;
+}

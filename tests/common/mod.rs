@@ -301,8 +301,7 @@ pub fn message(payload: Vec<u8>, attributes: &[(&str, &str)], key: &str) -> pb::
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         key: key.into(),
-        id: String::new(),
-        ttl: None,
+        ..Default::default()
     }
 }
 

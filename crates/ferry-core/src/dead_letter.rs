@@ -39,6 +39,18 @@ pub const REDRIVE_FOR: &str = "ferry.redrive.for";
 /// channel's default) when it is published. An expired message is not delivered.
 pub const EXPIRE_AT: &str = "ferry.expire_at";
 
+pub use ferry_store::DELIVER_AT;
+
+/// When a message to publish is due (0: at once).
+pub fn due(message: &NewMessage) -> u64 {
+    match message.attributes.is_empty() {
+        true => 0,
+        false => (message.attributes.get(DELIVER_AT))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
 /// When `message` expires, if it does.
 pub(crate) fn expire_at(message: &Message) -> Option<u64> {
     if message.attributes.is_empty() {
@@ -59,11 +71,11 @@ pub(crate) struct Provenance<'a> {
 
 /// The dead-lettered copy of `message` (as it was delivered).
 pub(crate) fn dead_letter(message: &Message, from: &Provenance<'_>) -> NewMessage {
-    // A dead letter does not expire: it waits for an operator.
+    // A dead letter does not expire, nor wait again: it waits for an operator.
     let mut attributes: Vec<(String, String)> = message
         .attributes
         .iter()
-        .filter(|(name, _)| !name.starts_with(PREFIX) && *name != EXPIRE_AT)
+        .filter(|(name, _)| !name.starts_with(PREFIX) && ![EXPIRE_AT, DELIVER_AT].contains(name))
         .map(|(n, v)| (n.to_owned(), v.to_owned()))
         .collect();
     attributes.extend([

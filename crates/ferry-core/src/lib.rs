@@ -484,6 +484,10 @@ pub struct ChannelInfo {
     pub settings: ChannelSettings,
     /// Bytes of messages every subscription has acked, kept only by retention.
     pub retained_bytes: u64,
+    /// Delayed messages stored aside until they are due.
+    pub delayed: u64,
+    /// Their bytes.
+    pub delayed_bytes: u64,
     /// Its subscriptions, by name.
     pub subscriptions: Vec<SubscriptionStats>,
 }

@@ -465,6 +465,7 @@ impl Config {
                         .dedup_window
                         .map_or(DEFAULT_DEDUP_WINDOW_MS, |d| d.0.as_millis() as u64),
                     default_ttl_ms: c.ttl.map_or(0, |d| d.0.as_millis() as u64),
+                    limits: Default::default(),
                 },
                 subscriptions: c
                     .subscriptions

@@ -4,7 +4,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ferry_core::dead_letter::EXPIRE_AT;
+use ferry_core::dead_letter::{DELIVER_AT, EXPIRE_AT};
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
     AckOutcome, AckResult, Appended, Attributes, ChannelInfo, ChannelSettings,
@@ -19,15 +19,28 @@ const MAX_TTL_MS: u64 = 100 * 365 * 86_400_000;
 
 pub fn new_message(m: pb::OutgoingMessage) -> Result<NewMessage, Status> {
     let mut attributes: Vec<(String, String)> = m.attributes.into_iter().collect();
+    if let Some((name, _)) = attributes
+        .iter()
+        .find(|(name, _)| name == EXPIRE_AT || name == DELIVER_AT)
+    {
+        return Err(Status::invalid_argument(format!(
+            "the attribute {name:?} is reserved: set the message's ttl, deliver_time or delay instead"
+        )));
+    }
+    let now = UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64);
+    let due = deliver_at(m.deliver_time, m.delay, now)?;
+    if let Some(due) = due {
+        attributes.push((DELIVER_AT.to_owned(), due.to_string()));
+    }
     if let Some(ttl) = millis("ttl", m.ttl)? {
         if !(1..=MAX_TTL_MS).contains(&ttl) {
             return Err(Status::invalid_argument(format!(
                 "ttl is {ttl} ms: it must be from 1 ms to 100 years"
             )));
         }
-        let now = UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64);
-        attributes.retain(|(name, _)| name != EXPIRE_AT);
-        attributes.push((EXPIRE_AT.to_owned(), (now + ttl).to_string()));
+        // A delayed message's time to live starts when it is due.
+        let from = due.unwrap_or(now).max(now);
+        attributes.push((EXPIRE_AT.to_owned(), (from + ttl).to_string()));
     }
     Ok(NewMessage {
         // The decoded payload is a slice of the request's receive buffer; a cached message must
@@ -39,15 +52,52 @@ pub fn new_message(m: pb::OutgoingMessage) -> Result<NewMessage, Status> {
     })
 }
 
+/// When a message to publish is due, from its `deliver_time` or `delay` (`None`: at once).
+fn deliver_at(
+    at: Option<prost_types::Timestamp>,
+    delay: Option<prost_types::Duration>,
+    now: u64,
+) -> Result<Option<u64>, Status> {
+    let due = match (at, millis("delay", delay)?) {
+        (Some(_), Some(_)) => {
+            return Err(Status::invalid_argument(
+                "a message may set deliver_time or delay, not both",
+            ));
+        }
+        (Some(at), None) => {
+            if at.seconds < 0 || !(0..1_000_000_000).contains(&at.nanos) {
+                return Err(Status::invalid_argument(
+                    "deliver_time must be a valid time after 1970",
+                ));
+            }
+            at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
+        }
+        (None, Some(delay)) => now.saturating_add(delay),
+        (None, None) => return Ok(None),
+    };
+    if due > now.saturating_add(MAX_TTL_MS) {
+        return Err(Status::invalid_argument(format!(
+            "the message is due {} ms from now: at most 100 years ahead",
+            due - now
+        )));
+    }
+    Ok((due > now).then_some(due))
+}
+
 pub fn message(m: &Message) -> pb::Message {
-    let expire_at = m.attributes.get(EXPIRE_AT).and_then(|t| t.parse().ok());
+    let time = |name: &str| {
+        (m.attributes.get(name))
+            .and_then(|t| t.parse().ok())
+            .map(timestamp)
+    };
     pb::Message {
-        expire_time: expire_at.map(timestamp),
+        expire_time: time(EXPIRE_AT),
+        deliver_time: time(DELIVER_AT),
         payload: m.payload.clone(),
         attributes: m
             .attributes
             .iter()
-            .filter(|(name, _)| *name != EXPIRE_AT)
+            .filter(|(name, _)| *name != EXPIRE_AT && *name != DELIVER_AT)
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect(),
         key: m.key.clone(),
@@ -166,6 +216,7 @@ pub fn channel_settings(request: &pb::CreateChannelRequest) -> Result<ChannelSet
         dedup_window_ms: millis("dedup_window", request.dedup_window)?
             .unwrap_or(DEFAULT_DEDUP_WINDOW_MS),
         default_ttl_ms: millis("default_ttl", request.default_ttl)?.unwrap_or(0),
+        limits: Default::default(),
     })
 }
 
@@ -179,9 +230,17 @@ pub fn published(appended: &Appended) -> pb::PublishResponse {
             duplicate[at] = true;
         }
     }
+    let mut delayed = Vec::new();
+    if !appended.delayed.is_empty() {
+        delayed = vec![false; sequences.len()];
+        for &at in &appended.delayed {
+            delayed[at] = true;
+        }
+    }
     pb::PublishResponse {
         sequences,
         duplicate,
+        delayed,
     }
 }
 
@@ -279,6 +338,8 @@ pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
         default_ttl: (c.settings.default_ttl_ms > 0)
             .then(|| duration(Duration::from_millis(c.settings.default_ttl_ms))),
         retained_bytes: c.retained_bytes,
+        delayed: c.delayed,
+        delayed_bytes: c.delayed_bytes,
         messages: c.messages,
         bytes: c.bytes,
         next_sequence: c.next_sequence,

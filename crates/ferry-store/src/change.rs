@@ -63,6 +63,18 @@ pub(crate) enum Change {
     /// Messages of a channel nobody subscribes to got their sequences without being stored:
     /// the channel's log is empty and continues at `next_seq`.
     Skipped { channel: ChannelId, next_seq: u64 },
+    /// A message is kept aside until `due_ms` (its body is one message as a record holds it).
+    Delay {
+        channel: ChannelId,
+        due_ms: u64,
+        number: u64,
+        body: Vec<u8>,
+    },
+    /// Delayed messages (due, number, body length) entered the channel in this commit.
+    Undelay {
+        channel: ChannelId,
+        entries: Vec<(u64, u64, u32)>,
+    },
 }
 
 const CREATE_CHANNEL: u8 = 1;
@@ -80,6 +92,10 @@ const WITHDRAW: u8 = 10;
 const UPDATE_CHANNEL: u8 = 11;
 const CLEAR_FAILURES: u8 = 12;
 const IDS: u8 = 13;
+/// Since channel limits: the whole settings.
+const UPDATE_CHANNEL_2: u8 = 14;
+const DELAY: u8 = 15;
+const UNDELAY: u8 = 16;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -146,12 +162,31 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 }
             }
             Change::UpdateChannel { id, settings } => {
-                out.put_u8(UPDATE_CHANNEL);
+                out.put_u8(UPDATE_CHANNEL_2);
                 out.put_u32_le(id.0);
-                out.put_u64_le(settings.retention.max_age_ms);
-                out.put_u64_le(settings.retention.max_bytes);
-                out.put_u64_le(settings.dedup_window_ms);
-                out.put_u64_le(settings.default_ttl_ms);
+                codec::encode_channel_settings(settings, out);
+            }
+            Change::Delay {
+                channel,
+                due_ms,
+                number,
+                body,
+            } => {
+                out.put_u8(DELAY);
+                out.put_u32_le(channel.0);
+                out.put_u64_le(*due_ms);
+                out.put_u64_le(*number);
+                put_bytes(out, body);
+            }
+            Change::Undelay { channel, entries } => {
+                out.put_u8(UNDELAY);
+                out.put_u32_le(channel.0);
+                out.put_u32_le(entries.len() as u32);
+                for (due, number, len) in entries {
+                    out.put_u64_le(*due);
+                    out.put_u64_le(*number);
+                    out.put_u32_le(*len);
+                }
             }
             Change::Withdraw { channel, ranges } => {
                 out.put_u8(WITHDRAW);
@@ -261,8 +296,37 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                     },
                     dedup_window_ms: get_u64(&mut raw).ok_or_else(|| bad("window"))?,
                     default_ttl_ms: get_u64(&mut raw).ok_or_else(|| bad("ttl"))?,
+                    ..ChannelSettings::default()
                 },
             },
+            UPDATE_CHANNEL_2 => Change::UpdateChannel {
+                id: ChannelId(id),
+                settings: codec::decode_channel_settings(&mut raw)
+                    .ok_or_else(|| bad("channel settings"))?,
+            },
+            DELAY => Change::Delay {
+                channel: ChannelId(id),
+                due_ms: get_u64(&mut raw).ok_or_else(|| bad("due time"))?,
+                number: get_u64(&mut raw).ok_or_else(|| bad("delayed number"))?,
+                body: get_bytes(&mut raw)
+                    .ok_or_else(|| bad("delayed message"))?
+                    .to_vec(),
+            },
+            UNDELAY => {
+                let n = get_u32(&mut raw).ok_or_else(|| bad("delayed count"))? as usize;
+                // Every entry takes twenty bytes.
+                let mut entries = Vec::with_capacity(n.min(raw.len() / 20));
+                for _ in 0..n {
+                    let due = get_u64(&mut raw).ok_or_else(|| bad("due time"))?;
+                    let number = get_u64(&mut raw).ok_or_else(|| bad("delayed number"))?;
+                    let len = get_u32(&mut raw).ok_or_else(|| bad("delayed length"))?;
+                    entries.push((due, number, len));
+                }
+                Change::Undelay {
+                    channel: ChannelId(id),
+                    entries,
+                }
+            }
             WITHDRAW => Change::Withdraw {
                 channel: ChannelId(id),
                 ranges: codec::decode_ranges(&mut raw)?,
@@ -323,6 +387,7 @@ fn get_u64(raw: &mut &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ChannelLimits, LimitPolicy};
 
     #[test]
     fn changes_round_trip() {
@@ -398,7 +463,22 @@ mod tests {
                     },
                     dedup_window_ms: 60_000,
                     default_ttl_ms: 3_600_000,
+                    limits: ChannelLimits {
+                        max_messages: 1000,
+                        max_bytes: 1 << 20,
+                        policy: LimitPolicy::DropOldest,
+                    },
                 },
+            },
+            Change::Delay {
+                channel: ChannelId(3),
+                due_ms: 1_795_833_296_789,
+                number: 7,
+                body: b"one message".to_vec(),
+            },
+            Change::Undelay {
+                channel: ChannelId(3),
+                entries: vec![(1_795_833_296_789, 7, 11), (1_795_833_296_790, 8, 40)],
             },
             Change::Skipped {
                 channel: ChannelId(3),

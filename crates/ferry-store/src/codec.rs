@@ -19,6 +19,7 @@
 //! | `W` channel(u32) | sequences withdrawn from the channel (redriven dead letters) |
 //! | `D` channel(u32) id | a published id's sequence and publish time (de-duplication) |
 //! | `E` channel(u32) time(u64) seq(u64) | the same id, in time order, for its expiry |
+//! | `T` channel(u32) due(u64) number(u64) | a delayed message (a one-message record body) |
 //!
 //! The message records themselves are appended to segment files (see `segment.rs`), not to
 //! sled: sled stores large values by rewriting whole tree pages, which costs CPU, memory and
@@ -33,8 +34,8 @@ use bytes::{Buf, BufMut, Bytes};
 
 use crate::message::AttributesBuilder;
 use crate::{
-    AckState, Attributes, ChannelId, ChannelSettings, Failure, Message, NewMessage, Retention,
-    RetryPolicy, StoreError, SubscriptionId, SubscriptionSettings,
+    AckState, Attributes, ChannelId, ChannelLimits, ChannelSettings, Failure, LimitPolicy, Message,
+    NewMessage, Retention, RetryPolicy, StoreError, SubscriptionId, SubscriptionSettings,
 };
 
 /// The version of this layout, stored under `V`. Older stores open too and are upgraded in
@@ -439,23 +440,46 @@ pub(crate) struct ChannelRecord {
     pub bytes: u64,
     /// Its settings.
     pub settings: ChannelSettings,
+    /// Messages stored aside until their delivery time.
+    pub delayed: u64,
+    /// Their encoded bytes.
+    pub delayed_bytes: u64,
+    /// The number the next delayed message's key gets (unique within the channel).
+    pub next_delayed: u64,
 }
 
 /// A channel record's settings follow this tag (older records end before it: the defaults).
 const CHANNEL_V3: u8 = 3;
+/// Since delayed messages and limits: the whole settings, then the delayed messages' figures.
+const CHANNEL_V4: u8 = 4;
+const CHANNEL_SETTINGS_LEN: usize = 8 * 6 + 1;
 
 impl ChannelRecord {
+    /// A new channel's record, its log starting at `first_seq`.
+    pub fn new(name: String, first_seq: u64) -> Self {
+        Self {
+            name,
+            next_seq: first_seq,
+            first_seq,
+            bytes: 0,
+            settings: ChannelSettings::default(),
+            delayed: 0,
+            delayed_bytes: 0,
+            next_delayed: 0,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(56 + self.name.len());
         put_str(&mut out, &self.name);
         out.put_u64_le(self.next_seq);
         out.put_u64_le(self.first_seq);
         out.put_u64_le(self.bytes);
-        out.put_u8(CHANNEL_V3);
-        out.put_u64_le(self.settings.retention.max_age_ms);
-        out.put_u64_le(self.settings.retention.max_bytes);
-        out.put_u64_le(self.settings.dedup_window_ms);
-        out.put_u64_le(self.settings.default_ttl_ms);
+        out.put_u8(CHANNEL_V4);
+        encode_channel_settings(&self.settings, &mut out);
+        out.put_u64_le(self.delayed);
+        out.put_u64_le(self.delayed_bytes);
+        out.put_u64_le(self.next_delayed);
         out
     }
 
@@ -466,26 +490,127 @@ impl ChannelRecord {
             return Err(bad());
         }
         let (next_seq, first_seq, bytes) = (raw.get_u64_le(), raw.get_u64_le(), raw.get_u64_le());
-        let settings = match raw.remaining() {
-            0 => ChannelSettings::default(),
-            33 if raw.get_u8() == CHANNEL_V3 => ChannelSettings {
-                retention: Retention {
-                    max_age_ms: raw.get_u64_le(),
-                    max_bytes: raw.get_u64_le(),
-                },
-                dedup_window_ms: raw.get_u64_le(),
-                default_ttl_ms: raw.get_u64_le(),
-            },
-            _ => return Err(bad()),
-        };
-        Ok(Self {
-            name,
+        let mut record = Self {
             next_seq,
-            first_seq,
             bytes,
-            settings,
-        })
+            ..Self::new(name, first_seq)
+        };
+        match raw.remaining() {
+            0 => {}
+            33 if raw.get_u8() == CHANNEL_V3 => {
+                record.settings = ChannelSettings {
+                    retention: Retention {
+                        max_age_ms: raw.get_u64_le(),
+                        max_bytes: raw.get_u64_le(),
+                    },
+                    dedup_window_ms: raw.get_u64_le(),
+                    default_ttl_ms: raw.get_u64_le(),
+                    ..ChannelSettings::default()
+                };
+            }
+            n if n == 1 + CHANNEL_SETTINGS_LEN + 24 && raw.get_u8() == CHANNEL_V4 => {
+                record.settings = decode_channel_settings(&mut raw).ok_or_else(bad)?;
+                record.delayed = raw.get_u64_le();
+                record.delayed_bytes = raw.get_u64_le();
+                record.next_delayed = raw.get_u64_le();
+            }
+            _ => return Err(bad()),
+        }
+        Ok(record)
     }
+}
+
+/// Appends a channel's settings (`CHANNEL_SETTINGS_LEN` bytes).
+pub(crate) fn encode_channel_settings(settings: &ChannelSettings, out: &mut Vec<u8>) {
+    out.put_u64_le(settings.retention.max_age_ms);
+    out.put_u64_le(settings.retention.max_bytes);
+    out.put_u64_le(settings.dedup_window_ms);
+    out.put_u64_le(settings.default_ttl_ms);
+    out.put_u64_le(settings.limits.max_messages);
+    out.put_u64_le(settings.limits.max_bytes);
+    out.put_u8(match settings.limits.policy {
+        LimitPolicy::Reject => 0,
+        LimitPolicy::DropOldest => 1,
+    });
+}
+
+/// Reads what [`encode_channel_settings`] wrote.
+pub(crate) fn decode_channel_settings(raw: &mut &[u8]) -> Option<ChannelSettings> {
+    if raw.remaining() < CHANNEL_SETTINGS_LEN {
+        return None;
+    }
+    Some(ChannelSettings {
+        retention: Retention {
+            max_age_ms: raw.get_u64_le(),
+            max_bytes: raw.get_u64_le(),
+        },
+        dedup_window_ms: raw.get_u64_le(),
+        default_ttl_ms: raw.get_u64_le(),
+        limits: ChannelLimits {
+            max_messages: raw.get_u64_le(),
+            max_bytes: raw.get_u64_le(),
+            policy: match raw.get_u8() {
+                0 => LimitPolicy::Reject,
+                1 => LimitPolicy::DropOldest,
+                _ => return None,
+            },
+        },
+    })
+}
+
+/// The key of a delayed message of `channel`, due at `due_ms`.
+pub(crate) fn delayed_key(channel: ChannelId, due_ms: u64, number: u64) -> [u8; 21] {
+    let mut key = [0; 21];
+    key[0] = b'T';
+    key[1..5].copy_from_slice(&channel.0.to_be_bytes());
+    key[5..13].copy_from_slice(&due_ms.to_be_bytes());
+    key[13..].copy_from_slice(&number.to_be_bytes());
+    key
+}
+
+/// Where a delayed message's key says it is due, and its number.
+pub(crate) fn parse_delayed_key(key: &[u8]) -> Result<(u64, u64), StoreError> {
+    match key {
+        [b'T', _, _, _, _, due @ ..] if due.len() == 16 => Ok((
+            u64::from_be_bytes(due[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(due[8..].try_into().expect("8 bytes")),
+        )),
+        _ => Err(StoreError::Corrupt(format!(
+            "bad delayed message key {key:?}"
+        ))),
+    }
+}
+
+/// The delayed messages of `channel`, soonest due first.
+pub(crate) fn delayed_prefix(channel: ChannelId) -> [u8; 5] {
+    let mut key = [0; 5];
+    key[0] = b'T';
+    key[1..].copy_from_slice(&channel.0.to_be_bytes());
+    key
+}
+
+/// Decodes a delayed message's value (a record body of one message) back into what was
+/// published.
+pub(crate) fn decode_delayed(body: &[u8]) -> Result<NewMessage, StoreError> {
+    let bad = || StoreError::Corrupt("bad delayed message".into());
+    let mut cursor = body;
+    if cursor.remaining() < 8 {
+        return Err(bad());
+    }
+    cursor.advance(8);
+    let key = get_str(&mut cursor).ok_or_else(bad)?;
+    let id = get_str(&mut cursor).ok_or_else(bad)?;
+    let attributes = get_attributes(&mut cursor).ok_or_else(bad)?;
+    let payload = get_slice(&mut cursor).ok_or_else(bad)?;
+    if cursor.has_remaining() {
+        return Err(bad());
+    }
+    Ok(NewMessage {
+        payload: Bytes::copy_from_slice(payload),
+        attributes,
+        key: key.to_owned(),
+        id: id.to_owned(),
+    })
 }
 
 /// The persisted part of a subscription.
@@ -628,6 +753,14 @@ pub(crate) fn id_time_key(channel: ChannelId, publish_ms: u64, seq: u64) -> [u8;
     key[5..13].copy_from_slice(&publish_ms.to_be_bytes());
     key[13..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The publish time an `E` key names.
+pub(crate) fn parse_id_time_key(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(5..13)
+        .filter(|_| key.len() == 21)
+        .map(|t| u64::from_be_bytes(t.try_into().expect("8 bytes")))
+        .ok_or_else(|| StoreError::Corrupt(format!("bad de-duplication time key {key:?}")))
 }
 
 /// A commit's (sequence, id) pairs, as an `E` value holds them.

@@ -61,6 +61,8 @@ struct Index {
     usage: BTreeMap<u32, SegmentUsage>,
     /// Channels the index lost while the log kept their records.
     orphans: BTreeSet<ChannelId>,
+    /// Delayed messages: (channel, due, number) and the message.
+    delayed: BTreeMap<(ChannelId, u64, u64), Vec<u8>>,
     /// Entries that could not be decoded.
     unreadable: Vec<String>,
 }
@@ -313,6 +315,11 @@ fn read_index(db: &sled::Db) -> Result<Index> {
                 index.orphans.insert(ChannelId(id));
                 true
             }
+            (b'T', Some(id)) => codec::parse_delayed_key(&key)
+                .map(|(due, number)| {
+                    (index.delayed).insert((ChannelId(id), due, number), value.to_vec())
+                })
+                .is_ok(),
             // Derived or checked elsewhere: failure records, withdrawn sequences, published ids.
             (b'V' | b'I' | b'P' | b'F' | b'W' | b'D' | b'E', _) => true,
             _ => false,
@@ -438,22 +445,36 @@ fn apply_change(index: &mut Index, change: &Change) {
     match change {
         Change::CreateChannel { id, .. } if index.channels.contains_key(id) => {}
         Change::CreateChannel { id, name } => {
-            index.channels.insert(
-                *id,
-                ChannelRecord {
-                    name: name.clone(),
-                    next_seq: 1,
-                    first_seq: 1,
-                    bytes: 0,
-                    settings: Default::default(),
-                },
-            );
+            index
+                .channels
+                .insert(*id, ChannelRecord::new(name.clone(), 1));
             index.next_id = index.next_id.max(id.0.saturating_add(1));
         }
         Change::DeleteChannel { id } => {
             index.channels.remove(id);
             index.subscriptions.retain(|_, (s, _)| s.channel != *id);
             index.records.retain(|(channel, _), _| channel != id);
+            index.delayed.retain(|(channel, _, _), _| channel != id);
+        }
+        Change::UpdateChannel { id, settings } => {
+            if let Some(record) = index.channels.get_mut(id) {
+                record.settings = *settings;
+            }
+        }
+        Change::Delay {
+            channel,
+            due_ms,
+            number,
+            body,
+        } => {
+            if index.channels.contains_key(channel) {
+                (index.delayed).insert((*channel, *due_ms, *number), body.clone());
+            }
+        }
+        Change::Undelay { channel, entries } => {
+            for (due, number, _) in entries {
+                index.delayed.remove(&(*channel, *due, *number));
+            }
         }
         Change::CreateSubscription { id, record, acks } => {
             index
@@ -470,11 +491,8 @@ fn apply_change(index: &mut Index, change: &Change) {
             index.subscriptions.remove(id);
         }
         // What a check compares does not depend on failure records, withdrawn sequences or
-        // retention.
-        Change::Withdraw { .. }
-        | Change::UpdateChannel { .. }
-        | Change::ClearFailures { .. }
-        | Change::Ids { .. } => {}
+        // published ids.
+        Change::Withdraw { .. } | Change::ClearFailures { .. } | Change::Ids { .. } => {}
         Change::SaveAcks { id, acks, .. } => {
             if let Some((_, state)) = index.subscriptions.get_mut(id) {
                 *state = Some(acks.clone());
@@ -645,16 +663,9 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
     }
     for (channel, first) in unknown {
         let name = format!("recovered.channel-{}", channel.0);
-        index.channels.insert(
-            channel,
-            ChannelRecord {
-                name: name.clone(),
-                next_seq: first,
-                first_seq: first,
-                bytes: 0,
-                settings: Default::default(),
-            },
-        );
+        index
+            .channels
+            .insert(channel, ChannelRecord::new(name.clone(), first));
         let sub = SubscriptionId(next_id);
         next_id += 1;
         index.subscriptions.insert(
@@ -705,6 +716,18 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
         use_.records += 1;
         use_.bytes += f.len;
         indexed += 1;
+    }
+    for channel in index.channels.values_mut() {
+        (channel.delayed, channel.delayed_bytes) = (0, 0);
+    }
+    for (&(id, due, number), body) in &index.delayed {
+        let Some(channel) = index.channels.get_mut(&id) else {
+            continue;
+        };
+        batch.insert(&codec::delayed_key(id, due, number), body.as_slice());
+        channel.delayed += 1;
+        channel.delayed_bytes += body.len() as u64;
+        channel.next_delayed = channel.next_delayed.max(number + 1);
     }
     for (id, channel) in &index.channels {
         batch.insert(&codec::channel_key(*id), channel.encode());

@@ -188,6 +188,38 @@ pub struct ChannelSettings {
     pub dedup_window_ms: u64,
     /// A message published without its own time to live gets this one (0: none).
     pub default_ttl_ms: u64,
+    /// How much the channel may hold, and what happens when it is full.
+    pub limits: ChannelLimits,
+}
+
+/// The most a channel may store (zeros: no limit). Messages kept only by retention count and
+/// are the first to go; the policy applies once unacked (and delayed) messages alone reach a
+/// limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelLimits {
+    /// Messages stored (0: no limit).
+    pub max_messages: u64,
+    /// Bytes stored, as the messages count against size limits (0: no limit).
+    pub max_bytes: u64,
+    /// What a publish that would go past a limit does.
+    pub policy: LimitPolicy,
+}
+
+impl ChannelLimits {
+    /// Whether the channel has a limit at all.
+    pub fn any(&self) -> bool {
+        self.max_messages > 0 || self.max_bytes > 0
+    }
+}
+
+/// What a full channel does with a new message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LimitPolicy {
+    /// The publish is refused.
+    #[default]
+    Reject,
+    /// The oldest unacked messages are dropped to make room.
+    DropOldest,
 }
 
 /// What an append did.
@@ -196,20 +228,31 @@ pub struct Appended {
     /// The sequences the stored messages got, in the order given.
     pub stored: Range<u64>,
     /// The messages not stored because the channel stored their `id` within its
-    /// de-duplication window: their index in the batch, and the original's sequence.
+    /// de-duplication window: their index in the batch, and the original's sequence (0 for a
+    /// delayed original).
     pub duplicates: Vec<(usize, u64)>,
+    /// The messages kept aside until their delivery time (see [`DELIVER_AT`]): their index in
+    /// the batch. They get their sequences when they enter the channel.
+    pub delayed: Vec<usize>,
 }
 
 impl Appended {
-    /// Each message's sequence, in the order given (a duplicate's is its original's).
+    /// Each message's sequence, in the order given (a duplicate's is its original's; a
+    /// delayed message's is 0).
     pub fn sequences(&self) -> Vec<u64> {
-        let total = self.stored.end - self.stored.start + self.duplicates.len() as u64;
+        let total = self.stored.end - self.stored.start
+            + self.duplicates.len() as u64
+            + self.delayed.len() as u64;
         let mut next = self.stored.start;
         let mut duplicates = self.duplicates.iter().peekable();
+        let mut delayed = self.delayed.iter().peekable();
         (0..total as usize)
-            .map(|i| match duplicates.next_if(|(at, _)| *at == i) {
-                Some((_, original)) => *original,
-                None => {
+            .map(|i| {
+                if let Some((_, original)) = duplicates.next_if(|(at, _)| *at == i) {
+                    *original
+                } else if delayed.next_if(|&&at| at == i).is_some() {
+                    0
+                } else {
                     next += 1;
                     next - 1
                 }
@@ -217,6 +260,12 @@ impl Appended {
             .collect()
     }
 }
+
+/// The attribute that delays a message: the time (ms since the Unix epoch) before which it
+/// must not be delivered. A published message whose time is still ahead is stored aside, at
+/// once and durably, and enters its channel (getting its sequence and publish time) when the
+/// time comes; it keeps the attribute, so consumers see when it was due.
+pub const DELIVER_AT: &str = "ferry.deliver_at";
 
 /// The de-duplication window of a channel that does not set one.
 pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 120_000;
@@ -227,6 +276,7 @@ impl Default for ChannelSettings {
             retention: Retention::default(),
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
             default_ttl_ms: 0,
+            limits: ChannelLimits::default(),
         }
     }
 }
@@ -510,6 +560,10 @@ pub struct ChannelStats {
     pub first_seq: u64,
     /// Encoded bytes of the records still stored.
     pub bytes: u64,
+    /// Messages stored aside until their delivery time.
+    pub delayed: u64,
+    /// Their encoded bytes.
+    pub delayed_bytes: u64,
 }
 
 /// How many write requests may wait for the writer before callers wait to enqueue.

@@ -1074,3 +1074,79 @@ async fn published_ids_are_stored_once_within_the_window_even_after_a_replay() {
     assert!(later.duplicates.is_empty(), "{later:?}");
     shut(store).await;
 }
+
+fn delayed(payload: &'static str, due_ms: u64, id: &str) -> NewMessage {
+    NewMessage {
+        payload: Bytes::from_static(payload.as_bytes()),
+        attributes: Attributes::from_pairs([(DELIVER_AT, due_ms.to_string())]),
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn delayed_messages_enter_their_channel_when_due_even_after_a_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let orders = store
+        .create_channel("orders".into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    subscribe(&store, orders, "all").await;
+    shut(store).await;
+    copy_index(dir.path(), saved.path());
+
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let batch = vec![
+        delayed("late", now + 1500, "l"),
+        delayed("now", now - 10, ""),
+        delayed("soon", now + 700, ""),
+    ];
+    let appended = store.append(orders, batch).await.unwrap();
+    assert_eq!(appended.sequences(), vec![0, 1, 0]);
+    // A retried publish of a delayed message is its duplicate.
+    let again = store
+        .append(orders, vec![delayed("late", now + 1500, "l")])
+        .await
+        .unwrap();
+    assert_eq!(again.duplicates, vec![(0, 0)]);
+    let log = store.log(orders).unwrap();
+    assert_eq!((log.stats().next_seq, log.stats().delayed), (2, 2));
+    shut(store).await;
+
+    // The index made older by hand: the delayed messages come back from the log.
+    copy_index(saved.path(), dir.path());
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let log = store.log(orders).unwrap();
+    assert_eq!(log.stats().delayed, 2);
+    let mut end = log.watch_end();
+    while *end.borrow() < 4 {
+        tokio::time::timeout(Duration::from_secs(5), end.changed())
+            .await
+            .expect("due messages arrive")
+            .unwrap();
+    }
+    let arrived = log.read(2, 10, 1 << 20).unwrap();
+    let payloads: Vec<&[u8]> = arrived.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(payloads, [b"soon".as_ref(), b"late".as_ref()]);
+    let late = &arrived[1];
+    assert!(late.publish_time_ms >= now + 1500, "not before it was due");
+    assert_eq!(late.id, "l");
+    assert_eq!(
+        late.attributes.get(DELIVER_AT),
+        Some((now + 1500).to_string().as_str())
+    );
+    let stats = log.stats();
+    assert_eq!((stats.delayed, stats.delayed_bytes), (0, 0));
+    drop(log);
+    shut(store).await;
+    // Nothing moves twice.
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    assert_eq!(store.log(orders).unwrap().stats().next_seq, 4);
+    shut(store).await;
+}

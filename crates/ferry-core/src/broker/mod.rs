@@ -564,6 +564,8 @@ impl Broker {
             damaged_messages,
             settings,
             retained_bytes,
+            delayed: stats.delayed,
+            delayed_bytes: stats.delayed_bytes,
             name: shared.name.clone(),
             messages: stats.next_seq - stats.first_seq,
             bytes: stats.bytes,
@@ -804,13 +806,15 @@ impl Broker {
     }
 }
 
-/// Gives every message without an expiry time its channel's default time to live.
+/// Gives every message without an expiry time its channel's default time to live, counted
+/// from when it is due.
 fn with_default_ttl(messages: Vec<NewMessage>, ttl_ms: u64) -> Vec<NewMessage> {
-    let expire_at = (crate::dispatcher::now_ms() + ttl_ms).to_string();
+    let now = crate::dispatcher::now_ms();
     messages
         .into_iter()
         .map(|mut m| {
             if m.attributes.get(crate::dead_letter::EXPIRE_AT).is_none() {
+                let expire_at = (crate::dead_letter::due(&m).max(now) + ttl_ms).to_string();
                 let mut pairs: Vec<(&str, &str)> = m.attributes.iter().collect();
                 pairs.push((crate::dead_letter::EXPIRE_AT, &expire_at));
                 m.attributes = ferry_store::Attributes::from_pairs(pairs);

@@ -227,6 +227,9 @@ struct Group {
     new_logs: Vec<Arc<ChannelLog>>,
     /// Channels whose withdrawn sequences changed.
     withdrawals: HashSet<ChannelId>,
+    /// Channels whose figures changed with no record appended or collected (delayed
+    /// messages stored aside).
+    restated: HashSet<ChannelId>,
     dropped_logs: Vec<ChannelId>,
     replies: Vec<Pending>,
     /// Ack states the group saves.
@@ -352,10 +355,14 @@ impl Writer {
             }
         };
         loop {
-            let wake = [self.sync_deadline(), self.retention_deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake = [
+                self.sync_deadline(),
+                self.retention_deadline(),
+                self.delay_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let first = match wake {
                 Some(deadline) => {
                     // The timer must be created inside the runtime, hence the async block.
@@ -429,6 +436,8 @@ impl Writer {
         }
         let mut group = Group::default();
         group.touched.collects = std::mem::take(&mut self.pending_collects);
+        // Before the requests: it reads sled, which does not hold what they plan.
+        self.plan_due(&mut group);
         for op in ops {
             self.plan(op, &mut group);
         }
@@ -561,7 +570,8 @@ impl Writer {
                 log.appended(messages, stats);
             }
         }
-        for id in collected {
+        let restated = group.restated.drain().filter(|id| !collected.contains(id));
+        for id in collected.iter().copied().chain(restated) {
             if let Some((log, stats)) = stats(&id) {
                 log.collected(stats);
             }
@@ -635,13 +645,18 @@ impl Writer {
         Ok(())
     }
 
-    /// What the writer does when nothing came before its timer: the interval's fsync, and
-    /// collection of what channels keep by age only (time passes with no commit to notice).
+    /// What the writer does when nothing came before its timer: the interval's fsync,
+    /// delayed messages that are due, and collection of what channels keep by age only (time
+    /// passes with no commit to notice).
     fn on_timer(&mut self, shared: &Shared, checkpoints: &Checkpointer) {
         if self.sync_deadline().is_some_and(|at| Instant::now() >= at)
             && let Err(e) = self.sync_now()
         {
             fail(shared, &e);
+        }
+        if self.delay_deadline().is_some_and(|at| Instant::now() >= at) {
+            // A group of its own: it moves what is due.
+            self.commit(Vec::new(), shared, checkpoints);
         }
         if self
             .retention_deadline()
@@ -698,12 +713,13 @@ impl Writer {
                     break;
                 }
                 let (key, value) = entry?;
+                let publish_ms = codec::parse_id_time_key(&key)?;
                 for (seq, text) in codec::decode_ids(&value)? {
                     // A later publish of the same id (after the window) points elsewhere.
                     if self
                         .state
                         .find_id(&self.db, id, &text)?
-                        .is_some_and(|(s, _)| s == seq)
+                        .is_some_and(|found| found == (seq, publish_ms))
                     {
                         batch.remove(codec::id_key(id, &text));
                     }
@@ -718,6 +734,13 @@ impl Writer {
         self.db.apply_batch(batch)?;
         self.ids_to_expire = left || expired > 0;
         Ok(())
+    }
+
+    /// When the soonest delayed message is due, if any is waiting.
+    fn delay_deadline(&self) -> Option<Instant> {
+        let due = self.state.next_due()?;
+        let wait = due.saturating_sub(plan::now_ms());
+        Some(Instant::now() + std::time::Duration::from_millis(wait))
     }
 
     /// When the writer must wake to fsync what it has written, if ever.
@@ -839,6 +862,8 @@ fn stats_of(record: &codec::ChannelRecord) -> ChannelStats {
         next_seq: record.next_seq,
         first_seq: record.first_seq,
         bytes: record.bytes,
+        delayed: record.delayed,
+        delayed_bytes: record.delayed_bytes,
     }
 }
 

@@ -128,7 +128,8 @@ impl Writer {
 
     /// Plans a publish: messages whose `id` the channel stored within its de-duplication
     /// window (or that an earlier message of the group carries) are answered with their
-    /// original's sequence and not stored; the rest are appended, and their ids remembered.
+    /// original's sequence and not stored; messages whose delivery time is ahead are stored
+    /// aside until then; the rest are appended. The ids of what is kept are remembered.
     fn plan_publish(
         &mut self,
         channel: ChannelId,
@@ -142,22 +143,25 @@ impl Writer {
             .ok_or(StoreError::ChannelNotFound)?
             .settings
             .dedup_window_ms;
-        if window == 0 || messages.iter().all(|m| m.id.is_empty()) {
+        let now = now_ms();
+        let delays = messages.iter().any(|m| due_of(m, now).is_some());
+        if !delays && (window == 0 || messages.iter().all(|m| m.id.is_empty())) {
             let stored = self.plan_append(channel, messages, group)?;
             return Ok(Appended {
                 stored,
-                duplicates: Vec::new(),
+                ..Appended::default()
             });
         }
-        let now = now_ms();
         let first = self.state.channels[&channel].next_seq;
         let mut kept = Vec::with_capacity(messages.len());
-        let mut duplicates = Vec::new();
+        let mut later = Vec::new();
+        let mut appended = Appended::default();
         let mut remembered = Vec::new();
         // Into the group only once the whole batch is planned: a refused batch leaves no ids.
         let mut batch_ids: HashMap<(ChannelId, String), u64> = HashMap::new();
         for (at, message) in messages.into_iter().enumerate() {
-            if !message.id.is_empty() {
+            let due = due_of(&message, now);
+            if window > 0 && !message.id.is_empty() {
                 let key = (channel, message.id.clone());
                 let earlier = match group.ids.get(&key).or_else(|| batch_ids.get(&key)) {
                     Some(&seq) => Some(seq),
@@ -168,23 +172,119 @@ impl Writer {
                         .map(|(seq, _)| seq),
                 };
                 if let Some(original) = earlier {
-                    duplicates.push((at, original));
+                    appended.duplicates.push((at, original));
                     continue;
                 }
-                let seq = first + kept.len() as u64;
+                // A delayed message has no sequence yet: its duplicates are answered with 0.
+                let seq = match due {
+                    Some(_) => 0,
+                    None => first + kept.len() as u64,
+                };
                 batch_ids.insert(key, seq);
                 remembered.push((seq, message.id.clone()));
             }
-            kept.push(message);
+            match due {
+                Some(due) => {
+                    appended.delayed.push(at);
+                    later.push((due, message));
+                }
+                None => kept.push(message),
+            }
         }
-        let stored = self.plan_append(channel, kept, group)?;
+        appended.stored = self.plan_append(channel, kept, group)?;
+        for (due, message) in later {
+            self.plan_delay(channel, due, &message, now, group)?;
+        }
         group.ids.extend(batch_ids);
         group
             .remember
             .entry(channel)
             .or_default()
             .extend(remembered);
-        Ok(Appended { stored, duplicates })
+        Ok(appended)
+    }
+
+    /// Stores a message aside until it is due.
+    fn plan_delay(
+        &mut self,
+        channel: ChannelId,
+        due_ms: u64,
+        message: &NewMessage,
+        now: u64,
+        group: &mut Group,
+    ) -> Result<()> {
+        let number = self.state.channels[&channel].next_delayed;
+        let mut body = Vec::with_capacity(message.size() + 32);
+        codec::encode_body(std::slice::from_ref(message), now, &mut body);
+        let change = Change::Delay {
+            channel,
+            due_ms,
+            number,
+            body,
+        };
+        group.restated.insert(channel);
+        self.change(change, group, None).map(drop)
+    }
+
+    /// Moves the delayed messages that are due into their channels, in due order (at most
+    /// `MAX_DUE_MESSAGES` or `MAX_DUE_BYTES` a group: the rest go with the next one). Their
+    /// keys go in the same commit as their records, so each enters its channel exactly once.
+    pub(super) fn plan_due(&mut self, group: &mut Group) {
+        let now = now_ms();
+        if self.state.next_due().is_none_or(|due| due > now) {
+            return;
+        }
+        let channels: Vec<ChannelId> = (self.state.due.iter())
+            .filter(|(_, due)| **due <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let (mut count, mut bytes) = (0, 0);
+        for channel in channels {
+            let mut messages = Vec::new();
+            let mut entries = Vec::new();
+            let mut next = None;
+            for entry in self.db.scan_prefix(codec::delayed_prefix(channel)) {
+                let read = entry
+                    .map_err(StoreError::from)
+                    .and_then(|(key, value)| Ok((codec::parse_delayed_key(&key)?, value)));
+                let ((due, number), value) = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        // Tried again at the next commit.
+                        tracing::error!(error = %e, "cannot read delayed messages");
+                        next = Some(now);
+                        break;
+                    }
+                };
+                if due > now || count >= MAX_DUE_MESSAGES || bytes >= MAX_DUE_BYTES {
+                    next = Some(due);
+                    break;
+                }
+                match codec::decode_delayed(&value) {
+                    Ok(message) => messages.push(message),
+                    Err(e) => {
+                        tracing::error!(due, error = %e, "dropped a damaged delayed message")
+                    }
+                }
+                entries.push((due, number, value.len() as u32));
+                count += 1;
+                bytes += value.len();
+            }
+            match next {
+                Some(due) => self.state.due.insert(channel, due),
+                None => self.state.due.remove(&channel),
+            };
+            if entries.is_empty() {
+                continue;
+            }
+            group.restated.insert(channel);
+            let planned = self
+                .plan_append(channel, messages, group)
+                .and_then(|_| self.change(Change::Undelay { channel, entries }, group, None));
+            if let Err(e) = planned {
+                tracing::error!(error = %e, "cannot move due delayed messages");
+            }
+        }
     }
 
     /// Gives messages their sequences in the group. Publishes check free space first (again
@@ -808,6 +908,20 @@ impl Writer {
         }
         Ok(stored)
     }
+}
+
+/// At most this many delayed messages, or bytes of them, enter their channels in one group.
+const MAX_DUE_MESSAGES: usize = 4096;
+const MAX_DUE_BYTES: usize = 16 << 20;
+
+/// When a message is due, if that is still ahead (a time in the past, or one that does not
+/// parse, delays nothing).
+fn due_of(message: &NewMessage, now: u64) -> Option<u64> {
+    if message.attributes.is_empty() {
+        return None;
+    }
+    let due: u64 = message.attributes.get(crate::DELIVER_AT)?.parse().ok()?;
+    (due > now).then_some(due)
 }
 
 /// Milliseconds since the Unix epoch now.

@@ -10,7 +10,7 @@ use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, RecordLocation, SegmentUsage, SubscriptionRecord, ack_key,
     channel_key, record_key, segment_key, subscription_key,
 };
-use crate::{AckState, ChannelId, ChannelSettings, Result, StoreError, SubscriptionId};
+use crate::{AckState, ChannelId, Result, StoreError, SubscriptionId};
 
 /// Channels, subscriptions, ack floors and segment usage, as committed.
 #[derive(Default)]
@@ -34,6 +34,9 @@ pub(crate) struct State {
     /// Sequences withdrawn from each channel (redriven dead letters), as sorted, disjoint,
     /// non-adjacent ranges `[start, end)`: every subscription counts them as acked.
     pub withdrawn: HashMap<ChannelId, Vec<(u64, u64)>>,
+    /// When each channel with delayed messages has the next one due (ms since the Unix
+    /// epoch): an early bound, never later than the soonest key in sled.
+    pub due: HashMap<ChannelId, u64>,
 }
 
 /// What applying a commit touched: written out by [`State::finish`].
@@ -91,8 +94,21 @@ impl State {
             let ranges = codec::decode_ranges(&mut value.as_ref())?;
             state.withdrawn.insert(ChannelId(id_of(&key)?), ranges);
         }
+        for (&id, record) in &state.channels {
+            if record.delayed > 0
+                && let Some(entry) = db.scan_prefix(codec::delayed_prefix(id)).next()
+            {
+                let (due, _) = codec::parse_delayed_key(&entry?.0)?;
+                state.due.insert(id, due);
+            }
+        }
         state.refresh_aging();
         Ok(state)
+    }
+
+    /// When the soonest delayed message of any channel is due.
+    pub(crate) fn next_due(&self) -> Option<u64> {
+        self.due.values().copied().min()
     }
 
     fn refresh_aging(&mut self) {
@@ -200,13 +216,7 @@ impl State {
                 self.saw_id(id.0, batch);
             }
             Change::CreateChannel { id, name } => {
-                let record = ChannelRecord {
-                    name: name.clone(),
-                    next_seq: 1,
-                    first_seq: 1,
-                    bytes: 0,
-                    settings: ChannelSettings::default(),
-                };
+                let record = ChannelRecord::new(name.clone(), 1);
                 self.names.insert(name.clone(), *id);
                 self.channels.insert(*id, record);
                 self.saw_id(id.0, batch);
@@ -273,8 +283,14 @@ impl State {
                 entries,
             } => {
                 if self.channels.contains_key(channel)
-                    && let Some(&(first, _)) = entries.first()
+                    && let Some((_, first_id)) = entries.first()
                 {
+                    // Sequences are unique within the channel; a commit whose ids are all of
+                    // delayed messages (sequence 0) is told apart by its first id.
+                    let first = entries.iter().map(|(seq, _)| *seq).find(|&seq| seq > 0);
+                    let first = first.unwrap_or_else(|| {
+                        1 << 63 | u64::from(crc32fast::hash(first_id.as_bytes()))
+                    });
                     for (seq, id) in entries {
                         let mut value = [0; 16];
                         value[..8].copy_from_slice(&seq.to_le_bytes());
@@ -304,6 +320,38 @@ impl State {
                     merge_ranges(all, ranges);
                     write_withdrawn(*channel, all, batch);
                     touched.collects.insert(*channel);
+                }
+            }
+            Change::Delay {
+                channel,
+                due_ms,
+                number,
+                body,
+            } => {
+                if let Some(record) = self.channels.get_mut(channel) {
+                    batch.insert(
+                        &codec::delayed_key(*channel, *due_ms, *number),
+                        body.as_slice(),
+                    );
+                    record.delayed += 1;
+                    record.delayed_bytes += body.len() as u64;
+                    record.next_delayed = record.next_delayed.max(number + 1);
+                    touched.channels.insert(*channel);
+                    let due = self.due.entry(*channel).or_insert(*due_ms);
+                    *due = (*due).min(*due_ms);
+                }
+            }
+            Change::Undelay { channel, entries } => {
+                if let Some(record) = self.channels.get_mut(channel) {
+                    for &(due, number, len) in entries {
+                        batch.remove(&codec::delayed_key(*channel, due, number));
+                        record.delayed = record.delayed.saturating_sub(1);
+                        record.delayed_bytes = record.delayed_bytes.saturating_sub(u64::from(len));
+                    }
+                    touched.channels.insert(*channel);
+                    if record.delayed == 0 {
+                        self.due.remove(channel);
+                    }
                 }
             }
             Change::Skipped { channel, next_seq } => {
@@ -359,7 +407,8 @@ impl State {
         if self.withdrawn.remove(&id).is_some() {
             batch.remove(&codec::withdrawn_key(id));
         }
-        for kind in [b'D', b'E'] {
+        self.due.remove(&id);
+        for kind in [b'D', b'E', b'T'] {
             let mut prefix = vec![kind];
             prefix.extend_from_slice(&id.0.to_be_bytes());
             for entry in db.scan_prefix(prefix) {
