@@ -549,3 +549,108 @@ async fn delayed_messages_wait_without_holding_others_up_and_survive_a_crash() {
     }
     daemon.stop().await;
 }
+
+async fn channel_info(daemon: &Daemon, name: &str) -> pb::ChannelInfo {
+    let request = pb::GetChannelRequest { name: name.into() };
+    let mut admin = daemon.admin().await;
+    admin.get_channel(request).await.unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn a_full_channel_refuses_or_drops_the_oldest_as_its_policy_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(
+        dir.path(),
+        r#"
+[[channels]]
+name = "capped"
+limits = { max_messages = 5 }
+[[channels.subscriptions]]
+name = "all"
+"#,
+    );
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    let payloads = |n: usize| (0..n).map(|i| vec![i as u8; 100]);
+
+    // Reject: the publish past the limit is refused whole, naming the channel and the limit.
+    daemon.publish("capped", payloads(5)).await;
+    let mut publisher = daemon.publisher().await;
+    let refused = publisher
+        .publish(common::batch("capped", payloads(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("\"capped\"") && refused.message().contains("max_messages"),
+        "{refused:?}"
+    );
+    let mut consumer = Consumer::attach(&daemon, "capped", "all", 2).await;
+    let first = consumer.take(2).await;
+    consumer.ack(ack_ids(&first)).await;
+    assert_eq!(daemon.publish("capped", payloads(2)).await, [6, 7]);
+    drop(consumer);
+
+    // Drop-oldest, through Admin: the oldest unacked go, a delivery of one is void, and a
+    // subscription with a dead-letter channel gets them as dead letters.
+    let mut admin = daemon.admin().await;
+    let limits = pb::Limits {
+        max_messages: 5,
+        policy: pb::LimitPolicy::DropOldest as i32,
+        ..Default::default()
+    };
+    admin
+        .create_channel(pb::CreateChannelRequest {
+            name: "rolling".into(),
+            limits: Some(limits),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    daemon.create("rolling.dead", &[("dead", 30_000)]).await;
+    admin
+        .create_subscription(pb::CreateSubscriptionRequest {
+            channel: "rolling".into(),
+            name: "careful".into(),
+            dead_letter_channel: "rolling.dead".into(),
+            max_delivery_attempts: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    daemon.publish("rolling", payloads(5)).await;
+    let mut careful = Consumer::attach(&daemon, "rolling", "careful", 1).await;
+    let held = careful.take(1).await;
+    assert_eq!(sequences(&held), [1]);
+    assert_eq!(daemon.publish("rolling", payloads(2)).await, [6, 7]);
+    assert_eq!(careful.ack(ack_ids(&held)).await, [pb::AckStatus::Stale]);
+    let next = careful.take(1).await;
+    assert_eq!(sequences(&next), [3], "1 and 2 were dropped");
+    let info = channel_info(&daemon, "rolling").await;
+    assert_eq!(info.dropped, 2);
+    assert_eq!(info.limits.unwrap().max_messages, 5);
+    let mut dead = Consumer::attach(&daemon, "rolling.dead", "dead", 10).await;
+    let letters = dead.take(2).await;
+    for (letter, original) in letters.iter().zip([1, 2]) {
+        let attributes = &letter.message.as_ref().unwrap().attributes;
+        assert_eq!(attributes["ferry.dead_letter.reason"], "dropped");
+        assert_eq!(
+            attributes["ferry.dead_letter.sequence"],
+            original.to_string()
+        );
+    }
+    drop((careful, dead));
+    daemon.kill().await;
+
+    // What was dropped stays dropped, and counted, after a crash.
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    assert_eq!(channel_info(&daemon, "rolling").await.dropped, 2);
+    let mut careful = Consumer::attach(&daemon, "rolling", "careful", 10).await;
+    let rest = careful.take(5).await;
+    assert_eq!(sequences(&rest), [3, 4, 5, 6, 7]);
+    let capped = channel_info(&daemon, "capped").await;
+    assert_eq!(
+        capped.limits.unwrap().policy,
+        pb::LimitPolicy::Reject as i32
+    );
+    daemon.stop().await;
+}

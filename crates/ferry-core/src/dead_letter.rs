@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use ferry_store::{Attributes, Message, NewMessage};
+use ferry_store::{Attributes, Dropped, Message, NewMessage};
 
 /// The channel a dead letter came from.
 pub const CHANNEL: &str = "ferry.dead_letter.channel";
@@ -20,7 +20,7 @@ pub const SUBSCRIPTION: &str = "ferry.dead_letter.subscription";
 pub const SEQUENCE: &str = "ferry.dead_letter.sequence";
 /// Its original publish time (RFC 3339, UTC).
 pub const PUBLISH_TIME: &str = "ferry.dead_letter.publish_time";
-/// Why: `deadline`, `nack`, `terminal`, `released` (or, later, `expired`).
+/// Why: `deadline`, `nack`, `terminal`, `released`, `expired` or `dropped`.
 pub const REASON: &str = "ferry.dead_letter.reason";
 /// How many deliveries were attempted.
 pub const ATTEMPTS: &str = "ferry.dead_letter.attempts";
@@ -96,6 +96,25 @@ pub(crate) fn dead_letter(message: &Message, from: &Provenance<'_>) -> NewMessag
         key: message.key.clone(),
         id: message.id.clone(),
     }
+}
+
+/// The dead letter of a message dropped from a full channel, for a subscription that had not
+/// acked it (`None` if it was redriven to another subscription).
+pub(crate) fn dropped(message: &Message, why: &Dropped<'_>) -> Option<NewMessage> {
+    let view = match addressee(message, why.subscription) {
+        Addressee::Everyone => None,
+        Addressee::Redriven(view) => Some(view),
+        Addressee::Other => return None,
+    };
+    let from = Provenance {
+        channel: why.channel,
+        subscription: why.subscription,
+        reason: "dropped",
+        attempts: why.attempts,
+        error: "",
+        now_ms: why.now_ms,
+    };
+    Some(dead_letter(view.as_deref().unwrap_or(message), &from))
 }
 
 /// Where a dead letter came from, as its attributes say.

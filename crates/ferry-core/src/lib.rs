@@ -30,8 +30,9 @@ use std::time::Duration;
 pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
-    Appended, Attributes, ChannelSettings, DEFAULT_DEDUP_WINDOW_MS, FsyncMode, Message, NewMessage,
-    Position, Retention, RetryPolicy, SpaceOptions, SpaceReport, StoreError, StoreOptions, Verify,
+    Appended, Attributes, ChannelLimits, ChannelSettings, DEFAULT_DEDUP_WINDOW_MS, FsyncMode,
+    LimitPolicy, Message, NewMessage, Position, Retention, RetryPolicy, SpaceOptions, SpaceReport,
+    StoreError, StoreOptions, Verify,
 };
 pub use outbox::ConsumerEvents;
 
@@ -484,6 +485,8 @@ pub struct ChannelInfo {
     pub settings: ChannelSettings,
     /// Bytes of messages every subscription has acked, kept only by retention.
     pub retained_bytes: u64,
+    /// Messages dropped to keep the channel within its limits, ever.
+    pub dropped: u64,
     /// Delayed messages stored aside until they are due.
     pub delayed: u64,
     /// Their bytes.

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::{
-    BrokerOptions, ChannelDecl, ChannelSettings, ConsumerLimits, DEFAULT_ACK_DEADLINE_MS,
-    DEFAULT_DEDUP_WINDOW_MS, DamagePolicy, FsyncMode, Limits, Retention, RetryPolicy, SpaceOptions,
-    StoreOptions, SubscriptionDecl, SubscriptionSettings, Verify,
+    BrokerOptions, ChannelDecl, ChannelLimits, ChannelSettings, ConsumerLimits,
+    DEFAULT_ACK_DEADLINE_MS, DEFAULT_DEDUP_WINDOW_MS, DamagePolicy, FsyncMode, LimitPolicy, Limits,
+    Retention, RetryPolicy, SpaceOptions, StoreOptions, SubscriptionDecl, SubscriptionSettings,
+    Verify,
 };
 use serde::Deserialize;
 
@@ -139,6 +140,10 @@ pub struct ChannelConfig {
     /// `ttl = "1h"`: the time to live of a message published without its own.
     #[serde(default)]
     pub ttl: Option<HumanDuration>,
+    /// `limits = { max_messages = 100000, max_bytes = "1GiB", policy = "drop_oldest" }`: how
+    /// much it may store (absent: no limit).
+    #[serde(default)]
+    pub limits: Option<ChannelLimitsConfig>,
     /// `[[channels.subscriptions]]`
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
@@ -155,6 +160,32 @@ pub struct RetentionConfig {
     /// Keep acked messages while the channel stores at most this much.
     #[serde(default)]
     pub max_bytes: Option<ByteSize>,
+}
+
+/// A channel's `limits`: what it may store, and what a publish past them does.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelLimitsConfig {
+    /// The most messages stored.
+    #[serde(default)]
+    pub max_messages: Option<u64>,
+    /// The most bytes stored.
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
+    /// `"reject"` (the default) or `"drop_oldest"`.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// What a full channel does with a publish.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyConfig {
+    /// Refuse it (RESOURCE_EXHAUSTED).
+    #[default]
+    Reject,
+    /// Drop the oldest unacked messages to make room.
+    DropOldest,
 }
 
 /// `[[channels.subscriptions]]`
@@ -433,6 +464,8 @@ impl Config {
                     VerifySetting::Full => Verify::Full,
                     VerifySetting::Off => Verify::Off,
                 },
+                // The broker supplies its dead-letter format.
+                dead_letter: None,
             },
             on_damage: match storage.on_damage {
                 DamageSetting::Skip => DamagePolicy::Skip,
@@ -465,7 +498,16 @@ impl Config {
                         .dedup_window
                         .map_or(DEFAULT_DEDUP_WINDOW_MS, |d| d.0.as_millis() as u64),
                     default_ttl_ms: c.ttl.map_or(0, |d| d.0.as_millis() as u64),
-                    limits: Default::default(),
+                    limits: c
+                        .limits
+                        .map_or_else(ChannelLimits::default, |l| ChannelLimits {
+                            max_messages: l.max_messages.unwrap_or(0),
+                            max_bytes: l.max_bytes.map_or(0, |b| b.0),
+                            policy: match l.policy {
+                                PolicyConfig::Reject => LimitPolicy::Reject,
+                                PolicyConfig::DropOldest => LimitPolicy::DropOldest,
+                            },
+                        }),
                 },
                 subscriptions: c
                     .subscriptions

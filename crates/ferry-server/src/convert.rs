@@ -7,9 +7,9 @@ use bytes::Bytes;
 use ferry_core::dead_letter::{DELIVER_AT, EXPIRE_AT};
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
-    AckOutcome, AckResult, Appended, Attributes, ChannelInfo, ChannelSettings,
-    DEFAULT_ACK_DEADLINE_MS, DEFAULT_DEDUP_WINDOW_MS, Delivery, Message, Nack, NewMessage, Point,
-    Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats, Window,
+    AckOutcome, AckResult, Appended, Attributes, ChannelInfo, ChannelLimits, ChannelSettings,
+    DEFAULT_ACK_DEADLINE_MS, DEFAULT_DEDUP_WINDOW_MS, Delivery, LimitPolicy, Message, Nack,
+    NewMessage, Point, Retention, RetryPolicy, SubscriptionSettings, SubscriptionStats, Window,
 };
 use ferry_proto::pb;
 use tonic::Status;
@@ -216,7 +216,16 @@ pub fn channel_settings(request: &pb::CreateChannelRequest) -> Result<ChannelSet
         dedup_window_ms: millis("dedup_window", request.dedup_window)?
             .unwrap_or(DEFAULT_DEDUP_WINDOW_MS),
         default_ttl_ms: millis("default_ttl", request.default_ttl)?.unwrap_or(0),
-        limits: Default::default(),
+        limits: request
+            .limits
+            .map_or_else(ChannelLimits::default, |l| ChannelLimits {
+                max_messages: l.max_messages,
+                max_bytes: l.max_bytes,
+                policy: match l.policy() {
+                    pb::LimitPolicy::Reject => LimitPolicy::Reject,
+                    pb::LimitPolicy::DropOldest => LimitPolicy::DropOldest,
+                },
+            }),
     })
 }
 
@@ -340,6 +349,15 @@ pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
         retained_bytes: c.retained_bytes,
         delayed: c.delayed,
         delayed_bytes: c.delayed_bytes,
+        dropped: c.dropped,
+        limits: c.settings.limits.any().then_some(pb::Limits {
+            max_messages: c.settings.limits.max_messages,
+            max_bytes: c.settings.limits.max_bytes,
+            policy: match c.settings.limits.policy {
+                LimitPolicy::Reject => pb::LimitPolicy::Reject,
+                LimitPolicy::DropOldest => pb::LimitPolicy::DropOldest,
+            } as i32,
+        }),
         messages: c.messages,
         bytes: c.bytes,
         next_sequence: c.next_sequence,

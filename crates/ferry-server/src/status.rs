@@ -36,6 +36,8 @@ pub fn to_status(error: CoreError) -> Status {
         CoreError::Storage(StoreError::ChannelInUse(_)) => Status::failed_precondition(message),
         CoreError::Storage(StoreError::OutOfRange { .. }) => Status::out_of_range(message),
         CoreError::Storage(StoreError::Closed) => Status::unavailable(message),
+        // Retrying helps once subscriptions have acked; the message names the limit.
+        CoreError::Storage(StoreError::ChannelFull { .. }) => Status::resource_exhausted(message),
         // The client may try again once space is freed; the message says how much there is.
         CoreError::Storage(StoreError::NoSpace { .. } | StoreError::DiskFull { .. }) => {
             Status::resource_exhausted(message)

@@ -70,6 +70,13 @@ pub(crate) enum Change {
         number: u64,
         body: Vec<u8>,
     },
+    /// The oldest messages of a full channel were dropped: withdrawn like redriven ones,
+    /// and counted.
+    Drop {
+        channel: ChannelId,
+        range: (u64, u64),
+        count: u64,
+    },
     /// Delayed messages (due, number, body length) entered the channel in this commit.
     Undelay {
         channel: ChannelId,
@@ -96,6 +103,7 @@ const IDS: u8 = 13;
 const UPDATE_CHANNEL_2: u8 = 14;
 const DELAY: u8 = 15;
 const UNDELAY: u8 = 16;
+const DROP: u8 = 17;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -177,6 +185,17 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 out.put_u64_le(*due_ms);
                 out.put_u64_le(*number);
                 put_bytes(out, body);
+            }
+            Change::Drop {
+                channel,
+                range,
+                count,
+            } => {
+                out.put_u8(DROP);
+                out.put_u32_le(channel.0);
+                out.put_u64_le(range.0);
+                out.put_u64_le(range.1);
+                out.put_u64_le(*count);
             }
             Change::Undelay { channel, entries } => {
                 out.put_u8(UNDELAY);
@@ -311,6 +330,14 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                 body: get_bytes(&mut raw)
                     .ok_or_else(|| bad("delayed message"))?
                     .to_vec(),
+            },
+            DROP => Change::Drop {
+                channel: ChannelId(id),
+                range: (
+                    get_u64(&mut raw).ok_or_else(|| bad("dropped range"))?,
+                    get_u64(&mut raw).ok_or_else(|| bad("dropped range"))?,
+                ),
+                count: get_u64(&mut raw).ok_or_else(|| bad("dropped count"))?,
             },
             UNDELAY => {
                 let n = get_u32(&mut raw).ok_or_else(|| bad("delayed count"))? as usize;
@@ -479,6 +506,11 @@ mod tests {
             Change::Undelay {
                 channel: ChannelId(3),
                 entries: vec![(1_795_833_296_789, 7, 11), (1_795_833_296_790, 8, 40)],
+            },
+            Change::Drop {
+                channel: ChannelId(3),
+                range: (10, 15),
+                count: 4,
             },
             Change::Skipped {
                 channel: ChannelId(3),

@@ -224,6 +224,16 @@ impl SegmentUsage {
     }
 }
 
+/// The bytes a message takes in a record's body.
+pub(crate) fn encoded_len(m: &NewMessage) -> u64 {
+    let attributes: usize = m
+        .attributes
+        .iter()
+        .map(|(k, v)| 8 + k.len() + v.len())
+        .sum();
+    (8 + 4 + m.key.len() + 4 + m.id.len() + 4 + attributes + 4 + m.payload.len()) as u64
+}
+
 /// Encodes messages as the body of one record.
 pub(crate) fn encode_body(messages: &[NewMessage], publish_time_ms: u64, body: &mut Vec<u8>) {
     for m in messages {
@@ -446,6 +456,8 @@ pub(crate) struct ChannelRecord {
     pub delayed_bytes: u64,
     /// The number the next delayed message's key gets (unique within the channel).
     pub next_delayed: u64,
+    /// Messages dropped to keep the channel within its limits, ever.
+    pub dropped: u64,
 }
 
 /// A channel record's settings follow this tag (older records end before it: the defaults).
@@ -466,6 +478,7 @@ impl ChannelRecord {
             delayed: 0,
             delayed_bytes: 0,
             next_delayed: 0,
+            dropped: 0,
         }
     }
 
@@ -480,6 +493,7 @@ impl ChannelRecord {
         out.put_u64_le(self.delayed);
         out.put_u64_le(self.delayed_bytes);
         out.put_u64_le(self.next_delayed);
+        out.put_u64_le(self.dropped);
         out
     }
 
@@ -508,11 +522,12 @@ impl ChannelRecord {
                     ..ChannelSettings::default()
                 };
             }
-            n if n == 1 + CHANNEL_SETTINGS_LEN + 24 && raw.get_u8() == CHANNEL_V4 => {
+            n if n == 1 + CHANNEL_SETTINGS_LEN + 32 && raw.get_u8() == CHANNEL_V4 => {
                 record.settings = decode_channel_settings(&mut raw).ok_or_else(bad)?;
                 record.delayed = raw.get_u64_le();
                 record.delayed_bytes = raw.get_u64_le();
                 record.next_delayed = raw.get_u64_le();
+                record.dropped = raw.get_u64_le();
             }
             _ => return Err(bad()),
         }

@@ -492,7 +492,10 @@ fn apply_change(index: &mut Index, change: &Change) {
         }
         // What a check compares does not depend on failure records, withdrawn sequences or
         // published ids.
-        Change::Withdraw { .. } | Change::ClearFailures { .. } | Change::Ids { .. } => {}
+        Change::Withdraw { .. }
+        | Change::Drop { .. }
+        | Change::ClearFailures { .. }
+        | Change::Ids { .. } => {}
         Change::SaveAcks { id, acks, .. } => {
             if let Some((_, state)) = index.subscriptions.get_mut(id) {
                 *state = Some(acks.clone());

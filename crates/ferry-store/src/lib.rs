@@ -331,6 +331,27 @@ pub struct StoreOptions {
     pub space: SpaceOptions,
     /// Which message records are checked when the store opens.
     pub verify: Verify,
+    /// How a message dropped from a full channel becomes a dead letter for a subscription with
+    /// a dead-letter channel (the broker's format; `None`: dropped messages are not
+    /// dead-lettered).
+    pub dead_letter: Option<DeadLetterFn>,
+}
+
+/// Makes the dead-letter copy of a message the store drops for a subscription (`None`: the
+/// message is not the subscription's to dead-letter).
+pub type DeadLetterFn = fn(&Message, &Dropped<'_>) -> Option<NewMessage>;
+
+/// Why and for whom a dropped message is dead-lettered.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropped<'a> {
+    /// The channel it was dropped from.
+    pub channel: &'a str,
+    /// The subscription whose dead-letter channel receives it.
+    pub subscription: &'a str,
+    /// Its failed deliveries to that subscription so far.
+    pub attempts: u32,
+    /// When it was dropped (ms since the Unix epoch).
+    pub now_ms: u64,
 }
 
 /// Which message records are read back and checked when the store opens.
@@ -355,6 +376,7 @@ impl Default for StoreOptions {
             segment_bytes: 64 << 20,
             space: SpaceOptions::default(),
             verify: Verify::default(),
+            dead_letter: None,
         }
     }
 }
@@ -439,6 +461,17 @@ pub enum StoreError {
     /// The channel is the dead-letter channel of a subscription.
     #[error("channel is the dead-letter channel of subscription {0:?}")]
     ChannelInUse(String),
+    /// A publish would take a channel past a limit, and its policy is to refuse it.
+    #[error(
+        "channel {channel:?} is full: {limit}; its policy refuses publishes until subscriptions \
+         ack messages (or the limit is raised)"
+    )]
+    ChannelFull {
+        /// The channel's name.
+        channel: String,
+        /// Which limit, in words, with what is stored.
+        limit: String,
+    },
     /// A position before the first message still stored (or after the last).
     #[error(
         "{wanted} is out of range: the first message still stored is {first_seq}{}, the next to \
@@ -564,6 +597,8 @@ pub struct ChannelStats {
     pub delayed: u64,
     /// Their encoded bytes.
     pub delayed_bytes: u64,
+    /// Messages dropped to keep the channel within its limits, ever.
+    pub dropped: u64,
 }
 
 /// How many write requests may wait for the writer before callers wait to enqueue.

@@ -1150,3 +1150,129 @@ async fn delayed_messages_enter_their_channel_when_due_even_after_a_replay() {
     assert_eq!(store.log(orders).unwrap().stats().next_seq, 4);
     shut(store).await;
 }
+
+fn limited(max_messages: u64, policy: LimitPolicy, retention: Retention) -> ChannelSettings {
+    ChannelSettings {
+        retention,
+        limits: ChannelLimits {
+            max_messages,
+            max_bytes: 0,
+            policy,
+        },
+        ..ChannelSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn a_full_channel_refuses_publishes_after_its_retained_messages_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let keep = Retention {
+        max_age_ms: 3_600_000,
+        max_bytes: 0,
+    };
+    let capped = store
+        .create_channel("capped".into(), limited(10, LimitPolicy::Reject, keep))
+        .await
+        .unwrap();
+    let sub = subscribe(&store, capped, "all").await;
+    for _ in 0..10 {
+        store.append(capped, messages(1, 100)).await.unwrap();
+    }
+    let refused = store.append(capped, messages(1, 100)).await.unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::ChannelFull { channel, limit }
+            if channel == "capped" && limit.contains("max_messages is 10")),
+        "{refused}"
+    );
+    let too_big = store.append(capped, messages(11, 1)).await.unwrap_err();
+    assert!(too_big.to_string().contains("the batch alone"), "{too_big}");
+    // Acked by the only subscription, 1 to 4 are kept only by retention: they go first.
+    ack(&store, sub, 5).await;
+    let log = store.log(capped).unwrap();
+    assert_eq!(log.stats().first_seq, 1, "retention keeps what fits");
+    store.append(capped, messages(4, 100)).await.unwrap();
+    assert_eq!(log.stats().first_seq, 5, "{:?}", log.stats());
+    let refused = store.append(capped, messages(1, 100)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::ChannelFull { .. }));
+    drop(log);
+    shut(store).await;
+}
+
+fn letter(message: &Message, why: &Dropped<'_>) -> Option<NewMessage> {
+    Some(NewMessage {
+        payload: message.payload.clone(),
+        attributes: Attributes::from_pairs([
+            ("for", why.subscription.to_owned()),
+            ("sequence", message.sequence.to_string()),
+        ]),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_full_channel_drops_its_oldest_messages_and_dead_letters_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        dead_letter: Some(letter),
+        ..options(0)
+    };
+    let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+    let dlq = store
+        .create_channel("dlq".into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    let settings = limited(5, LimitPolicy::DropOldest, Retention::default());
+    let orders = store
+        .create_channel("orders".into(), settings)
+        .await
+        .unwrap();
+    let with_dlq = SubscriptionSettings {
+        dead_letter: Some(dlq),
+        ..SubscriptionSettings::default()
+    };
+    let (careful, _) = store
+        .create_subscription(orders, "careful".into(), with_dlq, Position::Latest)
+        .await
+        .unwrap();
+    let plain = subscribe(&store, orders, "plain").await;
+    for _ in 0..5 {
+        store.append(orders, messages(1, 10)).await.unwrap();
+    }
+    // `careful` has acked 1 already: only 2 is dead-lettered for it.
+    let state = AckState {
+        floor: 1,
+        acked_total: 1,
+        acked_above_floor: vec![(1, 2)],
+    };
+    store.save_acks(careful, state).await.unwrap();
+    ack(&store, plain, 1).await;
+    assert_eq!(
+        store.append(orders, messages(2, 10)).await.unwrap().stored,
+        6..8
+    );
+    let log = store.log(orders).unwrap();
+    assert_eq!(log.stats().dropped, 2);
+    let withdrawn = log.watch_withdrawn().borrow().clone();
+    assert_eq!(&withdrawn[..], &[(1, 3)]);
+    let letters = store.log(dlq).unwrap().read(1, 10, 1 << 20).unwrap();
+    let which: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|m| {
+            (
+                m.attributes.get("for").unwrap(),
+                m.attributes.get("sequence").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(which, [("careful", "2")]);
+    drop(log);
+    shut(store).await;
+    // The count and the withdrawal survive a restart.
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let log = store.log(orders).unwrap();
+    assert_eq!(log.stats().dropped, 2);
+    assert_eq!(&log.watch_withdrawn().borrow()[..], &[(1, 3)]);
+    drop(log);
+    shut(store).await;
+}

@@ -208,7 +208,11 @@ impl Broker {
     /// dispatchers. Must run inside a tokio runtime.
     pub async fn open(dir: &Path, options: BrokerOptions) -> Result<Broker> {
         let dir = dir.to_owned();
-        let store_options = options.store.clone();
+        let store_options = ferry_store::StoreOptions {
+            // Messages dropped from full channels are dead-lettered in the broker's format.
+            dead_letter: Some(crate::dead_letter::dropped),
+            ..options.store.clone()
+        };
         let (store, recovered) =
             tokio::task::spawn_blocking(move || ferry_store::Store::open(&dir, store_options))
                 .await
@@ -564,6 +568,7 @@ impl Broker {
             damaged_messages,
             settings,
             retained_bytes,
+            dropped: stats.dropped,
             delayed: stats.delayed,
             delayed_bytes: stats.delayed_bytes,
             name: shared.name.clone(),

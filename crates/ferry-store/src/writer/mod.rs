@@ -13,6 +13,7 @@
 //! assigned here, so a channel's order is exactly the order of its commits.
 
 mod checkpoint;
+mod limits;
 mod plan;
 mod state;
 
@@ -179,6 +180,10 @@ pub(crate) struct Writer {
     next_retention_check: Instant,
     /// The de-duplication index holds ids that may need expiring.
     ids_to_expire: bool,
+    /// How a message dropped from a full channel becomes a dead letter.
+    dead_letter: Option<crate::DeadLetterFn>,
+    /// Per channel, when drops were last logged and how many came since.
+    drops_logged: HashMap<ChannelId, (Option<Instant>, u64)>,
 }
 
 /// A group built into frames and a batch, and what to announce once it is committed.
@@ -230,6 +235,10 @@ struct Group {
     /// Channels whose figures changed with no record appended or collected (delayed
     /// messages stored aside).
     restated: HashSet<ChannelId>,
+    /// Encoded bytes of the messages planned for each channel (not in its record yet).
+    planned_bytes: HashMap<ChannelId, u64>,
+    /// Full channels' retained records below this sequence go whatever their retention.
+    collect_below: HashMap<ChannelId, u64>,
     dropped_logs: Vec<ChannelId>,
     replies: Vec<Pending>,
     /// Ack states the group saves.
@@ -324,6 +333,8 @@ impl Writer {
             unsynced_since: None,
             next_retention_check: Instant::now(),
             ids_to_expire: true,
+            dead_letter: options.dead_letter,
+            drops_logged: HashMap::new(),
         };
         Ok((writer, recovered, logs))
     }
@@ -864,6 +875,7 @@ fn stats_of(record: &codec::ChannelRecord) -> ChannelStats {
         bytes: record.bytes,
         delayed: record.delayed,
         delayed_bytes: record.delayed_bytes,
+        dropped: record.dropped,
     }
 }
 

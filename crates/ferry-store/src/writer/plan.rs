@@ -11,8 +11,8 @@ use super::{Group, Op, Reply, Writer, WriterLog, pending, state, stats_of};
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, SubscriptionRecord, record_key};
 use crate::{
-    AckState, AckUpdate, Appended, ChannelId, ChannelLog, ChannelSettings, Message, NewMessage,
-    Position, Result, StoreError, SubscriptionId, SubscriptionSettings,
+    AckState, AckUpdate, Appended, ChannelId, ChannelLog, ChannelSettings, LimitPolicy, Message,
+    NewMessage, Position, Result, StoreError, SubscriptionId, SubscriptionSettings,
 };
 
 impl Writer {
@@ -146,6 +146,10 @@ impl Writer {
         let now = now_ms();
         let delays = messages.iter().any(|m| due_of(m, now).is_some());
         if !delays && (window == 0 || messages.iter().all(|m| m.id.is_empty())) {
+            if self.state.channels[&channel].settings.limits.any() {
+                let bytes = messages.iter().map(codec::encoded_len).sum();
+                self.plan_limits(channel, messages.len() as u64, bytes, group)?;
+            }
             let stored = self.plan_append(channel, messages, group)?;
             return Ok(Appended {
                 stored,
@@ -191,6 +195,9 @@ impl Writer {
                 None => kept.push(message),
             }
         }
+        let bytes = kept.iter().chain(later.iter().map(|(_, m)| m));
+        let bytes = bytes.map(codec::encoded_len).sum();
+        self.plan_limits(channel, (kept.len() + later.len()) as u64, bytes, group)?;
         appended.stored = self.plan_append(channel, kept, group)?;
         for (due, message) in later {
             self.plan_delay(channel, due, &message, now, group)?;
@@ -290,7 +297,7 @@ impl Writer {
     /// Gives messages their sequences in the group. Publishes check free space first (again
     /// here: appends queued before the watermark was crossed must not take the disk past it);
     /// dead letters do not, as they come with the acks that free space.
-    fn plan_append(
+    pub(super) fn plan_append(
         &mut self,
         channel: ChannelId,
         messages: Vec<NewMessage>,
@@ -304,6 +311,10 @@ impl Writer {
         let first = record.next_seq;
         let range = first..first + messages.len() as u64;
         record.next_seq = range.end;
+        if record.settings.limits.any() {
+            let bytes: u64 = messages.iter().map(codec::encoded_len).sum();
+            *group.planned_bytes.entry(channel).or_default() += bytes;
+        }
         group.touched.channels.insert(channel);
         group
             .appends
@@ -333,6 +344,16 @@ impl Writer {
             letters.push((self.dead_letter_target(subscription, channel)?, message));
         }
         for (target, message) in letters {
+            // A dead letter is never refused (that would hold up the ack), but a dead-letter
+            // channel that drops its oldest makes room for it.
+            let drops = self.state.channels.get(&target).is_some_and(|c| {
+                c.settings.limits.any() && c.settings.limits.policy == LimitPolicy::DropOldest
+            });
+            if drops
+                && let Err(e) = self.plan_limits(target, 1, codec::encoded_len(&message), group)
+            {
+                tracing::warn!(error = %e, "cannot make room for a dead letter: stored past the limit");
+            }
             self.plan_append(target, vec![message], group)?;
         }
         // A later state of the same subscription takes the earlier one's place in the frame;
@@ -673,7 +694,12 @@ impl Writer {
 
     /// Applies a change to the state and the group's batch, and keeps it for the commit frame
     /// (in place of the change at `slot`, if given); returns where it is in the frame.
-    fn change(&mut self, change: Change, group: &mut Group, slot: Option<usize>) -> Result<usize> {
+    pub(super) fn change(
+        &mut self,
+        change: Change,
+        group: &mut Group,
+        slot: Option<usize>,
+    ) -> Result<usize> {
         self.state
             .apply(&self.db, &change, &mut group.batch, &mut group.touched)?;
         match slot {
@@ -701,33 +727,20 @@ impl Writer {
         let mut releases = Vec::new();
         let mut trims = Vec::new();
         for &id in &group.touched.collects {
-            let floors: Vec<u64> = self
-                .state
-                .subscriptions
-                .iter()
+            // Until every subscription's own floor has passed them, its dispatcher may still
+            // need to learn of withdrawn sequences.
+            let own_floors = (self.state.subscriptions.iter())
                 .filter(|(_, s)| s.channel == id)
                 .filter_map(|(sub, _)| self.state.floors.get(sub).copied())
-                .collect();
-            // Withdrawn sequences count as acked by every subscription.
-            let lowest_floor = floors
-                .iter()
-                .map(|&floor| self.state.skip_withdrawn(id, floor))
                 .min();
-            // Until every subscription's own floor has passed them, its dispatcher may still
-            // need to learn of them.
-            trims.push((id, floors.iter().copied().min()));
-            let dead_letters = self.state.dead_letter_user(id).is_some();
+            trims.push((id, own_floors));
             let Some(record) = self.state.channels.get(&id) else {
                 continue;
             };
             let retention = record.settings.retention;
-            // Without subscriptions everything written goes, including what is not announced
-            // yet; a dead-letter channel keeps all but what was withdrawn (retention aside).
-            let wanted = match lowest_floor {
-                Some(floor) => floor,
-                None if dead_letters => self.state.skip_withdrawn(id, record.first_seq),
-                None => record.next_seq,
-            };
+            // Retained records a full channel gives up (see `plan_limits`).
+            let forced_below = group.collect_below.get(&id).copied().unwrap_or(0);
+            let wanted = self.state.collect_floor(id);
             let (Some(record), Some(log)) =
                 (self.state.channels.get_mut(&id), self.logs.get_mut(&id))
             else {
@@ -757,7 +770,7 @@ impl Writer {
                     let aged = retention.max_age_ms > 0
                         && at.publish_ms.saturating_add(retention.max_age_ms) <= now;
                     let over = retention.max_bytes > 0 && bytes > retention.max_bytes;
-                    if !(aged || over) {
+                    if !(aged || over || first < forced_below) {
                         kept_from = Some(first);
                         break;
                     }

@@ -167,6 +167,52 @@ impl State {
             .is_some_and(|a| a.contains(seq))
     }
 
+    /// The sequence below which `channel`'s messages are acked by every subscription (and
+    /// may be collected): the lowest ack floor, past what was withdrawn. Without subscriptions,
+    /// everything written, but a dead-letter channel keeps all it was not withdrawn of.
+    pub(crate) fn collect_floor(&self, channel: ChannelId) -> u64 {
+        let lowest = (self.subscriptions.iter())
+            .filter(|(_, s)| s.channel == channel)
+            .filter_map(|(sub, _)| self.floors.get(sub))
+            .map(|&floor| self.skip_withdrawn(channel, floor))
+            .min();
+        let Some(record) = self.channels.get(&channel) else {
+            return 0;
+        };
+        match lowest {
+            Some(floor) => floor,
+            None if self.dead_letter_user(channel).is_some() => {
+                self.skip_withdrawn(channel, record.first_seq)
+            }
+            None => record.next_seq,
+        }
+    }
+
+    /// How many of `channel`'s sequences in `[from, to)` were not withdrawn.
+    pub(crate) fn live(&self, channel: ChannelId, from: u64, to: u64) -> u64 {
+        let ranges = self.withdrawn.get(&channel).map_or(&[][..], Vec::as_slice);
+        let withdrawn: u64 = ranges
+            .iter()
+            .map(|&(start, end)| end.min(to).saturating_sub(start.max(from)))
+            .sum();
+        to.saturating_sub(from).saturating_sub(withdrawn)
+    }
+
+    /// The sequence `count` sequences of `channel` past `from` that were not withdrawn
+    /// (withdrawn ones are stepped over).
+    pub(crate) fn advance_live(&self, channel: ChannelId, from: u64, count: u64) -> u64 {
+        let ranges = self.withdrawn.get(&channel).map_or(&[][..], Vec::as_slice);
+        let (mut at, mut left) = (from, count);
+        while left > 0 {
+            at = self.skip_withdrawn(channel, at);
+            let next = ranges.iter().map(|&(start, _)| start).find(|&s| s > at);
+            let step = left.min(next.map_or(u64::MAX, |next| next - at));
+            at += step;
+            left -= step;
+        }
+        at
+    }
+
     /// Whether `seq` was withdrawn from `channel`.
     pub(crate) fn is_withdrawn(&self, channel: ChannelId, seq: u64) -> bool {
         self.skip_withdrawn(channel, seq) != seq
@@ -315,11 +361,17 @@ impl State {
                 self.refresh_aging();
             }
             Change::Withdraw { channel, ranges } => {
-                if self.channels.contains_key(channel) {
-                    let all = self.withdrawn.entry(*channel).or_default();
-                    merge_ranges(all, ranges);
-                    write_withdrawn(*channel, all, batch);
-                    touched.collects.insert(*channel);
+                self.withdraw(*channel, ranges, batch, touched);
+            }
+            Change::Drop {
+                channel,
+                range,
+                count,
+            } => {
+                self.withdraw(*channel, &[*range], batch, touched);
+                if let Some(record) = self.channels.get_mut(channel) {
+                    record.dropped += count;
+                    touched.channels.insert(*channel);
                 }
             }
             Change::Delay {
@@ -416,6 +468,22 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Adds sequences withdrawn from `channel`: every subscription counts them as acked.
+    fn withdraw(
+        &mut self,
+        channel: ChannelId,
+        ranges: &[(u64, u64)],
+        batch: &mut sled::Batch,
+        touched: &mut Touched,
+    ) {
+        if self.channels.contains_key(&channel) {
+            let all = self.withdrawn.entry(channel).or_default();
+            merge_ranges(all, ranges);
+            write_withdrawn(channel, all, batch);
+            touched.collects.insert(channel);
+        }
     }
 
     fn saw_id(&mut self, id: u32, batch: &mut sled::Batch) {
