@@ -182,6 +182,8 @@ pub(crate) struct Writer {
     ids_to_expire: bool,
     /// How a message dropped from a full channel becomes a dead letter.
     dead_letter: Option<crate::DeadLetterFn>,
+    /// The de-duplication tables of the last group, emptied, for the next.
+    spare_ids: HashMap<ChannelId, HashMap<String, u64>>,
     /// Per channel, when drops were last logged and how many came since.
     drops_logged: HashMap<ChannelId, (Option<Instant>, u64)>,
 }
@@ -221,9 +223,9 @@ struct Group {
     finished: Vec<u32>,
     /// New messages per channel, with the sequence of the first.
     appends: BTreeMap<ChannelId, (u64, Vec<NewMessage>)>,
-    /// The ids the group's publishes carry, with their sequences: for de-duplication within
-    /// the group, and to remember once committed.
-    ids: HashMap<(ChannelId, String), u64>,
+    /// The ids the group's publishes carry, per channel, with their sequences: for
+    /// de-duplication within the group (its planning only).
+    ids: HashMap<ChannelId, HashMap<String, u64>>,
     remember: BTreeMap<ChannelId, Vec<(u64, String)>>,
     touched: Touched,
     /// Message records written.
@@ -334,6 +336,7 @@ impl Writer {
             next_retention_check: Instant::now(),
             ids_to_expire: true,
             dead_letter: options.dead_letter,
+            spare_ids: HashMap::new(),
             drops_logged: HashMap::new(),
         };
         Ok((writer, recovered, logs))
@@ -445,13 +448,19 @@ impl Writer {
             }
             return close;
         }
-        let mut group = Group::default();
+        let mut group = Group {
+            // Its tables keep their capacity from group to group.
+            ids: std::mem::take(&mut self.spare_ids),
+            ..Group::default()
+        };
         group.touched.collects = std::mem::take(&mut self.pending_collects);
         // Before the requests: it reads sled, which does not hold what they plan.
         self.plan_due(&mut group);
         for op in ops {
             self.plan(op, &mut group);
         }
+        self.spare_ids = std::mem::take(&mut group.ids);
+        self.spare_ids.values_mut().for_each(HashMap::clear);
         let built = match self.build(&mut group) {
             Ok(built) => built,
             Err(e) => return self.fail_group(group, e, shared),

@@ -2,7 +2,6 @@
 //! (or is refused at once), collection follows the ack floors, and new messages are framed
 //! into records.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -160,21 +159,22 @@ impl Writer {
         let mut kept = Vec::with_capacity(messages.len());
         let mut later = Vec::new();
         let mut appended = Appended::default();
+        // The batch's ids go into the group as they are met (so a second copy within the
+        // batch is a duplicate of the first), and out again if the batch is refused.
         let mut remembered = Vec::new();
-        // Into the group only once the whole batch is planned: a refused batch leaves no ids.
-        let mut batch_ids: HashMap<(ChannelId, String), u64> = HashMap::new();
         for (at, message) in messages.into_iter().enumerate() {
             let due = due_of(&message, now);
             if window > 0 && !message.id.is_empty() {
-                let key = (channel, message.id.clone());
-                let earlier = match group.ids.get(&key).or_else(|| batch_ids.get(&key)) {
-                    Some(&seq) => Some(seq),
-                    None => self
-                        .state
-                        .find_id(&self.db, channel, &message.id)?
-                        .filter(|(_, stored_at)| stored_at.saturating_add(window) > now)
-                        .map(|(seq, _)| seq),
+                let known = group.ids.get(&channel).and_then(|ids| ids.get(&message.id));
+                let earlier = match known {
+                    Some(&seq) => Ok(Some(seq)),
+                    None => (self.state.find_id(&self.db, channel, &message.id)).map(|found| {
+                        found
+                            .filter(|(_, stored_at)| stored_at.saturating_add(window) > now)
+                            .map(|(seq, _)| seq)
+                    }),
                 };
+                let earlier = earlier.inspect_err(|_| forget_ids(group, channel, &remembered))?;
                 if let Some(original) = earlier {
                     appended.duplicates.push((at, original));
                     continue;
@@ -184,7 +184,8 @@ impl Writer {
                     Some(_) => 0,
                     None => first + kept.len() as u64,
                 };
-                batch_ids.insert(key, seq);
+                let ids = group.ids.entry(channel).or_default();
+                ids.insert(message.id.clone(), seq);
                 remembered.push((seq, message.id.clone()));
             }
             match due {
@@ -195,20 +196,35 @@ impl Writer {
                 None => kept.push(message),
             }
         }
-        let bytes = kept.iter().chain(later.iter().map(|(_, m)| m));
-        let bytes = bytes.map(codec::encoded_len).sum();
-        self.plan_limits(channel, (kept.len() + later.len()) as u64, bytes, group)?;
-        appended.stored = self.plan_append(channel, kept, group)?;
-        for (due, message) in later {
-            self.plan_delay(channel, due, &message, now, group)?;
-        }
-        group.ids.extend(batch_ids);
+        appended.stored = self
+            .plan_kept(channel, kept, later, now, group)
+            .inspect_err(|_| forget_ids(group, channel, &remembered))?;
         group
             .remember
             .entry(channel)
             .or_default()
             .extend(remembered);
         Ok(appended)
+    }
+
+    /// Plans what a publish keeps: within the channel's limits, appended, or stored aside
+    /// until due.
+    fn plan_kept(
+        &mut self,
+        channel: ChannelId,
+        kept: Vec<NewMessage>,
+        later: Vec<(u64, NewMessage)>,
+        now: u64,
+        group: &mut Group,
+    ) -> Result<Range<u64>> {
+        let bytes = kept.iter().chain(later.iter().map(|(_, m)| m));
+        let bytes = bytes.map(codec::encoded_len).sum();
+        self.plan_limits(channel, (kept.len() + later.len()) as u64, bytes, group)?;
+        let stored = self.plan_append(channel, kept, group)?;
+        for (due, message) in later {
+            self.plan_delay(channel, due, &message, now, group)?;
+        }
+        Ok(stored)
     }
 
     /// Stores a message aside until it is due.
@@ -920,6 +936,15 @@ impl Writer {
             stored.push((id, messages));
         }
         Ok(stored)
+    }
+}
+
+/// Takes a refused batch's ids out of the group again.
+fn forget_ids(group: &mut Group, channel: ChannelId, remembered: &[(u64, String)]) {
+    if let Some(ids) = group.ids.get_mut(&channel) {
+        for (_, id) in remembered {
+            ids.remove(id);
+        }
     }
 }
 
