@@ -20,6 +20,7 @@
 //! | `D` channel(u32) id | a published id's sequence and publish time (de-duplication) |
 //! | `E` channel(u32) time(u64) seq(u64) | the same id, in time order, for its expiry |
 //! | `T` channel(u32) due(u64) number(u64) | a delayed message (a one-message record body) |
+//! | `X` channel(u32) | (empty) a deleted channel whose `D`, `E` and `T` keys are being swept |
 //!
 //! The message records themselves are appended to segment files (see `segment.rs`), not to
 //! sled: sled stores large values by rewriting whole tree pages, which costs CPU, memory and
@@ -571,6 +572,13 @@ pub(crate) fn decode_channel_settings(raw: &mut &[u8]) -> Option<ChannelSettings
             },
         },
     })
+}
+
+/// The tombstone of a deleted channel whose keys are still being swept.
+pub(crate) fn tombstone_key(channel: ChannelId) -> [u8; 5] {
+    let mut key = [b'X'; 5];
+    key[1..].copy_from_slice(&channel.0.to_be_bytes());
+    key
 }
 
 /// The key of a delayed message of `channel`, due at `due_ms`.

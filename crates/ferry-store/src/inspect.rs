@@ -321,7 +321,7 @@ fn read_index(db: &sled::Db) -> Result<Index> {
                 })
                 .is_ok(),
             // Derived or checked elsewhere: failure records, withdrawn sequences, published ids.
-            (b'V' | b'I' | b'P' | b'F' | b'W' | b'D' | b'E', _) => true,
+            (b'V' | b'I' | b'P' | b'F' | b'W' | b'D' | b'E' | b'X', _) => true,
             _ => false,
         };
         if !ok {

@@ -1276,3 +1276,32 @@ async fn a_full_channel_drops_its_oldest_messages_and_dead_letters_them() {
     drop(log);
     shut(store).await;
 }
+
+#[tokio::test]
+async fn a_deleted_channels_ids_and_delayed_messages_are_swept_in_bounded_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let orders = store
+        .create_channel("orders".into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    subscribe(&store, orders, "all").await;
+    let ids: Vec<String> = (0..3000).map(|i| format!("id-{i}")).collect();
+    for chunk in ids.chunks(500) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        store.append(orders, with_ids(&chunk)).await.unwrap();
+    }
+    store
+        .append(orders, vec![delayed("later", u64::MAX / 2, "")])
+        .await
+        .unwrap();
+    store.delete_channel(orders).await.unwrap();
+    // Swept by the writer's next checks (the first within a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    shut(store).await;
+    let db = sled::open(dir.path()).unwrap();
+    for kind in [b'D', b'E', b'T', b'X'] {
+        let left = db.scan_prefix([kind]).count();
+        assert_eq!(left, 0, "{} keys left", kind as char);
+    }
+}

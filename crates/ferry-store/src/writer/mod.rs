@@ -40,8 +40,13 @@ use checkpoint::Checkpointer;
 pub(crate) use checkpoint::DurableFiles;
 pub(crate) use state::{State, Touched, id_of};
 
-/// The most de-duplication ids forgotten at one check.
-const IDS_EXPIRED_PER_CHECK: usize = 500_000;
+/// The most de-duplication ids forgotten at one check (one sled batch: sled holds a big
+/// batch's every node in memory while it applies it).
+const IDS_EXPIRED_PER_CHECK: usize = 50_000;
+/// The most keys of deleted channels removed at one check.
+const SWEPT_PER_CHECK: usize = 50_000;
+/// How soon the next check comes while ids or keys are left to remove.
+const CATCH_UP_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 /// How often channels that keep messages by age are looked at for what aged out.
 const RETENTION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// A group takes at most this many requests...
@@ -703,21 +708,35 @@ impl Writer {
                 self.pending_collects.extend(aging);
                 self.commit(Vec::new(), shared, checkpoints);
             }
-            if let Err(e) = self.expire_ids() {
+            let expired_all = self.expire_ids().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot expire de-duplication ids; trying again later");
+                true
+            });
+            let swept_all = (self.state.sweep_deleted(&self.db, SWEPT_PER_CHECK))
+                .map(|left| !left)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot sweep a deleted channel's keys; trying again later");
+                    true
+                });
+            // Bounded batches keep sled's memory small; more of them keep up with the load.
+            if !(expired_all && swept_all) {
+                self.next_retention_check = Instant::now() + CATCH_UP_CHECK;
             }
         }
     }
 
-    /// When channels that keep messages by age must next be collected, or ids expired.
+    /// When channels that keep messages by age must next be collected, ids expired, or
+    /// deleted channels swept.
     fn retention_deadline(&self) -> Option<Instant> {
-        (self.state.aging || self.ids_to_expire).then_some(self.next_retention_check)
+        let due = self.state.aging || self.ids_to_expire || !self.state.deleted.is_empty();
+        due.then_some(self.next_retention_check)
     }
 
     /// Forgets ids that left their channel's de-duplication window (at most
-    /// `IDS_EXPIRED_PER_CHECK` a check, so that a check never holds up commits for long).
-    /// Not logged: a replay may bring some back, and a later check forgets them again.
-    fn expire_ids(&mut self) -> Result<()> {
+    /// `IDS_EXPIRED_PER_CHECK` a check, so that a check never holds up commits for long);
+    /// true if none is left to forget. Not logged: a replay may bring some back, and a later
+    /// check forgets them again.
+    fn expire_ids(&mut self) -> Result<bool> {
         let now = plan::now_ms();
         let mut batch = sled::Batch::default();
         let mut expired = 0;
@@ -753,7 +772,7 @@ impl Writer {
         }
         self.db.apply_batch(batch)?;
         self.ids_to_expire = left || expired > 0;
-        Ok(())
+        Ok(!left)
     }
 
     /// When the soonest delayed message is due, if any is waiting.

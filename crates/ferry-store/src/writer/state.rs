@@ -37,6 +37,8 @@ pub(crate) struct State {
     /// When each channel with delayed messages has the next one due (ms since the Unix
     /// epoch): an early bound, never later than the soonest key in sled.
     pub due: HashMap<ChannelId, u64>,
+    /// Deleted channels whose ids and delayed messages are still being swept.
+    pub deleted: std::collections::BTreeSet<ChannelId>,
 }
 
 /// What applying a commit touched: written out by [`State::finish`].
@@ -88,6 +90,9 @@ impl State {
         }
         for entry in db.scan_prefix(b"O") {
             state.orphans.insert(ChannelId(id_of(&entry?.0)?));
+        }
+        for entry in db.scan_prefix(b"X") {
+            state.deleted.insert(ChannelId(id_of(&entry?.0)?));
         }
         for entry in db.scan_prefix(b"W") {
             let (key, value) = entry?;
@@ -460,14 +465,44 @@ impl State {
             batch.remove(&codec::withdrawn_key(id));
         }
         self.due.remove(&id);
-        for kind in [b'D', b'E', b'T'] {
-            let mut prefix = vec![kind];
-            prefix.extend_from_slice(&id.0.to_be_bytes());
-            for entry in db.scan_prefix(prefix) {
-                batch.remove(entry?.0);
-            }
-        }
+        // Its published ids and delayed messages may be millions of keys: one batch removing
+        // them all held hundreds of MiB. They are swept after the commit, a bounded batch at a
+        // time (`sweep_deleted`), and the tombstone says so across restarts.
+        batch.insert(&codec::tombstone_key(id), &[]);
+        self.deleted.insert(id);
         Ok(())
+    }
+
+    /// Removes up to `most` keys of channels deleted with keys left behind (their ids,
+    /// delayed messages); true while some remain. Not logged: the tombstone written with the
+    /// delete brings the sweep back after a restart.
+    pub(crate) fn sweep_deleted(&mut self, db: &sled::Db, most: usize) -> Result<bool> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let mut swept = Vec::new();
+        for &id in &self.deleted {
+            for kind in [b'D', b'E', b'T'] {
+                let mut prefix = vec![kind];
+                prefix.extend_from_slice(&id.0.to_be_bytes());
+                for entry in db.scan_prefix(prefix).keys() {
+                    if removed == most {
+                        break;
+                    }
+                    batch.remove(entry?);
+                    removed += 1;
+                }
+            }
+            if removed == most {
+                break;
+            }
+            batch.remove(&codec::tombstone_key(id));
+            swept.push(id);
+        }
+        db.apply_batch(batch)?;
+        for id in swept {
+            self.deleted.remove(&id);
+        }
+        Ok(!self.deleted.is_empty())
     }
 
     /// Adds sequences withdrawn from `channel`: every subscription counts them as acked.

@@ -7,6 +7,7 @@
 //! It measures through the public gRPC API only, exactly as any other client would see the broker.
 //! The memory scenario, which measures the broker against its memory budget, is in [`memory`].
 
+mod backlog;
 mod commits;
 mod memory;
 
@@ -136,6 +137,10 @@ pub struct BenchArgs {
     /// window is 2 minutes by default): what exactly-once publishing costs.
     #[arg(long)]
     ids: bool,
+    /// In the backlog scenario, keep the backlog after the drain (retention) and replay it from
+    /// the earliest message with a new subscription: the time machine's throughput.
+    #[arg(long)]
+    replay: bool,
 }
 
 /// The scenarios `--only` can pick; they always run in this order.
@@ -951,7 +956,7 @@ async fn run_scenarios(
                     size_label(args.backlog_size),
                     args.window
                 );
-                backlog_scenario(&bench, broker.as_deref_mut()).await?;
+                backlog::backlog_scenario(&bench, broker.as_deref_mut()).await?;
             }
             Scenario::Memory => {
                 println!(
@@ -1178,135 +1183,6 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
     commits::print_commits(&bench.admin, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
-}
-
-/// Scenario 5: a big backlog on disk. It is stored, weighed on disk and in memory, the broker is
-/// restarted on it (emptying its in-memory tail cache, so that the drain reads from disk), one
-/// acking consumer drains it, and what the deletions leave behind is weighed again.
-async fn backlog_scenario(bench: &Bench<'_>, mut broker: Option<&mut BrokerChild>) -> Result<()> {
-    let args = bench.args;
-    let size = args.backlog_size;
-    let channel = bench
-        .fresh_channel(&format!("backlog.{}", size_word(size)))
-        .await?;
-    let limited = |figure: Figure| Figure {
-        limit: "--backlog-seconds",
-        ..figure
-    };
-
-    let fill_started = Instant::now();
-    let filled = bench
-        .fill(
-            &channel,
-            args.backlog,
-            size,
-            fill_started + args.backlog_seconds,
-        )
-        .await?;
-    print_rate(
-        &format!("backlog  {:<5} publish", size_label(size)),
-        size,
-        &limited(filled.figure(fill_started, args.backlog)),
-    );
-
-    // Kept for the end: the first process's peak is gone once the restart stops it.
-    let mut peak_before_restart = None;
-    match broker.as_deref_mut() {
-        Some(broker) => {
-            print_data_size("backlog  data dir on disk", broker);
-            match broker.memory() {
-                Ok(memory) => {
-                    println!(
-                        "{:<32}: {}  (peak so far {})",
-                        "backlog  broker RSS (VmRSS)",
-                        mib(memory.now_kib * 1024),
-                        mib(memory.peak_kib * 1024)
-                    );
-                    peak_before_restart = Some(memory.peak_kib);
-                }
-                Err(e) => println!("{:<32}: unavailable ({e})", "backlog  broker RSS (VmRSS)"),
-            }
-            let startup = broker.restart().await?;
-            let rss = match broker.memory() {
-                Ok(memory) => mib(memory.now_kib * 1024),
-                Err(e) => format!("unavailable ({e})"),
-            };
-            println!(
-                "{:<32}: {:.2} s  (new pid {}, RSS when ready {rss})",
-                "backlog  restart to ready",
-                startup.as_secs_f64(),
-                broker.process.pid
-            );
-        }
-        None => println!(
-            "{:<32}: skipped: the broker was not started by the bench",
-            "backlog  disk, memory, restart"
-        ),
-    }
-
-    let connection = bench.connect().await?;
-    let started = Instant::now();
-    let consumer = Consumer::attach(connection, &channel, args.window).await?;
-    let drained = consumer
-        .drain(DrainPlan {
-            goal: fixed_goal(filled.confirmed),
-            deadline: started + args.backlog_seconds,
-            stamps: None,
-        })
-        .await?;
-    print_rate(
-        &format!("backlog  {:<5} drain", size_label(size)),
-        size,
-        &limited(drained.figure(started, filled.confirmed)),
-    );
-
-    time::sleep(DELETION_SETTLE).await;
-    // The admin connection predates the restart; the broker came back at the same address, so
-    // tonic reconnects it.
-    let left = bench
-        .admin
-        .clone()
-        .get_channel(pb::GetChannelRequest {
-            name: channel.clone(),
-        })
-        .await
-        .map_err(|s| BenchError::status(format!("cannot describe channel {channel}"), &s))?
-        .into_inner();
-    println!(
-        "{:<32}: {} msgs, {} bytes  (GetChannel {} s after the drain)",
-        "backlog  left in the channel",
-        thousands(left.messages),
-        thousands(left.bytes),
-        DELETION_SETTLE.as_secs()
-    );
-    if let Some(broker) = broker {
-        // Weighed again because sled keeps the space deletions free for its own reuse rather
-        // than giving it back: this is what a drained broker still occupies.
-        print_data_size("backlog  data dir after drain", broker);
-        let peak_after = broker.memory().map(|memory| mib(memory.peak_kib * 1024));
-        let before =
-            peak_before_restart.map_or_else(|| "unavailable".to_owned(), |kib| mib(kib * 1024));
-        match peak_after {
-            Ok(after) => println!(
-                "{:<32}: {before} before the restart, {after} after it",
-                "backlog  broker peak RSS (VmHWM)"
-            ),
-            Err(e) => println!(
-                "{:<32}: {before} before the restart, unavailable after it ({e})",
-                "backlog  broker peak RSS (VmHWM)"
-            ),
-        }
-    }
-    bench.remove_channel(&channel).await;
-    Ok(())
-}
-
-/// Prints what the private broker's data directory takes on disk.
-fn print_data_size(label: &str, broker: &BrokerChild) {
-    match broker.data_size() {
-        Ok(bytes) => println!("{label:<32}: {}  ({} bytes)", mib(bytes), thousands(bytes)),
-        Err(e) => println!("{label:<32}: unavailable ({e})"),
-    }
 }
 
 /// Runs a publisher and an attached consumer concurrently, on their own tasks. The consumer's
@@ -1619,11 +1495,21 @@ impl Consumed {
 
 impl Consumer {
     async fn attach(connection: Channel, channel: &str, window: u32) -> Result<Self> {
+        Self::attach_to(connection, channel, SUBSCRIPTION, window).await
+    }
+
+    /// Attaches to `subscription` of `channel`.
+    async fn attach_to(
+        connection: Channel,
+        channel: &str,
+        subscription: &str,
+        window: u32,
+    ) -> Result<Self> {
         let (requests, outbound) = mpsc::channel(REQUEST_QUEUE);
         let attach = pb::SubscribeRequest {
             request: Some(SubscribeReq::Attach(pb::Attach {
                 channel: channel.to_owned(),
-                subscription: SUBSCRIPTION.to_owned(),
+                subscription: subscription.to_owned(),
                 window: Some(pb::FlowControl {
                     max_messages: window,
                     max_bytes: 0,
