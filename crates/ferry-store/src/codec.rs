@@ -17,8 +17,7 @@
 //! | `O` channel(u32) | (empty) a channel the log holds records of but the index lost |
 //! | `F` subscription(u32) seq(u64) | [`Failure`]: a message's failed deliveries so far |
 //! | `W` channel(u32) | sequences withdrawn from the channel (redriven dead letters) |
-//! | `D` channel(u32) id | a published id's sequence and publish time (de-duplication) |
-//! | `E` channel(u32) time(u64) seq(u64) | the same id, in time order, for its expiry |
+//! | `E` channel(u32) time(u64) seq(u64) | a commit's published ids, until they are sealed into the id index (`ids.rs`) |
 //! | `T` channel(u32) due(u64) number(u64) | a delayed message (a one-message record body) |
 //! | `X` channel(u32) | (empty) a deleted channel whose `D`, `E` and `T` keys are being swept |
 //!
@@ -757,19 +756,9 @@ pub(crate) fn decode_failure(raw: &mut &[u8]) -> Result<Failure, StoreError> {
     })
 }
 
-/// Where the de-duplication index holds a published `id` of a channel: its sequence and
-/// publish time.
-pub(crate) fn id_key(channel: ChannelId, id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(5 + id.len());
-    key.push(b'D');
-    key.extend_from_slice(&channel.0.to_be_bytes());
-    key.extend_from_slice(id.as_bytes());
-    key
-}
-
-/// The de-duplication index's entries of a channel in publish-time order (for expiry), one
-/// per commit: `E` channel, publish time, first sequence; the value lists the commit's ids
-/// (see [`encode_ids`]).
+/// A commit's published ids of a channel, in publish-time order, until the id index seals
+/// them into a file: `E` channel, publish time, first sequence; the value lists the ids with
+/// their sequences (see [`encode_ids`]).
 pub(crate) fn id_time_key(channel: ChannelId, publish_ms: u64, seq: u64) -> [u8; 21] {
     let mut key = [b'E'; 21];
     key[1..5].copy_from_slice(&channel.0.to_be_bytes());
@@ -778,12 +767,28 @@ pub(crate) fn id_time_key(channel: ChannelId, publish_ms: u64, seq: u64) -> [u8;
     key
 }
 
-/// The publish time an `E` key names.
-pub(crate) fn parse_id_time_key(key: &[u8]) -> Result<u64, StoreError> {
-    key.get(5..13)
-        .filter(|_| key.len() == 21)
-        .map(|t| u64::from_be_bytes(t.try_into().expect("8 bytes")))
-        .ok_or_else(|| StoreError::Corrupt(format!("bad de-duplication time key {key:?}")))
+/// What tells a commit's `E` key from another's of the same channel and millisecond: its
+/// first sequence (sequences are unique within a channel) or, for a commit whose ids are all
+/// of delayed messages (sequence 0), a hash of its first id.
+pub(crate) fn ids_discriminator(entries: &[(u64, String)]) -> u64 {
+    match entries.iter().map(|(seq, _)| *seq).find(|&seq| seq > 0) {
+        Some(first) => first,
+        None => {
+            let first_id = entries.first().map_or("", |(_, id)| id.as_str());
+            1 << 63 | u64::from(crc32fast::hash(first_id.as_bytes()))
+        }
+    }
+}
+
+/// The channel, publish time and first sequence an `E` key names.
+pub(crate) fn parse_id_time_key_full(key: &[u8]) -> Result<(ChannelId, u64, u64), StoreError> {
+    let bad = || StoreError::Corrupt(format!("bad de-duplication time key {key:?}"));
+    if key.len() != 21 || key[0] != b'E' {
+        return Err(bad());
+    }
+    let int = |range: std::ops::Range<usize>| u64::from_be_bytes(key[range].try_into().expect("8"));
+    let channel = u32::from_be_bytes(key[1..5].try_into().expect("4 bytes"));
+    Ok((ChannelId(channel), int(5..13), int(13..21)))
 }
 
 /// A commit's (sequence, id) pairs, as an `E` value holds them.

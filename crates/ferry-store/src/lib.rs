@@ -22,6 +22,7 @@
 mod change;
 mod codec;
 mod failpoint;
+mod ids;
 pub mod inspect;
 mod log;
 mod message;

@@ -343,7 +343,14 @@ impl Dispatcher {
                 ack_ids,
                 settlement,
                 reserved,
-            } => self.settle(consumer, ack_ids, settlement, reserved),
+            } => {
+                // A withdrawal (a redrive, a full channel's drop) committed before this ack was
+                // sent voids the deliveries it took, even if its news has not been read yet.
+                if self.withdrawn.has_changed().unwrap_or(false) {
+                    self.fold_withdrawn();
+                }
+                self.settle(consumer, ack_ids, settlement, reserved)
+            }
             Command::SetWindow { consumer, window } => {
                 if let Some(c) = self.consumers.get_mut(&consumer) {
                     c.window = window;

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::Verify;
 use crate::change::{self, Change};
 use crate::codec::{self, KEY_VERSION, RecordLocation};
+use crate::ids::IdIndex;
 use crate::log::MessageCache;
 use crate::segment::{Appender, Segments};
 use crate::space::Space;
@@ -40,10 +41,8 @@ use checkpoint::Checkpointer;
 pub(crate) use checkpoint::DurableFiles;
 pub(crate) use state::{State, Touched, id_of};
 
-/// The most de-duplication ids forgotten at one check (one sled batch: sled holds a big
+/// The most keys of deleted channels removed at one check (one sled batch: sled holds a big
 /// batch's every node in memory while it applies it).
-const IDS_EXPIRED_PER_CHECK: usize = 50_000;
-/// The most keys of deleted channels removed at one check.
 const SWEPT_PER_CHECK: usize = 50_000;
 /// How soon the next check comes while ids or keys are left to remove.
 const CATCH_UP_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -183,8 +182,8 @@ pub(crate) struct Writer {
     /// When channels that keep messages by age are next looked at for collection, and ids
     /// that left their de-duplication window are forgotten.
     next_retention_check: Instant,
-    /// The de-duplication index holds ids that may need expiring.
-    ids_to_expire: bool,
+    /// Which ids each channel stored within its de-duplication window.
+    ids: IdIndex,
     /// How a message dropped from a full channel becomes a dead letter.
     dead_letter: Option<crate::DeadLetterFn>,
     /// The de-duplication tables of the last group, emptied, for the next.
@@ -324,6 +323,8 @@ impl Writer {
             });
         }
         verify_records(&db, &segments, &state, &writer_logs, options.verify)?;
+        // After the replay: the ids since the last seal are in sled's `E` keys.
+        let ids = IdIndex::open(dir, &db)?;
         let writer = Writer {
             db,
             fsync: options.fsync,
@@ -339,7 +340,7 @@ impl Writer {
             files: Some(files),
             unsynced_since: None,
             next_retention_check: Instant::now(),
-            ids_to_expire: true,
+            ids,
             dead_letter: options.dead_letter,
             spare_ids: HashMap::new(),
             drops_logged: HashMap::new(),
@@ -474,6 +475,7 @@ impl Writer {
             return self.fail_group(group, e, shared);
         }
         checkpoints.applied(built.log_bytes, built.emptied);
+        self.index_ids(&group);
         {
             use std::sync::atomic::Ordering::Relaxed;
             let messages: usize = built.appended.iter().map(|(_, m)| m.len()).sum();
@@ -486,6 +488,26 @@ impl Writer {
                 .fetch_add(group.ack_states, Relaxed);
         }
         self.announce(group, built.appended, built.collected, shared)
+    }
+
+    /// Adds a committed group's published ids to the id index, and seals a channel's that
+    /// are as many as memory holds.
+    fn index_ids(&mut self, group: &Group) {
+        for change in &group.changes {
+            if let Change::Ids {
+                channel,
+                publish_ms,
+                entries,
+            } = change
+            {
+                self.ids.insert(*channel, *publish_ms, entries);
+                if self.ids.full(*channel)
+                    && let Err(e) = self.ids.seal(&self.db, *channel)
+                {
+                    tracing::warn!(error = %e, "cannot seal de-duplication ids; trying again later");
+                }
+            }
+        }
     }
 
     /// Whether a group may be committed at all: not after a failure, and not if the segment
@@ -708,10 +730,11 @@ impl Writer {
                 self.pending_collects.extend(aging);
                 self.commit(Vec::new(), shared, checkpoints);
             }
-            let expired_all = self.expire_ids().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot expire de-duplication ids; trying again later");
-                true
-            });
+            let channels = &self.state.channels;
+            let windows = |id: ChannelId| channels.get(&id).map(|c| c.settings.dedup_window_ms);
+            if let Err(e) = self.ids.maintain(&self.db, now, windows) {
+                tracing::warn!(error = %e, "cannot seal or expire de-duplication ids; trying again later");
+            }
             let swept_all = (self.state.sweep_deleted(&self.db, SWEPT_PER_CHECK))
                 .map(|left| !left)
                 .unwrap_or_else(|e| {
@@ -719,7 +742,7 @@ impl Writer {
                     true
                 });
             // Bounded batches keep sled's memory small; more of them keep up with the load.
-            if !(expired_all && swept_all) {
+            if !swept_all {
                 self.next_retention_check = Instant::now() + CATCH_UP_CHECK;
             }
         }
@@ -728,51 +751,11 @@ impl Writer {
     /// When channels that keep messages by age must next be collected, ids expired, or
     /// deleted channels swept.
     fn retention_deadline(&self) -> Option<Instant> {
-        let due = self.state.aging || self.ids_to_expire || !self.state.deleted.is_empty();
+        let due = self.state.aging
+            || self.ids.holds_any()
+            || self.state.legacy_ids
+            || !self.state.deleted.is_empty();
         due.then_some(self.next_retention_check)
-    }
-
-    /// Forgets ids that left their channel's de-duplication window (at most
-    /// `IDS_EXPIRED_PER_CHECK` a check, so that a check never holds up commits for long);
-    /// true if none is left to forget. Not logged: a replay may bring some back, and a later
-    /// check forgets them again.
-    fn expire_ids(&mut self) -> Result<bool> {
-        let now = plan::now_ms();
-        let mut batch = sled::Batch::default();
-        let mut expired = 0;
-        let mut left = false;
-        for (&id, channel) in &self.state.channels {
-            let window = channel.settings.dedup_window_ms;
-            let until = now.saturating_sub(window);
-            let from = codec::id_time_key(id, 0, 0);
-            let to = codec::id_time_key(id, until, 0);
-            for entry in self.db.range(from..to) {
-                if expired >= IDS_EXPIRED_PER_CHECK {
-                    left = true;
-                    break;
-                }
-                let (key, value) = entry?;
-                let publish_ms = codec::parse_id_time_key(&key)?;
-                for (seq, text) in codec::decode_ids(&value)? {
-                    // A later publish of the same id (after the window) points elsewhere.
-                    if self
-                        .state
-                        .find_id(&self.db, id, &text)?
-                        .is_some_and(|found| found == (seq, publish_ms))
-                    {
-                        batch.remove(codec::id_key(id, &text));
-                    }
-                    expired += 1;
-                }
-                batch.remove(key);
-            }
-            let mut prefix = vec![b'E'];
-            prefix.extend_from_slice(&id.0.to_be_bytes());
-            left |= self.db.scan_prefix(prefix).next().is_some();
-        }
-        self.db.apply_batch(batch)?;
-        self.ids_to_expire = left || expired > 0;
-        Ok(!left)
     }
 
     /// When the soonest delayed message is due, if any is waiting.

@@ -168,11 +168,7 @@ impl Writer {
                 let known = group.ids.get(&channel).and_then(|ids| ids.get(&message.id));
                 let earlier = match known {
                     Some(&seq) => Ok(Some(seq)),
-                    None => (self.state.find_id(&self.db, channel, &message.id)).map(|found| {
-                        found
-                            .filter(|(_, stored_at)| stored_at.saturating_add(window) > now)
-                            .map(|(seq, _)| seq)
-                    }),
+                    None => self.ids.find(channel, &message.id, now, window),
                 };
                 let earlier = earlier.inspect_err(|_| forget_ids(group, channel, &remembered))?;
                 if let Some(original) = earlier {
@@ -859,7 +855,6 @@ impl Writer {
                 entries,
             };
             self.change(change, group, None)?;
-            self.ids_to_expire = true;
         }
         Ok(())
     }

@@ -39,6 +39,9 @@ pub(crate) struct State {
     pub due: HashMap<ChannelId, u64>,
     /// Deleted channels whose ids and delayed messages are still being swept.
     pub deleted: std::collections::BTreeSet<ChannelId>,
+    /// sled holds `D` keys, the per-id index of stores written before the id index had files
+    /// of its own: swept like a deleted channel's keys.
+    pub legacy_ids: bool,
 }
 
 /// What applying a commit touched: written out by [`State::finish`].
@@ -91,6 +94,7 @@ impl State {
         for entry in db.scan_prefix(b"O") {
             state.orphans.insert(ChannelId(id_of(&entry?.0)?));
         }
+        state.legacy_ids = db.scan_prefix(b"D").next().is_some();
         for entry in db.scan_prefix(b"X") {
             state.deleted.insert(ChannelId(id_of(&entry?.0)?));
         }
@@ -143,26 +147,6 @@ impl State {
         self.subscriptions
             .values()
             .find(|s| s.settings.dead_letter == Some(channel))
-    }
-
-    /// The sequence and publish time `channel` stored message `id` under, if its index still
-    /// holds it.
-    pub(crate) fn find_id(
-        &self,
-        db: &sled::Db,
-        channel: ChannelId,
-        id: &str,
-    ) -> Result<Option<(u64, u64)>> {
-        let Some(raw) = db.get(codec::id_key(channel, id))? else {
-            return Ok(None);
-        };
-        let bytes: [u8; 16] = raw
-            .as_ref()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("bad de-duplication entry".into()))?;
-        let seq = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let at = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
-        Ok(Some((seq, at)))
     }
 
     /// Whether `subscription`'s ack state as last committed or planned acks `seq`.
@@ -333,21 +317,8 @@ impl State {
                 publish_ms,
                 entries,
             } => {
-                if self.channels.contains_key(channel)
-                    && let Some((_, first_id)) = entries.first()
-                {
-                    // Sequences are unique within the channel; a commit whose ids are all of
-                    // delayed messages (sequence 0) is told apart by its first id.
-                    let first = entries.iter().map(|(seq, _)| *seq).find(|&seq| seq > 0);
-                    let first = first.unwrap_or_else(|| {
-                        1 << 63 | u64::from(crc32fast::hash(first_id.as_bytes()))
-                    });
-                    for (seq, id) in entries {
-                        let mut value = [0; 16];
-                        value[..8].copy_from_slice(&seq.to_le_bytes());
-                        value[8..].copy_from_slice(&publish_ms.to_le_bytes());
-                        batch.insert(codec::id_key(*channel, id), &value);
-                    }
+                if self.channels.contains_key(channel) && !entries.is_empty() {
+                    let first = codec::ids_discriminator(entries);
                     let key = codec::id_time_key(*channel, *publish_ms, first);
                     batch.insert(&key, codec::encode_ids(entries));
                 }
@@ -480,6 +451,13 @@ impl State {
         let mut batch = sled::Batch::default();
         let mut removed = 0;
         let mut swept = Vec::new();
+        if self.legacy_ids {
+            for key in db.scan_prefix(b"D").keys().take(most) {
+                batch.remove(key?);
+                removed += 1;
+            }
+            self.legacy_ids = removed == most;
+        }
         for &id in &self.deleted {
             for kind in [b'D', b'E', b'T'] {
                 let mut prefix = vec![kind];
@@ -502,7 +480,7 @@ impl State {
         for id in swept {
             self.deleted.remove(&id);
         }
-        Ok(!self.deleted.is_empty())
+        Ok(!self.deleted.is_empty() || self.legacy_ids)
     }
 
     /// Adds sequences withdrawn from `channel`: every subscription counts them as acked.
