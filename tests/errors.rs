@@ -422,6 +422,12 @@ ack_deadline = "300ms"
             for delivery in deliveries {
                 let seq = delivery.message.as_ref().unwrap().sequence;
                 let key = &key_of[&seq];
+                if acked.contains(&seq) {
+                    // A delivery that waited in this consumer's stream while its deadline
+                    // passed and a later delivery of the message was acked: stale, and no
+                    // longer holding its key.
+                    continue;
+                }
                 if !key.is_empty() {
                     match holder.get(key) {
                         Some(&(held, _)) if held == seq => {}

@@ -47,6 +47,10 @@ pub(super) async fn backlog_scenario(
         &limited(filled.figure(fill_started, args.backlog)),
     );
 
+    if args.delay.is_some() {
+        print_delayed(bench, &channel).await?;
+    }
+
     // Kept for the end: the first process's peak is gone once the restart stops it.
     let mut peak_before_restart = None;
     match broker.as_deref_mut() {
@@ -214,6 +218,27 @@ async fn replay(bench: &Bench<'_>, channel: &str, stored: u64) -> Result<()> {
             limit: "--backlog-seconds",
             ..replayed.figure(started, stored)
         },
+    );
+    Ok(())
+}
+
+/// How many of the backlog's messages wait aside for their delivery time.
+async fn print_delayed(bench: &Bench<'_>, channel: &str) -> Result<()> {
+    let info = bench
+        .admin
+        .clone()
+        .get_channel(pb::GetChannelRequest {
+            name: channel.to_owned(),
+        })
+        .await
+        .map_err(|s| BenchError::status(format!("cannot describe channel {channel}"), &s))?
+        .into_inner();
+    println!(
+        "{:<32}: {} msgs, {}  (stored aside until due; {} msgs in the channel)",
+        "backlog  delayed",
+        thousands(info.delayed),
+        mib(info.delayed_bytes),
+        thousands(info.messages)
     );
     Ok(())
 }

@@ -183,6 +183,7 @@ async fn stuck_consumer(bench: &Bench<'_>, broker: &BrokerChild) -> Result<(u64,
             payload: Payload::Fixed(Bytes::from(vec![b's'; KIB])),
             keys: 0,
             ids: false,
+            delay: None,
         },
     )
     .await?;

@@ -141,6 +141,10 @@ pub struct BenchArgs {
     /// the earliest message with a new subscription: the time machine's throughput.
     #[arg(long)]
     replay: bool,
+    /// In the backlog scenario, publish every message delayed by this many seconds: the drain
+    /// then measures delayed messages entering their channel as they come due.
+    #[arg(long, value_name = "S")]
+    delay: Option<u64>,
 }
 
 /// The scenarios `--only` can pick; they always run in this order.
@@ -871,6 +875,7 @@ impl Bench<'_> {
                 payload: Payload::Fixed(Bytes::from(vec![b'x'; size])),
                 keys: self.args.keys,
                 ids: self.args.ids,
+                delay: self.args.delay.map(Duration::from_secs),
             },
         )
         .await
@@ -1006,6 +1011,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
                 payload: payload.clone(),
                 keys: args.keys,
                 ids: args.ids,
+                delay: None,
             },
         ));
     }
@@ -1091,6 +1097,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         payload: Payload::Fixed(Bytes::from(vec![b'x'; KIB])),
         keys: args.keys,
         ids: args.ids,
+        delay: None,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1139,6 +1146,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
         payload: Payload::Stamped { size: KIB, base },
         keys: args.keys,
         ids: args.ids,
+        delay: None,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1279,6 +1287,8 @@ struct PublishPlan {
     keys: u32,
     /// Give every message a unique id (what de-duplication costs).
     ids: bool,
+    /// Delay every message by this long (delayed delivery).
+    delay: Option<Duration>,
 }
 
 /// What one publisher got confirmed.
@@ -1361,6 +1371,10 @@ async fn publish(connection: Channel, plan: PublishPlan) -> Result<Published> {
                                 0 => String::new(),
                                 keys => format!("k{}", (sent + i) % u64::from(keys)),
                             },
+                            delay: plan.delay.map(|d| prost_types::Duration {
+                                seconds: d.as_secs() as i64,
+                                nanos: d.subsec_nanos() as i32,
+                            }),
                             ..Default::default()
                         })
                         .collect(),
