@@ -17,6 +17,7 @@
 pub mod broker;
 pub mod dead_letter;
 pub mod error;
+pub mod filter;
 pub mod names;
 pub mod outbox;
 pub mod retry;
@@ -199,6 +200,9 @@ pub struct SubscriptionSettings {
     pub dead_letter_channel: Option<String>,
     /// Messages with the same key go out one at a time, in order (the default).
     pub ordering: bool,
+    /// Only messages that pass this filter are delivered; the others are acked at once (see
+    /// [`filter`]). Set when the subscription is created; it never changes.
+    pub filter: Option<String>,
 }
 
 impl Default for SubscriptionSettings {
@@ -209,6 +213,7 @@ impl Default for SubscriptionSettings {
             max_delivery_attempts: 0,
             dead_letter_channel: None,
             ordering: true,
+            filter: None,
         }
     }
 }
@@ -217,6 +222,11 @@ impl Default for SubscriptionSettings {
 /// checked where it is resolved); the error names the field.
 pub fn check_settings(settings: &SubscriptionSettings) -> Result<()> {
     let invalid = |m: String| Err(CoreError::InvalidArgument(m));
+    if let Some(text) = &settings.filter
+        && let Err(e) = filter::Filter::parse(text)
+    {
+        return invalid(format!("filter {text:?}: {e}"));
+    }
     if !(1..=MAX_ACK_DEADLINE_MS).contains(&settings.ack_deadline_ms) {
         return invalid(format!(
             "ack_deadline is {} ms: it must be from 1 ms to {MAX_ACK_DEADLINE_MS} ms (1 h)",
@@ -414,6 +424,10 @@ pub enum AckResult {
 pub struct SubscriptionStats {
     /// Its name.
     pub name: String,
+    /// Its filter ("": none).
+    pub filter: String,
+    /// Messages its filter kept from it (acked without delivery) since the broker started.
+    pub filtered: u64,
     /// Its settings as stored (the dead-letter channel by id).
     pub settings: ferry_store::SubscriptionSettings,
     /// The name of its dead-letter channel, if it has one.
@@ -460,6 +474,7 @@ impl SubscriptionStats {
             max_delivery_attempts: self.settings.max_delivery_attempts,
             dead_letter_channel: self.dead_letter_channel.clone(),
             ordering: self.settings.ordering,
+            filter: Some(self.filter.clone()).filter(|f| !f.is_empty()),
         }
     }
 }

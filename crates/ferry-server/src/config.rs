@@ -206,6 +206,9 @@ pub struct SubscriptionConfig {
     /// Whether messages with the same key go one at a time, in order.
     #[serde(default = "default_ordering")]
     pub ordering: bool,
+    /// Only messages that pass this filter (Pub/Sub's syntax) are delivered; it cannot change.
+    #[serde(default)]
+    pub filter: Option<String>,
     /// `[channels.subscriptions.retry]`: the wait between failed deliveries (absent: none).
     #[serde(default)]
     pub retry: Option<RetryConfig>,
@@ -539,6 +542,7 @@ impl SubscriptionConfig {
             max_delivery_attempts: self.max_delivery_attempts,
             dead_letter_channel: self.dead_letter_channel.clone(),
             ordering: self.ordering,
+            filter: self.filter.clone().filter(|f| !f.is_empty()),
         }
     }
 }

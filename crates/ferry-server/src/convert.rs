@@ -199,6 +199,7 @@ pub fn subscription_settings(
         max_delivery_attempts: request.max_delivery_attempts,
         dead_letter_channel: Some(request.dead_letter_channel.clone()).filter(|c| !c.is_empty()),
         ordering: !request.disable_ordering,
+        filter: Some(request.filter.clone()).filter(|f| !f.is_empty()),
     })
 }
 
@@ -318,6 +319,8 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
         max_delivery_attempts: s.settings.max_delivery_attempts,
         dead_letter_channel: s.dead_letter_channel.unwrap_or_default(),
         ordering: s.settings.ordering,
+        filter: s.filter,
+        filtered: s.filtered,
         redelivered: s.redelivered,
         nacked: s.nacked,
         dead_lettered: s.dead_lettered,

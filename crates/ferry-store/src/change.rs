@@ -446,6 +446,7 @@ mod tests {
                     channel: ChannelId(3),
                     name: "audit".into(),
                     settings,
+                    filter: "attributes:trace".into(),
                 },
                 acks: acks.clone(),
             },

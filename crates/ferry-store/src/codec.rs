@@ -641,14 +641,20 @@ pub(crate) struct SubscriptionRecord {
     pub channel: ChannelId,
     pub name: String,
     pub settings: SubscriptionSettings,
+    /// Its filter's text ("": none). It never changes.
+    pub filter: String,
 }
 
 impl SubscriptionRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(80 + self.name.len());
+        let mut out = Vec::with_capacity(80 + self.name.len() + self.filter.len());
         out.put_u32_le(self.channel.0);
         put_str(&mut out, &self.name);
         encode_settings(&self.settings, &mut out);
+        // Older records end after the settings: no filter.
+        if !self.filter.is_empty() {
+            put_str(&mut out, &self.filter);
+        }
         out
     }
 
@@ -660,10 +666,15 @@ impl SubscriptionRecord {
         let channel = ChannelId(raw.get_u32_le());
         let name = get_str_slice(&mut raw).ok_or_else(bad)?;
         let settings = decode_settings(&mut raw).ok_or_else(bad)?;
+        let filter = match raw.has_remaining() {
+            true => get_str_slice(&mut raw).ok_or_else(bad)?,
+            false => String::new(),
+        };
         Ok(Self {
             channel,
             name,
             settings,
+            filter,
         })
     }
 }

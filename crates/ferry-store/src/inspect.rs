@@ -354,6 +354,7 @@ fn placeholder_subscription() -> SubscriptionRecord {
         channel: ChannelId(0),
         name: PLACEHOLDER.into(),
         settings: SubscriptionSettings::default(),
+        filter: String::new(),
     }
 }
 
@@ -678,6 +679,7 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
                     channel,
                     name: "recovered".into(),
                     settings: SubscriptionSettings::default(),
+                    filter: String::new(),
                 },
                 Some(AckState {
                     floor: first,

@@ -522,6 +522,8 @@ pub struct RecoveredSubscription {
     pub name: String,
     /// Its settings.
     pub settings: SubscriptionSettings,
+    /// Its filter's text ("": none).
+    pub filter: String,
     /// Its durable ack state.
     pub acks: AckState,
     /// Failure records of its unacked messages, by sequence.
@@ -797,11 +799,25 @@ impl Store {
         settings: SubscriptionSettings,
         start: Position,
     ) -> Result<(SubscriptionId, AckState)> {
+        self.create_filtered_subscription(channel, name, settings, start, String::new())
+            .await
+    }
+
+    /// Creates a subscription with a filter (its text, kept as given: the broker parses it).
+    pub async fn create_filtered_subscription(
+        &self,
+        channel: ChannelId,
+        name: String,
+        settings: SubscriptionSettings,
+        start: Position,
+        filter: String,
+    ) -> Result<(SubscriptionId, AckState)> {
         self.call(|reply| Op::CreateSubscription {
             channel,
             name,
             settings,
             start,
+            filter,
             reply,
         })
         .await

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferry_store::{
-    Appended, ChannelId, ChannelLog, Confirmation, Failure, NewMessage, Store, StoreCounters,
-    StoreError, SubscriptionId,
+    Appended, ChannelId, ChannelLog, Confirmation, NewMessage, RecoveredSubscription, Store,
+    StoreCounters, StoreError, SubscriptionId,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::acks::AckSet;
 use crate::dispatcher::{Command, Dispatcher, Start};
 use crate::error::{CoreError, Result};
+use crate::filter::Filter;
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
     Attached, BrokerOptions, ChannelDecl, ChannelInfo, ChannelSettings, ConsumerLimits,
@@ -85,6 +86,8 @@ struct SubscriptionHandle {
     id: SubscriptionId,
     commands: mpsc::Sender<Command>,
     settings: Mutex<ferry_store::SubscriptionSettings>,
+    /// Its filter's text ("": none); it never changes.
+    filter: String,
 }
 
 impl ChannelShared {
@@ -241,14 +244,7 @@ impl Broker {
                     sub.name
                 ))
             })?;
-            broker.start_subscription(
-                channel,
-                sub.id,
-                sub.name,
-                sub.settings,
-                AckSet::from_state(&sub.acks),
-                sub.failures,
-            );
+            broker.start_subscription(channel, sub);
         }
         Ok(broker)
     }
@@ -275,15 +271,19 @@ impl Broker {
         Ok(shared)
     }
 
-    fn start_subscription(
-        &self,
-        channel: &Arc<ChannelShared>,
-        id: SubscriptionId,
-        name: String,
-        settings: ferry_store::SubscriptionSettings,
-        acks: AckSet,
-        failures: Vec<(u64, Failure)>,
-    ) {
+    /// Starts the dispatcher of a subscription, as the store holds it.
+    fn start_subscription(&self, channel: &Arc<ChannelShared>, sub: RecoveredSubscription) {
+        let (id, name, settings) = (sub.id, sub.name, sub.settings);
+        // Checked when the subscription was created; a stored filter that no longer parses
+        // (a newer broker's syntax) stops nothing: it is logged and the subscription unfiltered.
+        let filter = match sub.filter.as_str() {
+            "" => None,
+            text => Filter::parse(text)
+                .inspect_err(|e| {
+                    tracing::error!(subscription = %name, filter = text, error = %e, "stored filter does not parse: delivering everything");
+                })
+                .ok(),
+        };
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let start = Start {
             id,
@@ -291,8 +291,9 @@ impl Broker {
             channel: channel.name.clone(),
             log: channel.log.clone(),
             settings,
-            acks,
-            failures,
+            acks: AckSet::from_state(&sub.acks),
+            failures: sub.failures,
+            filter: filter.map(|f| (sub.filter.clone(), f)),
         };
         let dispatcher = Dispatcher::new(
             start,
@@ -306,6 +307,7 @@ impl Broker {
             id,
             commands,
             settings: Mutex::new(settings),
+            filter: sub.filter,
         });
         channel
             .subscriptions
@@ -634,7 +636,8 @@ impl Broker {
         crate::check_settings(&settings)?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(channel)?;
-        let settings = self.resolve(&shared, &settings)?;
+        let client_settings = settings;
+        let settings = self.resolve(&shared, &client_settings)?;
         let start = position(&shared, start)?;
         let exists = || CoreError::SubscriptionExists {
             channel: channel.to_owned(),
@@ -643,24 +646,33 @@ impl Broker {
         if shared.subscription(name).is_ok() {
             return Err(exists());
         }
+        let filter = client_settings.filter.clone().unwrap_or_default();
         let (id, acks) = self
             .inner
             .store
-            .create_subscription(shared.id, name.to_owned(), settings, start)
+            .create_filtered_subscription(
+                shared.id,
+                name.to_owned(),
+                settings,
+                start,
+                filter.clone(),
+            )
             .await
             .map_err(|e| match e {
                 StoreError::SubscriptionExists(_) => exists(),
                 StoreError::ChannelNotFound => CoreError::ChannelNotFound(channel.to_owned()),
                 e => e.into(),
             })?;
-        self.start_subscription(
-            &shared,
+        let sub = RecoveredSubscription {
             id,
-            name.to_owned(),
+            channel: shared.id,
+            name: name.to_owned(),
             settings,
-            AckSet::from_state(&acks),
-            Vec::new(),
-        );
+            filter,
+            acks,
+            failures: Vec::new(),
+        };
+        self.start_subscription(&shared, sub);
         tracing::info!(channel, subscription = name, "subscription created");
         let handle = shared.subscription(name)?;
         self.stats_of(&handle).await
@@ -676,8 +688,16 @@ impl Broker {
         self.check_open()?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(channel)?;
-        let settings = self.resolve(&shared, &settings)?;
         let handle = shared.subscription(name)?;
+        let filter = settings.filter.as_deref().unwrap_or_default();
+        if filter != handle.filter {
+            return Err(CoreError::InvalidArgument(format!(
+                "subscription {name:?} of channel {channel:?} has the filter {:?}; a filter \
+                 cannot change (as in Pub/Sub): create a new subscription with the new filter",
+                handle.filter
+            )));
+        }
+        let settings = self.resolve(&shared, &settings)?;
         if *handle.settings.lock().expect("settings lock") == settings {
             return Ok(());
         }

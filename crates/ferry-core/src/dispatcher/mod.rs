@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::acks::AckSet;
 use crate::dead_letter::{self, Addressee};
 use crate::error::CoreError;
+use crate::filter::Filter;
 use crate::outbox::{ConsumerEvents, Outbox, RequestGate, outbox};
 use crate::retry::Jitter;
 use crate::{
@@ -143,6 +144,7 @@ struct Counts {
     dead_lettered: u64,
     discarded: u64,
     expired: u64,
+    filtered: u64,
 }
 
 /// A message chosen to go out next.
@@ -164,6 +166,8 @@ pub(crate) struct Dispatcher {
     name: String,
     /// The channel's name, for dead letters' provenance.
     channel: String,
+    /// Only messages that pass it are delivered.
+    filter: Option<(String, Filter)>,
     log: Arc<ChannelLog>,
     store: Store,
     settings: SubscriptionSettings,
@@ -214,6 +218,8 @@ pub(crate) struct Start {
     pub settings: SubscriptionSettings,
     pub acks: AckSet,
     pub failures: Vec<(u64, Failure)>,
+    /// Its filter, as given and as parsed.
+    pub filter: Option<(String, Filter)>,
 }
 
 /// Milliseconds since the Unix epoch now.
@@ -240,6 +246,7 @@ impl Dispatcher {
             id: start.id,
             name: start.name,
             channel: start.channel,
+            filter: start.filter,
             log: start.log,
             store,
             settings: start.settings,
@@ -585,6 +592,16 @@ impl Dispatcher {
                 return None;
             }
         };
+        if let Some((_, filter)) = &self.filter
+            && !filter.matches(&view)
+        {
+            // Not for this subscription: acked at once, never delivered.
+            self.acks.insert(seq);
+            self.forget(seq);
+            self.counts.filtered += 1;
+            self.unsaved.dirty = true;
+            return None;
+        }
         if dead_letter::expire_at(&view).is_some_and(|at| at <= now_ms()) {
             self.expired(seq);
             return None;
@@ -750,6 +767,12 @@ impl Dispatcher {
         let unsaved = self.unsaved.retries_waiting();
         SubscriptionStats {
             name: self.name.clone(),
+            filter: self
+                .filter
+                .as_ref()
+                .map(|(text, _)| text.clone())
+                .unwrap_or_default(),
+            filtered: self.counts.filtered,
             settings: self.settings,
             dead_letter_channel: None,
             backlog: end.saturating_sub(undelivered_from)

@@ -92,6 +92,7 @@ pub(crate) enum Op {
         name: String,
         settings: SubscriptionSettings,
         start: Position,
+        filter: String,
         reply: Reply<(SubscriptionId, AckState)>,
     },
     UpdateSubscription {
@@ -318,6 +319,7 @@ impl Writer {
                 channel: record.channel,
                 name: record.name.clone(),
                 settings: record.settings,
+                filter: record.filter.clone(),
                 acks,
                 failures,
             });

@@ -83,9 +83,16 @@ impl Writer {
                 name,
                 settings,
                 start,
+                filter,
                 reply,
             } => {
-                let planned = self.plan_create_subscription(channel, name, settings, start, group);
+                let record = SubscriptionRecord {
+                    channel,
+                    name,
+                    settings,
+                    filter,
+                };
+                let planned = self.plan_create_subscription(record, start, group);
                 answer(group, reply, planned);
             }
             Op::UpdateSubscription {
@@ -494,12 +501,11 @@ impl Writer {
 
     fn plan_create_subscription(
         &mut self,
-        channel: ChannelId,
-        name: String,
-        settings: SubscriptionSettings,
+        record: SubscriptionRecord,
         start: Position,
         group: &mut Group,
     ) -> Result<(SubscriptionId, AckState)> {
+        let (channel, name, settings) = (record.channel, &record.name, record.settings);
         if !self.state.channels.contains_key(&channel) {
             return Err(StoreError::ChannelNotFound);
         }
@@ -507,9 +513,9 @@ impl Writer {
             .state
             .subscriptions
             .values()
-            .any(|s| s.channel == channel && s.name == name)
+            .any(|s| s.channel == channel && s.name == *name)
         {
-            return Err(StoreError::SubscriptionExists(name));
+            return Err(StoreError::SubscriptionExists(name.clone()));
         }
         // A dead-letter channel keeps what it received while nobody subscribed: a new
         // subscription starts at the first message it still holds unless told otherwise.
@@ -527,11 +533,7 @@ impl Writer {
         let id = SubscriptionId(self.state.next_id);
         let change = Change::CreateSubscription {
             id,
-            record: SubscriptionRecord {
-                channel,
-                name,
-                settings,
-            },
+            record,
             acks: acks.clone(),
         };
         self.change(change, group, None)?;
