@@ -184,6 +184,7 @@ async fn stuck_consumer(bench: &Bench<'_>, broker: &BrokerChild) -> Result<(u64,
             keys: 0,
             ids: false,
             delay: None,
+            tag: false,
         },
     )
     .await?;

@@ -141,6 +141,10 @@ pub struct BenchArgs {
     /// the earliest message with a new subscription: the time machine's throughput.
     #[arg(long)]
     replay: bool,
+    /// Give the consume scenario's subscription a filter that keeps one message in ten
+    /// (`attributes.n = "0"`; the messages carry n = 0 to 9 in turn): the cost of filtering.
+    #[arg(long)]
+    filter: bool,
     /// In the backlog scenario, publish every message delayed by this many seconds: the drain
     /// then measures delayed messages entering their channel as they come due.
     #[arg(long, value_name = "S")]
@@ -814,6 +818,10 @@ impl Bench<'_> {
                     String::new()
                 },
                 retry: policy,
+                filter: match self.args.filter {
+                    true => r#"attributes.n = "0""#.to_owned(),
+                    false => String::new(),
+                },
                 ..Default::default()
             })
             .await
@@ -876,6 +884,7 @@ impl Bench<'_> {
                 keys: self.args.keys,
                 ids: self.args.ids,
                 delay: self.args.delay.map(Duration::from_secs),
+                tag: self.args.filter,
             },
         )
         .await
@@ -1012,6 +1021,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
                 keys: args.keys,
                 ids: args.ids,
                 delay: None,
+                tag: false,
             },
         ));
     }
@@ -1058,15 +1068,30 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
     let before = commits::snapshot(&bench.admin).await;
     let started = Instant::now();
     let consumer = Consumer::attach(connection, &channel, args.window).await?;
+    // With --filter, one in ten passes (the one publisher numbered them from 0).
+    let passing = match args.filter {
+        true => filled.confirmed.div_ceil(10),
+        false => filled.confirmed,
+    };
     let consumed = consumer
         .drain(DrainPlan {
-            goal: fixed_goal(filled.confirmed),
+            goal: fixed_goal(passing),
             deadline: bench.deadline(started),
             stamps: None,
         })
         .await?;
     let label = format!("consume  {:<5} window={}", size_label(size), args.window);
-    print_rate(&label, size, &consumed.figure(started, filled.confirmed));
+    print_rate(&label, size, &consumed.figure(started, passing));
+    if args.filter {
+        let elapsed = consumed.finished.saturating_duration_since(started);
+        println!(
+            "{:<32}  (a filter kept {} of {}: the channel's messages went through at {} msgs/s)",
+            "",
+            thousands(consumed.acked),
+            thousands(filled.confirmed),
+            thousands((filled.confirmed as f64 / elapsed.as_secs_f64().max(1e-9)) as u64)
+        );
+    }
     commits::print_commits(&bench.admin, before).await;
     if filled.timed_out {
         println!(
@@ -1098,6 +1123,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         keys: args.keys,
         ids: args.ids,
         delay: None,
+        tag: false,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1147,6 +1173,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
         keys: args.keys,
         ids: args.ids,
         delay: None,
+        tag: false,
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
@@ -1289,6 +1316,8 @@ struct PublishPlan {
     ids: bool,
     /// Delay every message by this long (delayed delivery).
     delay: Option<Duration>,
+    /// Give the messages an attribute `n` of 0 to 9 in turn (what `--filter` keeps one of).
+    tag: bool,
 }
 
 /// What one publisher got confirmed.
@@ -1375,6 +1404,10 @@ async fn publish(connection: Channel, plan: PublishPlan) -> Result<Published> {
                                 seconds: d.as_secs() as i64,
                                 nanos: d.subsec_nanos() as i32,
                             }),
+                            attributes: match plan.tag {
+                                true => [("n".to_owned(), ((sent + i) % 10).to_string())].into(),
+                                false => Default::default(),
+                            },
                             ..Default::default()
                         })
                         .collect(),
