@@ -582,3 +582,27 @@ async fn get_broker_reports_commits_syncs_and_disk_space() {
     assert!(!after.publishing_refused);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn logs_are_plain_text_off_a_terminal_or_one_json_object_a_line() {
+    for (format, json) in [("text", false), ("json", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            env: vec![("FERRY_LOG_FORMAT".into(), format.into())],
+            ..Options::default()
+        };
+        let daemon = Daemon::start_in(dir.path(), options).await;
+        daemon.create("orders", &[]).await;
+        daemon.stop().await;
+        let log = std::fs::read_to_string(dir.path().join("ferry.log")).unwrap();
+        assert!(log.contains("channel created"), "{log}");
+        assert!(!log.contains('\u{1b}'), "no colour codes in a file: {log}");
+        for line in log.lines().filter(|l| !l.is_empty()) {
+            let object = line.starts_with('{') && line.ends_with('}');
+            assert_eq!(object, json, "{format}: {line}");
+            if json {
+                assert!(line.contains(r#""level":"#), "{line}");
+            }
+        }
+    }
+}

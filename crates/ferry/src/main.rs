@@ -74,6 +74,19 @@ struct ServeArgs {
     /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// How log lines are written to standard error: `text` for people (coloured only on a
+    /// terminal), `json` for log collectors (one object a line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "FERRY_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// The shape of the daemon's log lines.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line: timestamp, level, target, the event's fields and its spans.
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -132,12 +145,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    // Colours only on a terminal: a log file or a log collector gets plain text.
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        // Colours only on a terminal: a log file or a log collector gets plain text.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
 
     let mut config = match &args.config {
         Some(path) => match Config::load(path) {
