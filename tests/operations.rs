@@ -606,3 +606,21 @@ async fn logs_are_plain_text_off_a_terminal_or_one_json_object_a_line() {
         }
     }
 }
+
+#[tokio::test]
+async fn it_refuses_to_serve_beyond_loopback_unless_told_that_nothing_authenticates() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused before it binds anything: no address but loopback is ever used.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("allow_unauthenticated"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+}

@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where the store keeps its files.
     pub data_dir: PathBuf,
+    /// Serve on an address other than loopback although nothing authenticates clients: every
+    /// client that reaches the port may publish, read and delete.
+    pub allow_unauthenticated: bool,
 }
 
 /// `[storage]`
@@ -279,6 +282,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
+            allow_unauthenticated: false,
         }
     }
 }
@@ -316,6 +320,21 @@ impl Default for LimitsConfig {
 }
 
 impl Config {
+    /// Refuses to serve where strangers could reach an unauthenticated broker: an address
+    /// other than loopback needs `allow_unauthenticated = true` (until principals exist).
+    pub fn check_exposure(&self) -> Result<(), String> {
+        let listen = self.server.listen;
+        if listen.ip().is_loopback() || self.server.allow_unauthenticated {
+            return Ok(());
+        }
+        Err(format!(
+            "[server] listen = \"{listen}\" is not a loopback address, and nothing authenticates \
+             clients: anyone who can reach it could publish, read and delete. Listen on \
+             127.0.0.1 or [::1], or set allow_unauthenticated = true under [server] to accept \
+             that (for instance on a private network, or in a container behind one)"
+        ))
+    }
+
     /// Loads and checks a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let source_name = path.display().to_string();
@@ -666,6 +685,28 @@ mod tests {
         assert_eq!(config.storage.cache_capacity, ByteSize(64 << 20));
         let decls = config.declarations();
         assert_eq!(decls[0].subscriptions[0].settings.ack_deadline_ms, 5000);
+    }
+
+    #[test]
+    fn only_loopback_is_served_without_allow_unauthenticated() {
+        let config = |toml: &str| Config::parse(toml, "t.toml").unwrap();
+        assert!(Config::builtin().check_exposure().is_ok());
+        let v6 = config("[server]\nlisten = \"[::1]:50051\"\n");
+        assert!(v6.check_exposure().is_ok());
+        let open = config("[server]\nlisten = \"0.0.0.0:50051\"\n");
+        let refused = open.check_exposure().unwrap_err();
+        assert!(
+            refused.contains("allow_unauthenticated = true"),
+            "{refused}"
+        );
+        let allowed =
+            config("[server]\nlisten = \"0.0.0.0:50051\"\nallow_unauthenticated = true\n");
+        assert!(allowed.check_exposure().is_ok());
+        let docker = config(include_str!("../../../docker/ferry.toml"));
+        assert!(
+            docker.check_exposure().is_ok(),
+            "the image's config says so"
+        );
     }
 
     #[test]

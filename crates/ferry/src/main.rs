@@ -172,6 +172,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
     }
+    if let Err(e) = config.check_exposure() {
+        eprintln!("ferry: refusing to start: {e}");
+        return ExitCode::from(2);
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
