@@ -624,3 +624,56 @@ async fn it_refuses_to_serve_beyond_loopback_unless_told_that_nothing_authentica
     );
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
+
+/// Runs the `ferry` binary with `args`: its exit code, standard output and standard error.
+fn ferry(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn config_check_says_what_start_up_would_and_health_has_an_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[[channels]]\nname = \"orders\"\n").unwrap();
+    let (code, out, _) = ferry(&["config", "check", good.to_str().unwrap()]);
+    assert_eq!((code, out.contains("good")), (Some(0), true), "{out}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[channels]]\nname = \"orders\"\n[[channels.subscriptions]]\nname = \"a\"\nfilter = \"attributes.x = 1\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = ferry(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("channels[0].subscriptions[0]")
+            && err.contains("column 16"),
+        "{err}"
+    );
+    let open = dir.path().join("open.toml");
+    std::fs::write(&open, "[server]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
+    let (code, _, err) = ferry(&["config", "check", open.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("allow_unauthenticated"), "{err}");
+
+    let daemon = Daemon::start().await;
+    let url = daemon.url.clone();
+    let (code, out, _) = ferry(&["health", "--server", &url]);
+    assert_eq!(
+        (code, out.trim_end()),
+        (Some(0), format!("{url}: serving").as_str())
+    );
+    daemon.stop().await;
+    let (code, _, err) = ferry(&["health", "--server", &url]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot connect to"), "{err}");
+}

@@ -34,8 +34,12 @@ enum Command {
     /// 127.0.0.1:50051, data in ./data, every publish fsync'd before it is confirmed. When ready it
     /// prints `ferry listening on ADDRESS` on standard output; logs go to standard error.
     Serve(ServeArgs),
-    /// Print the default configuration file, every key documented.
-    Config,
+    /// Print the default configuration file, every key documented; `ferry config check FILE`
+    /// checks one.
+    Config(ConfigArgs),
+    /// Ask a running broker whether it serves. Exit status 0: serving; 1: it answered that it
+    /// is not (e.g. its store failed, or it is shutting down); 2: it could not be asked.
+    Health(HealthArgs),
     /// Measure a broker: publish and consume rates, end-to-end latency, the broker's memory.
     Bench(bench::BenchArgs),
     /// Verify a data directory offline: read every record of every segment file and compare
@@ -48,6 +52,34 @@ enum Command {
     /// `recovered.channel-ID`. The old index is kept in `index.old-TIME/`. Exit status 0 when
     /// done, 2 when it could not run.
     Repair(DataDirArgs),
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    #[command(subcommand)]
+    action: Option<ConfigAction>,
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Check a configuration file as `ferry serve` would at start-up. Exit status 0: good;
+    /// 2: bad, with the file, the key and the reason on standard error.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// The broker's address.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERRY_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
 }
 
 #[derive(clap::Args)]
@@ -92,14 +124,91 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Config => {
+        Command::Config(ConfigArgs { action: None }) => {
             print!("{}", ferry_server::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
+        Command::Config(ConfigArgs {
+            action: Some(ConfigAction::Check { file }),
+        }) => check_config(&file),
+        Command::Health(args) => health(&args.server),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => inspect(args, false),
         Command::Repair(args) => inspect(args, true),
+    }
+}
+
+/// `ferry config check FILE`: what start-up would say of the file, before any data is read.
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file).and_then(|config| {
+        config.check_exposure().map(|()| config).map_err(|message| {
+            ferry_server::config::ConfigError {
+                source_name: file.display().to_string(),
+                message,
+            }
+        })
+    }) {
+        Ok(config) => {
+            println!(
+                "{}: good ({} channel(s) declared, listening on {})",
+                file.display(),
+                config.channels.len(),
+                config.server.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry: bad configuration: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `ferry health`: the standard gRPC health check of the whole server.
+fn health(server: &str) -> ExitCode {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let asked = runtime.block_on(async {
+        let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
+            .map_err(|e| format!("{server} is not a URL ({e})"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|s| format!("{server} did not answer the health check: {}", s.message()))?;
+        Ok::<_, String>(answer.into_inner().status())
+    });
+    match asked {
+        Ok(ServingStatus::Serving) => {
+            println!("{server}: serving");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            println!("{server}: {}", status.as_str_name().to_lowercase());
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
