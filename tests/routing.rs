@@ -112,3 +112,243 @@ async fn a_filtered_subscription_gets_only_what_passes_and_acks_the_rest() {
         .expect("a changed filter stops start-up");
     assert!(refused.contains("cannot change"), "{refused}");
 }
+
+const DERIVED: &str = r#"
+[[channels]]
+name = "orders"
+[[channels.subscriptions]]
+name = "audit"
+
+[[derived]]
+source = "orders"
+target = "orders.eu"
+filter = 'attributes.region = "eu"'
+keep = ["region", "kind", "customer"]
+rename = { kind = "type" }
+set = { public = "yes" }
+key_from = "customer"
+
+[[derived]]
+source = "orders.eu"
+target = "orders.eu.gold"
+filter = 'attributes.tier = "gold" OR hasPrefix(key, "vip-")'
+
+[[channels]]
+name = "orders.eu"
+[[channels.subscriptions]]
+name = "all"
+
+[[channels]]
+name = "orders.eu.gold"
+[[channels.subscriptions]]
+name = "all"
+"#;
+
+#[tokio::test]
+async fn derived_channels_filter_reshape_chain_and_refuse_what_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir.path(), with_config(dir.path(), DERIVED)).await;
+    let published = [
+        (
+            &[
+                ("region", "eu"),
+                ("kind", "order"),
+                ("customer", "vip-1"),
+                ("secret", "s"),
+            ][..],
+            "",
+        ),
+        (&[("region", "us"), ("kind", "order")][..], ""),
+        (
+            &[("region", "eu"), ("kind", "refund"), ("customer", "c-2")][..],
+            "",
+        ),
+    ];
+    let messages = published
+        .iter()
+        .map(|(attributes, key)| message(b"x".to_vec(), attributes, key))
+        .collect();
+    let request = pb::PublishRequest {
+        channel: "orders".into(),
+        messages,
+    };
+    daemon.publisher().await.publish(request).await.unwrap();
+
+    let mut eu = Consumer::attach(&daemon, "orders.eu", "all", 10).await;
+    let got = eu.take(2).await;
+    let first = got[0].message.as_ref().unwrap();
+    assert_eq!(
+        first.key, "vip-1",
+        "the key comes from the customer attribute"
+    );
+    let mut attributes: Vec<(&str, &str)> = first
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    attributes.sort();
+    assert_eq!(
+        attributes,
+        [
+            ("customer", "vip-1"),
+            ("ferry.derived.channel", "orders"),
+            ("ferry.derived.sequence", "1"),
+            ("public", "yes"),
+            ("region", "eu"),
+            ("type", "order"),
+        ]
+    );
+    assert_eq!(
+        got[1].message.as_ref().unwrap().attributes["ferry.derived.sequence"],
+        "3"
+    );
+    eu.ack(ack_ids(&got)).await;
+    // A derived channel of a derived channel: its origin is its immediate source.
+    let mut gold = Consumer::attach(&daemon, "orders.eu.gold", "all", 10).await;
+    let got = gold.take(1).await;
+    let attributes = &got[0].message.as_ref().unwrap().attributes;
+    assert_eq!(
+        (
+            attributes["ferry.derived.channel"].as_str(),
+            attributes["ferry.derived.sequence"].as_str()
+        ),
+        ("orders.eu", "1")
+    );
+    assert!(gold.take_for(Duration::from_millis(300)).await.is_empty());
+
+    let mut admin = daemon.admin().await;
+    let listed = admin
+        .list_derived(pb::ListDerivedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .derived;
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|d| d.lag == 0), "{listed:?}");
+    assert_eq!((listed[0].processed, listed[0].derived), (3, 2));
+
+    let refuse = |source: &str, target: &str, filter: &str| pb::DerivedChannel {
+        source: source.into(),
+        target: target.into(),
+        filter: filter.into(),
+        ..Default::default()
+    };
+    for (request, code, words) in [
+        (refuse("nowhere", "x", ""), Code::NotFound, "nowhere"),
+        (refuse("orders", "orders", ""), Code::InvalidArgument, "its"),
+        (
+            refuse("orders.eu.gold", "orders", ""),
+            Code::InvalidArgument,
+            "cycle",
+        ),
+        (
+            refuse("orders", "orders.eu", ""),
+            Code::InvalidArgument,
+            "already",
+        ),
+        (
+            refuse("orders", "y", "attributes.a ="),
+            Code::InvalidArgument,
+            "column 15",
+        ),
+    ] {
+        let refused = admin.create_derived(request).await.unwrap_err();
+        assert_eq!(refused.code(), code, "{refused:?}");
+        assert!(refused.message().contains(words), "{refused:?}");
+    }
+    // The target of a derived channel cannot go while it is one.
+    let refused = admin
+        .delete_channel(pb::DeleteChannelRequest {
+            name: "orders.eu.gold".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    admin
+        .delete_derived(pb::DeleteDerivedRequest {
+            source: "orders.eu".into(),
+            target: "orders.eu.gold".into(),
+        })
+        .await
+        .unwrap();
+    daemon.stop().await;
+
+    // Declared with an unknown source: start-up stops and says which entry.
+    let bad = "[[derived]]\nsource = \"missing\"\ntarget = \"t\"\n";
+    let refused = Daemon::try_start_in(dir.path(), with_config(dir.path(), bad))
+        .await
+        .err()
+        .expect("an unknown source stops start-up");
+    assert!(
+        refused.contains("derived[0]") && refused.contains("missing"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_derived_channel_derives_each_message_exactly_once_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[[channels]]
+name = "events"
+[[derived]]
+source = "events"
+target = "events.even"
+filter = 'attributes.even = "yes"'
+[[channels]]
+name = "events.even"
+[[channels.subscriptions]]
+name = "check"
+"#;
+    let options = with_config(dir.path(), config);
+    const ROUNDS: u64 = 4;
+    const PER_ROUND: u64 = 400;
+    let mut published = 0u64;
+    for _ in 0..ROUNDS {
+        let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+        let mut publisher = daemon.publisher().await;
+        for _ in 0..PER_ROUND / 20 {
+            let messages = (0..20)
+                .map(|_| {
+                    published += 1;
+                    let even = if published.is_multiple_of(2) {
+                        "yes"
+                    } else {
+                        "no"
+                    };
+                    message(published.to_be_bytes().to_vec(), &[("even", even)], "")
+                })
+                .collect();
+            let request = pb::PublishRequest {
+                channel: "events".into(),
+                messages,
+            };
+            publisher.publish(request).await.unwrap();
+        }
+        // Killed while the derived channel is catching up.
+        daemon.kill().await;
+    }
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let mut check = Consumer::attach(&daemon, "events.even", "check", 1000).await;
+    let expected = ROUNDS * PER_ROUND / 2;
+    let got = check.take(expected as usize).await;
+    let mut origins: Vec<u64> = got
+        .iter()
+        .map(|d| {
+            d.message.as_ref().unwrap().attributes["ferry.derived.sequence"]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    origins.sort_unstable();
+    let all_even: Vec<u64> = (1..=ROUNDS * PER_ROUND)
+        .filter(|s| s.is_multiple_of(2))
+        .collect();
+    assert_eq!(origins, all_even, "each even message derived exactly once");
+    check.ack(ack_ids(&got)).await;
+    assert!(
+        check.take_for(Duration::from_millis(500)).await.is_empty(),
+        "no duplicates"
+    );
+    daemon.stop().await;
+}

@@ -16,6 +16,7 @@
 
 pub mod broker;
 pub mod dead_letter;
+pub mod derive;
 pub mod error;
 pub mod filter;
 pub mod names;

@@ -172,6 +172,37 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn create_derived(
+        &self,
+        request: Request<pb::DerivedChannel>,
+    ) -> Answer<pb::DerivedInfo> {
+        let spec = convert::derived_spec(request.into_inner());
+        let info = self.broker.create_derived(spec).await.map_err(to_status)?;
+        Ok(Response::new(convert::derived_info(info)))
+    }
+
+    async fn delete_derived(
+        &self,
+        request: Request<pb::DeleteDerivedRequest>,
+    ) -> Answer<pb::DeleteDerivedResponse> {
+        let request = request.into_inner();
+        self.broker
+            .delete_derived(&request.source, &request.target)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteDerivedResponse {}))
+    }
+
+    async fn list_derived(
+        &self,
+        _request: Request<pb::ListDerivedRequest>,
+    ) -> Answer<pb::ListDerivedResponse> {
+        let derived = self.broker.list_derived();
+        Ok(Response::new(pb::ListDerivedResponse {
+            derived: derived.into_iter().map(convert::derived_info).collect(),
+        }))
+    }
+
     async fn seek(&self, request: Request<pb::SeekRequest>) -> Answer<pb::SubscriptionInfo> {
         let request = request.into_inner();
         let to = convert::position(request.to)?;

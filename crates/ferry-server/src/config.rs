@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_core::derive::{DerivedSpec, Reshape};
 use ferry_core::{
     BrokerOptions, ChannelDecl, ChannelLimits, ChannelSettings, ConsumerLimits,
     DEFAULT_ACK_DEADLINE_MS, DEFAULT_DEDUP_WINDOW_MS, DamagePolicy, FsyncMode, LimitPolicy, Limits,
@@ -44,6 +45,54 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Channels (and their subscriptions) created at start-up.
     pub channels: Vec<ChannelConfig>,
+    /// `[[derived]]`: derived channels created at start-up.
+    pub derived: Vec<DerivedConfig>,
+}
+
+/// `[[derived]]`: a channel derived from another (see `Admin.CreateDerived`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedConfig {
+    /// The channel it reads.
+    pub source: String,
+    /// The channel it appends to (created if missing).
+    pub target: String,
+    /// Only messages that pass it are derived.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Keep only these attributes.
+    #[serde(default)]
+    pub keep: Vec<String>,
+    /// Then drop these.
+    #[serde(default)]
+    pub drop: Vec<String>,
+    /// Then rename these (old = "new").
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
+    /// Then set these (name = "value").
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Then take the key from this attribute.
+    #[serde(default)]
+    pub key_from: Option<String>,
+}
+
+impl DerivedConfig {
+    /// The derived channel this declares.
+    pub fn spec(&self) -> DerivedSpec {
+        DerivedSpec {
+            source: self.source.clone(),
+            target: self.target.clone(),
+            filter: self.filter.clone().filter(|f| !f.is_empty()),
+            reshape: Reshape {
+                keep: self.keep.clone(),
+                drop: self.drop.clone(),
+                rename: self.rename.clone(),
+                set: self.set.clone(),
+                key_from: self.key_from.clone().filter(|k| !k.is_empty()),
+            },
+        }
+    }
 }
 
 /// `[server]`
@@ -457,6 +506,31 @@ impl Config {
                     ));
                 }
                 ferry_core::check_settings(&sub.settings()).map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        let mut derived = HashSet::new();
+        for (i, d) in self.derived.iter().enumerate() {
+            let key = format!("derived[{i}]");
+            ferry_core::names::validate("channel", &d.source)
+                .map_err(|e| format!("{key}.source: {e}"))?;
+            ferry_core::names::validate("channel", &d.target)
+                .map_err(|e| format!("{key}.target: {e}"))?;
+            if d.source == d.target {
+                return Err(format!(
+                    "{key}.target: {:?} is its own source: give it another",
+                    d.target
+                ));
+            }
+            if !derived.insert((&d.source, &d.target)) {
+                return Err(format!(
+                    "{key}: {:?} is derived from {:?} twice",
+                    d.target, d.source
+                ));
+            }
+            if let Some(filter) = &d.filter
+                && let Err(e) = ferry_core::filter::Filter::parse(filter)
+            {
+                return Err(format!("{key}.filter: {e}"));
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferry_core::dead_letter::{DELIVER_AT, EXPIRE_AT};
+use ferry_core::derive::{DerivedInfo, DerivedSpec, Reshape};
 use ferry_core::retry::{DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAXIMUM, DEFAULT_RETRY_MULTIPLIER};
 use ferry_core::{
     AckOutcome, AckResult, Appended, Attributes, ChannelInfo, ChannelLimits, ChannelSettings,
@@ -373,5 +374,40 @@ pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
             .map(|s| subscription_info(&name, s))
             .collect(),
         name,
+    }
+}
+
+/// A derived channel as a client declares it.
+pub fn derived_spec(d: pb::DerivedChannel) -> DerivedSpec {
+    DerivedSpec {
+        source: d.source,
+        target: d.target,
+        filter: Some(d.filter).filter(|f| !f.is_empty()),
+        reshape: Reshape {
+            keep: d.keep,
+            drop: d.drop,
+            rename: d.rename.into_iter().collect(),
+            set: d.set.into_iter().collect(),
+            key_from: Some(d.key_from).filter(|k| !k.is_empty()),
+        },
+    }
+}
+
+pub fn derived_info(info: DerivedInfo) -> pb::DerivedInfo {
+    let spec = info.spec;
+    pb::DerivedInfo {
+        channel: Some(pb::DerivedChannel {
+            source: spec.source,
+            target: spec.target,
+            filter: spec.filter.unwrap_or_default(),
+            keep: spec.reshape.keep,
+            drop: spec.reshape.drop,
+            rename: spec.reshape.rename.into_iter().collect(),
+            set: spec.reshape.set.into_iter().collect(),
+            key_from: spec.reshape.key_from.unwrap_or_default(),
+        }),
+        lag: info.lag,
+        processed: info.processed,
+        derived: info.derived,
     }
 }

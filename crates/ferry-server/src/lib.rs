@@ -87,6 +87,12 @@ pub async fn serve(
         let _ = broker.shutdown().await;
         return Err(e.into());
     }
+    for (i, derived) in config.derived.iter().enumerate() {
+        if let Err(e) = broker.declare_derived(&[derived.spec()]).await {
+            let _ = broker.shutdown().await;
+            return Err(CoreError::InvalidArgument(format!("derived[{i}]: {e}")).into());
+        }
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;

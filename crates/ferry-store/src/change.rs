@@ -447,6 +447,7 @@ mod tests {
                     name: "audit".into(),
                     settings,
                     filter: "attributes:trace".into(),
+                    transform: vec![1, 2, 3],
                 },
                 acks: acks.clone(),
             },

@@ -643,6 +643,8 @@ pub(crate) struct SubscriptionRecord {
     pub settings: SubscriptionSettings,
     /// Its filter's text ("": none). It never changes.
     pub filter: String,
+    /// What the broker keeps with it besides (a derived channel's reshaping), opaque here.
+    pub transform: Vec<u8>,
 }
 
 impl SubscriptionRecord {
@@ -651,9 +653,13 @@ impl SubscriptionRecord {
         out.put_u32_le(self.channel.0);
         put_str(&mut out, &self.name);
         encode_settings(&self.settings, &mut out);
-        // Older records end after the settings: no filter.
-        if !self.filter.is_empty() {
+        // Older records end after the settings: no filter, no transform.
+        if !self.filter.is_empty() || !self.transform.is_empty() {
             put_str(&mut out, &self.filter);
+        }
+        if !self.transform.is_empty() {
+            out.put_u32_le(self.transform.len() as u32);
+            out.put_slice(&self.transform);
         }
         out
     }
@@ -670,11 +676,16 @@ impl SubscriptionRecord {
             true => get_str_slice(&mut raw).ok_or_else(bad)?,
             false => String::new(),
         };
+        let transform = match raw.has_remaining() {
+            true => get_slice(&mut raw).ok_or_else(bad)?.to_vec(),
+            false => Vec::new(),
+        };
         Ok(Self {
             channel,
             name,
             settings,
             filter,
+            transform,
         })
     }
 }

@@ -355,6 +355,7 @@ fn placeholder_subscription() -> SubscriptionRecord {
         name: PLACEHOLDER.into(),
         settings: SubscriptionSettings::default(),
         filter: String::new(),
+        transform: Vec::new(),
     }
 }
 
@@ -680,6 +681,7 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
                     name: "recovered".into(),
                     settings: SubscriptionSettings::default(),
                     filter: String::new(),
+                    transform: Vec::new(),
                 },
                 Some(AckState {
                     floor: first,

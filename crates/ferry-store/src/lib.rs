@@ -524,6 +524,8 @@ pub struct RecoveredSubscription {
     pub settings: SubscriptionSettings,
     /// Its filter's text ("": none).
     pub filter: String,
+    /// What the broker keeps with it besides (opaque to the store).
+    pub transform: Vec<u8>,
     /// Its durable ack state.
     pub acks: AckState,
     /// Failure records of its unacked messages, by sequence.
@@ -799,11 +801,12 @@ impl Store {
         settings: SubscriptionSettings,
         start: Position,
     ) -> Result<(SubscriptionId, AckState)> {
-        self.create_filtered_subscription(channel, name, settings, start, String::new())
+        self.create_filtered_subscription(channel, name, settings, start, String::new(), Vec::new())
             .await
     }
 
-    /// Creates a subscription with a filter (its text, kept as given: the broker parses it).
+    /// Creates a subscription with a filter (its text, kept as given: the broker parses it)
+    /// and a transform (bytes only the broker reads).
     pub async fn create_filtered_subscription(
         &self,
         channel: ChannelId,
@@ -811,6 +814,7 @@ impl Store {
         settings: SubscriptionSettings,
         start: Position,
         filter: String,
+        transform: Vec<u8>,
     ) -> Result<(SubscriptionId, AckState)> {
         self.call(|reply| Op::CreateSubscription {
             channel,
@@ -818,6 +822,7 @@ impl Store {
             settings,
             start,
             filter,
+            transform,
             reply,
         })
         .await

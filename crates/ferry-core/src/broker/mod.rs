@@ -1,6 +1,7 @@
 //! The broker: the registry of channels and subscriptions, publishing, attaching consumers, and
 //! administration. It owns the store handle and one dispatcher task per subscription.
 
+mod derived;
 mod redrive;
 
 pub use redrive::{RedriveOutcome, RedriveSelection};
@@ -70,6 +71,8 @@ struct Inner {
     /// Serialises creations and deletions so that the registry and the store always agree.
     admin: tokio::sync::Mutex<()>,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    /// Running derived channels, by (source, target).
+    derived: Mutex<BTreeMap<(String, String), derived::DerivedHandle>>,
     closing: AtomicBool,
 }
 
@@ -229,6 +232,7 @@ impl Broker {
                 channels: RwLock::new(BTreeMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 dispatchers: Mutex::new(Vec::new()),
+                derived: Mutex::new(BTreeMap::new()),
                 closing: AtomicBool::new(false),
             }),
         };
@@ -244,7 +248,10 @@ impl Broker {
                     sub.name
                 ))
             })?;
-            broker.start_subscription(channel, sub);
+            match sub.name.starts_with(crate::derive::PREFIX) {
+                true => broker.start_derived(channel, sub, &by_id),
+                false => broker.start_subscription(channel, sub),
+            }
         }
         Ok(broker)
     }
@@ -527,6 +534,14 @@ impl Broker {
             .delete_channel(shared.id)
             .await
             .map_err(|e| match e {
+                StoreError::ChannelInUse(subscription)
+                    if subscription.starts_with(crate::derive::PREFIX) =>
+                {
+                    CoreError::FailedPrecondition(format!(
+                        "channel {name:?} is the target of a derived channel: delete the derived \
+                         channel (ListDerived shows it) first"
+                    ))
+                }
                 StoreError::ChannelInUse(subscription) => CoreError::FailedPrecondition(format!(
                     "channel {name:?} is the dead-letter channel of subscription \
                      {subscription:?}: give that subscription another dead-letter channel, or \
@@ -534,6 +549,7 @@ impl Broker {
                 )),
                 e => e.into(),
             })?;
+        self.stop_derived_from(name);
         self.inner
             .channels
             .write()
@@ -656,6 +672,7 @@ impl Broker {
                 settings,
                 start,
                 filter.clone(),
+                Vec::new(),
             )
             .await
             .map_err(|e| match e {
@@ -669,6 +686,7 @@ impl Broker {
             name: name.to_owned(),
             settings,
             filter,
+            transform: Vec::new(),
             acks,
             failures: Vec::new(),
         };
@@ -822,6 +840,7 @@ impl Broker {
                     .await;
             }
         }
+        self.stop_all_derived();
         let tasks = std::mem::take(&mut *self.inner.dispatchers.lock().expect("dispatchers lock"));
         for task in tasks {
             let _ = task.await;

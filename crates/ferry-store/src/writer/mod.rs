@@ -93,6 +93,7 @@ pub(crate) enum Op {
         settings: SubscriptionSettings,
         start: Position,
         filter: String,
+        transform: Vec<u8>,
         reply: Reply<(SubscriptionId, AckState)>,
     },
     UpdateSubscription {
@@ -320,6 +321,7 @@ impl Writer {
                 name: record.name.clone(),
                 settings: record.settings,
                 filter: record.filter.clone(),
+                transform: record.transform.clone(),
                 acks,
                 failures,
             });

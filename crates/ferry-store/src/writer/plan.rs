@@ -84,6 +84,7 @@ impl Writer {
                 settings,
                 start,
                 filter,
+                transform,
                 reply,
             } => {
                 let record = SubscriptionRecord {
@@ -91,6 +92,7 @@ impl Writer {
                     name,
                     settings,
                     filter,
+                    transform,
                 };
                 let planned = self.plan_create_subscription(record, start, group);
                 answer(group, reply, planned);
