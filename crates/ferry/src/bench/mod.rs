@@ -145,6 +145,10 @@ pub struct BenchArgs {
     /// (`attributes.n = "0"`; the messages carry n = 0 to 9 in turn): the cost of filtering.
     #[arg(long)]
     filter: bool,
+    /// Attach a derived channel to each scenario's channel (no filter: every message is
+    /// appended to CHANNEL.derived as well): what deriving costs.
+    #[arg(long)]
+    derived: bool,
     /// In the backlog scenario, publish every message delayed by this many seconds: the drain
     /// then measures delayed messages entering their channel as they come due.
     #[arg(long, value_name = "S")]
@@ -828,6 +832,16 @@ impl Bench<'_> {
             .map_err(|s| {
                 BenchError::status(format!("cannot create a subscription of {name}"), &s)
             })?;
+        if self.args.derived {
+            admin
+                .create_derived(pb::DerivedChannel {
+                    source: name.clone(),
+                    target: format!("{name}.derived"),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| BenchError::status(format!("cannot derive from {name}"), &s))?;
+        }
         Ok(name)
     }
 
@@ -835,10 +849,14 @@ impl Bench<'_> {
     /// disk nor weighs on the next scenario. A failure only warrants a warning.
     async fn remove_channel(&self, name: &str) {
         let dead = format!("{name}.dead");
-        // The dead-letter channel last: it cannot go while the subscription names it.
-        for channel in [name, dead.as_str()] {
-            if channel == dead && !self.args.retry_policy {
-                break;
+        let derived = format!("{name}.derived");
+        // The dead-letter channel and the derived one last: neither can go while its
+        // subscription (or derived channel) on the channel exists.
+        for channel in [name, dead.as_str(), derived.as_str()] {
+            if (channel == dead && !self.args.retry_policy)
+                || (channel == derived && !self.args.derived)
+            {
+                continue;
             }
             let request = pb::DeleteChannelRequest {
                 name: channel.to_owned(),
