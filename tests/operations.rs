@@ -677,3 +677,101 @@ async fn config_check_says_what_start_up_would_and_health_has_an_exit_code() {
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot connect to"), "{err}");
 }
+
+#[tokio::test]
+async fn limits_on_consumers_and_headers_refuse_only_the_excess() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[limits]
+max_consumers_per_subscription = 2
+max_header_bytes = "4KiB"
+
+[[channels]]
+name = "orders"
+[[channels.subscriptions]]
+name = "work"
+"#;
+    let daemon = Daemon::start_in(dir.path(), common::with_config(dir.path(), config)).await;
+    let window = pb::FlowControl {
+        max_messages: 10,
+        max_bytes: 0,
+    };
+    // Consumers: the third is refused with what to do; the first two go on.
+    let mut first = Consumer::try_attach(&daemon, "orders", "work", window)
+        .await
+        .unwrap();
+    let mut second = Consumer::try_attach(&daemon, "orders", "work", window)
+        .await
+        .unwrap();
+    let refused = Consumer::try_attach(&daemon, "orders", "work", window)
+        .await
+        .err()
+        .expect("a third consumer is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("max_consumers_per_subscription"),
+        "{refused:?}"
+    );
+    daemon
+        .publish("orders", (0..4).map(|i| vec![i as u8]))
+        .await;
+    let mut delivered = first.take_for(Duration::from_millis(300)).await.len();
+    delivered += second.take_for(Duration::from_millis(300)).await.len();
+    assert_eq!(delivered, 4, "the attached consumers are not affected");
+
+    // Headers: a call with 8 KiB of metadata is refused, a normal one is not.
+    let mut admin = daemon.admin().await;
+    let mut big = tonic::Request::new(pb::ListChannelsRequest {});
+    big.metadata_mut()
+        .insert("x-padding", "p".repeat(8 << 10).parse().unwrap());
+    assert!(admin.list_channels(big).await.is_err());
+    let mut admin = daemon.admin().await;
+    admin
+        .list_channels(pb::ListChannelsRequest {})
+        .await
+        .unwrap();
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("limits.max_consumers_per_subscription reached"),
+        "{log}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_past_max_connections_is_closed_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[limits]\nmax_connections = 2\n";
+    let daemon = Daemon::start_in(dir.path(), common::with_config(dir.path(), config)).await;
+    let list = |channel: tonic::transport::Channel| async move {
+        pb::admin_client::AdminClient::new(channel)
+            .list_channels(pb::ListChannelsRequest {})
+            .await
+    };
+    let one = common::connect(&daemon.url).await.unwrap();
+    let two = common::connect(&daemon.url).await.unwrap();
+    list(one.clone()).await.unwrap();
+    list(two.clone()).await.unwrap();
+    let refused = match common::connect(&daemon.url).await {
+        None => true,
+        Some(three) => list(three).await.is_err(),
+    };
+    assert!(refused, "a third connection is refused");
+    list(one.clone()).await.unwrap();
+    // Once one closes, a new one is served.
+    drop(two);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(four) = common::connect(&daemon.url).await
+            && list(four).await.is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("limits.max_connections reached"), "{log}");
+    drop(one);
+    daemon.stop().await;
+}

@@ -63,6 +63,18 @@ pub enum CoreError {
         /// What was waiting.
         queued_bytes: usize,
     },
+    /// A subscription has as many consumers attached as the limit allows.
+    #[error(
+        "subscription {subscription:?} has {most} consumers attached, the most allowed \
+         (limits.max_consumers_per_subscription): share the subscription's load among fewer \
+         consumers, or raise the limit"
+    )]
+    TooManyConsumers {
+        /// The subscription.
+        subscription: String,
+        /// The limit.
+        most: usize,
+    },
     /// The consumer was detached (it stalled, or its subscription went): its stream takes no
     /// more requests.
     #[error("this consumer was detached: attach again on a new stream")]

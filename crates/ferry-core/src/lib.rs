@@ -88,6 +88,8 @@ pub struct ConsumerLimits {
     /// A consumer whose stream takes nothing from a non-empty outbox for this long is detached
     /// and its deliveries released.
     pub stall_timeout: Duration,
+    /// The most consumers one subscription has attached at once.
+    pub max_per_subscription: u32,
 }
 
 impl Default for ConsumerLimits {
@@ -95,6 +97,7 @@ impl Default for ConsumerLimits {
         Self {
             queue_bytes: 8 << 20,
             stall_timeout: Duration::from_secs(30),
+            max_per_subscription: 256,
         }
     }
 }

@@ -174,6 +174,14 @@ pub struct LimitsConfig {
     pub consumer_queue: ByteSize,
     /// How long a consumer may leave its stream unread before it is detached.
     pub consumer_stall_timeout: HumanDuration,
+    /// The most consumers attached to one subscription at once.
+    pub max_consumers_per_subscription: u32,
+    /// The most client connections at once.
+    pub max_connections: u32,
+    /// The most calls (streams) one connection may have open at once.
+    pub max_streams_per_connection: u32,
+    /// The most bytes of a request's headers (metadata).
+    pub max_header_bytes: ByteSize,
 }
 
 /// `[[channels]]`
@@ -364,6 +372,10 @@ impl Default for LimitsConfig {
             max_batch_bytes: ByteSize(limits.max_batch_bytes as u64),
             consumer_queue: ByteSize(consumers.queue_bytes as u64),
             consumer_stall_timeout: HumanDuration(consumers.stall_timeout),
+            max_consumers_per_subscription: consumers.max_per_subscription,
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            max_header_bytes: ByteSize(16 << 10),
         }
     }
 }
@@ -477,6 +489,31 @@ impl Config {
                 limits.consumer_queue.0
             ));
         }
+        for (key, value, most) in [
+            (
+                "max_consumers_per_subscription",
+                limits.max_consumers_per_subscription,
+                100_000,
+            ),
+            ("max_connections", limits.max_connections, 1_000_000),
+            (
+                "max_streams_per_connection",
+                limits.max_streams_per_connection,
+                100_000,
+            ),
+        ] {
+            if !(1..=most).contains(&value) {
+                return Err(format!(
+                    "limits.{key} is {value}; it must be from 1 to {most}"
+                ));
+            }
+        }
+        if !(1024..=1 << 20).contains(&limits.max_header_bytes.0) {
+            return Err(format!(
+                "limits.max_header_bytes is {}; it must be from 1KiB to 1MiB",
+                limits.max_header_bytes.0
+            ));
+        }
         let stall = limits.consumer_stall_timeout.0;
         if stall < Duration::from_millis(100) || stall > Duration::from_secs(3600) {
             return Err(format!(
@@ -575,6 +612,7 @@ impl Config {
             consumers: ConsumerLimits {
                 queue_bytes: self.limits.consumer_queue.0 as usize,
                 stall_timeout: self.limits.consumer_stall_timeout.0,
+                max_per_subscription: self.limits.max_consumers_per_subscription,
             },
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+mod connections;
 mod convert;
 pub mod publisher;
 pub mod status;
@@ -117,7 +118,10 @@ pub async fn serve(
     // Small frames (acks, single-message publishes) must not wait for Nagle's algorithm; the
     // builder's own nodelay setting does not reach an incoming stream we hand it.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = connections::limit(incoming, config.limits.max_connections);
     let server = Server::builder()
+        .max_concurrent_streams(config.limits.max_streams_per_connection)
+        .http2_max_header_list_size(config.limits.max_header_bytes.0 as u32)
         .layer(status::TransportStatusLayer { max_request })
         .add_service(health_service)
         .add_service(reflection_v1)

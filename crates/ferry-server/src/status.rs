@@ -22,7 +22,9 @@ pub fn to_status(error: CoreError) -> Status {
             Status::already_exists(message)
         }
         CoreError::ShuttingDown => Status::unavailable(message),
-        CoreError::ConsumerStalled { .. } => Status::resource_exhausted(message),
+        CoreError::ConsumerStalled { .. } | CoreError::TooManyConsumers { .. } => {
+            Status::resource_exhausted(message)
+        }
         CoreError::ConsumerDetached => Status::failed_precondition(message),
         CoreError::Storage(StoreError::Corrupt(_) | StoreError::Damaged { .. }) => {
             Status::data_loss(message)

@@ -466,7 +466,7 @@ impl Broker {
             .send(Command::Attach { window, reply })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
-        let (attached, events, gate) = attached.await.map_err(|_| CoreError::ShuttingDown)?;
+        let (attached, events, gate) = attached.await.map_err(|_| CoreError::ShuttingDown)??;
         let attachment = Attachment {
             consumer: attached.consumer_id,
             commands: handle.commands.clone(),

@@ -58,7 +58,7 @@ const MAX_FAILED: usize = 10_000;
 pub(crate) enum Command {
     Attach {
         window: Window,
-        reply: oneshot::Sender<(Attached, ConsumerEvents, RequestGate)>,
+        reply: oneshot::Sender<Result<(Attached, ConsumerEvents, RequestGate), CoreError>>,
     },
     Detach {
         consumer: u64,
@@ -386,8 +386,17 @@ impl Dispatcher {
     fn attach(
         &mut self,
         window: Window,
-        reply: oneshot::Sender<(Attached, ConsumerEvents, RequestGate)>,
+        reply: oneshot::Sender<Result<(Attached, ConsumerEvents, RequestGate), CoreError>>,
     ) {
+        let most = self.limits.max_per_subscription as usize;
+        if self.consumers.len() >= most {
+            tracing::warn!(subscription = %self.name, consumers = most, "a consumer was refused: limits.max_consumers_per_subscription reached");
+            let _ = reply.send(Err(CoreError::TooManyConsumers {
+                subscription: self.name.clone(),
+                most,
+            }));
+            return;
+        }
         let id = self.next_consumer;
         self.next_consumer += 1;
         let (outbox, events) = outbox(self.limits.queue_bytes, self.wake.clone());
@@ -406,7 +415,7 @@ impl Dispatcher {
             ack_deadline_ms: self.settings.ack_deadline_ms,
             window,
         };
-        let _ = reply.send((attached, events, gate));
+        let _ = reply.send(Ok((attached, events, gate)));
         tracing::debug!(subscription = %self.name, consumer = id, "consumer attached");
     }
 
