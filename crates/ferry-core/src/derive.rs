@@ -204,6 +204,10 @@ impl Deriver {
         let mut end = self.log.watch_end();
         let mut withdrawn = self.log.watch_withdrawn();
         loop {
+            // Checked before each batch: a shutdown must not wait for a backlog to be derived.
+            if stop.has_changed().unwrap_or(true) {
+                return;
+            }
             self.fold_withdrawn(&mut withdrawn);
             self.progress
                 .floor

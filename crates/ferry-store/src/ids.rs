@@ -110,21 +110,18 @@ impl IdIndex {
             ids.open_until = ids.open_until.max(covers);
             ids.sealed.push(sealed);
         }
-        let mut batch = sled::Batch::default();
+        // Every E key left is loaded, even one a sealed file covers (a crash between the seal
+        // and the removal of its keys): an id found twice is harmless, one skipped is not (a
+        // key may sort below a file's mark when the clock stepped back).
         for entry in db.scan_prefix(b"E") {
             let (key, value) = entry?;
             let (channel, publish_ms, first) = codec::parse_id_time_key_full(&key)?;
             let ids = index.channels.entry(channel).or_default();
-            if (publish_ms, first) <= ids.open_until && !ids.sealed.is_empty() {
-                batch.remove(key);
-                continue;
-            }
             for (seq, id) in codec::decode_ids(&value)? {
                 ids.insert(hash(&id), seq, publish_ms);
             }
-            ids.open_until = (publish_ms, first);
+            ids.open_until = ids.open_until.max((publish_ms, first));
         }
-        db.apply_batch(batch)?;
         Ok(index)
     }
 
@@ -225,7 +222,8 @@ impl IdIndex {
     pub(crate) fn seal(&mut self, db: &sled::Db, channel: ChannelId) -> Result<()> {
         let dir = self.dir.clone();
         let ids = self.channels.get_mut(&channel).expect("sealed channel");
-        let mut entries: Vec<(u128, Entry)> = ids.open.drain().collect();
+        // Copied, not drained: if the seal fails, the ids stay in memory for the next try.
+        let mut entries: Vec<(u128, Entry)> = ids.open.iter().map(|(h, e)| (*h, *e)).collect();
         entries.sort_unstable_by_key(|(h, _)| *h);
         let oldest = entries.iter().map(|(_, e)| e.publish_ms).min().unwrap_or(0);
         let newest = entries.iter().map(|(_, e)| e.publish_ms).max().unwrap_or(0);
@@ -264,6 +262,7 @@ impl IdIndex {
         ids.sealed
             .push(Sealed::from_entries(path, file, &entries, newest));
         ids.next_file = number + 1;
+        ids.open.clear();
         ids.open_since_ms = None;
         // The file is durable: the commits' keys it covers can go.
         let mut batch = sled::Batch::default();

@@ -23,8 +23,8 @@ pub(super) struct DerivedHandle {
     spec: DerivedSpec,
     source_log: Arc<ChannelLog>,
     progress: Arc<Progress>,
-    /// Dropped (or sent to) to stop its task.
-    stop: watch::Sender<()>,
+    /// Sent to (or dropped) to stop its task; `None` if it could not be started.
+    stop: Option<watch::Sender<()>>,
 }
 
 impl Broker {
@@ -48,19 +48,9 @@ impl Broker {
             )));
         }
         let key = (spec.source.clone(), spec.target.clone());
-        if self
-            .inner
-            .derived
-            .lock()
-            .expect("derived lock")
-            .contains_key(&key)
-        {
-            return Err(CoreError::InvalidArgument(format!(
-                "channel {:?} is already derived from {:?}",
-                spec.target, spec.source
-            )));
-        }
-        self.check_cycle(&spec)?;
+        // Checked before the target is created, and again under the admin lock, where two
+        // concurrent creations cannot both pass.
+        self.check_new_derived(&spec)?;
         let source = self.channel(&spec.source)?;
         match self
             .create_channel(&spec.target, ChannelSettings::default())
@@ -70,6 +60,7 @@ impl Broker {
             Err(e) => return Err(e),
         }
         let _admin = self.inner.admin.lock().await;
+        self.check_new_derived(&spec)?;
         let target = self.channel(&spec.target)?;
         let settings = ferry_store::SubscriptionSettings {
             dead_letter: Some(target.id),
@@ -124,14 +115,14 @@ impl Broker {
             )));
         };
         self.inner.store.delete_subscription(id).await?;
-        if let Some(handle) = self
+        let removed = self
             .inner
             .derived
             .lock()
             .expect("derived lock")
-            .remove(&key)
-        {
-            let _ = handle.stop.send(());
+            .remove(&key);
+        if let Some(stop) = removed.and_then(|h| h.stop) {
+            let _ = stop.send(());
         }
         tracing::info!(source, target, "derived channel deleted");
         Ok(())
@@ -187,9 +178,16 @@ impl Broker {
         })
     }
 
-    /// Refuses a derived channel that would close a loop of derived channels.
-    fn check_cycle(&self, spec: &DerivedSpec) -> Result<()> {
+    /// Refuses a derived channel that exists already or would close a loop of derived
+    /// channels.
+    fn check_new_derived(&self, spec: &DerivedSpec) -> Result<()> {
         let derived = self.inner.derived.lock().expect("derived lock");
+        if derived.contains_key(&(spec.source.clone(), spec.target.clone())) {
+            return Err(CoreError::InvalidArgument(format!(
+                "channel {:?} is already derived from {:?}",
+                spec.target, spec.source
+            )));
+        }
         let mut next: HashMap<&str, Vec<&str>> = HashMap::new();
         for (source, target) in derived.keys() {
             next.entry(source.as_str())
@@ -224,19 +222,24 @@ impl Broker {
             tracing::error!(subscription = %sub.name, "a derived channel's target is gone: not started");
             return;
         };
-        let Some(reshape) = Reshape::decode(&sub.transform) else {
-            tracing::error!(subscription = %sub.name, "a derived channel's reshaping cannot be read: not started");
-            return;
-        };
         let filter = Some(sub.filter.clone()).filter(|f| !f.is_empty());
-        let parsed = filter.as_deref().and_then(|f| Filter::parse(f).ok());
+        let parsed = filter.as_deref().map(Filter::parse).transpose();
+        let reshape = Reshape::decode(&sub.transform);
         let spec = DerivedSpec {
             source: source.name.clone(),
             target: target.name.clone(),
             filter,
-            reshape,
+            reshape: reshape.clone().unwrap_or_default(),
         };
-        self.run_derived(source, target.id, spec, parsed, sub);
+        match (parsed, reshape) {
+            (Ok(parsed), Some(_)) => self.run_derived(source, target.id, spec, parsed, sub),
+            // Not run (deriving otherwise than declared would be worse), but listed, so that it
+            // can be deleted and declared anew.
+            _ => {
+                tracing::error!(source = %spec.source, target = %spec.target, "a derived channel's filter or reshaping cannot be read by this broker: not started; delete it and create it again");
+                self.register_derived(source, spec, sub.id, Arc::new(Progress::default()), None);
+            }
+        }
     }
 
     fn run_derived(
@@ -264,9 +267,22 @@ impl Broker {
             progress: progress.clone(),
         };
         let task = tokio::spawn(deriver.run(stopped));
+        self.register_derived(source, spec, sub.id, progress, Some(stop));
+        let mut dispatchers = self.inner.dispatchers.lock().expect("dispatchers lock");
+        dispatchers.push(task);
+    }
+
+    fn register_derived(
+        &self,
+        source: &Arc<ChannelShared>,
+        spec: DerivedSpec,
+        id: SubscriptionId,
+        progress: Arc<Progress>,
+        stop: Option<watch::Sender<()>>,
+    ) {
         let key = (spec.source.clone(), spec.target.clone());
         let handle = DerivedHandle {
-            id: sub.id,
+            id,
             spec,
             source_log: source.log.clone(),
             progress,
@@ -277,8 +293,6 @@ impl Broker {
             .lock()
             .expect("derived lock")
             .insert(key, handle);
-        let mut dispatchers = self.inner.dispatchers.lock().expect("dispatchers lock");
-        dispatchers.push(task);
     }
 
     /// Stops the derived channels reading a deleted channel.
@@ -290,8 +304,8 @@ impl Broker {
             .cloned()
             .collect();
         for key in gone {
-            if let Some(handle) = derived.remove(&key) {
-                let _ = handle.stop.send(());
+            if let Some(stop) = derived.remove(&key).and_then(|h| h.stop) {
+                let _ = stop.send(());
             }
         }
     }
@@ -300,7 +314,9 @@ impl Broker {
     pub(super) fn stop_all_derived(&self) {
         let derived = std::mem::take(&mut *self.inner.derived.lock().expect("derived lock"));
         for handle in derived.into_values() {
-            let _ = handle.stop.send(());
+            if let Some(stop) = &handle.stop {
+                let _ = stop.send(());
+            }
         }
     }
 }

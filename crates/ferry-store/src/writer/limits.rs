@@ -184,16 +184,26 @@ impl Writer {
         Ok(())
     }
 
-    /// The first sequence of the record of `channel` that holds `seq` (or `seq` if none does).
+    /// The first sequence of the record of `channel` that holds `seq` (or `seq` if none does:
+    /// every record before it ends at or before it).
     fn record_at(&self, channel: ChannelId, seq: u64) -> Result<u64> {
-        match self
+        let last = self
             .db
             .range(record_key(channel, 0)..=record_key(channel, seq))
-            .next_back()
-        {
-            Some(entry) => codec::parse_record_key(&entry?.0),
-            None => Ok(seq),
-        }
+            .next_back();
+        let Some(entry) = last else {
+            return Ok(seq);
+        };
+        let first = codec::parse_record_key(&entry?.0)?;
+        let next = self
+            .db
+            .range(record_key(channel, first + 1)..=record_key(channel, u64::MAX))
+            .next();
+        let end = match next {
+            Some(entry) => codec::parse_record_key(&entry?.0)?,
+            None => (self.logs.get(&channel)).map_or(seq, |l| l.log.stats().next_seq),
+        };
+        Ok(if seq < end { first } else { seq })
     }
 
     /// Drops `channel`'s messages in `range` (its oldest unacked ones), dead-lettering them for
@@ -234,8 +244,10 @@ impl Writer {
         ) else {
             return letters;
         };
+        // Names starting with '~' are the broker's own (a derived channel's progress): its
+        // "dead-letter channel" is where it derives to, not where drops go.
         let readers: Vec<(SubscriptionId, &str, ChannelId)> = (self.state.subscriptions.iter())
-            .filter(|(_, s)| s.channel == channel)
+            .filter(|(_, s)| s.channel == channel && !s.name.starts_with('~'))
             .filter_map(|(id, s)| Some((*id, s.name.as_str(), s.settings.dead_letter?)))
             .filter(|(_, _, target)| self.state.channels.contains_key(target))
             .collect();

@@ -505,8 +505,11 @@ impl Writer {
             } = change
             {
                 self.ids.insert(*channel, *publish_ms, entries);
+                // A sealed file must not hold ids of commits a crash could still take back.
                 if self.ids.full(*channel)
-                    && let Err(e) = self.ids.seal(&self.db, *channel)
+                    && let Err(e) = self
+                        .sync_if_unsynced()
+                        .and_then(|()| self.ids.seal(&self.db, *channel))
                 {
                     tracing::warn!(error = %e, "cannot seal de-duplication ids; trying again later");
                 }
@@ -734,6 +737,9 @@ impl Writer {
                 self.pending_collects.extend(aging);
                 self.commit(Vec::new(), shared, checkpoints);
             }
+            if let Err(e) = self.sync_if_unsynced() {
+                fail(shared, &e);
+            }
             let channels = &self.state.channels;
             let windows = |id: ChannelId| channels.get(&id).map(|c| c.settings.dedup_window_ms);
             if let Err(e) = self.ids.maintain(&self.db, now, windows) {
@@ -774,6 +780,14 @@ impl Writer {
         match self.fsync {
             FsyncMode::Interval(every) => self.unsynced_since.map(|since| since + every),
             _ => None,
+        }
+    }
+
+    /// Syncs what `fsync = "interval"` has written but not synced yet.
+    fn sync_if_unsynced(&mut self) -> Result<()> {
+        match self.unsynced_since {
+            Some(_) => self.sync_now(),
+            None => Ok(()),
         }
     }
 

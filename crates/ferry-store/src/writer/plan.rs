@@ -278,9 +278,9 @@ impl Writer {
                 let ((due, number), value) = match read {
                     Ok(read) => read,
                     Err(e) => {
-                        // Tried again at the next commit.
+                        // Tried again in a second.
                         tracing::error!(error = %e, "cannot read delayed messages");
-                        next = Some(now);
+                        next = Some(now + 1000);
                         break;
                     }
                 };
