@@ -775,3 +775,46 @@ async fn a_connection_past_max_connections_is_closed_and_the_others_go_on() {
     drop(one);
     daemon.stop().await;
 }
+
+/// `GET path` on a loopback HTTP endpoint: the whole response.
+async fn http_get(address: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_per_channel_and_per_subscription_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[channels]]\nname = \"orders\"\n\
+         [[channels.subscriptions]]\nname = \"work\"\n"
+    );
+    let daemon = Daemon::start_in(dir.path(), common::with_config(dir.path(), &config)).await;
+    daemon
+        .publish("orders", (0..3).map(|i| vec![i as u8; 10]))
+        .await;
+    let address = format!("127.0.0.1:{port}");
+    let response = http_get(&address, "/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    for line in [
+        "ferry_channel_messages{channel=\"orders\"} 3",
+        "ferry_channel_published_total{channel=\"orders\"} 3",
+        "ferry_subscription_backlog_messages{channel=\"orders\",subscription=\"work\"} 3",
+        "ferry_subscription_consumers{channel=\"orders\",subscription=\"work\"} 0",
+        "# TYPE ferry_store_operations counter",
+    ] {
+        assert!(response.contains(line), "{line} missing from {response}");
+    }
+    assert!(http_get(&address, "/").await.starts_with("HTTP/1.1 404"));
+    daemon.stop().await;
+}

@@ -47,6 +47,16 @@ pub struct Config {
     pub channels: Vec<ChannelConfig>,
     /// `[[derived]]`: derived channels created at start-up.
     pub derived: Vec<DerivedConfig>,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (absent: nowhere).
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[[derived]]`: a channel derived from another (see `Admin.CreateDerived`).
@@ -384,6 +394,16 @@ impl Config {
     /// Refuses to serve where strangers could reach an unauthenticated broker: an address
     /// other than loopback needs `allow_unauthenticated = true` (until principals exist).
     pub fn check_exposure(&self) -> Result<(), String> {
+        if let Some(metrics) = self.metrics.listen
+            && !metrics.ip().is_loopback()
+            && !self.server.allow_unauthenticated
+        {
+            return Err(format!(
+                "[metrics] listen = \"{metrics}\" is not a loopback address, and nothing \
+                 authenticates scrapes: listen on 127.0.0.1 or [::1], or set \
+                 allow_unauthenticated = true under [server]"
+            ));
+        }
         let listen = self.server.listen;
         if listen.ip().is_loopback() || self.server.allow_unauthenticated {
             return Ok(());

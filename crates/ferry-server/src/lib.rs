@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 mod connections;
 mod convert;
+pub mod metrics;
 pub mod publisher;
 pub mod status;
 pub mod subscriber;
@@ -147,6 +148,22 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
 
+    if let Some(address) = config.metrics.listen {
+        let listener = TcpListener::bind(address).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot serve metrics on {address}: {e}"))
+        });
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                stop.cancel();
+                let _ = broker.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let bound = listener.local_addr()?;
+        tracing::info!(address = %bound, "metrics at GET /metrics");
+        tokio::spawn(metrics::serve(listener, broker.clone(), stop.clone()));
+    }
     let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
     ready(address);
     tracing::info!(%address, data_dir = %config.server.data_dir.display(), fsync = %config.storage.fsync, "ferry is serving");

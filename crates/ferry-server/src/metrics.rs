@@ -1,0 +1,242 @@
+//! The Prometheus endpoint (`[metrics] listen`): `GET /metrics` answers the OpenMetrics text
+//! format, built at each scrape from the broker's own figures (the same ones Admin shows), so
+//! nothing on the message path pays for it.
+//!
+//! Names follow Prometheus conventions (`ferry_` prefix, base units, `_total` for counters).
+//! Series: a handful per channel, per subscription and per derived channel, so their number
+//! grows with the channels and subscriptions an operator creates, never with traffic (no
+//! label carries a message, key, consumer or client).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_core::Broker;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+type Labels = Vec<(String, String)>;
+
+/// Serves scrapes until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, broker: Broker, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, broker.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: cannot accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers one HTTP/1.1 request and closes the connection.
+async fn answer(mut stream: TcpStream, broker: Broker) {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // The request head only (a scrape has no body); at most 8 KiB of it, within 5 s.
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    if !matches!(read, Ok(true)) {
+        return;
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let (status, kind, body) = if line.starts_with(b"GET /metrics ") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(&broker).await,
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "ferry serves its metrics at GET /metrics\n".to_owned(),
+        )
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A family of gauges or counters registered under `name`.
+fn family<
+    M: prometheus_client::metrics::TypedMetric
+        + Default
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<Labels, M>
+where
+    Family<Labels, M>: prometheus_client::registry::Metric,
+{
+    let family = Family::<Labels, M>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn set(family: &Family<Labels, Gauge>, labels: &Labels, value: u64) {
+    family
+        .get_or_create(labels)
+        .set(i64::try_from(value).unwrap_or(i64::MAX));
+}
+
+fn count(family: &Family<Labels, Counter>, labels: &Labels, value: u64) {
+    family.get_or_create(labels).inc_by(value);
+}
+
+/// The whole exposition, from the broker's figures now.
+pub async fn render(broker: &Broker) -> String {
+    let mut registry = Registry::default();
+    let reg = &mut registry;
+    let messages = family::<Gauge>(reg, "ferry_channel_messages", "Messages a channel stores");
+    let bytes = family::<Gauge>(reg, "ferry_channel_bytes", "Bytes a channel's records take");
+    let published = family::<Counter>(
+        reg,
+        "ferry_channel_published",
+        "Messages appended to a channel (its last sequence)",
+    );
+    let delayed = family::<Gauge>(
+        reg,
+        "ferry_channel_delayed_messages",
+        "Delayed messages kept aside until due",
+    );
+    let dropped = family::<Counter>(
+        reg,
+        "ferry_channel_dropped",
+        "Messages dropped to keep a channel within its limits",
+    );
+    let backlog = family::<Gauge>(
+        reg,
+        "ferry_subscription_backlog_messages",
+        "Messages waiting to be delivered",
+    );
+    let in_flight = family::<Gauge>(
+        reg,
+        "ferry_subscription_in_flight_messages",
+        "Deliveries not acked yet",
+    );
+    let unacked = family::<Gauge>(
+        reg,
+        "ferry_subscription_unacked_messages",
+        "Messages not acked yet",
+    );
+    let acked = family::<Counter>(reg, "ferry_subscription_acked", "Messages acked");
+    let redelivered = family::<Counter>(
+        reg,
+        "ferry_subscription_redelivered",
+        "Deliveries after the first, since start",
+    );
+    let nacked = family::<Counter>(reg, "ferry_subscription_nacked", "Nacks, since start");
+    let dead = family::<Counter>(
+        reg,
+        "ferry_subscription_dead_lettered",
+        "Messages dead-lettered, since start",
+    );
+    let expired = family::<Counter>(
+        reg,
+        "ferry_subscription_expired",
+        "Messages expired before delivery, since start",
+    );
+    let filtered = family::<Counter>(
+        reg,
+        "ferry_subscription_filtered",
+        "Messages a filter kept from the subscription, since start",
+    );
+    let consumers = family::<Gauge>(reg, "ferry_subscription_consumers", "Consumers attached");
+    let oldest = family::<Gauge>(
+        reg,
+        "ferry_subscription_oldest_unacked_age_seconds",
+        "Age of the oldest unacked message",
+    );
+    let lag = family::<Gauge>(
+        reg,
+        "ferry_derived_lag_messages",
+        "Source messages a derived channel has not processed",
+    );
+    let store = family::<Counter>(
+        reg,
+        "ferry_store_operations",
+        "What the store has done since start, by kind",
+    );
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for channel in broker.list_channels().await {
+        let labels = vec![("channel".to_owned(), channel.name.clone())];
+        set(&messages, &labels, channel.messages);
+        set(&bytes, &labels, channel.bytes);
+        count(&published, &labels, channel.next_sequence.saturating_sub(1));
+        set(&delayed, &labels, channel.delayed);
+        count(&dropped, &labels, channel.dropped);
+        for s in &channel.subscriptions {
+            let labels = vec![
+                ("channel".to_owned(), channel.name.clone()),
+                ("subscription".to_owned(), s.name.clone()),
+            ];
+            set(&backlog, &labels, s.backlog);
+            set(&in_flight, &labels, s.in_flight);
+            set(&unacked, &labels, s.unacked);
+            count(&acked, &labels, s.acked);
+            count(&redelivered, &labels, s.redelivered);
+            count(&nacked, &labels, s.nacked);
+            count(&dead, &labels, s.dead_lettered);
+            count(&expired, &labels, s.expired);
+            count(&filtered, &labels, s.filtered);
+            set(&consumers, &labels, u64::from(s.consumers));
+            let age = s
+                .oldest_unacked_publish_time_ms
+                .map_or(0, |t| now_ms.saturating_sub(t) / 1000);
+            set(&oldest, &labels, age);
+        }
+    }
+    for d in broker.list_derived() {
+        let labels = vec![
+            ("source".to_owned(), d.spec.source.clone()),
+            ("target".to_owned(), d.spec.target.clone()),
+        ];
+        set(&lag, &labels, d.lag);
+    }
+    let counters = broker.store_counters();
+    for (kind, value) in [
+        ("commit", counters.commits),
+        ("device_sync", counters.device_syncs),
+        ("message", counters.messages),
+        ("ack_state", counters.ack_states),
+        ("checkpoint", counters.checkpoints),
+    ] {
+        count(&store, &vec![("kind".to_owned(), kind.to_owned())], value);
+    }
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
+}
