@@ -812,6 +812,9 @@ async fn prometheus_scrapes_per_channel_and_per_subscription_figures() {
         "ferry_subscription_backlog_messages{channel=\"orders\",subscription=\"work\"} 3",
         "ferry_subscription_consumers{channel=\"orders\",subscription=\"work\"} 0",
         "# TYPE ferry_store_operations counter",
+        "# TYPE ferry_publish_latency_seconds histogram",
+        "ferry_publish_latency_seconds_count 1",
+        "# TYPE ferry_delivery_latency_seconds histogram",
     ] {
         assert!(response.contains(line), "{line} missing from {response}");
     }

@@ -19,6 +19,7 @@ pub mod dead_letter;
 pub mod derive;
 pub mod error;
 pub mod filter;
+pub mod latency;
 pub mod names;
 pub mod outbox;
 pub mod retry;

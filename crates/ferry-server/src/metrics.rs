@@ -224,6 +224,17 @@ pub async fn render(broker: &Broker) -> String {
         ];
         set(&lag, &labels, d.lag);
     }
+    let latencies = broker.latencies();
+    reg.register(
+        "ferry_publish_latency_seconds",
+        "From a publish request being queued to its batch being durable",
+        latencies.publish.clone(),
+    );
+    reg.register(
+        "ferry_delivery_latency_seconds",
+        "From a message's publish time to its first delivery",
+        latencies.delivery.clone(),
+    );
     let counters = broker.store_counters();
     for (kind, value) in [
         ("commit", counters.commits),

@@ -22,6 +22,7 @@ use crate::acks::AckSet;
 use crate::dispatcher::{Command, Dispatcher, Start};
 use crate::error::{CoreError, Result};
 use crate::filter::Filter;
+use crate::latency::Latencies;
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
 use crate::{
     Attached, BrokerOptions, ChannelDecl, ChannelInfo, ChannelSettings, ConsumerLimits,
@@ -71,6 +72,8 @@ struct Inner {
     /// Serialises creations and deletions so that the registry and the store always agree.
     admin: tokio::sync::Mutex<()>,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    /// Latency histograms, for the metrics endpoint.
+    latencies: Arc<Latencies>,
     /// Running derived channels, by (source, target).
     derived: Mutex<BTreeMap<(String, String), derived::DerivedHandle>>,
     closing: AtomicBool,
@@ -117,16 +120,20 @@ impl ChannelShared {
 pub struct PublishConfirmation {
     confirmation: Confirmation<Appended>,
     channel: Arc<ChannelShared>,
+    submitted: std::time::Instant,
+    latencies: Arc<Latencies>,
 }
 
 impl PublishConfirmation {
     /// Waits until the batch is durable; returns the sequences it got (a duplicate's is its
     /// original's).
     pub async fn confirmed(self) -> Result<Appended> {
-        self.confirmation.confirmed().await.map_err(|e| match e {
+        let appended = self.confirmation.confirmed().await.map_err(|e| match e {
             StoreError::ChannelNotFound => CoreError::ChannelNotFound(self.channel.name.clone()),
             e => e.into(),
-        })
+        })?;
+        (self.latencies.publish).observe(self.submitted.elapsed().as_secs_f64());
+        Ok(appended)
     }
 }
 
@@ -232,6 +239,7 @@ impl Broker {
                 channels: RwLock::new(BTreeMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 dispatchers: Mutex::new(Vec::new()),
+                latencies: Arc::new(Latencies::default()),
                 derived: Mutex::new(BTreeMap::new()),
                 closing: AtomicBool::new(false),
             }),
@@ -301,6 +309,7 @@ impl Broker {
             acks: AckSet::from_state(&sub.acks),
             failures: sub.failures,
             filter: filter.map(|f| (sub.filter.clone(), f)),
+            latencies: self.inner.latencies.clone(),
         };
         let dispatcher = Dispatcher::new(
             start,
@@ -434,10 +443,13 @@ impl Broker {
             0 => messages,
             ttl => with_default_ttl(messages, ttl),
         };
+        let submitted = std::time::Instant::now();
         let confirmation = self.inner.store.submit_append(shared.id, messages).await?;
         Ok(PublishConfirmation {
             confirmation,
             channel: shared,
+            submitted,
+            latencies: self.inner.latencies.clone(),
         })
     }
 
@@ -790,6 +802,11 @@ impl Broker {
         let _ = handle.commands.send(Command::Stop { reason }).await;
         tracing::info!(channel, subscription = name, "subscription deleted");
         Ok(())
+    }
+
+    /// The broker's latency histograms.
+    pub fn latencies(&self) -> &Latencies {
+        &self.inner.latencies
     }
 
     /// What the store has done since it opened (commits, device syncs, messages, ack states).

@@ -30,6 +30,7 @@ use crate::acks::AckSet;
 use crate::dead_letter::{self, Addressee};
 use crate::error::CoreError;
 use crate::filter::Filter;
+use crate::latency::Latencies;
 use crate::outbox::{ConsumerEvents, Outbox, RequestGate, outbox};
 use crate::retry::Jitter;
 use crate::{
@@ -168,6 +169,7 @@ pub(crate) struct Dispatcher {
     channel: String,
     /// Only messages that pass it are delivered.
     filter: Option<(String, Filter)>,
+    latencies: Arc<Latencies>,
     log: Arc<ChannelLog>,
     store: Store,
     settings: SubscriptionSettings,
@@ -220,6 +222,8 @@ pub(crate) struct Start {
     pub failures: Vec<(u64, Failure)>,
     /// Its filter, as given and as parsed.
     pub filter: Option<(String, Filter)>,
+    /// Where first deliveries' waits are observed.
+    pub latencies: Arc<Latencies>,
 }
 
 /// Milliseconds since the Unix epoch now.
@@ -247,6 +251,7 @@ impl Dispatcher {
             name: start.name,
             channel: start.channel,
             filter: start.filter,
+            latencies: start.latencies,
             log: start.log,
             store,
             settings: start.settings,
@@ -529,6 +534,9 @@ impl Dispatcher {
             self.deadlines.insert((deadline, seq));
             if next.attempt > 1 {
                 self.counts.redelivered += 1;
+            } else {
+                let waited_ms = now_ms().saturating_sub(next.view.publish_time_ms);
+                self.latencies.delivery.observe(waited_ms as f64 / 1000.0);
             }
             let c = self.consumers.get_mut(&consumer).expect("picked");
             c.messages += 1;
