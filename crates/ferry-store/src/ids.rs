@@ -74,7 +74,6 @@ struct ChannelIds {
 /// A sealed file.
 struct Sealed {
     path: PathBuf,
-    file: File,
     count: u64,
     newest_ms: u64,
     bloom: Bloom,
@@ -258,9 +257,8 @@ impl IdIndex {
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_error(&dir, e))?;
-        let file = File::open(&path).map_err(|e| io_error(&path, e))?;
         ids.sealed
-            .push(Sealed::from_entries(path, file, &entries, newest));
+            .push(Sealed::from_entries(path, &entries, newest));
         ids.next_file = number + 1;
         ids.open.clear();
         ids.open_since_ms = None;
@@ -319,19 +317,17 @@ impl Sealed {
                 (h, Entry { seq, publish_ms })
             })
             .collect();
-        let file = File::open(path).map_err(|e| io_error(path, e))?;
-        let sealed = Sealed::from_entries(path.to_owned(), file, &entries, newest);
+        let sealed = Sealed::from_entries(path.to_owned(), &entries, newest);
         Ok((sealed, covers))
     }
 
-    fn from_entries(path: PathBuf, file: File, entries: &[(u128, Entry)], newest: u64) -> Sealed {
+    fn from_entries(path: PathBuf, entries: &[(u128, Entry)], newest: u64) -> Sealed {
         let mut bloom = Bloom::new(entries.len());
         for (h, _) in entries {
             bloom.insert(*h);
         }
         Sealed {
             path,
-            file,
             count: entries.len() as u64,
             newest_ms: newest,
             bloom,
@@ -348,8 +344,10 @@ impl Sealed {
         let first = (run * SPARSE) as u64;
         let len = (self.count - first).min(SPARSE as u64) as usize;
         let mut raw = vec![0; len * ENTRY];
-        self.file
-            .read_exact_at(&mut raw, HEADER as u64 + first * ENTRY as u64)
+        // Opened for the lookup only: a file a lookup reads is rare (a filter said "maybe"),
+        // and many channels' files must not hold as many descriptors.
+        File::open(&self.path)
+            .and_then(|file| file.read_exact_at(&mut raw, HEADER as u64 + first * ENTRY as u64))
             .map_err(|e| io_error(&self.path, e))?;
         Ok(raw
             .chunks_exact(ENTRY)
