@@ -314,6 +314,42 @@ dedup_window = "0s"
     daemon.stop().await;
 }
 
+#[tokio::test]
+async fn ids_sealed_into_their_files_are_still_duplicates_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(
+        dir.path(),
+        "[[channels]]\nname = \"orders\"\ndedup_window = \"8s\"\n",
+    );
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    publish_ids(&daemon, "orders", &["a", "b"]).await;
+    // Ids are sealed into a file once a quarter of the window (at least a second) old.
+    let ids = dir.path().join("data").join("ids");
+    let sealed = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "ids"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sealed(&ids) == 0 {
+        assert!(Instant::now() < deadline, "the ids were never sealed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publish_ids(&daemon, "orders", &["c"]).await;
+    daemon.kill().await;
+
+    // Found in the sealed file (a, b) and in what the log and index kept (c).
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let retried = publish_ids(&daemon, "orders", &["a", "c", "d", "b"]).await;
+    assert_eq!(retried.sequences, [1, 3, 4, 2]);
+    assert_eq!(retried.duplicate, [true, true, false, true]);
+    daemon.stop().await;
+}
+
 /// Publishes one message per id (its payload the id) as one batch.
 async fn publish_ids(daemon: &Daemon, channel: &str, ids: &[&str]) -> pb::PublishResponse {
     let request = pb::PublishRequest {

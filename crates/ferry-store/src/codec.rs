@@ -414,22 +414,15 @@ pub(crate) fn decode_record(
     let mut cursor = body;
     let mut messages = Vec::with_capacity((count as usize).min(body.len() / 24 + 1));
     for i in 0..u64::from(count) {
-        let truncated = || corrupt("truncated message");
-        if cursor.remaining() < 8 {
-            return Err(truncated());
-        }
-        let publish_time_ms = cursor.get_u64_le();
-        let key = get_str(&mut cursor).ok_or_else(truncated)?;
-        let id = get_str(&mut cursor).ok_or_else(truncated)?;
-        let attributes = get_attributes(&mut cursor).ok_or_else(truncated)?;
-        let payload = get_slice(&mut cursor).ok_or_else(truncated)?;
+        let (publish_time_ms, m) =
+            decode_message(&mut cursor).ok_or_else(|| corrupt("truncated message"))?;
         messages.push(Message {
             sequence: first_seq + i,
             publish_time_ms,
-            key: key.to_owned(),
-            id: id.to_owned(),
-            attributes,
-            payload: Bytes::copy_from_slice(payload),
+            key: m.key,
+            id: m.id,
+            attributes: m.attributes,
+            payload: m.payload,
         });
     }
     if cursor.has_remaining() {
@@ -613,26 +606,33 @@ pub(crate) fn delayed_prefix(channel: ChannelId) -> [u8; 5] {
 
 /// Decodes a delayed message's value (a record body of one message) back into what was
 /// published.
-pub(crate) fn decode_delayed(body: &[u8]) -> Result<NewMessage, StoreError> {
-    let bad = || StoreError::Corrupt("bad delayed message".into());
-    let mut cursor = body;
+pub(crate) fn decode_delayed(mut body: &[u8]) -> Result<NewMessage, StoreError> {
+    match decode_message(&mut body) {
+        Some((_, message)) if body.is_empty() => Ok(message),
+        _ => Err(StoreError::Corrupt("bad delayed message".into())),
+    }
+}
+
+/// Reads one message of a record body (as [`encode_body`] wrote it): its publish time and the
+/// message, which owns its bytes.
+fn decode_message(cursor: &mut &[u8]) -> Option<(u64, NewMessage)> {
     if cursor.remaining() < 8 {
-        return Err(bad());
+        return None;
     }
-    cursor.advance(8);
-    let key = get_str(&mut cursor).ok_or_else(bad)?;
-    let id = get_str(&mut cursor).ok_or_else(bad)?;
-    let attributes = get_attributes(&mut cursor).ok_or_else(bad)?;
-    let payload = get_slice(&mut cursor).ok_or_else(bad)?;
-    if cursor.has_remaining() {
-        return Err(bad());
-    }
-    Ok(NewMessage {
-        payload: Bytes::copy_from_slice(payload),
-        attributes,
-        key: key.to_owned(),
-        id: id.to_owned(),
-    })
+    let publish_time_ms = cursor.get_u64_le();
+    let key = get_str(cursor)?.to_owned();
+    let id = get_str(cursor)?.to_owned();
+    let attributes = get_attributes(cursor)?;
+    let payload = Bytes::copy_from_slice(get_slice(cursor)?);
+    Some((
+        publish_time_ms,
+        NewMessage {
+            payload,
+            attributes,
+            key,
+            id,
+        },
+    ))
 }
 
 /// The persisted part of a subscription.

@@ -4,7 +4,7 @@
 //! An id is known by the 128-bit xxh3 hash of its text (two different ids share one with a
 //! probability of about 10⁻³² per lookup against ten million: never in practice), with the
 //! sequence and publish time of the message that carried it. A channel's ids since its last
-//! *seal* are in memory (at most `SEAL_IDS`) and, durably, in sled's `E` keys, one per commit,
+//! *seal* are in memory (at most `MAX_OPEN_IDS` over all channels) and, durably, in sled's `E` keys, one per commit,
 //! written with the commit. A seal writes them to a file of their own (`ids/CHANNEL-N.ids`),
 //! sorted by hash and fsync'd, then drops their `E` keys; each sealed file keeps in memory
 //! only a blocked Bloom filter (about 12 bits an id) and every 64th hash, so that a lookup
@@ -23,8 +23,9 @@ use bytes::{Buf, BufMut};
 use crate::codec;
 use crate::{ChannelId, Result, StoreError, io_error};
 
-/// A channel's in-memory ids are sealed into a file at this many...
-const SEAL_IDS: usize = 1 << 20;
+/// All channels together hold at most this many ids in memory (about 48 MiB): past it, the
+/// channel holding the most is sealed into a file...
+const MAX_OPEN_IDS: usize = 1 << 20;
 /// ...or once the oldest is this old (a window is at least four files, so that a file's ids
 /// leave it close together).
 const SEAL_MIN_AGE_MS: u64 = 1000;
@@ -56,6 +57,8 @@ struct Entry {
 pub(crate) struct IdIndex {
     dir: PathBuf,
     channels: HashMap<ChannelId, ChannelIds>,
+    /// Ids in memory, over all channels.
+    open_total: usize,
 }
 
 #[derive(Default)]
@@ -90,6 +93,7 @@ impl IdIndex {
         let mut index = IdIndex {
             dir: dir.clone(),
             channels: HashMap::new(),
+            open_total: 0,
         };
         let mut files = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {
@@ -121,6 +125,7 @@ impl IdIndex {
             }
             ids.open_until = ids.open_until.max((publish_ms, first));
         }
+        index.open_total = index.channels.values().map(|c| c.open.len()).sum();
         Ok(index)
     }
 
@@ -165,10 +170,21 @@ impl IdIndex {
         }
         let first = codec::ids_discriminator(entries);
         let ids = self.channels.entry(channel).or_default();
+        let before = ids.open.len();
         for (seq, id) in entries {
             ids.insert(hash(id), *seq, publish_ms);
         }
         ids.open_until = ids.open_until.max((publish_ms, first));
+        self.open_total += ids.open.len() - before;
+    }
+
+    /// The channel to seal now, if the ids in memory reached their bound: the one holding
+    /// the most.
+    pub(crate) fn fullest(&self) -> Option<ChannelId> {
+        (self.open_total >= MAX_OPEN_IDS)
+            .then(|| self.channels.iter().max_by_key(|(_, c)| c.open.len()))
+            .flatten()
+            .map(|(id, _)| *id)
     }
 
     /// Whether some channel holds ids (the writer then looks at them once a second).
@@ -195,7 +211,7 @@ impl IdIndex {
             let old = ids.open_since_ms.is_some_and(|since| {
                 since.saturating_add(SEAL_MIN_AGE_MS.max(window / 4)) <= now_ms
             });
-            if ids.open.len() >= SEAL_IDS || (old && !ids.open.is_empty()) {
+            if old && !ids.open.is_empty() {
                 self.seal(db, channel)?;
             }
             let ids = self.channels.get_mut(&channel).expect("listed");
@@ -208,13 +224,6 @@ impl IdIndex {
             }
         }
         Ok(())
-    }
-
-    /// Whether `channel`'s in-memory ids are due a seal now (checked after each commit).
-    pub(crate) fn full(&self, channel: ChannelId) -> bool {
-        self.channels
-            .get(&channel)
-            .is_some_and(|c| c.open.len() >= SEAL_IDS)
     }
 
     /// Writes `channel`'s in-memory ids to a sealed file, then drops their `E` keys.
@@ -260,6 +269,7 @@ impl IdIndex {
         ids.sealed
             .push(Sealed::from_entries(path, &entries, newest));
         ids.next_file = number + 1;
+        self.open_total -= ids.open.len();
         ids.open.clear();
         ids.open_since_ms = None;
         // The file is durable: the commits' keys it covers can go.
@@ -276,6 +286,7 @@ impl IdIndex {
     /// Drops a deleted channel's ids (its `E` keys are swept with its other keys).
     pub(crate) fn forget(&mut self, channel: ChannelId) {
         if let Some(ids) = self.channels.remove(&channel) {
+            self.open_total -= ids.open.len();
             for sealed in ids.sealed {
                 let _ = fs::remove_file(&sealed.path);
             }

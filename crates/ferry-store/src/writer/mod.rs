@@ -494,8 +494,8 @@ impl Writer {
         self.announce(group, built.appended, built.collected, shared)
     }
 
-    /// Adds a committed group's published ids to the id index, and seals a channel's that
-    /// are as many as memory holds.
+    /// Adds a committed group's published ids to the id index, and seals the channels holding
+    /// the most while the ids in memory are past their bound.
     fn index_ids(&mut self, group: &Group) {
         for change in &group.changes {
             if let Change::Ids {
@@ -505,14 +505,16 @@ impl Writer {
             } = change
             {
                 self.ids.insert(*channel, *publish_ms, entries);
-                // A sealed file must not hold ids of commits a crash could still take back.
-                if self.ids.full(*channel)
-                    && let Err(e) = self
-                        .sync_if_unsynced()
-                        .and_then(|()| self.ids.seal(&self.db, *channel))
-                {
-                    tracing::warn!(error = %e, "cannot seal de-duplication ids; trying again later");
-                }
+            }
+        }
+        while let Some(channel) = self.ids.fullest() {
+            // A sealed file must not hold ids of commits a crash could still take back.
+            let sealed = self
+                .sync_if_unsynced()
+                .and_then(|()| self.ids.seal(&self.db, channel));
+            if let Err(e) = sealed {
+                tracing::warn!(error = %e, "cannot seal de-duplication ids; trying again later");
+                break;
             }
         }
     }
