@@ -21,17 +21,30 @@ use tokio_util::sync::CancellationToken;
 
 type Labels = Vec<(String, String)>;
 
+/// At most this many scrapes are answered at once; a connection past them is closed.
+const SCRAPES: usize = 16;
+
 /// Serves scrapes until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, broker: Broker, stop: CancellationToken) {
+    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(SCRAPES));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.cancelled() => return,
         };
         match accepted {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, broker.clone()));
-            }
+            Ok((stream, _)) => match scrapes.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let broker = broker.clone();
+                    tokio::spawn(async move {
+                        answer(stream, broker).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => tracing::warn!(
+                    "metrics endpoint: {SCRAPES} scrapes at once already; connection closed"
+                ),
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "metrics endpoint: cannot accept");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
