@@ -29,6 +29,8 @@ const MAX_OPEN_IDS: usize = 1 << 20;
 /// ...or once the oldest is this old (a window is at least four files, so that a file's ids
 /// leave it close together).
 const SEAL_MIN_AGE_MS: u64 = 1000;
+/// How long after a failed seal the next is tried.
+const SEAL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Every this many entries of a file, its hash is kept in memory.
 const SPARSE: usize = 64;
 /// An entry of a file: hash (16), sequence (8), publish time (8).
@@ -59,6 +61,8 @@ pub(crate) struct IdIndex {
     channels: HashMap<ChannelId, ChannelIds>,
     /// Ids in memory, over all channels.
     open_total: usize,
+    /// When a seal last failed: the next is tried a second later, not at every commit.
+    failed_at: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -94,6 +98,7 @@ impl IdIndex {
             dir: dir.clone(),
             channels: HashMap::new(),
             open_total: 0,
+            failed_at: None,
         };
         let mut files = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| io_error(&dir, e))? {
@@ -181,7 +186,8 @@ impl IdIndex {
     /// The channel to seal now, if the ids in memory reached their bound: the one holding
     /// the most.
     pub(crate) fn fullest(&self) -> Option<ChannelId> {
-        (self.open_total >= MAX_OPEN_IDS)
+        let resting = (self.failed_at).is_some_and(|at| at.elapsed() < SEAL_RETRY);
+        (self.open_total >= MAX_OPEN_IDS && !resting)
             .then(|| self.channels.iter().max_by_key(|(_, c)| c.open.len()))
             .flatten()
             .map(|(id, _)| *id)
@@ -189,7 +195,7 @@ impl IdIndex {
 
     /// Whether some channel holds ids (the writer then looks at them once a second).
     pub(crate) fn holds_any(&self) -> bool {
-        (self.channels.values()).any(|c| !c.open.is_empty() || !c.sealed.is_empty())
+        !self.channels.is_empty()
     }
 
     /// Seals each channel's ids that are many or old enough, and deletes the files whose ids
@@ -223,11 +229,20 @@ impl IdIndex {
                 let _ = fs::remove_file(&gone.path);
             }
         }
+        // A channel whose ids all left their window is forgotten (no file of it is left).
+        self.channels
+            .retain(|_, c| !c.open.is_empty() || !c.sealed.is_empty());
         Ok(())
     }
 
     /// Writes `channel`'s in-memory ids to a sealed file, then drops their `E` keys.
     pub(crate) fn seal(&mut self, db: &sled::Db, channel: ChannelId) -> Result<()> {
+        let sealed = self.write_sealed(db, channel);
+        self.failed_at = sealed.is_err().then(std::time::Instant::now);
+        sealed
+    }
+
+    fn write_sealed(&mut self, db: &sled::Db, channel: ChannelId) -> Result<()> {
         let dir = self.dir.clone();
         let ids = self.channels.get_mut(&channel).expect("sealed channel");
         // Copied, not drained: if the seal fails, the ids stay in memory for the next try.
