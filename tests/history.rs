@@ -690,3 +690,41 @@ name = "all"
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_byte_limit_refuses_what_would_pass_it_and_retention_gives_way_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[[channels]]
+name = "small"
+retention = { max_age = "1h" }
+limits = { max_bytes = "8KiB" }
+[[channels.subscriptions]]
+name = "all"
+"#;
+    let daemon = Daemon::start_in(dir.path(), with_config(dir.path(), config)).await;
+    let kib = |n: usize| (0..n).map(|_| vec![1u8; 1024]);
+    // One record per publish: about 1.1 KiB each with its framing.
+    for _ in 0..6 {
+        daemon.publish("small", kib(1)).await;
+    }
+    let mut publisher = daemon.publisher().await;
+    let refused = publisher
+        .publish(common::batch("small", kib(3)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("max_bytes"), "{refused:?}");
+    // Acked, the messages are kept only by retention: they make room for new ones.
+    let mut all = Consumer::attach(&daemon, "small", "all", 10).await;
+    let got = all.take(6).await;
+    all.ack(ack_ids(&got)).await;
+    daemon.publish("small", kib(3)).await;
+    let info = channel_info(&daemon, "small").await;
+    assert!(info.bytes <= 8 << 10, "{info:?}");
+    assert!(
+        info.first_sequence > 1,
+        "the oldest retained records went: {info:?}"
+    );
+    daemon.stop().await;
+}
