@@ -352,3 +352,259 @@ name = "check"
     );
     daemon.stop().await;
 }
+
+const WILDCARD: &str = r#"
+[[channels]]
+name = "orders.created"
+[[channels]]
+name = "orders.paid"
+[[channels]]
+name = "orders.eu.created"
+[[channels]]
+name = "payments.done"
+[[channels]]
+name = "audit.dead"
+
+[[channels]]
+name = "orders.*"
+[[channels.subscriptions]]
+name = "audit"
+max_delivery_attempts = 3
+dead_letter_channel = "audit.dead"
+"#;
+
+/// Publishes one message with payload `text` to `channel`.
+async fn publish_one(daemon: &Daemon, channel: &str, text: &str) {
+    daemon.publish(channel, [text.as_bytes().to_vec()]).await;
+}
+
+/// (channel, sequence, payload) of each delivery, sorted.
+fn origins(deliveries: &[pb::Delivery]) -> Vec<(String, u64, String)> {
+    let mut out: Vec<_> = deliveries
+        .iter()
+        .map(|d| {
+            let m = d.message.as_ref().expect("message");
+            let payload = String::from_utf8_lossy(&m.payload).into_owned();
+            (d.channel.clone(), m.sequence, payload)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn member_names(daemon: &Daemon, channel: &str) -> Vec<String> {
+    let request = pb::GetChannelRequest {
+        name: channel.into(),
+    };
+    let info = daemon.admin().await.get_channel(request).await.unwrap();
+    let subscriptions = info.into_inner().subscriptions;
+    subscriptions.into_iter().map(|s| s.name).collect()
+}
+
+#[tokio::test]
+async fn a_wildcard_subscription_reads_every_matching_channel_even_ones_created_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || with_config(dir.path(), WILDCARD);
+    let daemon = Daemon::start_in(dir.path(), options()).await;
+
+    // One window over all its channels: 3 messages at most, whichever channels they are from.
+    let mut consumer = Consumer::attach(&daemon, "orders.*", "audit", 3).await;
+    for (channel, text) in [
+        ("orders.created", "c1"),
+        ("orders.created", "c2"),
+        ("orders.paid", "p1"),
+        ("orders.paid", "p2"),
+        ("orders.eu.created", "not one word"),
+        ("payments.done", "not orders"),
+    ] {
+        publish_one(&daemon, channel, text).await;
+    }
+    let first = consumer.take(3).await;
+    assert!(
+        consumer
+            .take_for(Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "the window holds across channels"
+    );
+    let results = consumer.ack_each(ack_ids(&first)).await;
+    assert!(
+        results.values().all(|s| *s == pb::AckStatus::Ok),
+        "{results:?}"
+    );
+    let mut got = first;
+    got.extend(consumer.take(1).await);
+    assert_eq!(
+        origins(&got),
+        [
+            ("orders.created".to_owned(), 1, "c1".to_owned()),
+            ("orders.created".to_owned(), 2, "c2".to_owned()),
+            ("orders.paid".to_owned(), 1, "p1".to_owned()),
+            ("orders.paid".to_owned(), 2, "p2".to_owned()),
+        ]
+    );
+    let last = got.last().unwrap().ack_id.clone();
+    let answers = consumer
+        .ack_each(vec![last.clone(), "7-1-1-00000000".into()])
+        .await;
+    assert_eq!(answers[&last], pb::AckStatus::Ok);
+    assert_eq!(answers["7-1-1-00000000"], pb::AckStatus::Unknown);
+
+    // A channel created later is read from its first message, by the attached consumer too.
+    let mut admin = daemon.admin().await;
+    let create = |name: &str| pb::CreateChannelRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    admin
+        .create_channel(create("orders.refunded"))
+        .await
+        .unwrap();
+    publish_one(&daemon, "orders.refunded", "r1").await;
+    let refunded = consumer.take(1).await;
+    assert_eq!(
+        origins(&refunded),
+        [("orders.refunded".into(), 1, "r1".into())]
+    );
+
+    // Its share of each channel is visible there, and changed only through the pattern.
+    let members = member_names(&daemon, "orders.refunded").await;
+    assert_eq!(members, ["orders.*/audit"]);
+    assert!(member_names(&daemon, "payments.done").await.is_empty());
+    let refused = Consumer::try_attach(
+        &daemon,
+        "orders.created",
+        "orders.*/audit",
+        pb::FlowControl::default(),
+    )
+    .await
+    .err()
+    .expect("a member is attached to through its pattern");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("channel \"orders.*\""),
+        "{refused:?}"
+    );
+    let info = daemon.subscription("orders.*", "audit").await;
+    assert_eq!(
+        info.channels,
+        ["orders.created", "orders.paid", "orders.refunded"]
+    );
+    assert_eq!((info.acked, info.in_flight, info.consumers), (4, 1, 1));
+    assert_eq!(info.dead_letter_channel, "audit.dead");
+
+    // What cannot work is refused, saying why.
+    let wildcard = |channel: &str, name: &str, dead_letter: &str| pb::CreateSubscriptionRequest {
+        channel: channel.into(),
+        name: name.into(),
+        max_delivery_attempts: if dead_letter.is_empty() { 0 } else { 3 },
+        dead_letter_channel: dead_letter.into(),
+        ..Default::default()
+    };
+    for (request, code, says) in [
+        (
+            wildcard("orders.>.x", "a", ""),
+            Code::InvalidArgument,
+            "`>` may only be its last word",
+        ),
+        (
+            wildcard("audit.*", "a", "audit.dead"),
+            Code::FailedPrecondition,
+            "matches the subscription's pattern",
+        ),
+        (
+            wildcard("orders.*", "audit", ""),
+            Code::AlreadyExists,
+            "audit",
+        ),
+    ] {
+        let status = admin.create_subscription(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(says), "{status:?}");
+    }
+    let seek = pb::SeekRequest {
+        channel: "orders.*".into(),
+        subscription: "audit".into(),
+        to: Some(pb::Position {
+            at: Some(pb::position::At::Sequence(1)),
+        }),
+    };
+    let status = admin.seek(seek).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = admin
+        .delete_channel(pb::DeleteChannelRequest {
+            name: "audit.dead".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // Deleting one of its channels leaves the consumer reading the others.
+    admin
+        .delete_channel(pb::DeleteChannelRequest {
+            name: "orders.paid".into(),
+        })
+        .await
+        .unwrap();
+    publish_one(&daemon, "orders.created", "c3").await;
+    let c3 = consumer.take(1).await;
+    assert_eq!(origins(&c3), [("orders.created".into(), 3, "c3".into())]);
+    drop(consumer);
+
+    // kill -9: what was acked stays acked, the rest comes again; channels created after the
+    // restart are read too.
+    daemon.kill().await;
+    let daemon = Daemon::start_in(dir.path(), options()).await;
+    let mut consumer = Consumer::attach(&daemon, "orders.*", "audit", 10).await;
+    let again = consumer.take(2).await;
+    assert_eq!(
+        origins(&again),
+        [
+            ("orders.created".into(), 3, "c3".into()),
+            ("orders.refunded".into(), 1, "r1".into()),
+        ]
+    );
+    consumer.ack_each(ack_ids(&again)).await;
+    let mut admin = daemon.admin().await;
+    admin
+        .create_channel(create("orders.shipped"))
+        .await
+        .unwrap();
+    publish_one(&daemon, "orders.shipped", "s1").await;
+    let shipped = consumer.take(1).await;
+    assert_eq!(
+        origins(&shipped),
+        [("orders.shipped".into(), 1, "s1".into())]
+    );
+    assert!(
+        consumer
+            .take_for(Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+
+    // Deleting it ends its consumers' streams and removes its share of every channel.
+    admin
+        .delete_subscription(pb::DeleteSubscriptionRequest {
+            channel: "orders.*".into(),
+            name: "audit".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(consumer.closed().await.code(), Code::NotFound);
+    assert!(member_names(&daemon, "orders.created").await.is_empty());
+    daemon.stop().await;
+
+    // Declared again (the TOML still names it), it comes back new, reading from now on.
+    let daemon = Daemon::start_in(dir.path(), options()).await;
+    let info = daemon.subscription("orders.*", "audit").await;
+    assert_eq!((info.acked, info.backlog), (0, 0));
+    let channels = [
+        "orders.created",
+        "orders.paid",
+        "orders.refunded",
+        "orders.shipped",
+    ];
+    assert_eq!(info.channels, channels, "orders.paid is declared again too");
+    daemon.stop().await;
+}

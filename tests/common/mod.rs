@@ -498,6 +498,29 @@ impl Consumer {
         self.results_of(pb::AckOperation::Extend).await
     }
 
+    /// Acks and waits for a result for every id, however many result events carry them (a
+    /// wildcard subscription answers once per channel); by ack id.
+    pub async fn ack_each(&mut self, ack_ids: Vec<String>) -> HashMap<String, pb::AckStatus> {
+        let mut wanted: std::collections::HashSet<String> = ack_ids.iter().cloned().collect();
+        self.send(Req::Ack(pb::AckIds { ack_ids })).await;
+        let mut got = HashMap::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !wanted.is_empty() {
+            while let Some(results) = self.results.pop_front() {
+                for result in results.results {
+                    if wanted.remove(&result.ack_id) {
+                        got.insert(result.ack_id.clone(), result.status());
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !wanted.is_empty() && !self.pump(left).await {
+                panic!("no result for {wanted:?} (stream end: {:?})", self.ended);
+            }
+        }
+        got
+    }
+
     async fn results_of(&mut self, operation: pb::AckOperation) -> Vec<pb::AckStatus> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {

@@ -12,6 +12,7 @@
 //! - [`retry`]: retry policies and their backoff;
 //! - [`dead_letter`]: what a dead letter says about itself, and how redrive reads it back;
 //! - [`names`]: what a channel or subscription name may be;
+//! - [`pattern`]: channel patterns (`orders.*`, `orders.>`), which wildcard subscriptions read;
 //! - [`error`]: the errors the server maps to gRPC status codes.
 
 pub mod broker;
@@ -22,6 +23,7 @@ pub mod filter;
 pub mod latency;
 pub mod names;
 pub mod outbox;
+pub mod pattern;
 pub mod retry;
 
 mod acks;
@@ -353,6 +355,8 @@ pub struct Delivery {
     pub message: Arc<Message>,
     /// Names this delivery for acks.
     pub ack_id: String,
+    /// The channel the message is from (for a wildcard subscription, one of several).
+    pub channel: Arc<str>,
     /// 1 for the first delivery to this subscription, then 2, ...
     pub attempt: u32,
 }
@@ -433,6 +437,8 @@ pub struct SubscriptionStats {
     pub filter: String,
     /// Messages its filter kept from it (acked without delivery) since the broker started.
     pub filtered: u64,
+    /// For a wildcard subscription: the channels it reads now (its figures are their sums).
+    pub channels: Vec<String>,
     /// Its settings as stored (the dead-letter channel by id).
     pub settings: ferry_store::SubscriptionSettings,
     /// The name of its dead-letter channel, if it has one.

@@ -15,6 +15,11 @@
 //! A close (the consumer detached, its subscription deleted, the broker stopping) jumps the
 //! queue and empties it at once: the stream ends with its status at its next poll, and the
 //! memory of what waited comes back even if the client never reads again.
+//!
+//! The outbox also holds the consumer's flow-control window and what it holds of it, because a
+//! consumer of a wildcard subscription is served by several dispatchers (one per matching
+//! channel) that all deliver into its one outbox: they share its window exactly, and each is
+//! woken when room or window appears, whichever of them made it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::{ConsumerEvent, CoreError};
+use crate::{ConsumerEvent, CoreError, Window};
 
 /// How far results may take the outbox past its limit before the consumer's requests wait.
 pub(crate) const RESULT_SLACK: usize = 1 << 20;
@@ -60,8 +65,11 @@ struct Shared {
     /// milliseconds since `epoch`.
     active_at: AtomicU64,
     epoch: Instant,
-    /// Wakes the dispatcher when room appears (one per dispatcher, shared by its consumers).
-    dispatcher: Arc<Notify>,
+    /// The window and what the consumer holds of it.
+    window: Mutex<Held>,
+    /// Wake the dispatchers that deliver here when room or window appears (each dispatcher's
+    /// one `Notify` serves all its consumers).
+    dispatchers: Mutex<Vec<Arc<Notify>>>,
     /// Wakes the consumer's request reader when room appears.
     reader: Notify,
     /// Set when the stream is dropped, so that senders stop queueing and a waiting request
@@ -82,6 +90,13 @@ struct Queue {
     waker: Option<Waker>,
 }
 
+/// A consumer's window and its unsettled deliveries against it.
+struct Held {
+    window: Window,
+    messages: u32,
+    bytes: u64,
+}
+
 struct Senders(Arc<Shared>);
 
 impl Drop for Senders {
@@ -97,8 +112,9 @@ impl Drop for Senders {
     }
 }
 
-/// A new outbox of `limit` bytes whose dispatcher `wake` is notified when room appears.
-pub(crate) fn outbox(limit: usize, wake: Arc<Notify>) -> (Outbox, ConsumerEvents) {
+/// A new outbox of `limit` bytes for a consumer with this window; dispatchers [join](Outbox::join)
+/// it to deliver into it.
+pub(crate) fn outbox(limit: usize, window: Window) -> (Outbox, ConsumerEvents) {
     let shared = Arc::new(Shared {
         limit,
         queue: Mutex::new(Queue::default()),
@@ -106,7 +122,12 @@ pub(crate) fn outbox(limit: usize, wake: Arc<Notify>) -> (Outbox, ConsumerEvents
         reserved: AtomicUsize::new(0),
         active_at: AtomicU64::new(0),
         epoch: Instant::now(),
-        dispatcher: wake,
+        window: Mutex::new(Held {
+            window,
+            messages: 0,
+            bytes: 0,
+        }),
+        dispatchers: Mutex::new(Vec::new()),
         reader: Notify::new(),
         gone: AtomicBool::new(false),
         closed: AtomicBool::new(false),
@@ -136,9 +157,78 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().expect("outbox lock")
     }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.window.lock().expect("window lock")
+    }
+
+    /// Wakes every dispatcher that delivers here but `except`.
+    fn wake_dispatchers(&self, except: Option<&Arc<Notify>>) {
+        let dispatchers = self.dispatchers.lock().expect("dispatchers lock");
+        for wake in dispatchers.iter() {
+            if except.is_none_or(|except| !Arc::ptr_eq(wake, except)) {
+                wake.notify_one();
+            }
+        }
+    }
 }
 
 impl Outbox {
+    /// A dispatcher delivers here from now on: `wake` is notified when room appears.
+    pub(crate) fn join(&self, wake: Arc<Notify>) {
+        let mut dispatchers = self.shared.dispatchers.lock().expect("dispatchers lock");
+        dispatchers.push(wake);
+    }
+
+    /// A dispatcher delivers here no more.
+    pub(crate) fn leave(&self, wake: &Arc<Notify>) {
+        let mut dispatchers = self.shared.dispatchers.lock().expect("dispatchers lock");
+        dispatchers.retain(|w| !Arc::ptr_eq(w, wake));
+    }
+
+    /// Whether the window has room for one more delivery of `size` bytes (one delivery is
+    /// always allowed when none is held, however large).
+    pub(crate) fn window_fits(&self, size: u64) -> bool {
+        let held = self.shared.held();
+        held.messages < held.window.max_messages
+            && (held.messages == 0 || held.bytes + size <= held.window.max_bytes)
+    }
+
+    /// Takes a delivery of `size` bytes from the window if it fits: checked and taken at once,
+    /// so that dispatchers sharing the window never pass it together.
+    pub(crate) fn try_take(&self, size: u64) -> bool {
+        let mut held = self.shared.held();
+        let fits = held.messages < held.window.max_messages
+            && (held.messages == 0 || held.bytes + size <= held.window.max_bytes);
+        if fits {
+            held.messages += 1;
+            held.bytes += size;
+        }
+        fits
+    }
+
+    /// Gives `messages` deliveries of `bytes` back to the window; the other dispatchers that
+    /// deliver here (not `from`, which knows) are woken, as they may have waited for it.
+    pub(crate) fn give_back(&self, messages: u32, bytes: u64, from: &Arc<Notify>) {
+        {
+            let mut held = self.shared.held();
+            held.messages = held.messages.saturating_sub(messages);
+            held.bytes = held.bytes.saturating_sub(bytes);
+        }
+        self.shared.wake_dispatchers(Some(from));
+    }
+
+    /// Changes the window; every dispatcher is woken to use what it allows.
+    pub(crate) fn set_window(&self, window: Window) {
+        self.shared.held().window = window;
+        self.shared.wake_dispatchers(None);
+    }
+
+    /// The deliveries held against the window now.
+    pub(crate) fn held_messages(&self) -> u32 {
+        self.shared.held().messages
+    }
+
     /// Queues an event of `bytes`; false when the stream is gone or closed.
     pub(crate) fn push(&self, bytes: usize, event: ConsumerEvent) -> bool {
         let shared = &self.shared;
@@ -283,7 +373,7 @@ impl ConsumerEvents {
             }
         };
         shared.active_at.store(shared.now_ms(), Ordering::Release);
-        shared.dispatcher.notify_one();
+        shared.wake_dispatchers(None);
         shared.reader.notify_one();
         Poll::Ready(Some(event))
     }
@@ -324,7 +414,8 @@ mod tests {
     #[tokio::test]
     async fn counts_bytes_until_the_stream_takes_them() {
         let wake = Arc::new(Notify::new());
-        let (outbox, mut events) = outbox(100, wake.clone());
+        let (outbox, mut events) = outbox(100, crate::DEFAULT_WINDOW);
+        outbox.join(wake.clone());
         assert!(outbox.has_room(0, 0) && outbox.has_room(0, 100));
         assert!(
             outbox.has_room(0, 1000),
@@ -344,9 +435,41 @@ mod tests {
         assert!(outbox.has_room(0, 0) && outbox.stalled_for() == Duration::ZERO);
     }
 
+    #[test]
+    fn dispatchers_share_the_window_and_wake_one_another() {
+        let window = Window {
+            max_messages: 2,
+            max_bytes: 100,
+        };
+        let (outbox, _events) = outbox(1000, window);
+        let (a, b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        outbox.join(a.clone());
+        outbox.join(b.clone());
+        assert!(outbox.try_take(500), "one delivery fits whatever its size");
+        assert!(!outbox.window_fits(1) && !outbox.try_take(1));
+        outbox.give_back(1, 500, &a);
+        assert!(outbox.try_take(60) && outbox.try_take(40));
+        assert!(!outbox.try_take(0), "two deliveries at most");
+        assert_eq!(outbox.held_messages(), 2);
+        // `b` was woken by `a`'s give-back; `a` was not (it knows).
+        let woken = |n: &Notify| {
+            let notified = n.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable()
+        };
+        assert!(woken(&b) && !woken(&a));
+        outbox.leave(&b);
+        outbox.set_window(Window {
+            max_messages: 3,
+            max_bytes: 100,
+        });
+        assert!(woken(&a) && !woken(&b));
+        assert!(outbox.try_take(0));
+    }
+
     #[tokio::test]
     async fn a_close_jumps_the_queue() {
-        let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
+        let (outbox, mut events) = outbox(100, crate::DEFAULT_WINDOW);
         outbox.push(10, results(1));
         outbox.close(CoreError::ShuttingDown);
         assert_eq!(outbox.queued(), 0, "what waited is dropped at once");
@@ -360,7 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_wait_while_results_go_unread() {
-        let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
+        let (outbox, mut events) = outbox(100, crate::DEFAULT_WINDOW);
         outbox.push(100 + RESULT_SLACK, results(1));
         let gate = outbox.gate();
         let waiting = tokio::spawn(async move { assert!(gate.room_for_requests().await) });
@@ -373,7 +496,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_owed_count_against_the_limit_but_are_no_stall() {
-        let (outbox, mut events) = outbox(100, Arc::new(Notify::new()));
+        let (outbox, mut events) = outbox(100, crate::DEFAULT_WINDOW);
         outbox.gate().reserve(100 + RESULT_SLACK);
         assert!(!outbox.has_room(0, 1), "owed answers hold deliveries back");
         assert_eq!(

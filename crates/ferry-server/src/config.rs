@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::derive::{DerivedSpec, Reshape};
+use ferry_core::pattern::Pattern;
 use ferry_core::{
     BrokerOptions, ChannelDecl, ChannelLimits, ChannelSettings, ConsumerLimits,
     DEFAULT_ACK_DEADLINE_MS, DEFAULT_DEDUP_WINDOW_MS, DamagePolicy, FsyncMode, LimitPolicy, Limits,
@@ -198,7 +199,8 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelConfig {
-    /// The channel's name.
+    /// The channel's name; or a channel pattern (`orders.*`, `orders.>`), which declares
+    /// wildcard subscriptions only.
     pub name: String,
     /// `retention = { max_age = "7d", max_bytes = "10GiB" }`: how long it keeps acked
     /// messages (absent: not at all).
@@ -543,8 +545,25 @@ impl Config {
         let mut channels = HashSet::new();
         for (i, channel) in self.channels.iter().enumerate() {
             let key = format!("channels[{i}]");
-            ferry_core::names::validate("channel", &channel.name)
-                .map_err(|e| format!("{key}.name: {e}"))?;
+            if Pattern::is_pattern(&channel.name) {
+                Pattern::parse(&channel.name).map_err(|e| format!("{key}.name: {e}"))?;
+                let settings = [
+                    ("retention", channel.retention.is_some()),
+                    ("dedup_window", channel.dedup_window.is_some()),
+                    ("ttl", channel.ttl.is_some()),
+                    ("limits", channel.limits.is_some()),
+                ];
+                if let Some((setting, _)) = settings.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "{key}.{setting}: {:?} is a pattern: it declares wildcard subscriptions \
+                         only; channel settings go on the channels it matches",
+                        channel.name
+                    ));
+                }
+            } else {
+                ferry_core::names::validate("channel", &channel.name)
+                    .map_err(|e| format!("{key}.name: {e}"))?;
+            }
             if !channels.insert(&channel.name) {
                 return Err(format!(
                     "{key}.name: channel {:?} is declared twice",
@@ -855,6 +874,14 @@ mod tests {
             (
                 "[[channels]]\nname = \"a\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"soon\"\n",
                 "invalid duration \"soon\"",
+            ),
+            (
+                "[[channels]]\nname = \"orders.*\"\nttl = \"1h\"\n",
+                "channels[0].ttl: \"orders.*\" is a pattern",
+            ),
+            (
+                "[[channels]]\nname = \"orders.>.x\"\n",
+                "channels[0].name: invalid channel pattern",
             ),
             ("[limits]\nmax_batch_bytes = 10\n", "limits.max_batch_bytes"),
             (

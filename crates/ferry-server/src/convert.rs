@@ -113,6 +113,7 @@ pub fn delivery(d: Delivery) -> pb::Delivery {
         message: Some(message(&d.message)),
         ack_id: d.ack_id,
         attempt: d.attempt,
+        channel: d.channel.to_string(),
     }
 }
 
@@ -322,6 +323,7 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
         ordering: s.settings.ordering,
         filter: s.filter,
         filtered: s.filtered,
+        channels: s.channels,
         redelivered: s.redelivered,
         nacked: s.nacked,
         dead_lettered: s.dead_lettered,

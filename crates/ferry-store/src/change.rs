@@ -82,6 +82,8 @@ pub(crate) enum Change {
         channel: ChannelId,
         entries: Vec<(u64, u64, u32)>,
     },
+    /// An entry of the broker's catalog was written (`Some`) or removed (`None`).
+    Catalog { key: String, value: Option<Vec<u8>> },
 }
 
 const CREATE_CHANNEL: u8 = 1;
@@ -104,6 +106,7 @@ const UPDATE_CHANNEL_2: u8 = 14;
 const DELAY: u8 = 15;
 const UNDELAY: u8 = 16;
 const DROP: u8 = 17;
+const CATALOG: u8 = 18;
 
 /// Encodes a commit's changes as the body of its commit frame.
 pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -216,6 +219,15 @@ pub(crate) fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 out.put_u8(SKIPPED);
                 out.put_u32_le(channel.0);
                 out.put_u64_le(*next_seq);
+            }
+            Change::Catalog { key, value } => {
+                out.put_u8(CATALOG);
+                // Every change has its u32 after the tag: here whether a value follows.
+                out.put_u32_le(u32::from(value.is_some()));
+                put_bytes(out, key.as_bytes());
+                if let Some(value) = value {
+                    put_bytes(out, value);
+                }
             }
         }
     }
@@ -362,6 +374,21 @@ pub(crate) fn decode(mut raw: &[u8]) -> Result<Vec<Change>, StoreError> {
                 channel: ChannelId(id),
                 next_seq: get_u64(&mut raw).ok_or_else(|| bad("sequence"))?,
             },
+            CATALOG => {
+                let key = get_bytes(&mut raw)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or_else(|| bad("catalog key"))?
+                    .to_owned();
+                let value = match id {
+                    0 => None,
+                    _ => Some(
+                        get_bytes(&mut raw)
+                            .ok_or_else(|| bad("catalog entry"))?
+                            .to_vec(),
+                    ),
+                };
+                Change::Catalog { key, value }
+            }
             other => return Err(bad(&format!("unknown change kind {other}"))),
         };
         changes.push(change);
@@ -517,6 +544,14 @@ mod tests {
             Change::Skipped {
                 channel: ChannelId(3),
                 next_seq: 99,
+            },
+            Change::Catalog {
+                key: "wildcard orders.* audit".into(),
+                value: Some(vec![1, 2, 3]),
+            },
+            Change::Catalog {
+                key: "wildcard orders.* audit".into(),
+                value: None,
             },
             Change::DeleteSubscription {
                 id: SubscriptionId(4),

@@ -153,6 +153,24 @@ fn parse_sequence_key(kind: u8, key: &[u8]) -> Result<u64, StoreError> {
     }
 }
 
+/// The index key of the catalog entry `name`.
+pub(crate) fn catalog_key(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(b'K');
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The name in a catalog entry's index key.
+pub(crate) fn parse_catalog_key(key: &[u8]) -> Result<String, StoreError> {
+    match key.split_first() {
+        Some((b'K', name)) => std::str::from_utf8(name)
+            .map(str::to_owned)
+            .map_err(|_| StoreError::Corrupt(format!("bad catalog key {key:?}"))),
+        _ => Err(StoreError::Corrupt(format!("bad catalog key {key:?}"))),
+    }
+}
+
 /// Marks a channel id whose records the segment log holds but the index lost: its records are
 /// kept (their segment files pinned) until `ferry repair` brings the channel back.
 pub(crate) fn orphan_key(channel: ChannelId) -> [u8; 5] {

@@ -63,6 +63,8 @@ struct Index {
     orphans: BTreeSet<ChannelId>,
     /// Delayed messages: (channel, due, number) and the message.
     delayed: BTreeMap<(ChannelId, u64, u64), Vec<u8>>,
+    /// The broker's catalog.
+    catalog: BTreeMap<String, Vec<u8>>,
     /// Entries that could not be decoded.
     unreadable: Vec<String>,
 }
@@ -320,6 +322,9 @@ fn read_index(db: &sled::Db) -> Result<Index> {
                     (index.delayed).insert((ChannelId(id), due, number), value.to_vec())
                 })
                 .is_ok(),
+            (b'K', _) => codec::parse_catalog_key(&key)
+                .map(|name| index.catalog.insert(name, value.to_vec()))
+                .is_ok(),
             // Derived or checked elsewhere: failure records, withdrawn sequences, published ids.
             (b'V' | b'I' | b'P' | b'F' | b'W' | b'D' | b'E' | b'X', _) => true,
             _ => false,
@@ -509,6 +514,14 @@ fn apply_change(index: &mut Index, change: &Change) {
                 record.first_seq = *next_seq;
             }
         }
+        Change::Catalog { key, value } => match value {
+            Some(value) => {
+                index.catalog.insert(key.clone(), value.clone());
+            }
+            None => {
+                index.catalog.remove(key);
+            }
+        },
     }
 }
 
@@ -764,6 +777,9 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
     }
     for (segment, use_) in &usage {
         batch.insert(&codec::segment_key(*segment), &use_.encode());
+    }
+    for (name, value) in &index.catalog {
+        batch.insert(codec::catalog_key(name), value.as_slice());
     }
     batch.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes());
     batch.insert(KEY_NEXT_ID, &next_id.to_le_bytes());

@@ -80,6 +80,21 @@ pub struct SubscriptionSettings {
     pub ordering: bool,
 }
 
+impl SubscriptionSettings {
+    /// The settings as the store encodes them, for the broker's catalog entries.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        codec::encode_settings(self, &mut out);
+        out
+    }
+
+    /// Reads what [`SubscriptionSettings::encode`] wrote from the front of `raw`, which is
+    /// left after them.
+    pub fn decode(raw: &mut &[u8]) -> Option<Self> {
+        codec::decode_settings(raw)
+    }
+}
+
 impl Default for SubscriptionSettings {
     fn default() -> Self {
         Self {
@@ -540,6 +555,8 @@ pub struct Recovered {
     pub channels: Vec<RecoveredChannel>,
     /// All subscriptions.
     pub subscriptions: Vec<RecoveredSubscription>,
+    /// The broker's catalog (see [`Store::put_catalog`]).
+    pub catalog: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 /// What the store has done since it opened: the figures that say how well group commit works
@@ -826,6 +843,14 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// Writes (`Some`) or removes (`None`) an entry of the broker's catalog: small named
+    /// entries the broker keeps with the store (its wildcard subscriptions, for one), committed
+    /// like every other change and handed back by [`Store::open`]. Their bytes mean nothing to
+    /// the store.
+    pub async fn put_catalog(&self, key: String, value: Option<Vec<u8>>) -> Result<()> {
+        self.call(|reply| Op::Catalog { key, value, reply }).await
     }
 
     /// Moves a subscription to `position`: its ack state is replaced (everything before the

@@ -3,6 +3,7 @@
 
 mod derived;
 mod redrive;
+mod wildcard;
 
 pub use redrive::{RedriveOutcome, RedriveSelection};
 
@@ -24,6 +25,7 @@ use crate::error::{CoreError, Result};
 use crate::filter::Filter;
 use crate::latency::Latencies;
 use crate::outbox::{ConsumerEvents, RequestGate, answer_bytes};
+use crate::pattern::Pattern;
 use crate::{
     Attached, BrokerOptions, ChannelDecl, ChannelInfo, ChannelSettings, ConsumerLimits,
     DamagePolicy, Limits, MAX_NACK_DELAY, Point, Position, Settlement, SpaceReport,
@@ -76,6 +78,8 @@ struct Inner {
     latencies: Arc<Latencies>,
     /// Running derived channels, by (source, target).
     derived: Mutex<BTreeMap<(String, String), derived::DerivedHandle>>,
+    /// Wildcard subscriptions, by (pattern, name).
+    wildcards: RwLock<BTreeMap<(String, String), Arc<wildcard::Wildcard>>>,
     closing: AtomicBool,
 }
 
@@ -142,7 +146,15 @@ impl PublishConfirmation {
 /// releases its unacked deliveries at once.
 #[derive(Clone)]
 pub struct ConsumerHandle {
-    attachment: Arc<Attachment>,
+    link: Link,
+}
+
+#[derive(Clone)]
+enum Link {
+    /// To a subscription's dispatcher.
+    One(Arc<Attachment>),
+    /// To every member of a wildcard subscription.
+    Wildcard(Arc<wildcard::Joined>),
 }
 
 struct Attachment {
@@ -164,7 +176,11 @@ impl ConsumerHandle {
                 MAX_NACK_DELAY.as_secs()
             )));
         }
-        let gate = &self.attachment.gate;
+        let attachment = match &self.link {
+            Link::One(attachment) => attachment,
+            Link::Wildcard(joined) => return joined.settle(ack_ids, settlement).await,
+        };
+        let gate = &attachment.gate;
         if !gate.room_for_requests().await {
             return Err(CoreError::ConsumerDetached);
         }
@@ -174,12 +190,12 @@ impl ConsumerHandle {
         let reserved = answer_bytes(&ack_ids);
         gate.reserve(reserved);
         let command = Command::Settle {
-            consumer: self.attachment.consumer,
+            consumer: attachment.consumer,
             ack_ids,
             settlement,
             reserved,
         };
-        self.attachment.commands.send(command).await.map_err(|_| {
+        attachment.commands.send(command).await.map_err(|_| {
             gate.release(reserved);
             CoreError::ShuttingDown
         })
@@ -187,11 +203,19 @@ impl ConsumerHandle {
 
     /// Changes the consumer's window (zeros take the defaults).
     pub async fn set_window(&self, window: Window) -> Result<()> {
-        let command = Command::SetWindow {
-            consumer: self.attachment.consumer,
-            window: window.with_defaults()?,
+        let window = window.with_defaults()?;
+        let attachment = match &self.link {
+            Link::One(attachment) => attachment,
+            Link::Wildcard(joined) => {
+                joined.set_window(window);
+                return Ok(());
+            }
         };
-        self.attachment
+        let command = Command::SetWindow {
+            consumer: attachment.consumer,
+            window,
+        };
+        attachment
             .commands
             .send(command)
             .await
@@ -201,17 +225,20 @@ impl ConsumerHandle {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        let detach = Command::Detach {
-            consumer: self.consumer,
-        };
-        if let Err(mpsc::error::TrySendError::Full(detach)) = self.commands.try_send(detach) {
-            // The detach must not be lost, or the deliveries would wait for their deadlines.
-            let commands = self.commands.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = commands.send(detach).await;
-                });
-            }
+        detach(&self.commands, self.consumer);
+    }
+}
+
+/// Tells a dispatcher a consumer left, from a `Drop`: it cannot wait for room in the queue.
+fn detach(commands: &mpsc::Sender<Command>, consumer: u64) {
+    let detach = Command::Detach { consumer };
+    if let Err(mpsc::error::TrySendError::Full(detach)) = commands.try_send(detach) {
+        // The detach must not be lost, or the deliveries would wait for their deadlines.
+        let commands = commands.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = commands.send(detach).await;
+            });
         }
     }
 }
@@ -241,6 +268,7 @@ impl Broker {
                 dispatchers: Mutex::new(Vec::new()),
                 latencies: Arc::new(Latencies::default()),
                 derived: Mutex::new(BTreeMap::new()),
+                wildcards: RwLock::new(BTreeMap::new()),
                 closing: AtomicBool::new(false),
             }),
         };
@@ -249,6 +277,7 @@ impl Broker {
             let shared = broker.register_channel(channel.id, channel.name, channel.settings)?;
             by_id.insert(channel.id, shared);
         }
+        let mut members = Vec::new();
         for sub in recovered.subscriptions {
             let channel = by_id.get(&sub.channel).ok_or_else(|| {
                 StoreError::Corrupt(format!(
@@ -256,12 +285,35 @@ impl Broker {
                     sub.name
                 ))
             })?;
-            match sub.name.starts_with(crate::derive::PREFIX) {
-                true => broker.start_derived(channel, sub, &by_id),
-                false => broker.start_subscription(channel, sub),
+            if sub.name.starts_with(crate::derive::PREFIX) {
+                broker.start_derived(channel, sub, &by_id);
+            } else if wildcard::member_of(&sub.name).is_some() {
+                members.push((channel.clone(), sub));
+            } else {
+                broker.start_subscription(channel, sub);
             }
         }
+        broker
+            .recover_wildcards(&recovered.catalog, members)
+            .await?;
         Ok(broker)
+    }
+
+    /// A channel as the broker keeps it, not yet findable by name.
+    fn channel_shared(
+        &self,
+        id: ChannelId,
+        name: String,
+        settings: ChannelSettings,
+    ) -> Result<Arc<ChannelShared>> {
+        let log = self.inner.store.log(id)?;
+        Ok(Arc::new(ChannelShared {
+            id,
+            name,
+            settings: Mutex::new(settings),
+            log,
+            subscriptions: RwLock::new(BTreeMap::new()),
+        }))
     }
 
     fn register_channel(
@@ -270,20 +322,15 @@ impl Broker {
         name: String,
         settings: ChannelSettings,
     ) -> Result<Arc<ChannelShared>> {
-        let log = self.inner.store.log(id)?;
-        let shared = Arc::new(ChannelShared {
-            id,
-            name: name.clone(),
-            settings: Mutex::new(settings),
-            log,
-            subscriptions: RwLock::new(BTreeMap::new()),
-        });
-        self.inner
-            .channels
-            .write()
-            .expect("channels lock")
-            .insert(name, shared.clone());
+        let shared = self.channel_shared(id, name, settings)?;
+        self.publish_channel(&shared);
         Ok(shared)
+    }
+
+    /// Makes a channel findable by name: from now on it may be published to.
+    fn publish_channel(&self, shared: &Arc<ChannelShared>) {
+        let mut channels = self.inner.channels.write().expect("channels lock");
+        channels.insert(shared.name.clone(), shared.clone());
     }
 
     /// Starts the dispatcher of a subscription, as the store holds it.
@@ -358,6 +405,10 @@ impl Broker {
     /// after it.
     pub async fn declare(&self, channels: &[ChannelDecl]) -> Result<()> {
         for decl in channels {
+            if crate::pattern::Pattern::is_pattern(&decl.name) {
+                // Declares wildcard subscriptions only (below).
+                continue;
+            }
             match self.create_channel(&decl.name, decl.settings).await {
                 Ok(_) => {}
                 Err(CoreError::ChannelExists(_)) => {
@@ -391,20 +442,37 @@ impl Broker {
         channel: &ChannelShared,
         settings: &SubscriptionSettings,
     ) -> Result<ferry_store::SubscriptionSettings> {
+        self.resolve_for(settings, |name| {
+            (name == channel.name).then(|| {
+                format!(
+                    "dead_letter_channel {name:?} is the subscription's own channel: a message \
+                     that keeps failing would come back to it; name another channel"
+                )
+            })
+        })
+    }
+
+    /// Checks settings and resolves their dead-letter channel, which must exist and which
+    /// `refuse` has no objection to (it says what the objection is).
+    fn resolve_for(
+        &self,
+        settings: &SubscriptionSettings,
+        refuse: impl Fn(&str) -> Option<String>,
+    ) -> Result<ferry_store::SubscriptionSettings> {
         crate::check_settings(settings)?;
         let dead_letter = match &settings.dead_letter_channel {
             None => None,
-            Some(name) if *name == channel.name => {
-                return Err(CoreError::FailedPrecondition(format!(
-                    "dead_letter_channel {name:?} is the subscription's own channel: a message \
-                     that keeps failing would come back to it; name another channel"
-                )));
+            Some(name) => {
+                if let Some(objection) = refuse(name) {
+                    return Err(CoreError::FailedPrecondition(objection));
+                }
+                let channel = self.channel(name);
+                Some(
+                    channel
+                        .map_err(|_| CoreError::DeadLetterChannelNotFound(name.clone()))?
+                        .id,
+                )
             }
-            Some(name) => Some(
-                self.channel(name)
-                    .map_err(|_| CoreError::DeadLetterChannelNotFound(name.clone()))?
-                    .id,
-            ),
         };
         Ok(ferry_store::SubscriptionSettings {
             ack_deadline_ms: settings.ack_deadline_ms,
@@ -471,6 +539,10 @@ impl Broker {
     ) -> Result<(ConsumerHandle, ConsumerEvents, Attached)> {
         self.check_open()?;
         let window = window.with_defaults()?;
+        if Pattern::is_pattern(channel) {
+            return self.attach_wildcard(channel, subscription, window).await;
+        }
+        own(channel, subscription)?;
         let handle = self.channel(channel)?.subscription(subscription)?;
         let (reply, attached) = oneshot::channel();
         handle
@@ -485,7 +557,7 @@ impl Broker {
             gate,
         };
         let consumer = ConsumerHandle {
-            attachment: Arc::new(attachment),
+            link: Link::One(Arc::new(attachment)),
         };
         Ok((consumer, events, attached))
     }
@@ -512,7 +584,11 @@ impl Broker {
                 StoreError::ChannelExists(name) => CoreError::ChannelExists(name),
                 e => e.into(),
             })?;
-        self.register_channel(id, name.to_owned(), settings)?;
+        let shared = self.channel_shared(id, name.to_owned(), settings)?;
+        // Before anything can be published to it: the wildcard subscriptions that match it
+        // get its every message.
+        self.add_members(&shared).await?;
+        self.publish_channel(&shared);
         tracing::info!(channel = name, ?settings, "channel created");
         self.channel_info(name).await
     }
@@ -541,6 +617,11 @@ impl Broker {
         self.check_open()?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(name)?;
+        if let Some(user) = self.wildcard_dead_letter_user(shared.id) {
+            return Err(CoreError::FailedPrecondition(format!(
+                "channel {name:?} is the dead-letter channel of wildcard subscription                  {user:?}: give that subscription another dead-letter channel, or delete it,                  first"
+            )));
+        }
         self.inner
             .store
             .delete_channel(shared.id)
@@ -562,6 +643,7 @@ impl Broker {
                 e => e.into(),
             })?;
         self.stop_derived_from(name);
+        self.forget_members(name);
         self.inner
             .channels
             .write()
@@ -659,6 +741,9 @@ impl Broker {
         settings: SubscriptionSettings,
         start: Point,
     ) -> Result<SubscriptionStats> {
+        if Pattern::is_pattern(channel) {
+            return self.create_wildcard(channel, name, settings, start).await;
+        }
         self.check_open()?;
         names::validate("subscription", name)?;
         crate::check_settings(&settings)?;
@@ -715,7 +800,11 @@ impl Broker {
         name: &str,
         settings: SubscriptionSettings,
     ) -> Result<()> {
+        if Pattern::is_pattern(channel) {
+            return self.update_wildcard(channel, name, settings).await;
+        }
         self.check_open()?;
+        own(channel, name)?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(channel)?;
         let handle = shared.subscription(name)?;
@@ -735,15 +824,7 @@ impl Broker {
             .store
             .update_subscription(handle.id, settings)
             .await?;
-        *handle.settings.lock().expect("settings lock") = settings;
-        let (done, in_force) = oneshot::channel();
-        let _ = handle
-            .commands
-            .send(Command::Reconfigure { settings, done })
-            .await;
-        // Under the admin lock until it is in force, so that no channel the dispatcher might
-        // still send dead letters to is deleted meanwhile.
-        let _ = in_force.await;
+        self.reconfigure(&handle, settings).await?;
         tracing::info!(
             channel,
             subscription = name,
@@ -753,11 +834,30 @@ impl Broker {
         Ok(())
     }
 
+    /// Puts stored settings in force in a subscription's dispatcher. Runs under the admin
+    /// lock, and returns once they are in force, so that no channel the dispatcher might still
+    /// send dead letters to is deleted meanwhile.
+    async fn reconfigure(
+        &self,
+        handle: &SubscriptionHandle,
+        settings: ferry_store::SubscriptionSettings,
+    ) -> Result<()> {
+        *handle.settings.lock().expect("settings lock") = settings;
+        let (done, in_force) = oneshot::channel();
+        let command = Command::Reconfigure { settings, done };
+        (handle.commands.send(command).await).map_err(|_| CoreError::ShuttingDown)?;
+        in_force.await.map_err(|_| CoreError::ShuttingDown)
+    }
+
     /// Moves a subscription to `to`: messages before the point count as acked, those after
     /// as unacked (delivered again, attempts reset), atomically; deliveries in flight are void
     /// (their acks are answered `STALE`).
     pub async fn seek(&self, channel: &str, name: &str, to: Point) -> Result<SubscriptionStats> {
+        if Pattern::is_pattern(channel) {
+            return self.seek_wildcard(channel, name, to).await;
+        }
         self.check_open()?;
+        own(channel, name)?;
         let shared = self.channel(channel)?;
         let handle = shared.subscription(name)?;
         let position = position(&shared, to)?;
@@ -773,35 +873,49 @@ impl Broker {
 
     /// Describes a subscription.
     pub async fn subscription_info(&self, channel: &str, name: &str) -> Result<SubscriptionStats> {
+        if Pattern::is_pattern(channel) {
+            return self.wildcard_info(channel, name).await;
+        }
         let handle = self.channel(channel)?.subscription(name)?;
         self.stats_of(&handle).await
     }
 
     /// Describes the subscriptions of a channel, by name.
     pub async fn list_subscriptions(&self, channel: &str) -> Result<Vec<SubscriptionStats>> {
+        if Pattern::is_pattern(channel) {
+            return self.list_wildcards(channel).await;
+        }
         let shared = self.channel(channel)?;
         Ok(self.subscription_stats(&shared).await)
     }
 
     /// Deletes a subscription; its consumers are disconnected and its unacked messages dropped.
     pub async fn delete_subscription(&self, channel: &str, name: &str) -> Result<()> {
+        if Pattern::is_pattern(channel) {
+            return self.delete_wildcard(channel, name).await;
+        }
         self.check_open()?;
+        own(channel, name)?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(channel)?;
         let handle = shared.subscription(name)?;
         self.inner.store.delete_subscription(handle.id).await?;
-        shared
-            .subscriptions
-            .write()
-            .expect("subscriptions lock")
-            .remove(name);
         let reason = CoreError::SubscriptionNotFound {
             channel: channel.to_owned(),
             name: name.to_owned(),
         };
-        let _ = handle.commands.send(Command::Stop { reason }).await;
+        self.remove_subscription(&shared, name, reason).await;
         tracing::info!(channel, subscription = name, "subscription deleted");
         Ok(())
+    }
+
+    /// Forgets a subscription the store deleted, and stops its dispatcher, which ends its
+    /// consumers' streams with `reason`.
+    async fn remove_subscription(&self, channel: &ChannelShared, name: &str, reason: CoreError) {
+        let removed = (channel.subscriptions.write().expect("subscriptions lock")).remove(name);
+        if let Some(handle) = removed {
+            let _ = handle.commands.send(Command::Stop { reason }).await;
+        }
     }
 
     /// The broker's latency histograms.
@@ -858,6 +972,7 @@ impl Broker {
             }
         }
         self.stop_all_derived();
+        self.close_wildcard_consumers();
         let tasks = std::mem::take(&mut *self.inner.dispatchers.lock().expect("dispatchers lock"));
         for task in tasks {
             let _ = task.await;
@@ -883,6 +998,19 @@ fn with_default_ttl(messages: Vec<NewMessage>, ttl_ms: u64) -> Vec<NewMessage> {
             m
         })
         .collect()
+}
+
+/// Refuses to change a wildcard subscription's member through its channel: it belongs to the
+/// wildcard subscription (which reading it is fine).
+fn own(channel: &str, subscription: &str) -> Result<()> {
+    match wildcard::member_of(subscription) {
+        None => Ok(()),
+        Some((pattern, name)) => Err(CoreError::FailedPrecondition(format!(
+            "{subscription:?} is the share of channel {channel:?} of wildcard subscription \
+             {name:?}: attach to, change, seek or delete it as subscription {name:?} of channel \
+             {pattern:?}"
+        ))),
+    }
 }
 
 /// The store's position for a point of `channel`.

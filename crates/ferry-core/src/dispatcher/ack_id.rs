@@ -31,6 +31,12 @@ pub(super) fn parse_ack_id(ack_id: &str) -> Option<(u32, u64, u64)> {
     .then_some((subscription, seq, delivery))
 }
 
+/// The subscription an ack id names, without checking the rest: enough to route it to the
+/// dispatcher that checks it.
+pub(crate) fn subscription_of(ack_id: &str) -> Option<u32> {
+    ack_id.split_once('-')?.0.parse().ok()
+}
+
 /// 32 bits of a SplitMix64-style mix of the id's parts: not a secret (ack ids are not
 /// credentials), only a check that the id was made by this code.
 fn ack_check(subscription: u32, seq: u64, delivery: u64) -> u32 {

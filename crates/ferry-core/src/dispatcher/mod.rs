@@ -40,6 +40,7 @@ use crate::{
 use ack_id::format_ack_id;
 #[cfg(fuzzing)]
 pub use ack_id::fuzz_ack_id;
+pub(crate) use ack_id::subscription_of;
 use queue::Queue;
 
 /// How many new messages the dispatcher reads ahead of its consumers at most.
@@ -60,6 +61,12 @@ pub(crate) enum Command {
     Attach {
         window: Window,
         reply: oneshot::Sender<Result<(Attached, ConsumerEvents, RequestGate), CoreError>>,
+    },
+    /// A consumer of a wildcard subscription: delivered into `outbox`, which other
+    /// dispatchers share; answered with its id here.
+    Join {
+        outbox: Outbox,
+        reply: oneshot::Sender<Result<u64, CoreError>>,
     },
     Detach {
         consumer: u64,
@@ -111,23 +118,30 @@ struct InFlight {
 }
 
 struct Consumer {
+    /// Its outbox, which also holds its window and what it holds of it.
     outbox: Outbox,
-    window: Window,
-    /// Unsettled deliveries and their bytes, against the window.
-    messages: u32,
-    bytes: u64,
+    /// The outbox is shared with the dispatchers of the other channels of a wildcard
+    /// subscription: this channel's deletion leaves the consumer attached to the others.
+    shared: bool,
     /// Deliveries made this round, sent together, and their heap bytes.
     batch: Vec<Delivery>,
     batch_bytes: usize,
 }
 
 impl Consumer {
-    /// Whether a message of this size (against the window) and heap size (against the
-    /// outbox) may go to this consumer now.
-    fn fits(&self, size: u64, heap: usize) -> bool {
-        self.messages < self.window.max_messages
-            && (self.messages == 0 || self.bytes + size <= self.window.max_bytes)
-            && self.outbox.has_room(self.batch_bytes, heap)
+    fn new(outbox: Outbox, shared: bool) -> Self {
+        Self {
+            outbox,
+            shared,
+            batch: Vec::new(),
+            batch_bytes: 0,
+        }
+    }
+
+    /// Takes a message of this size (against the window) and heap size (against the outbox)
+    /// for this consumer, if it may have it now.
+    fn take(&self, size: u64, heap: usize) -> bool {
+        self.outbox.has_room(self.batch_bytes, heap) && self.outbox.try_take(size)
     }
 }
 
@@ -165,8 +179,8 @@ struct Next {
 pub(crate) struct Dispatcher {
     id: SubscriptionId,
     name: String,
-    /// The channel's name, for dead letters' provenance.
-    channel: String,
+    /// The channel's name, for deliveries and dead letters' provenance.
+    channel: Arc<str>,
     /// Only messages that pass it are delivered.
     filter: Option<(String, Filter)>,
     latencies: Arc<Latencies>,
@@ -249,7 +263,7 @@ impl Dispatcher {
         let mut dispatcher = Self {
             id: start.id,
             name: start.name,
-            channel: start.channel,
+            channel: start.channel.into(),
             filter: start.filter,
             latencies: start.latencies,
             log: start.log,
@@ -347,6 +361,9 @@ impl Dispatcher {
     async fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Attach { window, reply } => self.attach(window, reply),
+            Command::Join { outbox, reply } => {
+                let _ = reply.send(self.join(outbox));
+            }
             Command::Detach { consumer } => {
                 self.detach(consumer);
             }
@@ -364,8 +381,8 @@ impl Dispatcher {
                 self.settle(consumer, ack_ids, settlement, reserved)
             }
             Command::SetWindow { consumer, window } => {
-                if let Some(c) = self.consumers.get_mut(&consumer) {
-                    c.window = window;
+                if let Some(c) = self.consumers.get(&consumer) {
+                    c.outbox.set_window(window);
                 }
             }
             Command::Stats { reply } => {
@@ -393,28 +410,13 @@ impl Dispatcher {
         window: Window,
         reply: oneshot::Sender<Result<(Attached, ConsumerEvents, RequestGate), CoreError>>,
     ) {
-        let most = self.limits.max_per_subscription as usize;
-        if self.consumers.len() >= most {
-            tracing::warn!(subscription = %self.name, consumers = most, "a consumer was refused: limits.max_consumers_per_subscription reached");
-            let _ = reply.send(Err(CoreError::TooManyConsumers {
-                subscription: self.name.clone(),
-                most,
-            }));
+        if let Err(e) = self.room_for_consumer() {
+            let _ = reply.send(Err(e));
             return;
         }
-        let id = self.next_consumer;
-        self.next_consumer += 1;
-        let (outbox, events) = outbox(self.limits.queue_bytes, self.wake.clone());
+        let (outbox, events) = outbox(self.limits.queue_bytes, window);
         let gate = outbox.gate();
-        let consumer = Consumer {
-            outbox,
-            window,
-            messages: 0,
-            bytes: 0,
-            batch: Vec::new(),
-            batch_bytes: 0,
-        };
-        self.consumers.insert(id, consumer);
+        let id = self.add_consumer(outbox, false);
         let attached = Attached {
             consumer_id: id,
             ack_deadline_ms: self.settings.ack_deadline_ms,
@@ -424,9 +426,48 @@ impl Dispatcher {
         tracing::debug!(subscription = %self.name, consumer = id, "consumer attached");
     }
 
+    /// Attaches a wildcard subscription's consumer, whose outbox other dispatchers share.
+    fn join(&mut self, outbox: Outbox) -> Result<u64, CoreError> {
+        self.room_for_consumer()?;
+        let id = self.add_consumer(outbox, true);
+        tracing::debug!(subscription = %self.name, consumer = id, "wildcard consumer attached");
+        Ok(id)
+    }
+
+    fn room_for_consumer(&self) -> Result<(), CoreError> {
+        let most = self.limits.max_per_subscription as usize;
+        if self.consumers.len() < most {
+            return Ok(());
+        }
+        tracing::warn!(subscription = %self.name, consumers = most, "a consumer was refused: limits.max_consumers_per_subscription reached");
+        Err(CoreError::TooManyConsumers {
+            subscription: self.name.clone(),
+            most,
+        })
+    }
+
+    fn add_consumer(&mut self, outbox: Outbox, shared: bool) -> u64 {
+        let id = self.next_consumer;
+        self.next_consumer += 1;
+        outbox.join(self.wake.clone());
+        self.consumers.insert(id, Consumer::new(outbox, shared));
+        id
+    }
+
+    /// Lets go of every consumer. A wildcard subscription's consumer outlives the deletion of
+    /// one of its channels: it only gets back the window this channel's deliveries held.
     fn stop(&mut self, reason: CoreError) {
-        for (_, consumer) in std::mem::take(&mut self.consumers) {
-            consumer.outbox.close(reason.clone());
+        let channel_gone = matches!(reason, CoreError::ChannelNotFound(_));
+        for (id, consumer) in std::mem::take(&mut self.consumers) {
+            let outbox = consumer.outbox;
+            outbox.leave(&self.wake);
+            if !(consumer.shared && channel_gone) {
+                outbox.close(reason.clone());
+                continue;
+            }
+            let held = self.in_flight.values().filter(|f| f.consumer == id);
+            let (messages, bytes) = held.fold((0, 0), |(n, b), f| (n + 1, b + f.bytes));
+            outbox.give_back(messages, bytes, &self.wake);
         }
     }
 
@@ -434,6 +475,7 @@ impl Dispatcher {
     /// the retry policy's wait. Returns its outbox.
     fn detach(&mut self, consumer: u64) -> Option<Outbox> {
         let outbox = self.consumers.remove(&consumer)?.outbox;
+        outbox.leave(&self.wake);
         let released: Vec<u64> = self
             .in_flight
             .iter()
@@ -458,7 +500,7 @@ impl Dispatcher {
             .filter(|(_, stalled, _)| *stalled >= timeout)
             .collect();
         for (consumer, stalled, queued) in stalled {
-            let in_flight = self.consumers[&consumer].messages;
+            let in_flight = self.consumers[&consumer].outbox.held_messages();
             tracing::warn!(
                 subscription = %self.name,
                 consumer,
@@ -482,9 +524,8 @@ impl Dispatcher {
     fn take_back(&mut self, seq: u64) -> Option<InFlight> {
         let flight = self.in_flight.remove(&seq)?;
         self.deadlines.remove(&(flight.deadline, seq));
-        if let Some(c) = self.consumers.get_mut(&flight.consumer) {
-            c.messages -= 1;
-            c.bytes -= flight.bytes;
+        if let Some(c) = self.consumers.get(&flight.consumer) {
+            c.outbox.give_back(1, flight.bytes, &self.wake);
         }
         Some(flight)
     }
@@ -501,7 +542,8 @@ impl Dispatcher {
 
     /// Hands out as many messages as the consumers' windows allow.
     fn dispatch(&mut self) {
-        if !self.consumers.values().any(|c| c.fits(0, 0)) {
+        let room = |c: &Consumer| c.outbox.window_fits(0) && c.outbox.has_room(c.batch_bytes, 0);
+        if !self.consumers.values().any(room) {
             return;
         }
         while let Some(next) = self.next_message() {
@@ -539,10 +581,9 @@ impl Dispatcher {
                 self.latencies.delivery.observe(waited_ms as f64 / 1000.0);
             }
             let c = self.consumers.get_mut(&consumer).expect("picked");
-            c.messages += 1;
-            c.bytes += size;
             let delivery = Delivery {
                 ack_id: format_ack_id(self.id.0, seq, delivery),
+                channel: self.channel.clone(),
                 message: next.view,
                 attempt: next.attempt,
             };
@@ -724,14 +765,14 @@ impl Dispatcher {
         self.unsaved.dirty = true;
     }
 
-    /// The next consumer, in turn, with room for a message of this size.
+    /// The next consumer, in turn, with room for a message of this size; it takes the room.
     fn pick_consumer(&mut self, size: u64, heap: usize) -> Option<u64> {
         let start = self.round_robin;
         let found = self
             .consumers
             .range(start..)
             .chain(self.consumers.range(..start))
-            .find(|(_, c)| c.fits(size, heap))
+            .find(|(_, c)| c.take(size, heap))
             .map(|(&id, _)| id)?;
         self.round_robin = found + 1;
         Some(found)
@@ -790,6 +831,7 @@ impl Dispatcher {
                 .map(|(text, _)| text.clone())
                 .unwrap_or_default(),
             filtered: self.counts.filtered,
+            channels: Vec::new(),
             settings: self.settings,
             dead_letter_channel: None,
             backlog: end.saturating_sub(undelivered_from)

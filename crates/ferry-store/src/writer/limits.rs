@@ -244,10 +244,10 @@ impl Writer {
         ) else {
             return letters;
         };
-        // Names starting with '~' are the broker's own (a derived channel's progress): its
-        // "dead-letter channel" is where it derives to, not where drops go.
+        // A subscription with a transform is a derived channel's progress: its "dead-letter
+        // channel" is where it derives to, not where drops go.
         let readers: Vec<(SubscriptionId, &str, ChannelId)> = (self.state.subscriptions.iter())
-            .filter(|(_, s)| s.channel == channel && !s.name.starts_with('~'))
+            .filter(|(_, s)| s.channel == channel && s.transform.is_empty())
             .filter_map(|(id, s)| Some((*id, s.name.as_str(), s.settings.dead_letter?)))
             .filter(|(_, _, target)| self.state.channels.contains_key(target))
             .collect();

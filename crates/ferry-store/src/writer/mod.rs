@@ -110,6 +110,11 @@ pub(crate) enum Op {
         subscription: SubscriptionId,
         reply: Reply<()>,
     },
+    Catalog {
+        key: String,
+        value: Option<Vec<u8>>,
+        reply: Reply<()>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -138,6 +143,7 @@ impl Op {
                         .sum::<usize>()
             }
             Op::Redrive { moves, .. } => moves.iter().map(|(_, m)| 16 + m.size()).sum(),
+            Op::Catalog { key, value, .. } => 16 + key.len() + value.as_ref().map_or(0, Vec::len),
             _ => 64,
         }
     }
@@ -326,6 +332,7 @@ impl Writer {
                 failures,
             });
         }
+        recovered.catalog = state.catalog.clone();
         verify_records(&db, &segments, &state, &writer_logs, options.verify)?;
         // After the replay: the ids since the last seal are in sled's `E` keys.
         let ids = IdIndex::open(dir, &db)?;
@@ -928,6 +935,7 @@ fn refuse(op: Op, e: &StoreError) {
         | Op::UpdateChannel { reply, .. }
         | Op::UpdateSubscription { reply, .. }
         | Op::DeleteSubscription { reply, .. }
+        | Op::Catalog { reply, .. }
         | Op::Close { reply } => send(pending(reply, ())),
         Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
         Op::Redrive { reply, .. } => send(pending(reply, Vec::new())),

@@ -127,6 +127,10 @@ impl Writer {
                 let planned = self.plan_subscription_change(subscription, change, group);
                 answer(group, reply, planned);
             }
+            Op::Catalog { key, value, reply } => {
+                let planned = self.change(Change::Catalog { key, value }, group, None);
+                answer(group, reply, planned.map(drop));
+            }
             Op::Close { reply } => {
                 group.close = true;
                 answer(group, reply, Ok(()));

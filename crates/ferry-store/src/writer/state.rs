@@ -3,7 +3,7 @@
 //! through [`State::apply`] and [`State::index_record`], so a replayed commit leaves the
 //! index exactly as the live one did.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::change::Change;
 use crate::codec::{
@@ -42,6 +42,8 @@ pub(crate) struct State {
     /// sled holds `D` keys, the per-id index of stores written before the id index had files
     /// of its own: swept like a deleted channel's keys.
     pub legacy_ids: bool,
+    /// The broker's catalog (see [`crate::Store::put_catalog`]).
+    pub catalog: BTreeMap<String, Vec<u8>>,
 }
 
 /// What applying a commit touched: written out by [`State::finish`].
@@ -97,6 +99,11 @@ impl State {
         state.legacy_ids = db.scan_prefix(b"D").next().is_some();
         for entry in db.scan_prefix(b"X") {
             state.deleted.insert(ChannelId(id_of(&entry?.0)?));
+        }
+        for entry in db.scan_prefix(b"K") {
+            let (key, value) = entry?;
+            let name = codec::parse_catalog_key(&key)?;
+            state.catalog.insert(name, value.to_vec());
         }
         for entry in db.scan_prefix(b"W") {
             let (key, value) = entry?;
@@ -389,6 +396,16 @@ impl State {
                     touched.channels.insert(*channel);
                 }
             }
+            Change::Catalog { key, value } => match value {
+                Some(value) => {
+                    batch.insert(codec::catalog_key(key), value.as_slice());
+                    self.catalog.insert(key.clone(), value.clone());
+                }
+                None => {
+                    batch.remove(codec::catalog_key(key));
+                    self.catalog.remove(key);
+                }
+            },
         }
         Ok(())
     }
