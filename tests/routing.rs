@@ -608,3 +608,147 @@ async fn a_wildcard_subscription_reads_every_matching_channel_even_ones_created_
     assert_eq!(info.channels, channels, "orders.paid is declared again too");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_derived_channel_from_a_pattern_derives_every_matching_channel_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[[channels]]
+name = "orders.a"
+[[derived]]
+source = "orders.>"
+target = "audit.orders"
+filter = 'attributes:keep'
+[[channels]]
+name = "audit.orders"
+[[channels.subscriptions]]
+name = "check"
+"#;
+    let options = || with_config(dir.path(), config);
+    let mut channels = vec!["orders.a".to_owned()];
+    let mut kept = Vec::new();
+    for round in 0..3 {
+        let daemon = Daemon::start_in(dir.path(), options()).await;
+        // A channel created later is read from its first message.
+        let created = format!("orders.r{round}.x");
+        let request = pb::CreateChannelRequest {
+            name: created.clone(),
+            ..Default::default()
+        };
+        daemon.admin().await.create_channel(request).await.unwrap();
+        channels.push(created);
+        let mut publisher = daemon.publisher().await;
+        for (i, channel) in channels.iter().enumerate() {
+            let messages = (0..60u64)
+                .map(|n| match n % 3 {
+                    0 => message(vec![], &[], ""),
+                    _ => message(vec![], &[("keep", "1")], ""),
+                })
+                .collect();
+            let request = pb::PublishRequest {
+                channel: channel.clone(),
+                messages,
+            };
+            let sequences = publisher.publish(request).await.unwrap().into_inner();
+            let sequences = sequences.sequences.into_iter();
+            kept.extend(
+                sequences
+                    .enumerate()
+                    .filter(|(n, _)| n % 3 != 0)
+                    .map(|(_, seq)| (channels[i].clone(), seq)),
+            );
+        }
+        // Killed while the derived channels are catching up.
+        daemon.kill().await;
+    }
+    let daemon = Daemon::start_in(dir.path(), options()).await;
+    let mut check = Consumer::attach(&daemon, "audit.orders", "check", 5000).await;
+    let got = check.take(kept.len()).await;
+    let mut derived: Vec<(String, u64)> = got
+        .iter()
+        .map(|d| {
+            let attributes = &d.message.as_ref().unwrap().attributes;
+            let sequence = attributes["ferry.derived.sequence"].parse().unwrap();
+            (attributes["ferry.derived.channel"].clone(), sequence)
+        })
+        .collect();
+    derived.sort();
+    kept.sort();
+    assert_eq!(
+        derived, kept,
+        "each kept message of each channel derived exactly once"
+    );
+    check.ack(ack_ids(&got)).await;
+    assert!(
+        check.take_for(Duration::from_millis(300)).await.is_empty(),
+        "no duplicates"
+    );
+
+    let mut admin = daemon.admin().await;
+    let listed = admin
+        .list_derived(pb::ListDerivedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .derived;
+    let sources: Vec<&str> = listed
+        .iter()
+        .map(|d| d.channel.as_ref().unwrap().source.as_str())
+        .collect();
+    assert_eq!(sources, ["orders.>"], "listed once, by its pattern");
+    assert_eq!(listed[0].lag, 0);
+
+    // What cannot work is refused, saying why.
+    let derive = |source: &str, target: &str| pb::DerivedChannel {
+        source: source.into(),
+        target: target.into(),
+        ..Default::default()
+    };
+    for (request, says) in [
+        (derive("audit.*", "orders.loop"), "cycle"),
+        (derive("orders.*", "orders.x"), "would read itself"),
+        (derive("orders.>", "audit.orders"), "already derived"),
+        (derive("orders.a", "audit.orders"), "already derived"),
+        (derive("orders.*.x", "audit.orders"), "already derived"),
+        (
+            derive("orders.>.x", "elsewhere"),
+            "`>` may only be its last word",
+        ),
+    ] {
+        let status = admin.create_derived(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+    }
+    let status = admin
+        .delete_channel(pb::DeleteChannelRequest {
+            name: "audit.orders".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let member = pb::DeleteDerivedRequest {
+        source: "orders.a".into(),
+        target: "audit.orders".into(),
+    };
+    let status = admin.delete_derived(member).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("\"orders.>\""), "{status:?}");
+
+    // Deleted, it derives nothing more.
+    let whole = pb::DeleteDerivedRequest {
+        source: "orders.>".into(),
+        target: "audit.orders".into(),
+    };
+    admin.delete_derived(whole).await.unwrap();
+    daemon
+        .publisher()
+        .await
+        .publish(pb::PublishRequest {
+            channel: "orders.a".into(),
+            messages: vec![message(vec![], &[("keep", "1")], "")],
+        })
+        .await
+        .unwrap();
+    assert!(check.take_for(Duration::from_millis(300)).await.is_empty());
+    daemon.stop().await;
+}

@@ -95,6 +95,21 @@ impl Pattern {
         names.next().is_none()
     }
 
+    /// Whether some channel name matches both patterns.
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        fn overlap(a: &[Word], b: &[Word]) -> bool {
+            match (a.split_first(), b.split_first()) {
+                (None, None) => true,
+                (None, Some(_)) | (Some(_), None) => false,
+                // `>` takes one or more words: whatever is left of the other takes as many.
+                (Some((Word::Rest, _)), Some(_)) | (Some(_), Some((Word::Rest, _))) => true,
+                (Some((Word::Exact(x), _)), Some((Word::Exact(y), _))) if x != y => false,
+                (Some((_, a)), Some((_, b))) => overlap(a, b),
+            }
+        }
+        overlap(&self.words, &other.words)
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -131,6 +146,27 @@ mod tests {
         assert!(Pattern::parse(">").unwrap().matches("a.b.c"));
         assert!(Pattern::parse("a.*.c.>").unwrap().matches("a.b.c.d.e"));
         assert!(!Pattern::parse("a.*.c.>").unwrap().matches("a.b.c"));
+    }
+
+    #[test]
+    fn overlapping_patterns_share_a_channel() {
+        let p = |text| Pattern::parse(text).unwrap();
+        for (a, b) in [
+            ("orders.>", "orders.*.x"),
+            ("orders.*", "*.created"),
+            (">", "a.*"),
+            ("a.*.c", "a.b.*"),
+        ] {
+            assert!(p(a).overlaps(&p(b)) && p(b).overlaps(&p(a)), "{a} {b}");
+        }
+        for (a, b) in [
+            ("orders.*", "payments.*"),
+            ("orders.*", "orders.*.x"),
+            ("a.>", "b.>"),
+            ("a.*.c", "a.*.d"),
+        ] {
+            assert!(!p(a).overlaps(&p(b)) && !p(b).overlaps(&p(a)), "{a} {b}");
+        }
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DerivedConfig {
-    /// The channel it reads.
+    /// The channel it reads, or a channel pattern (`orders.*`): every channel it matches.
     pub source: String,
     /// The channel it appends to (created if missing).
     pub target: String,
@@ -587,14 +587,24 @@ impl Config {
         let mut derived = HashSet::new();
         for (i, d) in self.derived.iter().enumerate() {
             let key = format!("derived[{i}]");
-            ferry_core::names::validate("channel", &d.source)
-                .map_err(|e| format!("{key}.source: {e}"))?;
+            let source = match Pattern::is_pattern(&d.source) {
+                true => Some(Pattern::parse(&d.source).map_err(|e| format!("{key}.source: {e}"))?),
+                false => {
+                    ferry_core::names::validate("channel", &d.source)
+                        .map_err(|e| format!("{key}.source: {e}"))?;
+                    None
+                }
+            };
             ferry_core::names::validate("channel", &d.target)
                 .map_err(|e| format!("{key}.target: {e}"))?;
-            if d.source == d.target {
+            let reads_itself = match &source {
+                Some(pattern) => pattern.matches(&d.target),
+                None => d.source == d.target,
+            };
+            if reads_itself {
                 return Err(format!(
-                    "{key}.target: {:?} is its own source: give it another",
-                    d.target
+                    "{key}.target: {:?} is (or matches) its own source {:?}: give it another",
+                    d.target, d.source
                 ));
             }
             if !derived.insert((&d.source, &d.target)) {

@@ -14,12 +14,15 @@ use crate::acks::AckSet;
 use crate::derive::{DerivedInfo, DerivedSpec, Deriver, PREFIX, Progress, Reshape};
 use crate::error::{CoreError, Result};
 use crate::filter::Filter;
+use crate::pattern::Pattern;
 use crate::{ChannelSettings, names};
 
 /// A running derived channel.
 pub(super) struct DerivedHandle {
     /// Its hidden subscription.
     id: SubscriptionId,
+    /// The pattern of the derived channel it is the member of on this source, if it is one.
+    pattern: Option<String>,
     spec: DerivedSpec,
     source_log: Arc<ChannelLog>,
     progress: Arc<Progress>,
@@ -31,16 +34,16 @@ impl Broker {
     /// Creates a derived channel: from now on, every message published to `spec.source` that
     /// passes its filter is reshaped and appended to `spec.target` (created if missing),
     /// exactly once.
+    ///
+    /// The source may be a channel pattern (`orders.*`): every channel it matches feeds the
+    /// target, including channels created later (from their first message).
     pub async fn create_derived(&self, spec: DerivedSpec) -> Result<DerivedInfo> {
         self.check_open()?;
+        if Pattern::is_pattern(&spec.source) {
+            return self.create_pattern_derived(spec).await;
+        }
         names::validate("channel", &spec.target)?;
-        let filter = match &spec.filter {
-            Some(text) => Some(
-                Filter::parse(text)
-                    .map_err(|e| CoreError::InvalidArgument(format!("filter {text:?}: {e}")))?,
-            ),
-            None => None,
-        };
+        let filter = parse_filter(&spec)?;
         if spec.source == spec.target {
             return Err(CoreError::InvalidArgument(format!(
                 "derived channel {:?} would read itself: give it another source",
@@ -99,44 +102,72 @@ impl Broker {
     /// Deletes a derived channel (its target channel and what it holds stay).
     pub async fn delete_derived(&self, source: &str, target: &str) -> Result<()> {
         self.check_open()?;
+        if Pattern::is_pattern(source) {
+            return self.delete_pattern_derived(source, target).await;
+        }
         let _admin = self.inner.admin.lock().await;
         let key = (source.to_owned(), target.to_owned());
-        let id = self
-            .inner
-            .derived
-            .lock()
-            .expect("derived lock")
+        let found = (self.inner.derived.lock().expect("derived lock"))
             .get(&key)
-            .map(|h| h.id);
-        let Some(id) = id else {
+            .map(|h| (h.id, h.pattern.clone()));
+        if let Some((_, Some(pattern))) = &found {
+            return Err(CoreError::FailedPrecondition(format!(
+                "{target:?} is derived from {source:?} as one of the channels of pattern \
+                 {pattern:?}: delete the derived channel from {pattern:?}"
+            )));
+        }
+        let Some(id) = found.map(|(id, _)| id) else {
             self.channel(source)?;
             return Err(CoreError::FailedPrecondition(format!(
                 "no channel is derived from {source:?} into {target:?}"
             )));
         };
         self.inner.store.delete_subscription(id).await?;
-        let removed = self
-            .inner
-            .derived
-            .lock()
-            .expect("derived lock")
-            .remove(&key);
-        if let Some(stop) = removed.and_then(|h| h.stop) {
-            let _ = stop.send(());
-        }
+        self.stop_derived(source, target);
         tracing::info!(source, target, "derived channel deleted");
         Ok(())
     }
 
-    /// Every derived channel, by source and target.
+    /// Forgets a running derived channel and stops its task.
+    pub(super) fn stop_derived(&self, source: &str, target: &str) {
+        let key = (source.to_owned(), target.to_owned());
+        let removed = (self.inner.derived.lock().expect("derived lock")).remove(&key);
+        if let Some(stop) = removed.and_then(|h| h.stop) {
+            let _ = stop.send(());
+        }
+    }
+
+    /// The members of the derived channel from `pattern` into `target`: each source and its
+    /// hidden subscription.
+    pub(super) fn derived_members(
+        &self,
+        pattern: &str,
+        target: &str,
+    ) -> Vec<(String, SubscriptionId)> {
+        let derived = self.inner.derived.lock().expect("derived lock");
+        (derived.iter())
+            .filter(|((_, t), h)| t == target && h.pattern.as_deref() == Some(pattern))
+            .map(|((source, _), h)| (source.clone(), h.id))
+            .collect()
+    }
+
+    /// Every derived channel, by source (channel or pattern) and target; a pattern's figures
+    /// are the sums over the channels it matches.
     pub fn list_derived(&self) -> Vec<DerivedInfo> {
         let keys: Vec<(String, String)> = (self.inner.derived.lock().expect("derived lock"))
-            .keys()
-            .cloned()
+            .iter()
+            .filter(|(_, h)| h.pattern.is_none())
+            .map(|(key, _)| key.clone())
             .collect();
-        keys.iter()
+        let mut out: Vec<DerivedInfo> = keys
+            .iter()
             .filter_map(|key| self.derived_info(key))
-            .collect()
+            .collect();
+        for derived in self.pattern_derived() {
+            out.push(self.pattern_derived_info(&derived));
+        }
+        out.sort_by(|a, b| (&a.spec.source, &a.spec.target).cmp(&(&b.spec.source, &b.spec.target)));
+        out
     }
 
     /// Makes the declared derived channels exist: a new one is created; one that exists with
@@ -144,9 +175,12 @@ impl Broker {
     pub async fn declare_derived(&self, specs: &[DerivedSpec]) -> Result<()> {
         for spec in specs {
             let key = (spec.source.clone(), spec.target.clone());
-            let existing = (self.inner.derived.lock().expect("derived lock"))
-                .get(&key)
-                .map(|h| h.spec.clone());
+            let existing = match Pattern::is_pattern(&spec.source) {
+                true => self.declared_pattern_derived(spec),
+                false => (self.inner.derived.lock().expect("derived lock"))
+                    .get(&key)
+                    .map(|h| h.spec.clone()),
+            };
             match existing {
                 Some(existing) if existing == *spec => {}
                 Some(_) => {
@@ -165,7 +199,7 @@ impl Broker {
         Ok(())
     }
 
-    fn derived_info(&self, key: &(String, String)) -> Option<DerivedInfo> {
+    pub(super) fn derived_info(&self, key: &(String, String)) -> Option<DerivedInfo> {
         let derived = self.inner.derived.lock().expect("derived lock");
         let handle = derived.get(key)?;
         let end = handle.source_log.stats().next_seq;
@@ -178,34 +212,80 @@ impl Broker {
         })
     }
 
-    /// Refuses a derived channel that exists already or would close a loop of derived
-    /// channels.
-    fn check_new_derived(&self, spec: &DerivedSpec) -> Result<()> {
-        let derived = self.inner.derived.lock().expect("derived lock");
-        if derived.contains_key(&(spec.source.clone(), spec.target.clone())) {
+    /// Refuses a derived channel that exists already, that a channel its pattern matches
+    /// already derives into its target, or that would close a loop of derived channels.
+    pub(super) fn check_new_derived(&self, spec: &DerivedSpec) -> Result<()> {
+        let source = Pattern::parse(&spec.source).ok();
+        let mut edges: Vec<(Option<Pattern>, String, String)> = Vec::new();
+        for derived in self.pattern_derived() {
+            let (pattern, target) = (&derived.spec.source, &derived.spec.target);
+            edges.push((
+                Some(derived.pattern.clone()),
+                pattern.clone(),
+                target.clone(),
+            ));
+        }
+        for ((from, target), handle) in self.inner.derived.lock().expect("derived lock").iter() {
+            if handle.pattern.is_none() {
+                edges.push((None, from.clone(), target.clone()));
+            }
+        }
+        // The same source, or (for a channel) a pattern that matches it.
+        let covered = |(p, s, t): &(Option<Pattern>, String, String)| {
+            *t == spec.target
+                && (*s == spec.source
+                    || source.is_none() && p.as_ref().is_some_and(|p| p.matches(&spec.source)))
+        };
+        if let Some((_, from, _)) = edges.iter().find(|edge| covered(edge)) {
             return Err(CoreError::InvalidArgument(format!(
-                "channel {:?} is already derived from {:?}",
+                "channel {:?} is already derived from {from:?}",
+                spec.target
+            )));
+        }
+        if let Some(pattern) = &source
+            && let Some((_, other, _)) = (edges.iter()).find(|(p, _, t)| {
+                *t == spec.target && p.as_ref().is_some_and(|p| p.overlaps(pattern))
+            })
+        {
+            return Err(CoreError::InvalidArgument(format!(
+                "channel {:?} is already derived from {other:?}, which some channel names match \
+                 together with {:?}: such a channel would be derived into it twice",
                 spec.target, spec.source
             )));
         }
-        let mut next: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (source, target) in derived.keys() {
-            next.entry(source.as_str())
-                .or_default()
-                .push(target.as_str());
+        if let Some(pattern) = &source
+            && let Some((_, channel, _)) = edges
+                .iter()
+                .find(|(p, s, t)| p.is_none() && *t == spec.target && pattern.matches(s))
+        {
+            return Err(CoreError::InvalidArgument(format!(
+                "channel {channel:?}, which {:?} matches, is already derived into {:?}: \
+                 delete that derived channel first, or derive into another target",
+                spec.source, spec.target
+            )));
         }
-        // Does the new target reach the new source?
+        let reads =
+            |edge_source: &Option<Pattern>, edge_from: &str, channel: &str| match edge_source {
+                Some(pattern) => pattern.matches(channel),
+                None => edge_from == channel,
+            };
+        // Does the new target reach the new source (a channel the new pattern matches)?
         let mut seen = std::collections::HashSet::new();
-        let mut todo = vec![spec.target.as_str()];
+        let mut todo = vec![spec.target.clone()];
         while let Some(channel) = todo.pop() {
-            if channel == spec.source {
+            let closes = match &source {
+                Some(pattern) => pattern.matches(&channel),
+                None => channel == spec.source,
+            };
+            if closes {
                 return Err(CoreError::InvalidArgument(format!(
                     "deriving {:?} from {:?} would close a cycle of derived channels",
                     spec.target, spec.source
                 )));
             }
-            if seen.insert(channel) {
-                todo.extend(next.get(channel).into_iter().flatten());
+            if seen.insert(channel.clone()) {
+                let next = edges.iter().filter(|(p, s, _)| reads(p, s, &channel));
+                todo.extend(next.map(|(_, _, t)| t.clone()));
             }
         }
         Ok(())
@@ -237,12 +317,14 @@ impl Broker {
             // can be deleted and declared anew.
             _ => {
                 tracing::error!(source = %spec.source, target = %spec.target, "a derived channel's filter or reshaping cannot be read by this broker: not started; delete it and create it again");
-                self.register_derived(source, spec, sub.id, Arc::new(Progress::default()), None);
+                let pattern = pattern_of(&sub.name);
+                let progress = Arc::new(Progress::default());
+                self.register_derived(source, spec, sub.id, pattern, progress, None);
             }
         }
     }
 
-    fn run_derived(
+    pub(super) fn run_derived(
         &self,
         source: &Arc<ChannelShared>,
         target: ChannelId,
@@ -253,6 +335,7 @@ impl Broker {
         let progress = Arc::new(Progress::default());
         let (stop, stopped) = watch::channel(());
         let acks = AckSet::from_state(&sub.acks);
+        let pattern = pattern_of(&sub.name);
         progress.floor.store(acks.floor(), Ordering::Relaxed);
         let deriver = Deriver {
             id: sub.id,
@@ -267,7 +350,7 @@ impl Broker {
             progress: progress.clone(),
         };
         let task = tokio::spawn(deriver.run(stopped));
-        self.register_derived(source, spec, sub.id, progress, Some(stop));
+        self.register_derived(source, spec, sub.id, pattern, progress, Some(stop));
         let mut dispatchers = self.inner.dispatchers.lock().expect("dispatchers lock");
         dispatchers.push(task);
     }
@@ -277,12 +360,14 @@ impl Broker {
         source: &Arc<ChannelShared>,
         spec: DerivedSpec,
         id: SubscriptionId,
+        pattern: Option<String>,
         progress: Arc<Progress>,
         stop: Option<watch::Sender<()>>,
     ) {
         let key = (spec.source.clone(), spec.target.clone());
         let handle = DerivedHandle {
             id,
+            pattern,
             spec,
             source_log: source.log.clone(),
             progress,
@@ -319,4 +404,20 @@ impl Broker {
             }
         }
     }
+}
+
+/// Parses a derived channel's filter; the error names it.
+pub(super) fn parse_filter(spec: &DerivedSpec) -> Result<Option<Filter>> {
+    let Some(text) = &spec.filter else {
+        return Ok(None);
+    };
+    let filter = Filter::parse(text);
+    Ok(Some(filter.map_err(|e| {
+        CoreError::InvalidArgument(format!("filter {text:?}: {e}"))
+    })?))
+}
+
+/// The pattern of the derived channel a hidden subscription is a member of, if any.
+fn pattern_of(subscription: &str) -> Option<String> {
+    super::derived_wildcard::member_of(subscription).map(|(_, pattern)| pattern.to_owned())
 }

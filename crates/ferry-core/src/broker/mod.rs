@@ -2,6 +2,7 @@
 //! administration. It owns the store handle and one dispatcher task per subscription.
 
 mod derived;
+mod derived_wildcard;
 mod redrive;
 mod wildcard;
 
@@ -78,6 +79,8 @@ struct Inner {
     latencies: Arc<Latencies>,
     /// Running derived channels, by (source, target).
     derived: Mutex<BTreeMap<(String, String), derived::DerivedHandle>>,
+    /// Derived channels from patterns, by (pattern, target); their members are in `derived`.
+    derived_patterns: Mutex<BTreeMap<(String, String), Arc<derived_wildcard::PatternDerived>>>,
     /// Wildcard subscriptions, by (pattern, name).
     wildcards: RwLock<BTreeMap<(String, String), Arc<wildcard::Wildcard>>>,
     closing: AtomicBool,
@@ -268,6 +271,7 @@ impl Broker {
                 dispatchers: Mutex::new(Vec::new()),
                 latencies: Arc::new(Latencies::default()),
                 derived: Mutex::new(BTreeMap::new()),
+                derived_patterns: Mutex::new(BTreeMap::new()),
                 wildcards: RwLock::new(BTreeMap::new()),
                 closing: AtomicBool::new(false),
             }),
@@ -277,7 +281,7 @@ impl Broker {
             let shared = broker.register_channel(channel.id, channel.name, channel.settings)?;
             by_id.insert(channel.id, shared);
         }
-        let mut members = Vec::new();
+        let (mut members, mut derived_members) = (Vec::new(), Vec::new());
         for sub in recovered.subscriptions {
             let channel = by_id.get(&sub.channel).ok_or_else(|| {
                 StoreError::Corrupt(format!(
@@ -285,7 +289,9 @@ impl Broker {
                     sub.name
                 ))
             })?;
-            if sub.name.starts_with(crate::derive::PREFIX) {
+            if derived_wildcard::member_of(&sub.name).is_some() {
+                derived_members.push((channel.clone(), sub));
+            } else if sub.name.starts_with(crate::derive::PREFIX) {
                 broker.start_derived(channel, sub, &by_id);
             } else if wildcard::member_of(&sub.name).is_some() {
                 members.push((channel.clone(), sub));
@@ -295,6 +301,9 @@ impl Broker {
         }
         broker
             .recover_wildcards(&recovered.catalog, members)
+            .await?;
+        broker
+            .recover_derived_patterns(&recovered.catalog, derived_members, &by_id)
             .await?;
         Ok(broker)
     }
@@ -588,6 +597,7 @@ impl Broker {
         // Before anything can be published to it: the wildcard subscriptions that match it
         // get its every message.
         self.add_members(&shared).await?;
+        self.add_derived_members(&shared).await?;
         self.publish_channel(&shared);
         tracing::info!(channel = name, ?settings, "channel created");
         self.channel_info(name).await
@@ -617,6 +627,12 @@ impl Broker {
         self.check_open()?;
         let _admin = self.inner.admin.lock().await;
         let shared = self.channel(name)?;
+        if let Some(source) = self.pattern_derived_into(name) {
+            return Err(CoreError::FailedPrecondition(format!(
+                "channel {name:?} is the target of the channel derived from {source:?}: delete \
+                 that derived channel (ListDerived shows it) first"
+            )));
+        }
         if let Some(user) = self.wildcard_dead_letter_user(shared.id) {
             return Err(CoreError::FailedPrecondition(format!(
                 "channel {name:?} is the dead-letter channel of wildcard subscription                  {user:?}: give that subscription another dead-letter channel, or delete it,                  first"

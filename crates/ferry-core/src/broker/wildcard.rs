@@ -330,7 +330,7 @@ impl Broker {
     }
 
     /// The channels now, matching `pattern`.
-    fn channels_matching(&self, pattern: &Pattern) -> Vec<Arc<ChannelShared>> {
+    pub(super) fn channels_matching(&self, pattern: &Pattern) -> Vec<Arc<ChannelShared>> {
         let channels = self.inner.channels.read().expect("channels lock");
         (channels.values())
             .filter(|c| pattern.matches(&c.name))
@@ -348,33 +348,57 @@ impl Broker {
     ) -> Result<()> {
         let record = wildcard.record();
         let name = member_name(wildcard.pattern.as_str(), &wildcard.name);
+        let member = RecoveredSubscription {
+            settings: record.settings,
+            filter: record.filter,
+            ..self.member_of_channel(channel, name)
+        };
+        let sub = self.create_member(member, start).await?;
+        self.start_member(wildcard, channel, sub).await;
+        Ok(())
+    }
+
+    /// A member subscription of `channel` to be created, with default settings.
+    pub(super) fn member_of_channel(
+        &self,
+        channel: &ChannelShared,
+        name: String,
+    ) -> RecoveredSubscription {
+        RecoveredSubscription {
+            id: ferry_store::SubscriptionId(0),
+            channel: channel.id,
+            name,
+            settings: ferry_store::SubscriptionSettings::default(),
+            filter: String::new(),
+            transform: Vec::new(),
+            acks: ferry_store::AckState::default(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// Creates a pattern's member subscription in the store at `start` (a channel that no
+    /// longer holds messages that old starts at its earliest); returns it with its id and
+    /// ack state.
+    pub(super) async fn create_member(
+        &self,
+        member: RecoveredSubscription,
+        start: Position,
+    ) -> Result<RecoveredSubscription> {
         let create = |start| {
             (self.inner.store).create_filtered_subscription(
-                channel.id,
-                name.clone(),
-                record.settings,
+                member.channel,
+                member.name.clone(),
+                member.settings,
                 start,
-                record.filter.clone(),
-                Vec::new(),
+                member.filter.clone(),
+                member.transform.clone(),
             )
         };
         let (id, acks) = match create(start).await {
-            // A channel that no longer holds messages that old starts at its earliest.
             Err(StoreError::OutOfRange { .. }) => create(Position::Earliest).await?,
             created => created?,
         };
-        let sub = RecoveredSubscription {
-            id,
-            channel: channel.id,
-            name,
-            settings: record.settings,
-            filter: record.filter,
-            transform: Vec::new(),
-            acks,
-            failures: Vec::new(),
-        };
-        self.start_member(wildcard, channel, sub).await;
-        Ok(())
+        Ok(RecoveredSubscription { id, acks, ..member })
     }
 
     /// Starts a member's dispatcher and attaches the wildcard's consumers to it.
