@@ -22,7 +22,7 @@
 //! woken when room or window appears, whichever of them made it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -65,11 +65,13 @@ struct Shared {
     /// milliseconds since `epoch`.
     active_at: AtomicU64,
     epoch: Instant,
-    /// The window and what the consumer holds of it.
-    window: Mutex<Held>,
+    /// The window and what the consumer holds of it (atomics: every delivery and every ack
+    /// goes through them).
+    window: Held,
     /// Wake the dispatchers that deliver here when room or window appears (each dispatcher's
-    /// one `Notify` serves all its consumers).
+    /// one `Notify` serves all its consumers), and how many there are.
     dispatchers: Mutex<Vec<Arc<Notify>>>,
+    dispatcher_count: AtomicUsize,
     /// Wakes the consumer's request reader when room appears.
     reader: Notify,
     /// Set when the stream is dropped, so that senders stop queueing and a waiting request
@@ -92,9 +94,32 @@ struct Queue {
 
 /// A consumer's window and its unsettled deliveries against it.
 struct Held {
-    window: Window,
-    messages: u32,
-    bytes: u64,
+    max_messages: AtomicU32,
+    max_bytes: AtomicU64,
+    /// Deliveries held in the top bits, their bytes in the low [`HELD_BYTE_BITS`]: one word,
+    /// so that taking from the window is one compare-and-swap.
+    held: AtomicU64,
+}
+
+/// A window holds at most 100,000 deliveries (< 2^20) of at most 64 MiB each (< 2^43 bytes
+/// together).
+const HELD_BYTE_BITS: u32 = 44;
+const HELD_BYTES: u64 = (1 << HELD_BYTE_BITS) - 1;
+
+impl Held {
+    fn new(window: Window) -> Self {
+        Self {
+            max_messages: AtomicU32::new(window.max_messages),
+            max_bytes: AtomicU64::new(window.max_bytes),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    fn fits(&self, held: u64, size: u64) -> bool {
+        let (messages, bytes) = (held >> HELD_BYTE_BITS, held & HELD_BYTES);
+        messages < u64::from(self.max_messages.load(Ordering::Relaxed))
+            && (messages == 0 || bytes + size <= self.max_bytes.load(Ordering::Relaxed))
+    }
 }
 
 struct Senders(Arc<Shared>);
@@ -122,12 +147,9 @@ pub(crate) fn outbox(limit: usize, window: Window) -> (Outbox, ConsumerEvents) {
         reserved: AtomicUsize::new(0),
         active_at: AtomicU64::new(0),
         epoch: Instant::now(),
-        window: Mutex::new(Held {
-            window,
-            messages: 0,
-            bytes: 0,
-        }),
+        window: Held::new(window),
         dispatchers: Mutex::new(Vec::new()),
+        dispatcher_count: AtomicUsize::new(0),
         reader: Notify::new(),
         gone: AtomicBool::new(false),
         closed: AtomicBool::new(false),
@@ -158,12 +180,12 @@ impl Shared {
         self.queue.lock().expect("outbox lock")
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.window.lock().expect("window lock")
-    }
-
     /// Wakes every dispatcher that delivers here but `except`.
     fn wake_dispatchers(&self, except: Option<&Arc<Notify>>) {
+        // The common case, one dispatcher waking none but itself, takes no lock.
+        if except.is_some() && self.dispatcher_count.load(Ordering::Acquire) <= 1 {
+            return;
+        }
         let dispatchers = self.dispatchers.lock().expect("dispatchers lock");
         for wake in dispatchers.iter() {
             if except.is_none_or(|except| !Arc::ptr_eq(wake, except)) {
@@ -178,55 +200,64 @@ impl Outbox {
     pub(crate) fn join(&self, wake: Arc<Notify>) {
         let mut dispatchers = self.shared.dispatchers.lock().expect("dispatchers lock");
         dispatchers.push(wake);
+        (self.shared.dispatcher_count).store(dispatchers.len(), Ordering::Release);
     }
 
     /// A dispatcher delivers here no more.
     pub(crate) fn leave(&self, wake: &Arc<Notify>) {
         let mut dispatchers = self.shared.dispatchers.lock().expect("dispatchers lock");
         dispatchers.retain(|w| !Arc::ptr_eq(w, wake));
+        (self.shared.dispatcher_count).store(dispatchers.len(), Ordering::Release);
     }
 
     /// Whether the window has room for one more delivery of `size` bytes (one delivery is
     /// always allowed when none is held, however large).
     pub(crate) fn window_fits(&self, size: u64) -> bool {
-        let held = self.shared.held();
-        held.messages < held.window.max_messages
-            && (held.messages == 0 || held.bytes + size <= held.window.max_bytes)
+        let window = &self.shared.window;
+        window.fits(window.held.load(Ordering::Acquire), size)
     }
 
     /// Takes a delivery of `size` bytes from the window if it fits: checked and taken at once,
     /// so that dispatchers sharing the window never pass it together.
     pub(crate) fn try_take(&self, size: u64) -> bool {
-        let mut held = self.shared.held();
-        let fits = held.messages < held.window.max_messages
-            && (held.messages == 0 || held.bytes + size <= held.window.max_bytes);
-        if fits {
-            held.messages += 1;
-            held.bytes += size;
-        }
-        fits
+        let window = &self.shared.window;
+        let take = |held: u64| {
+            let (messages, bytes) = (held >> HELD_BYTE_BITS, held & HELD_BYTES);
+            let bytes = (bytes + size).min(HELD_BYTES);
+            window
+                .fits(held, size)
+                .then_some((messages + 1) << HELD_BYTE_BITS | bytes)
+        };
+        (window.held)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, take)
+            .is_ok()
     }
 
     /// Gives `messages` deliveries of `bytes` back to the window; the other dispatchers that
     /// deliver here (not `from`, which knows) are woken, as they may have waited for it.
     pub(crate) fn give_back(&self, messages: u32, bytes: u64, from: &Arc<Notify>) {
-        {
-            let mut held = self.shared.held();
-            held.messages = held.messages.saturating_sub(messages);
-            held.bytes = held.bytes.saturating_sub(bytes);
-        }
+        let back = |held: u64| {
+            let n = (held >> HELD_BYTE_BITS).saturating_sub(u64::from(messages));
+            let b = (held & HELD_BYTES).saturating_sub(bytes);
+            Some(n << HELD_BYTE_BITS | b)
+        };
+        let window = &self.shared.window;
+        let _ = (window.held).fetch_update(Ordering::AcqRel, Ordering::Acquire, back);
         self.shared.wake_dispatchers(Some(from));
     }
 
     /// Changes the window; every dispatcher is woken to use what it allows.
     pub(crate) fn set_window(&self, window: Window) {
-        self.shared.held().window = window;
+        let held = &self.shared.window;
+        held.max_messages
+            .store(window.max_messages, Ordering::Release);
+        held.max_bytes.store(window.max_bytes, Ordering::Release);
         self.shared.wake_dispatchers(None);
     }
 
     /// The deliveries held against the window now.
     pub(crate) fn held_messages(&self) -> u32 {
-        self.shared.held().messages
+        (self.shared.window.held.load(Ordering::Acquire) >> HELD_BYTE_BITS) as u32
     }
 
     /// Queues an event of `bytes`; false when the stream is gone or closed.

@@ -153,6 +153,11 @@ pub struct BenchArgs {
     /// then measures delayed messages entering their channel as they come due.
     #[arg(long, value_name = "S")]
     delay: Option<u64>,
+    /// Drain the consume scenario's backlog through a wildcard subscription (on the pattern
+    /// that replaces the channel's last word with `*`, from the earliest message) instead of
+    /// the channel's own: what the shared window and the routing of acks cost.
+    #[arg(long)]
+    wildcard: bool,
 }
 
 /// The scenarios `--only` can pick; they always run in this order.
@@ -845,6 +850,44 @@ impl Bench<'_> {
         Ok(name)
     }
 
+    /// Creates a wildcard subscription (named like the scenarios' own) on the pattern that
+    /// replaces `channel`'s last word with `*`, reading from the earliest message; returns the
+    /// pattern. Only `channel` matches it while the scenario runs: scenarios run one at a time.
+    async fn wildcard_of(&self, channel: &str) -> Result<String> {
+        let prefix = channel
+            .rsplit_once('.')
+            .map_or(channel, |(prefix, _)| prefix);
+        let pattern = format!("{prefix}.*");
+        let request = pb::CreateSubscriptionRequest {
+            channel: pattern.clone(),
+            name: SUBSCRIPTION.to_owned(),
+            start: Some(pb::Position {
+                at: Some(pb::position::At::Edge(pb::Edge::Earliest as i32)),
+            }),
+            ..Default::default()
+        };
+        let mut admin = self.admin.clone();
+        admin.create_subscription(request).await.map_err(|s| {
+            BenchError::status(format!("cannot create a subscription of {pattern}"), &s)
+        })?;
+        Ok(pattern)
+    }
+
+    /// Deletes the wildcard subscription [`Bench::wildcard_of`] made; a failure only warrants a
+    /// warning.
+    async fn remove_wildcard(&self, pattern: &str) {
+        let request = pb::DeleteSubscriptionRequest {
+            channel: pattern.to_owned(),
+            name: SUBSCRIPTION.to_owned(),
+        };
+        if let Err(status) = self.admin.clone().delete_subscription(request).await {
+            eprintln!(
+                "ferry bench: warning: {}",
+                BenchError::status(format!("cannot delete subscription of {pattern}"), &status)
+            );
+        }
+    }
+
     /// Deletes a scenario's channel, so that what it retained neither fills a shared broker's
     /// disk nor weighs on the next scenario. A failure only warrants a warning.
     async fn remove_channel(&self, name: &str) {
@@ -1083,9 +1126,18 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
         .await?;
 
     let connection = bench.connect().await?;
+    let pattern = match args.wildcard {
+        true => Some(bench.wildcard_of(&channel).await?),
+        false => None,
+    };
     let before = commits::snapshot(&bench.admin).await;
     let started = Instant::now();
-    let consumer = Consumer::attach(connection, &channel, args.window).await?;
+    let consumer = match &pattern {
+        Some(pattern) => {
+            Consumer::attach_to(connection, pattern, SUBSCRIPTION, args.window).await?
+        }
+        None => Consumer::attach(connection, &channel, args.window).await?,
+    };
     // With --filter, one in ten passes (the one publisher numbered them from 0).
     let passing = match args.filter {
         true => filled.confirmed.div_ceil(10),
@@ -1098,7 +1150,12 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
             stamps: None,
         })
         .await?;
-    let label = format!("consume  {:<5} window={}", size_label(size), args.window);
+    let through = if args.wildcard { " wild" } else { "" };
+    let label = format!(
+        "consume  {:<5} window={}{through}",
+        size_label(size),
+        args.window
+    );
     print_rate(&label, size, &consumed.figure(started, passing));
     if args.filter {
         let elapsed = consumed.finished.saturating_duration_since(started);
@@ -1117,6 +1174,9 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
             "",
             thousands(filled.confirmed)
         );
+    }
+    if let Some(pattern) = pattern {
+        bench.remove_wildcard(&pattern).await;
     }
     bench.remove_channel(&channel).await;
     Ok(())
