@@ -674,7 +674,7 @@ async fn config_check_says_what_start_up_would_and_health_has_an_exit_code() {
     );
     daemon.stop().await;
     let (code, _, err) = ferry(&["health", "--server", &url]);
-    assert_eq!(code, Some(2));
+    assert_eq!(code, Some(3));
     assert!(err.contains("cannot connect to"), "{err}");
 }
 

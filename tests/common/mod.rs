@@ -46,6 +46,8 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// `--listen` (default: `127.0.0.1:0`, a free port).
+    pub listen: Option<String>,
 }
 
 impl Daemon {
@@ -78,7 +80,7 @@ impl Daemon {
         command
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(&data_dir);
         if let Some(config) = &options.config {

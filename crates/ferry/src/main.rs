@@ -1,7 +1,9 @@
 //! The `ferry` command: the broker daemon (`ferry serve`), the default configuration
-//! (`ferry config`) and a load generator that measures a broker over gRPC (`ferry bench`).
+//! (`ferry config`), client commands that publish, subscribe and administer (`cli`), and a load
+//! generator that measures a broker over gRPC (`ferry bench`).
 
 mod bench;
+mod cli;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -19,6 +21,13 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Ferry: a durable message broker in one small binary.
+///
+/// The client commands (publish, subscribe, channels, subscriptions, status, health) talk to
+/// the broker at --server (or FERRY_SERVER; default http://127.0.0.1:50051) and exit with 0
+/// when done, 1 when the broker refused (its status is printed), 2 on a usage error, 3 when the
+/// broker cannot be reached. --json prints JSON for scripts: one document, or one object per
+/// line for a stream of deliveries (payloads as UTF-8 text, or base64 with
+/// "payload_encoding": "base64").
 #[derive(Parser)]
 #[command(version, about, propagate_version = true)]
 struct Cli {
@@ -37,8 +46,18 @@ enum Command {
     /// Print the default configuration file, every key documented; `ferry config check FILE`
     /// checks one.
     Config(ConfigArgs),
+    /// Publish a message (DATA, --file) or one per line (--lines, of --file or stdin).
+    Publish(cli::PublishArgs),
+    /// Print a subscription's deliveries as they arrive, acking each (unless --no-ack).
+    Subscribe(cli::SubscribeArgs),
+    /// List, create, show or delete channels.
+    Channels(cli::ChannelsArgs),
+    /// List, create, show or delete subscriptions.
+    Subscriptions(cli::SubscriptionsArgs),
+    /// The broker's version, uptime and storage, and every subscription's backlog.
+    Status(cli::StatusArgs),
     /// Ask a running broker whether it serves. Exit status 0: serving; 1: it answered that it
-    /// is not (e.g. its store failed, or it is shutting down); 2: it could not be asked.
+    /// is not (e.g. its store failed, or it is shutting down); 3: it could not be asked.
     Health(HealthArgs),
     /// Measure a broker: publish and consume rates, end-to-end latency, the broker's memory.
     Bench(bench::BenchArgs),
@@ -132,6 +151,11 @@ fn main() -> ExitCode {
             action: Some(ConfigAction::Check { file }),
         }) => check_config(&file),
         Command::Health(args) => health(&args.server),
+        Command::Publish(args) => args.run(),
+        Command::Subscribe(args) => args.run(),
+        Command::Channels(args) => args.run(),
+        Command::Subscriptions(args) => args.run(),
+        Command::Status(args) => args.run(),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => inspect(args, false),
@@ -207,7 +231,7 @@ fn health(server: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ferry: {e}");
-            ExitCode::from(2)
+            ExitCode::from(cli::UNREACHABLE)
         }
     }
 }

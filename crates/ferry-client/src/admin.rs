@@ -1,0 +1,298 @@
+//! Administration: channels, subscriptions and the broker's own figures, in the client's types.
+
+use std::time::{Duration, SystemTime};
+
+use ferry_proto::pb;
+
+use crate::Client;
+use crate::convert::{duration, from_duration, timestamp};
+use crate::error::Result;
+
+/// Where a subscription starts, or is moved to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// After the last message published (the default).
+    #[default]
+    Latest,
+    /// At the first message the channel still holds.
+    Earliest,
+    /// At this sequence.
+    Sequence(u64),
+    /// At the first message published at or after this time.
+    Time(SystemTime),
+    /// Where this other subscription of the same channel is (a fork of its ack state).
+    Subscription(String),
+}
+
+impl Start {
+    fn into_proto(self) -> pb::Position {
+        use pb::position::At;
+        let at = match self {
+            Start::Latest => At::Edge(pb::Edge::Latest as i32),
+            Start::Earliest => At::Edge(pb::Edge::Earliest as i32),
+            Start::Sequence(seq) => At::Sequence(seq),
+            Start::Time(t) => At::Time(timestamp(t)),
+            Start::Subscription(name) => At::Subscription(name),
+        };
+        pb::Position { at: Some(at) }
+    }
+}
+
+/// A new subscription's settings; what is left at its default is the broker's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionOptions {
+    /// How long a delivery may stay unacked (None: 30 s).
+    pub ack_deadline: Option<Duration>,
+    /// After this many failed deliveries a message is dead-lettered (0: never).
+    pub max_delivery_attempts: u32,
+    /// Where messages go after their last attempt ("" for none).
+    pub dead_letter_channel: String,
+    /// Only messages that pass this filter (Pub/Sub's syntax) are delivered ("" for all).
+    pub filter: String,
+    /// Deliver messages with the same key without waiting for one another.
+    pub disable_ordering: bool,
+    /// Where it starts.
+    pub start: Start,
+}
+
+/// A channel and its figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelInfo {
+    /// Its name.
+    pub name: String,
+    /// Messages stored.
+    pub messages: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// The sequence the next message will get.
+    pub next_sequence: u64,
+    /// The lowest sequence still stored.
+    pub first_sequence: u64,
+    /// Delayed messages stored aside until due.
+    pub delayed: u64,
+    /// Its subscriptions, by name.
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+impl From<pb::ChannelInfo> for ChannelInfo {
+    fn from(c: pb::ChannelInfo) -> Self {
+        ChannelInfo {
+            name: c.name,
+            messages: c.messages,
+            bytes: c.bytes,
+            next_sequence: c.next_sequence,
+            first_sequence: c.first_sequence,
+            delayed: c.delayed,
+            subscriptions: c.subscriptions.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// A subscription and its figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionInfo {
+    /// Its channel (or pattern).
+    pub channel: String,
+    /// Its name.
+    pub name: String,
+    /// Messages waiting to be delivered.
+    pub backlog: u64,
+    /// Deliveries not yet settled.
+    pub in_flight: u64,
+    /// Messages acked since it was created.
+    pub acked: u64,
+    /// Messages not yet acked.
+    pub unacked: u64,
+    /// How long the oldest unacked message has waited.
+    pub oldest_unacked_age: Option<Duration>,
+    /// Consumers attached now.
+    pub consumers: u32,
+    /// Its ack deadline.
+    pub ack_deadline: Duration,
+    /// Its dead-letter channel ("" for none).
+    pub dead_letter_channel: String,
+    /// Its filter ("" for none).
+    pub filter: String,
+    /// Messages dead-lettered since the broker started.
+    pub dead_lettered: u64,
+    /// For a wildcard subscription: the channels it reads.
+    pub channels: Vec<String>,
+}
+
+impl From<pb::SubscriptionInfo> for SubscriptionInfo {
+    fn from(s: pb::SubscriptionInfo) -> Self {
+        SubscriptionInfo {
+            channel: s.channel,
+            name: s.name,
+            backlog: s.backlog,
+            in_flight: s.in_flight,
+            acked: s.acked,
+            unacked: s.unacked,
+            oldest_unacked_age: s.oldest_unacked_age.map(|d| from_duration(Some(d))),
+            consumers: s.consumers,
+            ack_deadline: from_duration(s.ack_deadline),
+            dead_letter_channel: s.dead_letter_channel,
+            filter: s.filter,
+            dead_lettered: s.dead_lettered,
+            channels: s.channels,
+        }
+    }
+}
+
+/// The broker's own figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerInfo {
+    /// Its version.
+    pub version: String,
+    /// How long it has run.
+    pub uptime: Duration,
+    /// How many channels it holds.
+    pub channels: u32,
+    /// Group commits since it started, and the device syncs they took.
+    pub commits: u64,
+    /// Device syncs since it started.
+    pub device_syncs: u64,
+    /// Free bytes on its data directory's disk.
+    pub disk_free_bytes: u64,
+    /// Whether it refuses publishing for lack of disk space.
+    pub publishing_refused: bool,
+    /// Bytes of messages it keeps decoded in memory.
+    pub message_cache_bytes: u64,
+}
+
+impl Client {
+    /// Creates a channel with default settings.
+    pub async fn create_channel(&self, name: &str) -> Result<ChannelInfo> {
+        let request = pb::CreateChannelRequest {
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        Ok(self
+            .admin()
+            .create_channel(request)
+            .await?
+            .into_inner()
+            .into())
+    }
+
+    /// Describes a channel and its subscriptions.
+    pub async fn channel(&self, name: &str) -> Result<ChannelInfo> {
+        let request = pb::GetChannelRequest {
+            name: name.to_owned(),
+        };
+        Ok(self.admin().get_channel(request).await?.into_inner().into())
+    }
+
+    /// Every channel, by name.
+    pub async fn channels(&self) -> Result<Vec<ChannelInfo>> {
+        let response = self
+            .admin()
+            .list_channels(pb::ListChannelsRequest {})
+            .await?;
+        Ok(response
+            .into_inner()
+            .channels
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    /// Deletes a channel with its messages and subscriptions.
+    pub async fn delete_channel(&self, name: &str) -> Result<()> {
+        let request = pb::DeleteChannelRequest {
+            name: name.to_owned(),
+        };
+        self.admin().delete_channel(request).await?;
+        Ok(())
+    }
+
+    /// Creates a subscription of `channel` (or, for a pattern like `orders.*`, a wildcard
+    /// subscription).
+    pub async fn create_subscription(
+        &self,
+        channel: &str,
+        name: &str,
+        options: SubscriptionOptions,
+    ) -> Result<SubscriptionInfo> {
+        let request = pb::CreateSubscriptionRequest {
+            channel: channel.to_owned(),
+            name: name.to_owned(),
+            ack_deadline: options.ack_deadline.map(duration),
+            max_delivery_attempts: options.max_delivery_attempts,
+            dead_letter_channel: options.dead_letter_channel,
+            disable_ordering: options.disable_ordering,
+            filter: options.filter,
+            start: Some(options.start.into_proto()),
+            ..Default::default()
+        };
+        let info = self.admin().create_subscription(request).await?;
+        Ok(info.into_inner().into())
+    }
+
+    /// Describes a subscription.
+    pub async fn subscription(&self, channel: &str, name: &str) -> Result<SubscriptionInfo> {
+        let request = pb::GetSubscriptionRequest {
+            channel: channel.to_owned(),
+            name: name.to_owned(),
+        };
+        Ok(self
+            .admin()
+            .get_subscription(request)
+            .await?
+            .into_inner()
+            .into())
+    }
+
+    /// The subscriptions of a channel (or a pattern's wildcard subscriptions), by name.
+    pub async fn subscriptions(&self, channel: &str) -> Result<Vec<SubscriptionInfo>> {
+        let request = pb::ListSubscriptionsRequest {
+            channel: channel.to_owned(),
+        };
+        let response = self.admin().list_subscriptions(request).await?;
+        Ok(response
+            .into_inner()
+            .subscriptions
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    /// Moves a subscription: messages before `to` count as acked, those after as not.
+    pub async fn seek(&self, channel: &str, name: &str, to: Start) -> Result<SubscriptionInfo> {
+        let request = pb::SeekRequest {
+            channel: channel.to_owned(),
+            subscription: name.to_owned(),
+            to: Some(to.into_proto()),
+        };
+        Ok(self.admin().seek(request).await?.into_inner().into())
+    }
+
+    /// Deletes a subscription; its consumers are disconnected.
+    pub async fn delete_subscription(&self, channel: &str, name: &str) -> Result<()> {
+        let request = pb::DeleteSubscriptionRequest {
+            channel: channel.to_owned(),
+            name: name.to_owned(),
+        };
+        self.admin().delete_subscription(request).await?;
+        Ok(())
+    }
+
+    /// The broker's version and figures.
+    pub async fn broker(&self) -> Result<BrokerInfo> {
+        let b = self
+            .admin()
+            .get_broker(pb::GetBrokerRequest {})
+            .await?
+            .into_inner();
+        Ok(BrokerInfo {
+            version: b.version,
+            uptime: from_duration(b.uptime),
+            channels: b.channels,
+            commits: b.commits,
+            device_syncs: b.device_syncs,
+            disk_free_bytes: b.disk_free_bytes,
+            publishing_refused: b.publishing_refused,
+            message_cache_bytes: b.message_cache_bytes,
+        })
+    }
+}

@@ -1,0 +1,147 @@
+//! A typed client for Ferry, the durable message broker: publish, subscribe and administer
+//! without naming gRPC types.
+//!
+//! ```no_run
+//! use ferry_client::{Client, Message};
+//!
+//! # async fn example() -> Result<(), ferry_client::Error> {
+//! let client = Client::connect("http://127.0.0.1:50051").await?;
+//! let publisher = client.publisher("orders.created");
+//! publisher.publish(Message::new("order 42").attribute("region", "eu")).await?;
+//!
+//! let mut deliveries = client.subscribe("orders.created", "billing");
+//! while let Some(delivery) = deliveries.next().await {
+//!     let delivery = delivery?;
+//!     println!("{} #{}: {:?}", delivery.channel, delivery.sequence, delivery.payload);
+//!     delivery.ack().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - [`Client`]: one connection to a broker (it reconnects by itself), cheap to clone;
+//! - [`Publisher`]: batches and pipelines what it is given over one stream and confirms each
+//!   message once it is durable;
+//! - [`Subscription`]: a [`Stream`](tokio_stream::Stream) of [`Delivery`]s, each settled
+//!   through itself; deadlines are extended while the application holds a delivery, and the
+//!   consumer attaches again with backoff when the connection is lost;
+//! - administration: channels, subscriptions, seek and the broker's figures, on [`Client`].
+
+mod admin;
+mod convert;
+mod error;
+mod message;
+mod publisher;
+mod subscriber;
+
+use std::time::Duration;
+
+use ferry_proto::pb::admin_client::AdminClient;
+use ferry_proto::pb::publisher_client::PublisherClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub use admin::{BrokerInfo, ChannelInfo, Start, SubscriptionInfo, SubscriptionOptions};
+pub use error::{Code, Error, Result};
+pub use message::{Message, Published, Received};
+pub use publisher::{Confirmation, Publisher, PublisherOptions};
+pub use subscriber::{Delivery, Nack, SubscribeOptions, Subscription};
+
+/// How long connecting to a broker may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to a broker; cheap to clone (clones share it). When the connection is lost,
+/// the next call connects again.
+#[derive(Clone)]
+pub struct Client {
+    connection: Channel,
+    address: String,
+}
+
+impl Client {
+    /// Connects to a broker at `address` (`http://host:port`; `host:port` works too).
+    pub async fn connect(address: impl Into<String>) -> Result<Client> {
+        let address = address.into();
+        let url = match address.contains("://") {
+            true => address.clone(),
+            false => format!("http://{address}"),
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| Error::Invalid(format!("bad broker address {address:?}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let connection = endpoint.connect().await.map_err(|e| Error::Connect {
+            address: address.clone(),
+            reason: source_chain(&e),
+        })?;
+        Ok(Client {
+            connection,
+            address,
+        })
+    }
+
+    /// The address it connects to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A publisher of `channel` with default batching.
+    pub fn publisher(&self, channel: &str) -> Publisher {
+        self.publisher_with(channel, PublisherOptions::default())
+    }
+
+    /// A publisher of `channel` that batches and pipelines as `options` say.
+    pub fn publisher_with(&self, channel: &str, options: PublisherOptions) -> Publisher {
+        Publisher::new(self.connection.clone(), channel.to_owned(), options)
+    }
+
+    /// Publishes one batch (all or nothing) and waits until it is durable; returns each
+    /// message's confirmation, in order.
+    pub async fn publish(&self, channel: &str, messages: Vec<Message>) -> Result<Vec<Published>> {
+        let request = ferry_proto::pb::PublishRequest {
+            channel: channel.to_owned(),
+            messages: messages.into_iter().map(Message::into_proto).collect(),
+        };
+        let mut client = PublisherClient::new(self.connection.clone());
+        let response = client.publish(request).await?.into_inner();
+        Ok(Published::of(response))
+    }
+
+    /// Attaches a consumer to `subscription` of `channel` (or of a pattern, for a wildcard
+    /// subscription) with the default options. Attaching happens in the background: a
+    /// subscription that does not exist is the stream's first item, an error.
+    pub fn subscribe(&self, channel: &str, subscription: &str) -> Subscription {
+        self.subscribe_with(channel, subscription, SubscribeOptions::default())
+    }
+
+    /// Attaches a consumer with these options.
+    pub fn subscribe_with(
+        &self,
+        channel: &str,
+        subscription: &str,
+        options: SubscribeOptions,
+    ) -> Subscription {
+        Subscription::start(
+            self.connection.clone(),
+            channel.to_owned(),
+            subscription.to_owned(),
+            options,
+        )
+    }
+
+    fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.connection.clone())
+    }
+}
+
+/// An error with its causes, for a message that says what actually failed (a transport
+/// error's own text is only "transport error").
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,151 @@
+//! The client commands of the `ferry` binary: publish, subscribe, administer and look at a
+//! running broker, through `ferry-client`.
+//!
+//! Every command takes `--server` (or `FERRY_SERVER`) and prints human tables by default,
+//! `--json` for scripts. Exit codes scripts can trust: 0 done, 1 the broker refused (its status
+//! is printed), 2 a usage error, 3 the broker could not be reached.
+
+mod admin;
+mod json;
+mod publish;
+mod subscribe;
+
+use std::process::ExitCode;
+
+use ferry_client::{Client, Error};
+
+pub use admin::{ChannelsArgs, StatusArgs, SubscriptionsArgs};
+pub use publish::PublishArgs;
+pub use subscribe::SubscribeArgs;
+
+/// What every client command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// The broker's address (beats FERRY_SERVER).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERRY_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+    /// Print JSON for scripts: one document, or one object per line for a stream.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The broker refused: its status was printed.
+const REFUSED: u8 = 1;
+/// The broker could not be reached.
+pub const UNREACHABLE: u8 = 3;
+
+/// Runs a client command on a runtime of its own and turns its outcome into the exit code.
+pub fn run<F>(common: &Common, command: impl FnOnce(Client) -> F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), Error>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let client = Client::connect(common.server.clone()).await?;
+        command(client).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferry: {error}");
+            exit_code(&error)
+        }
+    }
+}
+
+/// The exit code for a failure.
+pub fn exit_code(error: &Error) -> ExitCode {
+    match error {
+        Error::Connect { .. } | Error::Disconnected(_) => ExitCode::from(UNREACHABLE),
+        Error::Invalid(_) => ExitCode::from(2),
+        _ => ExitCode::from(REFUSED),
+    }
+}
+
+/// Prints rows as a table with aligned columns, the first row being the header.
+fn table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let last = c + 1 == row.len();
+            match last {
+                true => line.push_str(cell),
+                false => line.push_str(&format!("{cell:<width$}  ", width = widths[c])),
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// A duration for people: `850ms`, `12.3s`, `4m05s`, `3h02m`.
+fn human_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", d.as_secs_f64()),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ => format!("{value:.1} {}", UNITS[unit]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_and_sizes_read_well() {
+        assert_eq!(super::human_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(
+            super::human_duration(Duration::from_millis(12_345)),
+            "12.3s"
+        );
+        assert_eq!(super::human_duration(Duration::from_secs(245)), "4m05s");
+        assert_eq!(
+            super::human_duration(Duration::from_secs(3 * 3600 + 120)),
+            "3h02m"
+        );
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+    }
+}
