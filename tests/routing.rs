@@ -537,15 +537,39 @@ async fn a_wildcard_subscription_reads_every_matching_channel_even_ones_created_
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("wildcard subscription \"audit\" of \"orders.*\""),
+        "{status:?}"
+    );
+    // Given another dead-letter channel, the first one can go.
+    admin.create_channel(create("audit.dead2")).await.unwrap();
+    admin
+        .update_subscription(wildcard("orders.*", "audit", "audit.dead2"))
+        .await
+        .unwrap();
+    let info = daemon.subscription("orders.*", "audit").await;
+    assert_eq!(info.dead_letter_channel, "audit.dead2");
+    admin
+        .delete_channel(pb::DeleteChannelRequest {
+            name: "audit.dead".into(),
+        })
+        .await
+        .unwrap();
 
-    // Deleting one of its channels leaves the consumer reading the others.
+    // Deleting one of its channels leaves the consumer reading the others, even with a
+    // delivery of that channel in hand (its ack is answered, not the stream ended).
+    publish_one(&daemon, "orders.paid", "p3").await;
+    let p3 = consumer.take(1).await;
     admin
         .delete_channel(pb::DeleteChannelRequest {
             name: "orders.paid".into(),
         })
         .await
         .unwrap();
+    let answer = consumer.ack_each(ack_ids(&p3)).await;
+    assert_ne!(answer[&p3[0].ack_id], pb::AckStatus::Ok);
     publish_one(&daemon, "orders.created", "c3").await;
     let c3 = consumer.take(1).await;
     assert_eq!(origins(&c3), [("orders.created".into(), 3, "c3".into())]);

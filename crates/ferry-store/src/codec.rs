@@ -163,11 +163,15 @@ pub(crate) fn catalog_key(name: &str) -> Vec<u8> {
 
 /// The name in a catalog entry's index key.
 pub(crate) fn parse_catalog_key(key: &[u8]) -> Result<String, StoreError> {
+    let bad = || {
+        let text = String::from_utf8_lossy(key);
+        StoreError::Corrupt(format!("bad catalog key {text:?}"))
+    };
     match key.split_first() {
         Some((b'K', name)) => std::str::from_utf8(name)
             .map(str::to_owned)
-            .map_err(|_| StoreError::Corrupt(format!("bad catalog key {key:?}"))),
-        _ => Err(StoreError::Corrupt(format!("bad catalog key {key:?}"))),
+            .map_err(|_| bad()),
+        _ => Err(bad()),
     }
 }
 

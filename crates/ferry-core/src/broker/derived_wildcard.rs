@@ -109,6 +109,8 @@ impl Broker {
         }
         let _admin = self.inner.admin.lock().await;
         self.check_new_derived(&spec)?;
+        // Deleted between its creation above and now?
+        self.channel(&spec.target)?;
         let derived = Arc::new(PatternDerived {
             pattern,
             spec,
@@ -188,7 +190,9 @@ impl Broker {
         let key = (pattern.to_owned(), target.to_owned());
         if !(self.inner.derived_patterns.lock().expect("patterns lock")).contains_key(&key) {
             return Err(CoreError::FailedPrecondition(format!(
-                "no channel is derived from {pattern:?} into {target:?}"
+                "no channel is derived from {} into {}",
+                names::quote(pattern),
+                names::quote(target)
             )));
         }
         let catalog = catalog_key(pattern, target);
@@ -282,7 +286,11 @@ impl Broker {
                 if !present.contains(&channel.name) {
                     tracing::info!(source = %channel.name, %target, "creating a missing member of a derived channel");
                     let start = Position::Time(derived.start_ms);
-                    self.add_derived_member(&derived, &channel, start).await?;
+                    // Its target gone (only a damaged store could say so) stops this derived
+                    // channel, not the broker.
+                    if let Err(e) = self.add_derived_member(&derived, &channel, start).await {
+                        tracing::error!(source = %channel.name, %target, error = %e, "cannot derive from this channel");
+                    }
                 }
             }
         }

@@ -594,10 +594,16 @@ impl Broker {
                 e => e.into(),
             })?;
         let shared = self.channel_shared(id, name.to_owned(), settings)?;
-        // Before anything can be published to it: the wildcard subscriptions that match it
-        // get its every message.
-        self.add_members(&shared).await?;
-        self.add_derived_members(&shared).await?;
+        // Before anything can be published to it: the wildcard subscriptions and derived
+        // channels that match it get its every message. The channel exists either way; a
+        // member that could not be made now is made at the next start.
+        let members = match self.add_members(&shared).await {
+            Ok(()) => self.add_derived_members(&shared).await,
+            failed => failed,
+        };
+        if let Err(e) = members {
+            tracing::error!(channel = name, error = %e, "a pattern's member on a new channel could not be made: it is made at the next start");
+        }
         self.publish_channel(&shared);
         tracing::info!(channel = name, ?settings, "channel created");
         self.channel_info(name).await
@@ -633,10 +639,8 @@ impl Broker {
                  that derived channel (ListDerived shows it) first"
             )));
         }
-        if let Some(user) = self.wildcard_dead_letter_user(shared.id) {
-            return Err(CoreError::FailedPrecondition(format!(
-                "channel {name:?} is the dead-letter channel of wildcard subscription                  {user:?}: give that subscription another dead-letter channel, or delete it,                  first"
-            )));
+        if let Some((pattern, subscription)) = self.wildcard_dead_letter_user(shared.id) {
+            return Err(in_use_by_wildcard(name, &pattern, &subscription));
         }
         self.inner
             .store
@@ -650,6 +654,10 @@ impl Broker {
                         "channel {name:?} is the target of a derived channel: delete the derived \
                          channel (ListDerived shows it) first"
                     ))
+                }
+                StoreError::ChannelInUse(member) if wildcard::member_of(&member).is_some() => {
+                    let (pattern, subscription) = wildcard::member_of(&member).expect("checked");
+                    in_use_by_wildcard(name, pattern, subscription)
                 }
                 StoreError::ChannelInUse(subscription) => CoreError::FailedPrecondition(format!(
                     "channel {name:?} is the dead-letter channel of subscription \
@@ -969,6 +977,9 @@ impl Broker {
         if self.inner.closing.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // Creations under way finish first (their dispatchers and tasks are then stopped
+        // below); those that wait for the lock find the broker closing.
+        let _admin = self.inner.admin.lock().await;
         let channels: Vec<_> = self
             .inner
             .channels
@@ -1016,15 +1027,28 @@ fn with_default_ttl(messages: Vec<NewMessage>, ttl_ms: u64) -> Vec<NewMessage> {
         .collect()
 }
 
+/// The refusal to delete the dead-letter channel of a wildcard subscription.
+fn in_use_by_wildcard(channel: &str, pattern: &str, subscription: &str) -> CoreError {
+    CoreError::FailedPrecondition(format!(
+        "channel {channel:?} is the dead-letter channel of wildcard subscription \
+         {subscription:?} of {pattern:?}: give that subscription another dead-letter channel, \
+         or delete it, first"
+    ))
+}
+
 /// Refuses to change a wildcard subscription's member through its channel: it belongs to the
 /// wildcard subscription (which reading it is fine).
 fn own(channel: &str, subscription: &str) -> Result<()> {
     match wildcard::member_of(subscription) {
         None => Ok(()),
         Some((pattern, name)) => Err(CoreError::FailedPrecondition(format!(
-            "{subscription:?} is the share of channel {channel:?} of wildcard subscription \
-             {name:?}: attach to, change, seek or delete it as subscription {name:?} of channel \
-             {pattern:?}"
+            "{} is the share of channel {} of wildcard subscription {}: attach to, change, \
+             seek or delete it as subscription {} of channel {}",
+            names::quote(subscription),
+            names::quote(channel),
+            names::quote(name),
+            names::quote(name),
+            names::quote(pattern)
         ))),
     }
 }

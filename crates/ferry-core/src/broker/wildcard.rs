@@ -451,12 +451,13 @@ impl Broker {
         }
     }
 
-    /// The wildcard subscription whose dead-letter channel `channel` is, if any.
-    pub(super) fn wildcard_dead_letter_user(&self, channel: ChannelId) -> Option<String> {
+    /// The wildcard subscription (pattern, name) whose dead-letter channel `channel` is, if
+    /// any.
+    pub(super) fn wildcard_dead_letter_user(&self, channel: ChannelId) -> Option<(String, String)> {
         self.wildcards()
             .into_iter()
             .find(|w| w.settings.lock().expect("settings lock").dead_letter == Some(channel))
-            .map(|w| member_name(w.pattern.as_str(), &w.name))
+            .map(|w| (w.pattern.to_string(), w.name.clone()))
     }
 
     /// Attaches a consumer to a wildcard subscription: to each of its members now, and to
@@ -467,15 +468,17 @@ impl Broker {
         name: &str,
         window: Window,
     ) -> Result<(ConsumerHandle, ConsumerEvents, Attached)> {
+        // Under the admin lock no member is created or deleted meanwhile: the consumer is
+        // attached to each exactly once, here or as the member starts, and the subscription
+        // is not deleted under it.
+        let _admin = self.inner.admin.lock().await;
+        self.check_open()?;
         let wildcard = self.wildcard(pattern, name)?;
         let (outbox, events) = outbox(self.inner.consumer_limits.queue_bytes, window);
         let joined = Arc::new(Joined {
             outbox,
             attachments: Mutex::new(HashMap::new()),
         });
-        // Under the admin lock no member is created meanwhile: the consumer is attached to
-        // each exactly once, here or as the member starts.
-        let _admin = self.inner.admin.lock().await;
         for member in wildcard.members() {
             join(&joined, &member.handle).await?;
         }
@@ -527,6 +530,10 @@ impl Broker {
             .await?;
         *wildcard.settings.lock().expect("settings lock") = resolved;
         for member in wildcard.members() {
+            // A crash before the last of these leaves members that start-up brings in line.
+            (self.inner.store)
+                .update_subscription(member.handle.id, resolved)
+                .await?;
             self.reconfigure(&member.handle, resolved).await?;
         }
         tracing::info!(pattern, subscription = name, settings = ?resolved, "wildcard subscription updated");
@@ -546,23 +553,28 @@ impl Broker {
             channel: pattern.to_owned(),
             name: name.to_owned(),
         };
-        for member in wildcard.members() {
-            self.inner
-                .store
-                .delete_subscription(member.handle.id)
-                .await?;
-            self.remove_subscription(&member.channel, &member_name(pattern, name), reason.clone())
-                .await;
-        }
         for joined in wildcard.consumers() {
             joined.outbox.close(reason.clone());
+        }
+        // Gone from the catalog: a member left behind by a failure here is deleted at the
+        // next start.
+        let members = std::mem::take(&mut *wildcard.members.lock().expect("members lock"));
+        let mut failed = None;
+        for member in members.into_values() {
+            if let Err(e) = self.inner.store.delete_subscription(member.handle.id).await {
+                tracing::error!(channel = %member.channel.name, pattern, subscription = name, error = %e, "cannot delete a member of a deleted wildcard subscription: it goes at the next start");
+                failed.get_or_insert(e);
+                continue;
+            }
+            self.remove_subscription(&member.channel, &member_name(pattern, name), reason.clone())
+                .await;
         }
         tracing::info!(
             pattern,
             subscription = name,
             "wildcard subscription deleted"
         );
-        Ok(())
+        failed.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// Moves every member of a wildcard subscription to `to` (the latest or earliest message,
@@ -589,20 +601,25 @@ impl Broker {
         };
         for member in wildcard.members() {
             let commands = &member.handle.commands;
+            // None: the member's channel was deleted meanwhile.
             let seek = |position| async move {
                 let (reply, floor) = oneshot::channel();
                 let command = Command::Seek { position, reply };
-                commands
-                    .send(command)
-                    .await
-                    .map_err(|_| CoreError::ShuttingDown)?;
-                floor.await.map_err(|_| CoreError::ShuttingDown)
+                commands.send(command).await.ok()?;
+                floor.await.ok()
             };
-            match seek(position).await? {
+            match seek(position).await {
                 // A channel that no longer holds messages that old goes to its earliest.
-                Err(StoreError::OutOfRange { .. }) => seek(Position::Earliest).await??,
-                moved => moved?,
-            };
+                Some(Err(StoreError::OutOfRange { .. })) => {
+                    if let Some(moved) = seek(Position::Earliest).await {
+                        moved?;
+                    }
+                }
+                Some(Err(StoreError::SubscriptionNotFound)) | None => {}
+                Some(moved) => {
+                    moved?;
+                }
+            }
         }
         self.wildcard_stats(&wildcard).await
     }

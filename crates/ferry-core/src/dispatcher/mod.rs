@@ -326,13 +326,17 @@ impl Dispatcher {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    if !self.handle(command).await {
+                    if let Some(reason) = self.handle(command).await {
+                        self.finish(&mut commands, reason);
                         return;
                     }
                     // Take what else is queued before dispatching once for all of it.
                     for _ in 0..64 {
                         match commands.try_recv() {
-                            Ok(command) => if !self.handle(command).await { return },
+                            Ok(command) => if let Some(reason) = self.handle(command).await {
+                                self.finish(&mut commands, reason);
+                                return;
+                            },
                             Err(_) => break,
                         }
                     }
@@ -357,8 +361,8 @@ impl Dispatcher {
         self.stop(CoreError::ShuttingDown);
     }
 
-    /// Handles one command; false when the dispatcher must stop.
-    async fn handle(&mut self, command: Command) -> bool {
+    /// Handles one command; the reason when the dispatcher must stop.
+    async fn handle(&mut self, command: Command) -> Option<CoreError> {
         match command {
             Command::Attach { window, reply } => self.attach(window, reply),
             Command::Join { outbox, reply } => {
@@ -397,12 +401,34 @@ impl Dispatcher {
             Command::Seek { position, reply } => {
                 let _ = reply.send(self.seek(position).await);
             }
-            Command::Stop { reason } => {
-                self.stop(reason);
-                return false;
+            Command::Stop { reason } => return Some(reason),
+        }
+        None
+    }
+
+    /// Stops: what consumers asked that can no longer be done is answered `STALE` (the
+    /// deliveries are gone with the subscription), so that no answer stays owed, then every
+    /// consumer is let go of.
+    fn finish(&mut self, commands: &mut mpsc::Receiver<Command>, reason: CoreError) {
+        // Closed first: a request sent from now on fails at its sender, who answers it.
+        commands.close();
+        while let Ok(command) = commands.try_recv() {
+            if let Command::Settle {
+                consumer,
+                ack_ids,
+                settlement,
+                reserved,
+            } = command
+                && let Some(c) = self.consumers.get(&consumer)
+            {
+                let event = settle::all_stale(settlement.operation(), ack_ids);
+                c.outbox.push_reserved(reserved, event);
             }
         }
-        true
+        for (outbox, reserved, event) in self.unsaved.take_answers() {
+            outbox.push_reserved(reserved, settle::stale(event));
+        }
+        self.stop(reason);
     }
 
     fn attach(

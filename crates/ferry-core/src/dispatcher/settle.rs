@@ -38,6 +38,27 @@ const DEAD_LETTER_BYTES_UNCONFIRMED: usize = 16 << 20;
 /// How long after a failed save the dispatcher tries again.
 const SAVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
+/// The answer to a request whose deliveries are gone: every id `STALE`.
+pub(super) fn all_stale(operation: crate::AckOperation, ack_ids: Vec<String>) -> ConsumerEvent {
+    let results = (ack_ids.into_iter())
+        .map(|ack_id| AckOutcome {
+            ack_id,
+            result: AckResult::Stale,
+        })
+        .collect();
+    ConsumerEvent::Results { operation, results }
+}
+
+/// An answer made `STALE` throughout: what it said was never made durable.
+pub(super) fn stale(event: ConsumerEvent) -> ConsumerEvent {
+    match event {
+        ConsumerEvent::Results { operation, results } => {
+            all_stale(operation, results.into_iter().map(|r| r.ack_id).collect())
+        }
+        other => other,
+    }
+}
+
 /// Why a delivery failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Cause {
@@ -96,6 +117,11 @@ pub(super) struct Unsaved {
 }
 
 impl Unsaved {
+    /// The answers waiting for a save that will not come.
+    pub(super) fn take_answers(&mut self) -> Vec<(Outbox, usize, ConsumerEvent)> {
+        std::mem::take(&mut self.answers)
+    }
+
     /// Drops a failure record.
     pub(super) fn drop_record(&mut self, seq: u64) {
         let record = Record {
@@ -485,6 +511,11 @@ impl Dispatcher {
                 match &outcome {
                     Ok(()) => {
                         outbox.push_reserved(bytes, event);
+                    }
+                    // Deleted (with its channel, maybe): its deliveries are gone. A wildcard
+                    // consumer reads the other channels on.
+                    Err(StoreError::SubscriptionNotFound | StoreError::ChannelNotFound) => {
+                        outbox.push_reserved(bytes, stale(event));
                     }
                     Err(e) => {
                         outbox.release(bytes);
