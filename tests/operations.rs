@@ -679,6 +679,31 @@ async fn config_check_says_what_start_up_would_and_health_has_an_exit_code() {
 }
 
 #[tokio::test]
+async fn the_server_keys_come_from_the_environment_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("from-env");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("serve")
+        .env("FERRY_LISTEN", "127.0.0.1:0")
+        .env("FERRY_DATA_DIR", &data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let ready = tokio::time::timeout(common::PATIENCE, lines.next_line()).await;
+    let line = ready.unwrap().unwrap().unwrap();
+    assert!(line.starts_with("ferry listening on 127.0.0.1:"), "{line}");
+    assert!(
+        data.join("db").exists(),
+        "the store is where FERRY_DATA_DIR says"
+    );
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
 async fn limits_on_consumers_and_headers_refuse_only_the_excess() {
     let dir = tempfile::tempdir().unwrap();
     let config = r#"

@@ -756,50 +756,28 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// Splits "250ms" into (250, "ms"); None when it does not start with a whole number.
-fn number_and_unit(text: &str) -> Option<(u64, &str)> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    Some((number.parse().ok()?, unit.trim()))
-}
-
+/// A duration as people write it (humantime's forms: "30s", "250ms", "5m", "1h 30m", "7d").
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || {
+    humantime::parse_duration(text).map_err(|e| {
         format!(
-            "invalid duration {text:?}: write a whole number and a unit, like \"30s\", \"250ms\", \"5m\", \"1h\" or \"7d\""
+            "invalid duration {text:?} ({e}): write a number and a unit, like \"30s\", \"250ms\", \"5m\", \"1h 30m\" or \"7d\""
         )
-    };
-    let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
-    let scale = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(scale)
-        .map(Duration::from_millis)
-        .ok_or_else(bad)
+    })
 }
 
+/// A size as people write it (bytesize's forms: "64MiB", "1GiB", "512KB", "1000").
 fn parse_size(text: &str) -> Result<u64, String> {
-    let bad = || {
+    let bad = |why: &str| {
         format!(
-            "invalid size {text:?}: write a number of bytes, or a number and KiB, MiB or GiB, like \"64MiB\""
+            "invalid size {text:?} ({why}): write a number of bytes, or a number and a unit like \"64MiB\", \"1GiB\" or \"500MB\""
         )
     };
-    let (n, unit) = number_and_unit(text).ok_or_else(bad)?;
-    let scale = match unit {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(scale).ok_or_else(bad)
+    let size: bytesize::ByteSize = text.trim().parse().map_err(|e: String| bad(&e))?;
+    // The parser saturates what is too big to count.
+    match size.as_u64() {
+        u64::MAX => Err(bad("too large")),
+        bytes => Ok(bytes),
+    }
 }
 
 impl fmt::Display for FsyncSetting {
@@ -868,6 +846,17 @@ mod tests {
             docker.check_exposure().is_ok(),
             "the image's config says so"
         );
+    }
+
+    #[test]
+    fn durations_and_sizes_take_the_forms_people_write() {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_duration("soon").unwrap_err().contains("\"30s\""));
+        assert!(parse_size("lots").unwrap_err().contains("\"64MiB\""));
     }
 
     #[test]

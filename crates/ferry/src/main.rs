@@ -117,11 +117,16 @@ struct ServeArgs {
     #[arg(short, long, value_name = "FILE", env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
     /// Listen on this address instead of the configured one (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN")]
     listen: Option<SocketAddr>,
     /// Keep the store here instead of the configured data directory.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve beyond loopback although nothing authenticates clients (see [server]
+    /// allow_unauthenticated in `ferry config`).
+    #[arg(long, env = "FERRY_ALLOW_UNAUTHENTICATED", value_name = "BOOL", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    allow_unauthenticated: Option<bool>,
     /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -304,6 +309,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
+    }
+    if let Some(allow) = args.allow_unauthenticated {
+        config.server.allow_unauthenticated = allow;
     }
     if let Err(e) = config.check_exposure() {
         eprintln!("ferry: refusing to start: {e}");
