@@ -801,6 +801,51 @@ async fn a_connection_past_max_connections_is_closed_and_the_others_go_on() {
     daemon.stop().await;
 }
 
+/// Checks that `body` is OpenMetrics text: metadata lines, samples `name{labels} value` whose
+/// names were declared, and `# EOF` last.
+fn check_exposition(body: &str) {
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "{body}");
+    let mut declared = std::collections::HashSet::new();
+    for line in &lines[..lines.len() - 1] {
+        if let Some(meta) = line.strip_prefix("# ") {
+            let mut words = meta.split(' ');
+            let kind = words.next().unwrap();
+            assert!(["TYPE", "HELP", "UNIT"].contains(&kind), "{line}");
+            declared.insert(words.next().unwrap().to_owned());
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad name: {line}"
+        );
+        let family = ["_total", "_bucket", "_count", "_sum", "_created"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| declared.contains(*base))
+            .unwrap_or(name);
+        assert!(declared.contains(family), "undeclared: {line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "{line}"
+            );
+        }
+    }
+}
+
+/// The value of the sample whose series is exactly `series`.
+fn sample(body: &str, series: &str) -> f64 {
+    let line = body
+        .lines()
+        .find(|l| l.rsplit_once(' ').is_some_and(|(s, _)| s == series))
+        .unwrap_or_else(|| panic!("no {series} in {body}"));
+    line.rsplit_once(' ').unwrap().1.parse().unwrap()
+}
+
 /// `GET path` on a loopback HTTP endpoint: the whole response.
 async fn http_get(address: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -840,9 +885,35 @@ async fn prometheus_scrapes_per_channel_and_per_subscription_figures() {
         "# TYPE ferry_publish_latency_seconds histogram",
         "ferry_publish_latency_seconds_count 1",
         "# TYPE ferry_delivery_latency_seconds histogram",
+        // One commit carried the three messages; the channel's creation carried none.
+        "ferry_commit_messages_sum 3.0",
+        "# TYPE ferry_commit_latency_seconds histogram",
+        "ferry_streams{kind=\"subscribe\"} 0",
     ] {
         assert!(response.contains(line), "{line} missing from {response}");
     }
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    check_exposition(body);
+    let syncs = sample(body, "ferry_sync_latency_seconds_count");
+    assert!(
+        syncs >= 2.0,
+        "every commit synced (fsync = always): {syncs}"
+    );
+
+    // A consumer that takes and acks them: one stream open while it is attached.
+    let mut consumer = common::Consumer::attach(&daemon, "orders", "work", 10).await;
+    let got = consumer.take(3).await;
+    consumer.ack(common::ack_ids(&got)).await;
+    let body = http_get(&address, "/metrics").await;
+    for line in [
+        "ferry_streams{kind=\"subscribe\"} 1",
+        "ferry_subscription_acked_total{channel=\"orders\",subscription=\"work\"} 3",
+        "ferry_subscription_in_flight_messages{channel=\"orders\",subscription=\"work\"} 0",
+        "ferry_delivery_latency_seconds_count 3",
+    ] {
+        assert!(body.contains(line), "{line} missing from {body}");
+    }
+    assert!(sample(&body, "ferry_connections") >= 1.0);
     assert!(http_get(&address, "/").await.starts_with("HTTP/1.1 404"));
     daemon.stop().await;
 }

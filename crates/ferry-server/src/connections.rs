@@ -13,14 +13,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
+use crate::activity::{Activity, Held, Open};
+
 /// An accepted connection, counted until it is dropped.
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    _open: Held,
 }
 
-/// Accepted connections, at most `most` open at once.
-pub fn limit(incoming: TcpIncoming, most: u32) -> impl Stream<Item = io::Result<Counted>> {
+/// Accepted connections, at most `most` open at once, each counted in `activity`.
+pub fn limit(
+    incoming: TcpIncoming,
+    most: u32,
+    activity: Arc<Activity>,
+) -> impl Stream<Item = io::Result<Counted>> {
     let permits = Arc::new(Semaphore::new(most as usize));
     incoming.filter_map(move |accepted| match accepted {
         Err(e) => Some(Err(e)),
@@ -28,6 +35,7 @@ pub fn limit(incoming: TcpIncoming, most: u32) -> impl Stream<Item = io::Result<
             Ok(permit) => Some(Ok(Counted {
                 stream,
                 _permit: permit,
+                _open: activity.open(Open::Connection),
             })),
             Err(_) => {
                 tracing::warn!(

@@ -6,6 +6,7 @@
 //! loads the configuration ([`config`]) and runs the daemon from start-up to a clean shutdown
 //! ([`serve`]). This is the only crate besides the generated one that knows gRPC.
 
+pub mod activity;
 pub mod admin;
 pub mod config;
 mod connections;
@@ -119,7 +120,8 @@ pub async fn serve(
     // Small frames (acks, single-message publishes) must not wait for Nagle's algorithm; the
     // builder's own nodelay setting does not reach an incoming stream we hand it.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let incoming = connections::limit(incoming, config.limits.max_connections);
+    let activity = std::sync::Arc::new(activity::Activity::default());
+    let incoming = connections::limit(incoming, config.limits.max_connections, activity.clone());
     let server = Server::builder()
         .max_concurrent_streams(config.limits.max_streams_per_connection)
         .http2_max_header_list_size(config.limits.max_header_bytes.0 as u32)
@@ -132,6 +134,7 @@ pub async fn serve(
                 broker.clone(),
                 stop.clone(),
                 max_request,
+                activity.clone(),
             ))
             .max_decoding_message_size(max_request),
         )
@@ -139,6 +142,7 @@ pub async fn serve(
             SubscriberServer::new(subscriber::SubscriberService::new(
                 broker.clone(),
                 max_request,
+                activity.clone(),
             ))
             .max_decoding_message_size(max_request),
         )
@@ -162,7 +166,8 @@ pub async fn serve(
         };
         let bound = listener.local_addr()?;
         tracing::info!(address = %bound, "metrics at GET /metrics");
-        tokio::spawn(metrics::serve(listener, broker.clone(), stop.clone()));
+        let metrics = metrics::serve(listener, broker.clone(), activity.clone(), stop.clone());
+        tokio::spawn(metrics);
     }
     let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
     ready(address);

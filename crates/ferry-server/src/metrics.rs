@@ -9,7 +9,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use ferry_core::Broker;
+
+use crate::activity::{Activity, Open};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,7 +29,12 @@ type Labels = Vec<(String, String)>;
 const SCRAPES: usize = 16;
 
 /// Serves scrapes until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, broker: Broker, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    activity: Arc<Activity>,
+    stop: CancellationToken,
+) {
     let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(SCRAPES));
     loop {
         let accepted = tokio::select! {
@@ -35,9 +44,9 @@ pub async fn serve(listener: TcpListener, broker: Broker, stop: CancellationToke
         match accepted {
             Ok((stream, _)) => match scrapes.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let broker = broker.clone();
+                    let (broker, activity) = (broker.clone(), activity.clone());
                     tokio::spawn(async move {
-                        answer(stream, broker).await;
+                        answer(stream, broker, activity).await;
                         drop(permit);
                     });
                 }
@@ -54,7 +63,7 @@ pub async fn serve(listener: TcpListener, broker: Broker, stop: CancellationToke
 }
 
 /// Answers one HTTP/1.1 request and closes the connection.
-async fn answer(mut stream: TcpStream, broker: Broker) {
+async fn answer(mut stream: TcpStream, broker: Broker, activity: Arc<Activity>) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     // The request head only (a scrape has no body); at most 8 KiB of it, within 5 s.
@@ -76,7 +85,7 @@ async fn answer(mut stream: TcpStream, broker: Broker) {
         (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(&broker).await,
+            render(&broker, &activity).await,
         )
     } else {
         (
@@ -126,7 +135,7 @@ fn count(family: &Family<Labels, Counter>, labels: &Labels, value: u64) {
 }
 
 /// The whole exposition, from the broker's figures now.
-pub async fn render(broker: &Broker) -> String {
+pub async fn render(broker: &Broker, activity: &Activity) -> String {
     let mut registry = Registry::default();
     let reg = &mut registry;
     let messages = family::<Gauge>(reg, "ferry_channel_messages", "Messages a channel stores");
@@ -248,6 +257,39 @@ pub async fn render(broker: &Broker) -> String {
         "From a message's publish time to its first delivery",
         latencies.delivery.clone(),
     );
+    reg.register(
+        "ferry_commit_latency_seconds",
+        "From the store's writer taking a group commit to it being durable and indexed",
+        latencies.commit.clone(),
+    );
+    reg.register(
+        "ferry_sync_latency_seconds",
+        "The device sync (fdatasync) of the segment log in each commit",
+        latencies.sync.clone(),
+    );
+    reg.register(
+        "ferry_commit_messages",
+        "Messages per group commit",
+        latencies.group_messages.clone(),
+    );
+    let connections = Gauge::<i64>::default();
+    reg.register(
+        "ferry_connections",
+        "Client connections open now",
+        connections.clone(),
+    );
+    connections.set(i64::try_from(activity.now(Open::Connection)).unwrap_or(i64::MAX));
+    let streams = family::<Gauge>(reg, "ferry_streams", "Streaming calls open now, by kind");
+    for (kind, what) in [
+        ("publish", Open::PublishStream),
+        ("subscribe", Open::SubscribeStream),
+    ] {
+        set(
+            &streams,
+            &vec![("kind".to_owned(), kind.to_owned())],
+            activity.now(what),
+        );
+    }
     let counters = broker.store_counters();
     for (kind, value) in [
         ("commit", counters.commits),

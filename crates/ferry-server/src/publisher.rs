@@ -1,6 +1,7 @@
 //! The `Publisher` service: unary batches and pipelined publish streams.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use ferry_core::{Broker, PublishConfirmation};
 use ferry_proto::pb::{self, publisher_server::Publisher};
@@ -10,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::activity::{Activity, Open};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -23,15 +25,24 @@ pub struct PublisherService {
     shutdown: CancellationToken,
     /// The server's decoding limit, named when a stream's request is refused for its size.
     max_request: usize,
+    /// Where its open streams are counted.
+    activity: Arc<Activity>,
 }
 
 impl PublisherService {
-    /// A service over `broker`; its streams end when `shutdown` is cancelled.
-    pub fn new(broker: Broker, shutdown: CancellationToken, max_request: usize) -> Self {
+    /// A service over `broker`; its streams end when `shutdown` is cancelled and are counted
+    /// in `activity`.
+    pub fn new(
+        broker: Broker,
+        shutdown: CancellationToken,
+        max_request: usize,
+        activity: Arc<Activity>,
+    ) -> Self {
         Self {
             broker,
             shutdown,
             max_request,
+            activity,
         }
     }
 }
@@ -102,8 +113,11 @@ impl Publisher for PublisherService {
             }
         });
 
-        // Confirms queued batches in order, each once it is durable.
+        // Confirms queued batches in order, each once it is durable; the stream is open until
+        // this ends.
+        let open = self.activity.open(Open::PublishStream);
         tokio::spawn(async move {
+            let _open = open;
             while let Some(item) = queued.recv().await {
                 let answer = match item {
                     Ok(confirmation) => confirmation

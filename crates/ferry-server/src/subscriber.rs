@@ -1,6 +1,7 @@
 //! The `Subscriber` service: one bidirectional stream per consumer.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::activity::{Activity, Held, Open};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -24,14 +26,17 @@ pub struct SubscriberService {
     broker: Broker,
     /// The server's decoding limit, named when a request is refused for its size.
     max_request: usize,
+    /// Where its open streams are counted.
+    activity: Arc<Activity>,
 }
 
 impl SubscriberService {
-    /// A service over `broker`.
-    pub fn new(broker: Broker, max_request: usize) -> Self {
+    /// A service over `broker`, its streams counted in `activity`.
+    pub fn new(broker: Broker, max_request: usize, activity: Arc<Activity>) -> Self {
         Self {
             broker,
             max_request,
+            activity,
         }
     }
 }
@@ -91,6 +96,7 @@ impl Subscriber for SubscriberService {
             events,
             aborted: Some(aborted),
             _consumer: consumer,
+            _open: self.activity.open(Open::SubscribeStream),
             done: false,
         }))
     }
@@ -182,6 +188,7 @@ pub struct ConsumerStream {
     /// oneshot must not be polled again after it completes).
     aborted: Option<oneshot::Receiver<Status>>,
     _consumer: ConsumerHandle,
+    _open: Held,
     done: bool,
 }
 

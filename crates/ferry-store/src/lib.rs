@@ -351,6 +351,28 @@ pub struct StoreOptions {
     /// a dead-letter channel (the broker's format; `None`: dropped messages are not
     /// dead-lettered).
     pub dead_letter: Option<DeadLetterFn>,
+    /// Told of every durable commit (`None`: nobody listens).
+    pub observer: Option<Arc<dyn CommitObserver>>,
+}
+
+/// Listens to the store's commits, for metrics: called on the writer's thread after each group
+/// is durable, so it must be quick (a few atomic additions).
+pub trait CommitObserver: Send + Sync + std::fmt::Debug {
+    /// A group was committed.
+    fn committed(&self, commit: &Commit);
+}
+
+/// What one group commit took and carried.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit {
+    /// From the writer taking the group to the group being durable and indexed.
+    pub took: Duration,
+    /// The device sync of the segment log within it (`None` when the fsync mode did not sync).
+    pub sync: Option<Duration>,
+    /// Messages appended.
+    pub messages: usize,
+    /// Ack states saved.
+    pub ack_states: u64,
 }
 
 /// Makes the dead-letter copy of a message the store drops for a subscription (`None`: the
@@ -393,6 +415,7 @@ impl Default for StoreOptions {
             space: SpaceOptions::default(),
             verify: Verify::default(),
             dead_letter: None,
+            observer: None,
         }
     }
 }

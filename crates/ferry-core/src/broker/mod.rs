@@ -251,9 +251,11 @@ impl Broker {
     /// dispatchers. Must run inside a tokio runtime.
     pub async fn open(dir: &Path, options: BrokerOptions) -> Result<Broker> {
         let dir = dir.to_owned();
+        let latencies = Arc::new(Latencies::default());
         let store_options = ferry_store::StoreOptions {
             // Messages dropped from full channels are dead-lettered in the broker's format.
             dead_letter: Some(crate::dead_letter::dropped),
+            observer: Some(latencies.clone()),
             ..options.store.clone()
         };
         let (store, recovered) =
@@ -269,7 +271,7 @@ impl Broker {
                 channels: RwLock::new(BTreeMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 dispatchers: Mutex::new(Vec::new()),
-                latencies: Arc::new(Latencies::default()),
+                latencies,
                 derived: Mutex::new(BTreeMap::new()),
                 derived_patterns: Mutex::new(BTreeMap::new()),
                 wildcards: RwLock::new(BTreeMap::new()),

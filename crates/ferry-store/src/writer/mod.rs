@@ -194,6 +194,8 @@ pub(crate) struct Writer {
     ids: IdIndex,
     /// How a message dropped from a full channel becomes a dead letter.
     dead_letter: Option<crate::DeadLetterFn>,
+    /// Told of every durable commit.
+    observer: Option<Arc<dyn crate::CommitObserver>>,
     /// The de-duplication tables of the last group, emptied, for the next.
     spare_ids: HashMap<ChannelId, HashMap<String, u64>>,
     /// Per channel, when drops were last logged and how many came since.
@@ -257,6 +259,8 @@ struct Group {
     replies: Vec<Pending>,
     /// Ack states the group saves.
     ack_states: u64,
+    /// How long its device sync took, if it had one.
+    synced_in: Option<std::time::Duration>,
     close: bool,
 }
 
@@ -353,6 +357,7 @@ impl Writer {
             next_retention_check: Instant::now(),
             ids,
             dead_letter: options.dead_letter,
+            observer: options.observer.clone(),
             spare_ids: HashMap::new(),
             drops_logged: HashMap::new(),
         };
@@ -458,6 +463,7 @@ impl Writer {
 
     /// Commits one group; true if it asked the writer to stop.
     fn commit(&mut self, ops: Vec<Op>, shared: &Shared, checkpoints: &Checkpointer) -> bool {
+        let started = Instant::now();
         if let Err(e) = self.admit(shared) {
             let close = ops.iter().any(|op| matches!(op, Op::Close { .. }));
             for op in ops {
@@ -497,6 +503,16 @@ impl Writer {
             self.counters
                 .ack_states
                 .fetch_add(group.ack_states, Relaxed);
+            if let Some(observer) = &self.observer
+                && built.log_bytes > 0
+            {
+                observer.committed(&crate::Commit {
+                    took: started.elapsed(),
+                    sync: group.synced_in,
+                    messages,
+                    ack_states: group.ack_states,
+                });
+            }
         }
         self.announce(group, built.appended, built.collected, shared)
     }
@@ -570,7 +586,11 @@ impl Writer {
         self.appender.write()?;
         failpoint::hit("segment-written");
         match self.fsync {
-            FsyncMode::Always if log_bytes > 0 => self.appender.sync()?,
+            FsyncMode::Always if log_bytes > 0 => {
+                let syncing = Instant::now();
+                self.appender.sync()?;
+                group.synced_in = Some(syncing.elapsed());
+            }
             FsyncMode::Interval(_) if log_bytes > 0 => {
                 self.unsynced_since.get_or_insert_with(Instant::now);
             }
