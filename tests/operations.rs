@@ -679,6 +679,67 @@ async fn config_check_says_what_start_up_would_and_health_has_an_exit_code() {
 }
 
 #[tokio::test]
+async fn a_message_with_a_traceparent_is_logged_as_it_is_published_delivered_and_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = common::Options {
+        env: vec![("RUST_LOG".into(), "ferry=info,ferry::trace=debug".into())],
+        ..common::Options::default()
+    };
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    daemon.create("orders", &[("billing", 30_000)]).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let request = pb::PublishRequest {
+        channel: "orders".into(),
+        messages: vec![
+            common::message(b"untraced".to_vec(), &[], ""),
+            common::message(b"traced".to_vec(), &[("traceparent", traceparent)], ""),
+        ],
+    };
+    daemon.publisher().await.publish(request).await.unwrap();
+    let mut consumer = common::Consumer::attach(&daemon, "orders", "billing", 10).await;
+    let got = consumer.take(2).await;
+    let traced = got
+        .iter()
+        .find(|d| d.message.as_ref().unwrap().sequence == 2)
+        .unwrap();
+    assert_eq!(
+        traced.message.as_ref().unwrap().attributes["traceparent"],
+        traceparent,
+        "kept as it is"
+    );
+    consumer.nack(vec![traced.ack_id.clone()]).await;
+    let again = consumer.take(1).await;
+    consumer.ack(common::ack_ids(&again)).await;
+    let untraced = got
+        .iter()
+        .find(|d| d.message.as_ref().unwrap().sequence == 1)
+        .unwrap();
+    consumer.ack(vec![untraced.ack_id.clone()]).await;
+    daemon.stop().await;
+
+    let log = std::fs::read_to_string(dir.path().join("ferry.log")).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(traceparent)).collect();
+    let said = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(said("published"), 1, "{log}");
+    assert_eq!(said("delivered"), 2, "{log}");
+    assert_eq!(said("outcome=\"nack\""), 1, "{log}");
+    assert_eq!(said("outcome=\"acked\""), 1, "{log}");
+    assert!(lines.iter().all(|l| l.contains("sequence=2")), "{log}");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.contains("delivered"))
+            .all(|l| l.contains("subscription=billing")),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("sequence=1").count(),
+        0,
+        "untraced messages are not logged"
+    );
+}
+
+#[tokio::test]
 async fn the_server_keys_come_from_the_environment_too() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("from-env");

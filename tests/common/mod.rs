@@ -86,9 +86,10 @@ impl Daemon {
         if let Some(config) = &options.config {
             command.arg("--config").arg(config);
         }
+        // The options' environment comes last, so that it may set RUST_LOG too.
+        command.env("RUST_LOG", "ferry=info,warn");
         command.envs(options.env.iter().map(|(k, v)| (k, v)));
         command
-            .env("RUST_LOG", "ferry=info,warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))

@@ -44,6 +44,20 @@ pub use outbox::ConsumerEvents;
 #[cfg(fuzzing)]
 pub use dispatcher::fuzz_ack_id;
 
+/// The attribute of the W3C Trace Context (`00-TRACEID-SPANID-FLAGS`): a message that carries
+/// it is logged as it is published, delivered and settled, with the `ferry::trace` target at
+/// debug level (`RUST_LOG=ferry::trace=debug`), so that one message can be followed across
+/// services. The attribute itself is kept as it is, like every other.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The log target of the lines that follow traced messages.
+pub const TRACE_TARGET: &str = "ferry::trace";
+
+/// Whether traced messages are logged now (a cached check: nearly free when they are not).
+pub(crate) fn tracing_messages() -> bool {
+    tracing::enabled!(target: TRACE_TARGET, tracing::Level::DEBUG)
+}
+
 /// The default ack deadline of a subscription.
 pub const DEFAULT_ACK_DEADLINE_MS: u64 = 30_000;
 /// The longest ack deadline (and deadline extension) accepted.

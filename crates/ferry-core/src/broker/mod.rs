@@ -129,6 +129,9 @@ pub struct PublishConfirmation {
     channel: Arc<ChannelShared>,
     submitted: std::time::Instant,
     latencies: Arc<Latencies>,
+    /// The messages that carry a `traceparent` (their index in the batch and its value), when
+    /// traced messages are logged.
+    traced: Vec<(usize, String)>,
 }
 
 impl PublishConfirmation {
@@ -140,6 +143,13 @@ impl PublishConfirmation {
             e => e.into(),
         })?;
         (self.latencies.publish).observe(self.submitted.elapsed().as_secs_f64());
+        if !self.traced.is_empty() {
+            let sequences = appended.sequences();
+            for (index, traceparent) in &self.traced {
+                let sequence = sequences.get(*index).copied().unwrap_or(0);
+                tracing::debug!(target: crate::TRACE_TARGET, channel = %self.channel.name, sequence, traceparent, "published");
+            }
+        }
         Ok(appended)
     }
 }
@@ -522,6 +532,12 @@ impl Broker {
             0 => messages,
             ttl => with_default_ttl(messages, ttl),
         };
+        let traced = match crate::tracing_messages() {
+            true => (messages.iter().enumerate())
+                .filter_map(|(i, m)| Some((i, m.attributes.get(crate::TRACEPARENT)?.to_owned())))
+                .collect(),
+            false => Vec::new(),
+        };
         let submitted = std::time::Instant::now();
         let confirmation = self.inner.store.submit_append(shared.id, messages).await?;
         Ok(PublishConfirmation {
@@ -529,6 +545,7 @@ impl Broker {
             channel: shared,
             submitted,
             latencies: self.inner.latencies.clone(),
+            traced,
         })
     }
 

@@ -115,6 +115,8 @@ struct InFlight {
     attempt: u32,
     deadline: Instant,
     bytes: u64,
+    /// The message's `traceparent`, kept only while traced messages are logged.
+    traceparent: Option<Box<str>>,
 }
 
 struct Consumer {
@@ -589,6 +591,7 @@ impl Dispatcher {
             let delivery = self.next_delivery;
             self.next_delivery += 1;
             let deadline = Instant::now() + Duration::from_millis(self.settings.ack_deadline_ms);
+            let traceparent = self.traced(&next.view, consumer, next.attempt);
             self.in_flight.insert(
                 seq,
                 InFlight {
@@ -597,6 +600,7 @@ impl Dispatcher {
                     attempt: next.attempt,
                     deadline,
                     bytes: size,
+                    traceparent,
                 },
             );
             self.deadlines.insert((deadline, seq));
@@ -617,6 +621,26 @@ impl Dispatcher {
             c.batch.push(delivery);
         }
         self.flush_batches();
+    }
+
+    /// Logs the delivery of a message that carries a `traceparent`, when traced messages are
+    /// logged; returns the traceparent, for the log line of its settlement.
+    fn traced(&self, message: &Message, consumer: u64, attempt: u32) -> Option<Box<str>> {
+        if !crate::tracing_messages() {
+            return None;
+        }
+        let traceparent = message.attributes.get(crate::TRACEPARENT)?;
+        tracing::debug!(
+            target: crate::TRACE_TARGET,
+            channel = %self.channel,
+            subscription = %self.name,
+            sequence = message.sequence,
+            attempt,
+            consumer,
+            traceparent,
+            "delivered"
+        );
+        Some(traceparent.into())
     }
 
     /// The next message to hand out: those due again first, then new ones.

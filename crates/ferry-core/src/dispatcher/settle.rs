@@ -173,7 +173,9 @@ impl Dispatcher {
                 Ok(seq) => {
                     match &settlement {
                         Settlement::Ack => {
-                            self.take_back(seq);
+                            if let Some(flight) = self.take_back(seq) {
+                                self.trace_settled(seq, &flight, "acked");
+                            }
                             self.acked(seq);
                             changed = true;
                         }
@@ -224,6 +226,22 @@ impl Dispatcher {
         }
     }
 
+    /// Logs how the delivery of a traced message ended (`acked`, or the cause of a failure).
+    fn trace_settled(&self, seq: u64, flight: &super::InFlight, outcome: &str) {
+        if let Some(traceparent) = &flight.traceparent {
+            tracing::debug!(
+                target: crate::TRACE_TARGET,
+                channel = %self.channel,
+                subscription = %self.name,
+                sequence = seq,
+                attempt = flight.attempt,
+                traceparent = &**traceparent,
+                outcome,
+                "settled"
+            );
+        }
+    }
+
     /// A message is done for this subscription (acked, dead-lettered, discarded).
     fn acked(&mut self, seq: u64) {
         self.acks.insert(seq);
@@ -240,6 +258,7 @@ impl Dispatcher {
         let Some(flight) = self.take_back(seq) else {
             return;
         };
+        self.trace_settled(seq, &flight, cause.name());
         let attempts = flight.attempt;
         let reason = match nack {
             Some(nack) if !nack.reason.is_empty() => cut(&nack.reason).to_owned(),
