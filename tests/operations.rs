@@ -978,3 +978,96 @@ async fn prometheus_scrapes_per_channel_and_per_subscription_figures() {
     assert!(http_get(&address, "/").await.starts_with("HTTP/1.1 404"));
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn config_diff_says_what_sighup_then_applies_and_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = r#"
+[[channels]]
+name = "orders"
+[[channels.subscriptions]]
+name = "billing"
+ack_deadline = "30s"
+[[channels.subscriptions]]
+name = "eu"
+filter = 'attributes.region = "eu"'
+"#;
+    let daemon = Daemon::start_in(dir.path(), common::with_config(dir.path(), first)).await;
+    let second = r#"
+[[channels]]
+name = "orders"
+[[channels.subscriptions]]
+name = "billing"
+ack_deadline = "10s"
+[[channels.subscriptions]]
+name = "eu"
+filter = 'attributes.region = "us"'
+
+[[channels]]
+name = "payments"
+[[channels.subscriptions]]
+name = "audit"
+"#;
+    let file = dir.path().join("ferry.toml");
+    std::fs::write(&file, second).unwrap();
+    let path = file.to_str().unwrap();
+
+    // The diff names each step; a refusal makes it exit 1.
+    let (code, out, _) = ferry(&["config", "diff", path, "--server", &daemon.url]);
+    assert_eq!(code, Some(1), "{out}");
+    for (action, what) in [
+        ("keep", "channel orders"),
+        ("change", "subscription billing of orders"),
+        ("REFUSE", "subscription eu of orders"),
+        ("create", "channel payments"),
+        ("create", "subscription audit of payments"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(action) && l.contains(what)),
+            "{action} {what} missing from\n{out}"
+        );
+    }
+    assert!(out.contains("ack_deadline: 30000ms -> 10000ms"), "{out}");
+    assert!(out.contains("cannot change"), "{out}");
+    let (_, json, _) = ferry(&["config", "diff", path, "--server", &daemon.url, "--json"]);
+    let steps: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(steps.as_array().unwrap().len(), 5);
+
+    // SIGHUP applies the safe part and refuses the rest, saying why.
+    common::signal(daemon.pid(), "HUP");
+    let mut admin = daemon.admin().await;
+    let deadline = Instant::now() + common::PATIENCE;
+    let request = || pb::GetChannelRequest {
+        name: "payments".into(),
+    };
+    while admin.get_channel(request()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not create payments"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let billing = daemon.subscription("orders", "billing").await;
+    assert_eq!(billing.ack_deadline.unwrap().seconds, 10);
+    let eu = daemon.subscription("orders", "eu").await;
+    assert_eq!(
+        eu.filter, r#"attributes.region = "eu""#,
+        "a filter never changes"
+    );
+    let (code, _, _) = ferry(&["config", "diff", path, "--server", &daemon.url]);
+    assert_eq!(code, Some(1), "the filter change is still refused");
+
+    // A bad file is refused whole: the broker goes on as it was.
+    std::fs::write(&file, "[[channels]]\nname = \"a b\"\n").unwrap();
+    common::signal(daemon.pid(), "HUP");
+    let log_says = |what: &str| std::fs::read_to_string(&daemon.log).unwrap().contains(what);
+    let deadline = Instant::now() + common::PATIENCE;
+    while !log_says("reload refused: the file is bad") {
+        assert!(Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(log_says("reload: refused") && log_says("cannot change"));
+    assert!(daemon.admin().await.get_channel(request()).await.is_ok());
+    daemon.stop().await;
+}

@@ -160,7 +160,52 @@ pub struct BrokerInfo {
     pub message_cache_bytes: u64,
 }
 
+/// What a configuration file's declaration would come to on a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigAction {
+    /// It would be created.
+    Create,
+    /// Its settings would change.
+    Change,
+    /// It exists as declared.
+    Keep,
+    /// It cannot be applied.
+    Refuse,
+}
+
+/// One declaration and what it would come to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigStep {
+    /// What would be done.
+    pub action: ConfigAction,
+    /// What it is about (`channel orders`, `subscription billing of orders`, ...).
+    pub object: String,
+    /// What changes, or why it is refused.
+    pub detail: String,
+}
+
 impl Client {
+    /// What applying a configuration file's declarations would do on this broker, changing
+    /// nothing; `source_name` names the file in errors.
+    pub async fn diff_config(&self, toml: &str, source_name: &str) -> Result<Vec<ConfigStep>> {
+        let request = pb::DiffConfigRequest {
+            toml: toml.to_owned(),
+            source_name: source_name.to_owned(),
+        };
+        let response = self.admin().diff_config(request).await?.into_inner();
+        let steps = response.steps.into_iter().map(|step| ConfigStep {
+            action: match step.action() {
+                pb::ConfigAction::Create => ConfigAction::Create,
+                pb::ConfigAction::Change => ConfigAction::Change,
+                pb::ConfigAction::Keep => ConfigAction::Keep,
+                pb::ConfigAction::Refuse | pb::ConfigAction::Unspecified => ConfigAction::Refuse,
+            },
+            object: step.object,
+            detail: step.detail,
+        });
+        Ok(steps.collect())
+    }
+
     /// Creates a channel with default settings.
     pub async fn create_channel(&self, name: &str) -> Result<ChannelInfo> {
         let request = pb::CreateChannelRequest {

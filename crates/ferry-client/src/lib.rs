@@ -40,7 +40,9 @@ use ferry_proto::pb::admin_client::AdminClient;
 use ferry_proto::pb::publisher_client::PublisherClient;
 use tonic::transport::{Channel, Endpoint};
 
-pub use admin::{BrokerInfo, ChannelInfo, Start, SubscriptionInfo, SubscriptionOptions};
+pub use admin::{
+    BrokerInfo, ChannelInfo, ConfigAction, ConfigStep, Start, SubscriptionInfo, SubscriptionOptions,
+};
 pub use error::{Code, Error, Result};
 pub use message::{Message, Published, Received};
 pub use publisher::{Confirmation, Publisher, PublisherOptions};

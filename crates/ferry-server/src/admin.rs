@@ -252,6 +252,26 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn diff_config(
+        &self,
+        request: Request<pb::DiffConfigRequest>,
+    ) -> Answer<pb::DiffConfigResponse> {
+        let request = request.into_inner();
+        let source = match request.source_name.as_str() {
+            "" => "the configuration",
+            name => name,
+        };
+        let config = crate::Config::parse(&request.toml, source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let steps = self
+            .broker
+            .plan(&config.declarations(), &config.derived_specs())
+            .await;
+        Ok(Response::new(pb::DiffConfigResponse {
+            steps: steps.into_iter().map(convert::config_step).collect(),
+        }))
+    }
+
     async fn delete_subscription(
         &self,
         request: Request<pb::DeleteSubscriptionRequest>,

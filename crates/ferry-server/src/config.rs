@@ -50,6 +50,9 @@ pub struct Config {
     pub derived: Vec<DerivedConfig>,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The file it was read from (None: the built-in default), read again on SIGHUP.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[metrics]`
@@ -425,7 +428,9 @@ impl Config {
             source_name: source_name.clone(),
             message: format!("cannot read it: {e}"),
         })?;
-        Self::parse(&text, &source_name)
+        let mut config = Self::parse(&text, &source_name)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// The built-in default configuration.
@@ -665,6 +670,11 @@ impl Config {
                 max_per_subscription: self.limits.max_consumers_per_subscription,
             },
         }
+    }
+
+    /// The declared derived channels.
+    pub fn derived_specs(&self) -> Vec<DerivedSpec> {
+        self.derived.iter().map(DerivedConfig::spec).collect()
     }
 
     /// The declared channels, for [`ferry_core::Broker::declare`].

@@ -413,3 +413,18 @@ pub fn derived_info(info: DerivedInfo) -> pb::DerivedInfo {
         derived: info.derived,
     }
 }
+
+pub fn config_step(step: ferry_core::broker::Step) -> pb::ConfigStep {
+    use ferry_core::broker::Action;
+    let action = match step.action {
+        Action::Create => pb::ConfigAction::Create,
+        Action::Change => pb::ConfigAction::Change,
+        Action::Keep => pb::ConfigAction::Keep,
+        Action::Refuse => pb::ConfigAction::Refuse,
+    };
+    pb::ConfigStep {
+        action: action as i32,
+        object: step.object,
+        detail: step.detail,
+    }
+}

@@ -13,6 +13,7 @@ mod connections;
 mod convert;
 pub mod metrics;
 pub mod publisher;
+pub mod reload;
 pub mod status;
 pub mod subscriber;
 
@@ -170,6 +171,11 @@ pub async fn serve(
         tokio::spawn(metrics);
     }
     let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
+    #[cfg(unix)]
+    if let Some(path) = config.source.clone() {
+        let hangup = reload::on_hangup(path, config.clone(), broker.clone(), stop.clone())?;
+        tokio::spawn(hangup);
+    }
     ready(address);
     tracing::info!(%address, data_dir = %config.server.data_dir.display(), fsync = %config.storage.fsync, "ferry is serving");
 

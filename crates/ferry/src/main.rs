@@ -87,6 +87,11 @@ enum ConfigAction {
         /// The file to check.
         file: PathBuf,
     },
+    /// What applying a file's channels, subscriptions and derived channels to a running
+    /// broker would create, change, keep or refuse (what SIGHUP would do), changing nothing.
+    /// Exit status 0: all of it can be applied; 1: something would be refused (listed); 2: the
+    /// file is bad; 3: the broker cannot be reached.
+    Diff(cli::DiffArgs),
 }
 
 #[derive(clap::Args)]
@@ -155,6 +160,9 @@ fn main() -> ExitCode {
         Command::Config(ConfigArgs {
             action: Some(ConfigAction::Check { file }),
         }) => check_config(&file),
+        Command::Config(ConfigArgs {
+            action: Some(ConfigAction::Diff(args)),
+        }) => args.run(),
         Command::Health(args) => health(&args.server),
         Command::Publish(args) => args.run(),
         Command::Subscribe(args) => args.run(),

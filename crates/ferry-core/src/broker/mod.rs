@@ -3,9 +3,11 @@
 
 mod derived;
 mod derived_wildcard;
+mod plan;
 mod redrive;
 mod wildcard;
 
+pub use plan::{Action, Step};
 pub use redrive::{RedriveOutcome, RedriveSelection};
 
 use std::collections::{BTreeMap, HashMap};

@@ -6,6 +6,7 @@
 //! is printed), 2 a usage error, 3 the broker could not be reached.
 
 mod admin;
+mod config;
 mod json;
 mod publish;
 mod subscribe;
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 use ferry_client::{Client, Error};
 
 pub use admin::{ChannelsArgs, StatusArgs, SubscriptionsArgs};
+pub use config::DiffArgs;
 pub use publish::PublishArgs;
 pub use subscribe::SubscribeArgs;
 
