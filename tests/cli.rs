@@ -314,6 +314,53 @@ async fn the_command_line_publishes_subscribes_and_administers() {
         err.contains("cannot connect to http://127.0.0.1:1"),
         "{err}"
     );
+
+    // Dead letters go back with redrive; seek moves a subscription.
+    assert_eq!(run(&["channels", "create", "jobs.dead"], "").0, Some(0));
+    assert_eq!(run(&["channels", "create", "jobs"], "").0, Some(0));
+    let create = [
+        "subscriptions",
+        "create",
+        "jobs",
+        "work",
+        "--max-attempts",
+        "1",
+        "--dead-letter",
+        "jobs.dead",
+    ];
+    assert_eq!(run(&create, "").0, Some(0));
+    assert_eq!(run(&["publish", "jobs", "job-1"], "").0, Some(0));
+    let client = client(&daemon).await;
+    let mut deliveries = client.subscribe("jobs", "work");
+    next(&mut deliveries).await.nack().await.unwrap();
+    drop(deliveries);
+    // Detached before the commands below run (they block this test's runtime).
+    while client.subscription("jobs", "work").await.unwrap().consumers > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (code, out, _) = run(&["redrive", "jobs.dead", "--subscription", "work"], "");
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), "redrove 1 message(s) from jobs.dead")
+    );
+    let (code, out, _) = run(&["subscribe", "jobs", "work", "--count", "1"], "");
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("jobs #1") && out.trim_end().ends_with(": job-1"),
+        "{out}"
+    );
+    let (code, out, _) = run(
+        &["subscriptions", "seek", "jobs", "work", "--to", "latest"],
+        "",
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (
+            Some(0),
+            "moved subscription work of jobs: 0 unacked, 0 waiting"
+        )
+    );
+
     assert_eq!(run(&["channels", "delete", "orders"], "").0, Some(0));
     assert_eq!(run(&["channels", "get", "orders"], "").0, Some(1));
     daemon.stop().await;

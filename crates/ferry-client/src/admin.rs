@@ -139,6 +139,30 @@ impl From<pb::SubscriptionInfo> for SubscriptionInfo {
     }
 }
 
+/// Which dead letters a redrive moves back (every field left at its default: all of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveSelection {
+    /// The first sequence of the dead-letter channel to look at (0: the first stored).
+    pub first_sequence: u64,
+    /// The last one (0: the last stored when the redrive starts).
+    pub last_sequence: u64,
+    /// Only messages with each of these attributes, with exactly this value.
+    pub attributes: std::collections::HashMap<String, String>,
+    /// Move at most this many (0: no limit).
+    pub limit: u64,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redriven {
+    /// Messages moved back to their subscriptions.
+    pub redriven: u64,
+    /// Selected messages left where they are (their origin is gone, for one).
+    pub skipped: u64,
+    /// Why the first of those was left.
+    pub first_skip_reason: String,
+}
+
 /// The broker's own figures.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BrokerInfo {
@@ -320,6 +344,24 @@ impl Client {
         };
         self.admin().delete_subscription(request).await?;
         Ok(())
+    }
+
+    /// Moves dead letters of `channel` back to the subscriptions they came from, for another
+    /// round (see the broker's `Redrive`).
+    pub async fn redrive(&self, channel: &str, selection: RedriveSelection) -> Result<Redriven> {
+        let request = pb::RedriveRequest {
+            channel: channel.to_owned(),
+            first_sequence: selection.first_sequence,
+            last_sequence: selection.last_sequence,
+            attributes: selection.attributes,
+            limit: selection.limit,
+        };
+        let r = self.admin().redrive(request).await?.into_inner();
+        Ok(Redriven {
+            redriven: r.redriven,
+            skipped: r.skipped,
+            first_skip_reason: r.first_skip_reason,
+        })
     }
 
     /// The broker's version and figures.

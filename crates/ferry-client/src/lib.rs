@@ -41,7 +41,8 @@ use ferry_proto::pb::publisher_client::PublisherClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub use admin::{
-    BrokerInfo, ChannelInfo, ConfigAction, ConfigStep, Start, SubscriptionInfo, SubscriptionOptions,
+    BrokerInfo, ChannelInfo, ConfigAction, ConfigStep, RedriveSelection, Redriven, Start,
+    SubscriptionInfo, SubscriptionOptions,
 };
 pub use error::{Code, Error, Result};
 pub use message::{Message, Published, Received};

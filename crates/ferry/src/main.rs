@@ -52,8 +52,10 @@ enum Command {
     Subscribe(cli::SubscribeArgs),
     /// List, create, show or delete channels.
     Channels(cli::ChannelsArgs),
-    /// List, create, show or delete subscriptions.
+    /// List, create, show, move (seek) or delete subscriptions.
     Subscriptions(cli::SubscriptionsArgs),
+    /// Move dead letters back to the subscriptions they came from, for another round.
+    Redrive(cli::RedriveArgs),
     /// The broker's version, uptime and storage, and every subscription's backlog.
     Status(cli::StatusArgs),
     /// Ask a running broker whether it serves. Exit status 0: serving; 1: it answered that it
@@ -168,6 +170,7 @@ fn main() -> ExitCode {
         Command::Subscribe(args) => args.run(),
         Command::Channels(args) => args.run(),
         Command::Subscriptions(args) => args.run(),
+        Command::Redrive(args) => args.run(),
         Command::Status(args) => args.run(),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),

@@ -167,6 +167,17 @@ enum SubscriptionAction {
         /// Its name.
         name: String,
     },
+    /// Move a subscription: messages before the point count as acked, those after as not
+    /// (replay, or skip ahead).
+    Seek {
+        /// The channel or pattern.
+        channel: String,
+        /// Its name.
+        name: String,
+        /// Where to: latest, earliest, a sequence, or an age (e.g. 1h: replay the last hour).
+        #[arg(long, value_name = "WHERE", value_parser = parse_start)]
+        to: Start,
+    },
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -238,11 +249,81 @@ impl SubscriptionsArgs {
                     false => subscriptions_table(&[subscription]),
                 }
             }
+            SubscriptionAction::Seek { channel, name, to } => {
+                let moved = client.seek(&channel, &name, to).await?;
+                match json {
+                    true => println!("{}", json::subscription(&moved)),
+                    false => println!(
+                        "moved subscription {name} of {channel}: {} unacked, {} waiting",
+                        moved.unacked, moved.backlog
+                    ),
+                }
+            }
             SubscriptionAction::Delete { channel, name } => {
                 client.delete_subscription(&channel, &name).await?;
                 match json {
                     true => println!("{}", json!({ "deleted": name, "channel": channel })),
                     false => println!("deleted subscription {name} of {channel}"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ferry redrive`.
+#[derive(clap::Args, Debug)]
+pub struct RedriveArgs {
+    /// The dead-letter channel.
+    channel: String,
+    /// Only dead letters of this subscription (their `ferry.dead_letter.subscription`).
+    #[arg(long, value_name = "NAME")]
+    subscription: Option<String>,
+    /// The first sequence of the dead-letter channel to look at.
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    from: u64,
+    /// The last one.
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    to: u64,
+    /// Move at most this many.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    limit: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl RedriveArgs {
+    /// Runs the command.
+    pub fn run(self) -> std::process::ExitCode {
+        let common = self.common.clone();
+        super::run(&common, |client| self.redrive(client))
+    }
+
+    async fn redrive(self, client: Client) -> Result<(), Error> {
+        let mut attributes = std::collections::HashMap::new();
+        if let Some(subscription) = self.subscription {
+            attributes.insert("ferry.dead_letter.subscription".to_owned(), subscription);
+        }
+        let selection = ferry_client::RedriveSelection {
+            first_sequence: self.from,
+            last_sequence: self.to,
+            attributes,
+            limit: self.limit,
+        };
+        let done = client.redrive(&self.channel, selection).await?;
+        match self.common.json {
+            true => println!(
+                "{}",
+                json!({
+                    "redriven": done.redriven,
+                    "skipped": done.skipped,
+                    "first_skip_reason": done.first_skip_reason,
+                })
+            ),
+            false => {
+                println!("redrove {} message(s) from {}", done.redriven, self.channel);
+                if done.skipped > 0 {
+                    println!("left {}: {}", done.skipped, done.first_skip_reason);
                 }
             }
         }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use ferry_client::{Client, Error};
 
-pub use admin::{ChannelsArgs, StatusArgs, SubscriptionsArgs};
+pub use admin::{ChannelsArgs, RedriveArgs, StatusArgs, SubscriptionsArgs};
 pub use config::DiffArgs;
 pub use publish::PublishArgs;
 pub use subscribe::SubscribeArgs;
