@@ -53,6 +53,102 @@ pub struct SubscriptionOptions {
     pub disable_ordering: bool,
     /// Where it starts.
     pub start: Start,
+    /// The wait between a failed delivery and the next (None: at once).
+    pub retry: Option<RetryPolicy>,
+}
+
+/// The wait before a failed message is delivered again: the n-th retry waits
+/// `min(maximum, initial × multiplier^(n-1))`, moved by up to `jitter` (a fraction) of itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub maximum: Duration,
+    /// How much each wait grows over the one before.
+    pub multiplier: f64,
+    /// The random share of each wait (0 to 1).
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    fn into_proto(self) -> pb::RetryPolicy {
+        pb::RetryPolicy {
+            initial: Some(duration(self.initial)),
+            maximum: Some(duration(self.maximum)),
+            multiplier: self.multiplier,
+            jitter: self.jitter,
+        }
+    }
+}
+
+/// A derived channel: the messages of `source` (a channel or a pattern) that pass `filter`,
+/// reshaped, appended to `target`, exactly once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DerivedChannel {
+    /// The channel it reads, or a pattern like `orders.*`.
+    pub source: String,
+    /// The channel it appends to (created if missing).
+    pub target: String,
+    /// Only messages that pass this filter ("" for all).
+    pub filter: String,
+    /// Keep only these attributes (empty: all).
+    pub keep: Vec<String>,
+    /// Then drop these.
+    pub drop: Vec<String>,
+    /// Then rename these (from, to).
+    pub rename: std::collections::HashMap<String, String>,
+    /// Then set these to constants.
+    pub set: std::collections::HashMap<String, String>,
+    /// Then take the key from this attribute ("" for none).
+    pub key_from: String,
+}
+
+impl DerivedChannel {
+    fn into_proto(self) -> pb::DerivedChannel {
+        pb::DerivedChannel {
+            source: self.source,
+            target: self.target,
+            filter: self.filter,
+            keep: self.keep,
+            drop: self.drop,
+            rename: self.rename,
+            set: self.set,
+            key_from: self.key_from,
+        }
+    }
+}
+
+/// A channel's settings; what is left at its default is the broker's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// Keep acked messages this long (None: not by age), so that subscriptions can replay them.
+    pub retention_max_age: Option<Duration>,
+    /// Keep acked messages while the channel stores at most this many bytes (0: not by size).
+    pub retention_max_bytes: u64,
+    /// De-duplicate published ids within this window (None: 2 minutes; zero: off).
+    pub dedup_window: Option<Duration>,
+    /// The time to live of a message published without its own (None: none).
+    pub default_ttl: Option<Duration>,
+}
+
+impl ChannelOptions {
+    fn request(self, name: &str) -> pb::CreateChannelRequest {
+        let retention =
+            (self.retention_max_age.is_some() || self.retention_max_bytes > 0).then(|| {
+                pb::Retention {
+                    max_age: self.retention_max_age.map(duration),
+                    max_bytes: self.retention_max_bytes,
+                }
+            });
+        pb::CreateChannelRequest {
+            name: name.to_owned(),
+            retention,
+            dedup_window: self.dedup_window.map(duration),
+            default_ttl: self.default_ttl.map(duration),
+            ..Default::default()
+        }
+    }
 }
 
 /// A channel and its figures.
@@ -70,6 +166,8 @@ pub struct ChannelInfo {
     pub first_sequence: u64,
     /// Delayed messages stored aside until due.
     pub delayed: u64,
+    /// Their bytes.
+    pub delayed_bytes: u64,
     /// Its subscriptions, by name.
     pub subscriptions: Vec<SubscriptionInfo>,
 }
@@ -83,6 +181,7 @@ impl From<pb::ChannelInfo> for ChannelInfo {
             next_sequence: c.next_sequence,
             first_sequence: c.first_sequence,
             delayed: c.delayed,
+            delayed_bytes: c.delayed_bytes,
             subscriptions: c.subscriptions.into_iter().map(Into::into).collect(),
         }
     }
@@ -182,6 +281,10 @@ pub struct BrokerInfo {
     pub publishing_refused: bool,
     /// Bytes of messages it keeps decoded in memory.
     pub message_cache_bytes: u64,
+    /// Messages its store wrote since it started.
+    pub messages_written: u64,
+    /// Ack states its store wrote since it started.
+    pub ack_states_written: u64,
 }
 
 /// What a configuration file's declaration would come to on a broker.
@@ -244,6 +347,32 @@ impl Client {
             .into())
     }
 
+    /// Creates a channel with these settings.
+    pub async fn create_channel_with(
+        &self,
+        name: &str,
+        options: ChannelOptions,
+    ) -> Result<ChannelInfo> {
+        let request = options.request(name);
+        Ok(self
+            .admin()
+            .create_channel(request)
+            .await?
+            .into_inner()
+            .into())
+    }
+
+    /// Changes a channel's settings.
+    pub async fn update_channel(&self, name: &str, options: ChannelOptions) -> Result<ChannelInfo> {
+        let request = options.request(name);
+        Ok(self
+            .admin()
+            .update_channel(request)
+            .await?
+            .into_inner()
+            .into())
+    }
+
     /// Describes a channel and its subscriptions.
     pub async fn channel(&self, name: &str) -> Result<ChannelInfo> {
         let request = pb::GetChannelRequest {
@@ -292,7 +421,7 @@ impl Client {
             disable_ordering: options.disable_ordering,
             filter: options.filter,
             start: Some(options.start.into_proto()),
-            ..Default::default()
+            retry: options.retry.map(RetryPolicy::into_proto),
         };
         let info = self.admin().create_subscription(request).await?;
         Ok(info.into_inner().into())
@@ -364,6 +493,22 @@ impl Client {
         })
     }
 
+    /// Creates a derived channel.
+    pub async fn create_derived(&self, derived: DerivedChannel) -> Result<()> {
+        self.admin().create_derived(derived.into_proto()).await?;
+        Ok(())
+    }
+
+    /// Deletes a derived channel (its target and what it holds stay).
+    pub async fn delete_derived(&self, source: &str, target: &str) -> Result<()> {
+        let request = pb::DeleteDerivedRequest {
+            source: source.to_owned(),
+            target: target.to_owned(),
+        };
+        self.admin().delete_derived(request).await?;
+        Ok(())
+    }
+
     /// The broker's version and figures.
     pub async fn broker(&self) -> Result<BrokerInfo> {
         let b = self
@@ -380,6 +525,8 @@ impl Client {
             disk_free_bytes: b.disk_free_bytes,
             publishing_refused: b.publishing_refused,
             message_cache_bytes: b.message_cache_bytes,
+            messages_written: b.messages_written,
+            ack_states_written: b.ack_states_written,
         })
     }
 }

@@ -41,8 +41,8 @@ use ferry_proto::pb::publisher_client::PublisherClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub use admin::{
-    BrokerInfo, ChannelInfo, ConfigAction, ConfigStep, RedriveSelection, Redriven, Start,
-    SubscriptionInfo, SubscriptionOptions,
+    BrokerInfo, ChannelInfo, ChannelOptions, ConfigAction, ConfigStep, DerivedChannel,
+    RedriveSelection, Redriven, RetryPolicy, Start, SubscriptionInfo, SubscriptionOptions,
 };
 pub use error::{Code, Error, Result};
 pub use message::{Message, Published, Received};

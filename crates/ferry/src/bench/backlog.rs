@@ -2,7 +2,8 @@
 //! restarted on it, drained from disk by one acking consumer and, with `--replay`, replayed
 //! from the earliest message by a new subscription.
 
-use ferry_proto::pb;
+use std::time::Duration;
+
 use tokio::time::{self, Instant};
 
 use super::{
@@ -108,15 +109,8 @@ pub(super) async fn backlog_scenario(
     time::sleep(DELETION_SETTLE).await;
     // The admin connection predates the restart; the broker came back at the same address, so
     // tonic reconnects it.
-    let left = bench
-        .admin
-        .clone()
-        .get_channel(pb::GetChannelRequest {
-            name: channel.clone(),
-        })
-        .await
-        .map_err(|s| BenchError::status(format!("cannot describe channel {channel}"), &s))?
-        .into_inner();
+    let left = (bench.client.channel(&channel).await)
+        .map_err(|e| BenchError::caused(format!("cannot describe channel {channel}"), &e))?;
     println!(
         "{:<32}: {} msgs, {} bytes  (GetChannel {} s after the drain)",
         "backlog  left in the channel",
@@ -162,25 +156,14 @@ async fn keep_for_replay(bench: &Bench<'_>, channel: &str) -> Result<()> {
     if !(args.replay || args.ids) {
         return Ok(());
     }
-    let hours = |h: i64| prost_types::Duration {
-        seconds: h * 3600,
-        nanos: 0,
-    };
-    let settings = pb::CreateChannelRequest {
-        name: channel.to_owned(),
-        retention: args.replay.then(|| pb::Retention {
-            max_age: Some(hours(24)),
-            max_bytes: 0,
-        }),
+    let hours = |h: u64| Duration::from_secs(h * 3600);
+    let settings = ferry_client::ChannelOptions {
+        retention_max_age: args.replay.then(|| hours(24)),
         dedup_window: Some(hours(if args.ids { 1 } else { 0 })),
-        ..Default::default()
+        ..ferry_client::ChannelOptions::default()
     };
-    bench
-        .admin
-        .clone()
-        .update_channel(settings)
-        .await
-        .map_err(|s| BenchError::status(format!("cannot set up channel {channel}"), &s))?;
+    (bench.client.update_channel(channel, settings).await)
+        .map_err(|e| BenchError::caused(format!("cannot set up channel {channel}"), &e))?;
     Ok(())
 }
 
@@ -188,19 +171,15 @@ async fn keep_for_replay(bench: &Bench<'_>, channel: &str) -> Result<()> {
 /// reads all of it again, from disk, acking as it goes.
 async fn replay(bench: &Bench<'_>, channel: &str, stored: u64) -> Result<()> {
     let args = bench.args;
-    bench
-        .admin
-        .clone()
-        .create_subscription(pb::CreateSubscriptionRequest {
-            channel: channel.to_owned(),
-            name: REPLAY.to_owned(),
-            start: Some(pb::Position {
-                at: Some(pb::position::At::Edge(pb::Edge::Earliest as i32)),
-            }),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| BenchError::status(format!("cannot create {REPLAY} on {channel}"), &s))?;
+    let options = ferry_client::SubscriptionOptions {
+        start: ferry_client::Start::Earliest,
+        ..ferry_client::SubscriptionOptions::default()
+    };
+    (bench
+        .client
+        .create_subscription(channel, REPLAY, options)
+        .await)
+        .map_err(|e| BenchError::caused(format!("cannot create {REPLAY} on {channel}"), &e))?;
     let started = Instant::now();
     let consumer =
         Consumer::attach_to(bench.connect().await?, channel, REPLAY, args.window).await?;
@@ -224,15 +203,8 @@ async fn replay(bench: &Bench<'_>, channel: &str, stored: u64) -> Result<()> {
 
 /// How many of the backlog's messages wait aside for their delivery time.
 async fn print_delayed(bench: &Bench<'_>, channel: &str) -> Result<()> {
-    let info = bench
-        .admin
-        .clone()
-        .get_channel(pb::GetChannelRequest {
-            name: channel.to_owned(),
-        })
-        .await
-        .map_err(|s| BenchError::status(format!("cannot describe channel {channel}"), &s))?
-        .into_inner();
+    let info = (bench.client.channel(channel).await)
+        .map_err(|e| BenchError::caused(format!("cannot describe channel {channel}"), &e))?;
     println!(
         "{:<32}: {} msgs, {}  (stored aside until due; {} msgs in the channel)",
         "backlog  delayed",

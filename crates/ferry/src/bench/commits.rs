@@ -11,8 +11,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use ferry_proto::pb::{self, admin_client::AdminClient};
-use tonic::transport::Channel;
+use ferry_client::{BrokerInfo, Client};
 
 use super::{millis, percentile};
 
@@ -58,18 +57,13 @@ pub(super) fn print_disk(label: &str, dir: Option<&Path>) {
 }
 
 /// The broker's counters, if it answers.
-pub(super) async fn snapshot(admin: &AdminClient<Channel>) -> Option<pb::BrokerInfo> {
-    admin
-        .clone()
-        .get_broker(pb::GetBrokerRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
+pub(super) async fn snapshot(client: &Client) -> Option<BrokerInfo> {
+    client.broker().await.ok()
 }
 
 /// Prints what the commits since `before` cost and carried.
-pub(super) async fn print_commits(admin: &AdminClient<Channel>, before: Option<pb::BrokerInfo>) {
-    let (Some(before), Some(after)) = (before, snapshot(admin).await) else {
+pub(super) async fn print_commits(client: &Client, before: Option<BrokerInfo>) {
+    let (Some(before), Some(after)) = (before, snapshot(client).await) else {
         return;
     };
     let commits = after.commits.saturating_sub(before.commits);

@@ -22,9 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use clap::ValueEnum;
 use ferry_proto::pb::{
-    self, admin_client::AdminClient, publisher_client::PublisherClient,
-    subscribe_request::Request as SubscribeReq, subscribe_response::Response as SubscribeResp,
-    subscriber_client::SubscriberClient,
+    self, publisher_client::PublisherClient, subscribe_request::Request as SubscribeReq,
+    subscribe_response::Response as SubscribeResp, subscriber_client::SubscriberClient,
 };
 use ferry_server::Config;
 use ferry_server::config::{FsyncSetting, LimitsConfig};
@@ -762,7 +761,8 @@ fn print_memory(memory: Result<Memory, String>, restarted: bool) {
 struct Bench<'a> {
     args: &'a BenchArgs,
     endpoint: Endpoint,
-    admin: AdminClient<Channel>,
+    /// For administration: the scenarios' channels and subscriptions, the broker's figures.
+    client: ferry_client::Client,
     tag: String,
     /// The broker's publishing limits, when the bench knows its configuration.
     limits: Option<&'a LimitsConfig>,
@@ -791,61 +791,50 @@ impl Bench<'_> {
         ack_deadline: Option<Duration>,
     ) -> Result<String> {
         let name = format!("bench.{}.{what}", self.tag);
-        let mut admin = self.admin.clone();
+        let client = &self.client;
         let dead = format!("{name}.dead");
         for channel in [&name, &dead] {
             if *channel == dead && !self.args.retry_policy {
                 break;
             }
-            admin
-                .create_channel(pb::CreateChannelRequest {
-                    name: channel.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| BenchError::status(format!("cannot create channel {channel}"), &s))?;
+            (client.create_channel(channel).await)
+                .map_err(|e| BenchError::caused(format!("cannot create channel {channel}"), &e))?;
         }
-        let policy = self.args.retry_policy.then(|| pb::RetryPolicy {
-            initial: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
+        let policy = self.args.retry_policy.then_some(ferry_client::RetryPolicy {
+            initial: Duration::from_secs(1),
+            maximum: Duration::from_secs(1),
+            multiplier: 1.0,
+            jitter: 0.0,
         });
-        admin
-            .create_subscription(pb::CreateSubscriptionRequest {
-                channel: name.clone(),
-                name: SUBSCRIPTION.to_owned(),
-                ack_deadline: ack_deadline.map(|d| prost_types::Duration {
-                    seconds: d.as_secs() as i64,
-                    nanos: d.subsec_nanos() as i32,
-                }),
-                max_delivery_attempts: if policy.is_some() { 5 } else { 0 },
-                dead_letter_channel: if policy.is_some() {
-                    dead
-                } else {
-                    String::new()
-                },
-                retry: policy,
-                filter: match self.args.filter {
-                    true => r#"attributes.n = "0""#.to_owned(),
-                    false => String::new(),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| {
-                BenchError::status(format!("cannot create a subscription of {name}"), &s)
+        let options = ferry_client::SubscriptionOptions {
+            ack_deadline,
+            max_delivery_attempts: if policy.is_some() { 5 } else { 0 },
+            dead_letter_channel: if policy.is_some() {
+                dead
+            } else {
+                String::new()
+            },
+            retry: policy,
+            filter: match self.args.filter {
+                true => r#"attributes.n = "0""#.to_owned(),
+                false => String::new(),
+            },
+            ..ferry_client::SubscriptionOptions::default()
+        };
+        (client
+            .create_subscription(&name, SUBSCRIPTION, options)
+            .await)
+            .map_err(|e| {
+                BenchError::caused(format!("cannot create a subscription of {name}"), &e)
             })?;
         if self.args.derived {
-            admin
-                .create_derived(pb::DerivedChannel {
-                    source: name.clone(),
-                    target: format!("{name}.derived"),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| BenchError::status(format!("cannot derive from {name}"), &s))?;
+            let derived = ferry_client::DerivedChannel {
+                source: name.clone(),
+                target: format!("{name}.derived"),
+                ..ferry_client::DerivedChannel::default()
+            };
+            (client.create_derived(derived).await)
+                .map_err(|e| BenchError::caused(format!("cannot derive from {name}"), &e))?;
         }
         Ok(name)
     }
@@ -858,32 +847,27 @@ impl Bench<'_> {
             .rsplit_once('.')
             .map_or(channel, |(prefix, _)| prefix);
         let pattern = format!("{prefix}.*");
-        let request = pb::CreateSubscriptionRequest {
-            channel: pattern.clone(),
-            name: SUBSCRIPTION.to_owned(),
-            start: Some(pb::Position {
-                at: Some(pb::position::At::Edge(pb::Edge::Earliest as i32)),
-            }),
-            ..Default::default()
+        let options = ferry_client::SubscriptionOptions {
+            start: ferry_client::Start::Earliest,
+            ..ferry_client::SubscriptionOptions::default()
         };
-        let mut admin = self.admin.clone();
-        admin.create_subscription(request).await.map_err(|s| {
-            BenchError::status(format!("cannot create a subscription of {pattern}"), &s)
-        })?;
+        (self
+            .client
+            .create_subscription(&pattern, SUBSCRIPTION, options)
+            .await)
+            .map_err(|e| {
+                BenchError::caused(format!("cannot create a subscription of {pattern}"), &e)
+            })?;
         Ok(pattern)
     }
 
     /// Deletes the wildcard subscription [`Bench::wildcard_of`] made; a failure only warrants a
     /// warning.
     async fn remove_wildcard(&self, pattern: &str) {
-        let request = pb::DeleteSubscriptionRequest {
-            channel: pattern.to_owned(),
-            name: SUBSCRIPTION.to_owned(),
-        };
-        if let Err(status) = self.admin.clone().delete_subscription(request).await {
+        if let Err(e) = self.client.delete_subscription(pattern, SUBSCRIPTION).await {
             eprintln!(
                 "ferry bench: warning: {}",
-                BenchError::status(format!("cannot delete subscription of {pattern}"), &status)
+                BenchError::caused(format!("cannot delete subscription of {pattern}"), &e)
             );
         }
     }
@@ -901,13 +885,10 @@ impl Bench<'_> {
             {
                 continue;
             }
-            let request = pb::DeleteChannelRequest {
-                name: channel.to_owned(),
-            };
-            if let Err(status) = self.admin.clone().delete_channel(request).await {
+            if let Err(e) = self.client.delete_channel(channel).await {
                 eprintln!(
                     "ferry bench: warning: {}",
-                    BenchError::status(format!("cannot delete channel {channel}"), &status)
+                    BenchError::caused(format!("cannot delete channel {channel}"), &e)
                 );
             }
         }
@@ -965,8 +946,7 @@ async fn run_scenarios(
         .map_err(|e| BenchError::caused(format!("bad broker address {url}"), &e))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
-    let admin_connection = endpoint
-        .connect()
+    let client = ferry_client::Client::connect(url)
         .await
         .map_err(|e| BenchError::caused(format!("cannot connect to {url}"), &e))?;
     let started = SystemTime::now()
@@ -976,7 +956,7 @@ async fn run_scenarios(
     let bench = Bench {
         args,
         endpoint,
-        admin: AdminClient::new(admin_connection),
+        client,
         tag: format!("r{started}-{}", std::process::id()),
         limits: config.map(|c| &c.limits),
         config,
@@ -1061,7 +1041,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
         connections.push(bench.connect().await?);
     }
     let payload = Payload::Fixed(Bytes::from(vec![b'x'; size]));
-    let before = commits::snapshot(&bench.admin).await;
+    let before = commits::snapshot(&bench.client).await;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for (index, connection) in (0..).zip(connections) {
@@ -1105,7 +1085,7 @@ async fn publish_scenario(bench: &Bench<'_>, size: usize, publishers: u32) -> Re
         args.batch
     );
     print_rate(&label, size, &total.figure(started, args.messages));
-    commits::print_commits(&bench.admin, before).await;
+    commits::print_commits(&bench.client, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
@@ -1130,7 +1110,7 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
         true => Some(bench.wildcard_of(&channel).await?),
         false => None,
     };
-    let before = commits::snapshot(&bench.admin).await;
+    let before = commits::snapshot(&bench.client).await;
     let started = Instant::now();
     let consumer = match &pattern {
         Some(pattern) => {
@@ -1167,7 +1147,7 @@ async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<()> {
             thousands((filled.confirmed as f64 / elapsed.as_secs_f64().max(1e-9)) as u64)
         );
     }
-    commits::print_commits(&bench.admin, before).await;
+    commits::print_commits(&bench.client, before).await;
     if filled.timed_out {
         println!(
             "{:<32}  (the backlog was only {} msgs: filling it hit --max-seconds)",
@@ -1188,7 +1168,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
     let channel = bench.fresh_channel("mixed.1k").await?;
     let publisher_connection = bench.connect().await?;
     let consumer = Consumer::attach(bench.connect().await?, &channel, args.window).await?;
-    let before = commits::snapshot(&bench.admin).await;
+    let before = commits::snapshot(&bench.client).await;
     let started = Instant::now();
     let plan = PublishPlan {
         channel: channel.clone(),
@@ -1222,7 +1202,7 @@ async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         KIB,
         &consumed.figure(started, published.confirmed),
     );
-    commits::print_commits(&bench.admin, before).await;
+    commits::print_commits(&bench.client, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
@@ -1235,7 +1215,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
     // Attached before publishing starts, so that no message waits for the consumer to arrive.
     let consumer = Consumer::attach(bench.connect().await?, &channel, LATENCY_WINDOW).await?;
     let limit = ((args.rate as f64 * args.latency_seconds.as_secs_f64()).ceil() as u64).max(1);
-    let before = commits::snapshot(&bench.admin).await;
+    let before = commits::snapshot(&bench.client).await;
     // Publisher and consumer stamp and read times against one base, so their clocks agree.
     let base = Instant::now();
     let deadline = base + args.latency_seconds;
@@ -1293,7 +1273,7 @@ async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
             thousands(published.confirmed)
         );
     }
-    commits::print_commits(&bench.admin, before).await;
+    commits::print_commits(&bench.client, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
