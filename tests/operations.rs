@@ -969,6 +969,7 @@ async fn prometheus_scrapes_per_channel_and_per_subscription_figures() {
     for line in [
         "ferry_streams{kind=\"subscribe\"} 1",
         "ferry_subscription_acked_total{channel=\"orders\",subscription=\"work\"} 3",
+        "ferry_subscription_delivered_total{channel=\"orders\",subscription=\"work\"} 3",
         "ferry_subscription_in_flight_messages{channel=\"orders\",subscription=\"work\"} 0",
         "ferry_delivery_latency_seconds_count 3",
     ] {

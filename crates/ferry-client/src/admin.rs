@@ -200,6 +200,8 @@ pub struct SubscriptionInfo {
     pub in_flight: u64,
     /// Messages acked since it was created.
     pub acked: u64,
+    /// Deliveries made since the broker started.
+    pub delivered: u64,
     /// Messages not yet acked.
     pub unacked: u64,
     /// How long the oldest unacked message has waited.
@@ -226,6 +228,7 @@ impl From<pb::SubscriptionInfo> for SubscriptionInfo {
             backlog: s.backlog,
             in_flight: s.in_flight,
             acked: s.acked,
+            delivered: s.delivered,
             unacked: s.unacked,
             oldest_unacked_age: s.oldest_unacked_age.map(|d| from_duration(Some(d))),
             consumers: s.consumers,

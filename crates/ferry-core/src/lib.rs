@@ -473,6 +473,8 @@ pub struct SubscriptionStats {
     pub damaged_skipped: u64,
     /// The durable ack floor.
     pub ack_floor: u64,
+    /// Deliveries made, first or not (since the broker started).
+    pub delivered: u64,
     /// Deliveries that were not a message's first (since the broker started).
     pub redelivered: u64,
     /// Deliveries nacked (since the broker started).

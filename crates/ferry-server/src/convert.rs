@@ -324,6 +324,7 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
         filter: s.filter,
         filtered: s.filtered,
         channels: s.channels,
+        delivered: s.delivered,
         redelivered: s.redelivered,
         nacked: s.nacked,
         dead_lettered: s.dead_lettered,

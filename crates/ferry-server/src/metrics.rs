@@ -171,6 +171,11 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
         "Messages not acked yet",
     );
     let acked = family::<Counter>(reg, "ferry_subscription_acked", "Messages acked");
+    let delivered = family::<Counter>(
+        reg,
+        "ferry_subscription_delivered",
+        "Deliveries made, first or not, since start",
+    );
     let redelivered = family::<Counter>(
         reg,
         "ferry_subscription_redelivered",
@@ -227,6 +232,7 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
             set(&in_flight, &labels, s.in_flight);
             set(&unacked, &labels, s.unacked);
             count(&acked, &labels, s.acked);
+            count(&delivered, &labels, s.delivered);
             count(&redelivered, &labels, s.redelivered);
             count(&nacked, &labels, s.nacked);
             count(&dead, &labels, s.dead_lettered);

@@ -663,6 +663,7 @@ impl Broker {
             consumers: wildcard.consumers().len() as u32,
             damaged_skipped: 0,
             ack_floor: 0,
+            delivered: 0,
             redelivered: 0,
             nacked: 0,
             dead_lettered: 0,
@@ -689,6 +690,7 @@ impl Broker {
             .flatten()
             .min();
             total.damaged_skipped += s.damaged_skipped;
+            total.delivered += s.delivered;
             total.redelivered += s.redelivered;
             total.nacked += s.nacked;
             total.dead_lettered += s.dead_lettered;

@@ -155,6 +155,7 @@ fn delivery_bytes(delivery: &Delivery) -> usize {
 /// What the subscription has done since the broker started, for its figures.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
+    delivered: u64,
     damaged_skipped: u64,
     redelivered: u64,
     nacked: u64,
@@ -604,6 +605,7 @@ impl Dispatcher {
                 },
             );
             self.deadlines.insert((deadline, seq));
+            self.counts.delivered += 1;
             if next.attempt > 1 {
                 self.counts.redelivered += 1;
             } else {
@@ -895,6 +897,7 @@ impl Dispatcher {
             consumers: self.consumers.len() as u32,
             damaged_skipped: self.counts.damaged_skipped,
             ack_floor: self.durable_floor,
+            delivered: self.counts.delivered,
             redelivered: self.counts.redelivered,
             nacked: self.counts.nacked,
             dead_lettered: self.counts.dead_lettered,

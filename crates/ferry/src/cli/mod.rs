@@ -11,7 +11,9 @@ mod json;
 mod publish;
 mod subscribe;
 
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use ferry_client::{Client, Error};
 
@@ -128,6 +130,44 @@ fn human_bytes(bytes: u64) -> String {
     match unit {
         0 => format!("{bytes} B"),
         _ => format!("{value:.1} {}", UNITS[unit]),
+    }
+}
+
+/// A count on standard error while a terminal shows it; nothing when it is piped.
+pub struct Progress {
+    what: &'static str,
+    terminal: bool,
+    shown: Option<Instant>,
+}
+
+impl Progress {
+    /// A count of what was `what` ("published", "received").
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            terminal: std::io::stderr().is_terminal(),
+            shown: None,
+        }
+    }
+
+    /// Shows the count, at most five times a second.
+    pub fn show(&mut self, count: u64) {
+        let due = self
+            .shown
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(200));
+        if self.terminal && due {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r{} {count} message(s)...", self.what);
+            let _ = err.flush();
+            self.shown = Some(Instant::now());
+        }
+    }
+
+    /// Takes the count off the terminal.
+    pub fn clear(&self) {
+        if self.terminal && self.shown.is_some() {
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
+        }
     }
 }
 

@@ -2,15 +2,13 @@
 //! of standard input.
 
 use std::collections::VecDeque;
-use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_client::{Client, Confirmation, Error, Message, Published};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
 
-use super::Common;
+use super::{Common, Progress};
 
 /// `ferry publish`.
 #[derive(clap::Args, Debug)]
@@ -117,7 +115,7 @@ impl PublishArgs {
     ) -> Result<(), Error> {
         let publisher = client.publisher(&self.channel);
         let mut lines = BufReader::new(input).lines();
-        let mut progress = Progress::new();
+        let mut progress = Progress::new("published");
         let mut pending: VecDeque<Confirmation> = VecDeque::new();
         let mut outcome = Outcome::default();
         let mut number = 0;
@@ -198,38 +196,5 @@ fn describe(published: &Published) -> String {
         ),
         (false, true) => "delayed (it gets its sequence when due)".to_owned(),
         (false, false) => format!("sequence {}", published.sequence),
-    }
-}
-
-/// A count on standard error while a terminal shows it; nothing when it is piped.
-struct Progress {
-    terminal: bool,
-    shown: Option<Instant>,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Self {
-            terminal: std::io::stderr().is_terminal(),
-            shown: None,
-        }
-    }
-
-    fn show(&mut self, published: u64) {
-        let due = self
-            .shown
-            .is_none_or(|at| at.elapsed() >= Duration::from_millis(200));
-        if self.terminal && due {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\rpublished {published} message(s)...");
-            let _ = err.flush();
-            self.shown = Some(Instant::now());
-        }
-    }
-
-    fn clear(&self) {
-        if self.terminal && self.shown.is_some() {
-            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
-        }
     }
 }

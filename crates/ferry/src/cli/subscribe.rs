@@ -1,10 +1,11 @@
 //! `ferry subscribe`: prints a subscription's deliveries as they arrive.
 
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use ferry_client::{Client, Delivery, Error, Received, SubscribeOptions};
 
-use super::Common;
+use super::{Common, Progress};
 
 /// `ferry subscribe`.
 #[derive(clap::Args, Debug)]
@@ -51,6 +52,8 @@ impl SubscribeArgs {
         let mut deliveries = client.subscribe_with(&self.channel, &self.subscription, options);
         let mut held: Vec<Delivery> = Vec::new();
         let mut seen = 0u64;
+        // Deliveries written to a file or a pipe: a count on the terminal meanwhile.
+        let mut progress = (!std::io::stdout().is_terminal()).then(|| Progress::new("received"));
         while self.count.is_none_or(|count| seen < count) {
             let next = match self.idle {
                 Some(idle) => match tokio::time::timeout(idle, deliveries.next()).await {
@@ -62,6 +65,9 @@ impl SubscribeArgs {
             let Some(delivery) = next else { break };
             let delivery = delivery?;
             seen += 1;
+            if let Some(progress) = &mut progress {
+                progress.show(seen);
+            }
             match self.common.json {
                 true => println!("{}", super::json::message(delivery.message())),
                 false => println!("{}", line(delivery.message())),
@@ -70,6 +76,9 @@ impl SubscribeArgs {
                 true => held.push(delivery),
                 false => delivery.ack().await?,
             }
+        }
+        if let Some(progress) = progress {
+            progress.clear();
         }
         Ok(())
     }
