@@ -140,6 +140,11 @@ impl PublishConfirmation {
     /// Waits until the batch is durable; returns the sequences it got (a duplicate's is its
     /// original's).
     pub async fn confirmed(self) -> Result<Appended> {
+        let span = tracing::debug_span!(target: crate::TRACE_TARGET, "publish", channel = %self.channel.name);
+        tracing::Instrument::instrument(self.confirm(), span).await
+    }
+
+    async fn confirm(self) -> Result<Appended> {
         let appended = self.confirmation.confirmed().await.map_err(|e| match e {
             StoreError::ChannelNotFound => CoreError::ChannelNotFound(self.channel.name.clone()),
             e => e.into(),
@@ -388,7 +393,9 @@ impl Broker {
             self.inner.consumer_limits,
             self.inner.on_damage,
         );
-        let task = tokio::spawn(dispatcher.run(rx));
+        // Its log lines (a traced message's delivery and settlement among them) carry it.
+        let span = tracing::debug_span!(target: crate::TRACE_TARGET, "subscription", channel = %channel.name, subscription = %name);
+        let task = tokio::spawn(tracing::Instrument::instrument(dispatcher.run(rx), span));
         let handle = Arc::new(SubscriptionHandle {
             id,
             commands,
