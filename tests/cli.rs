@@ -365,3 +365,42 @@ async fn the_command_line_publishes_subscribes_and_administers() {
     assert_eq!(run(&["channels", "get", "orders"], "").0, Some(1));
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_dropped_subscription_leaves_instead_of_nacking_what_keeps_coming() {
+    let daemon = Daemon::start().await;
+    let client = client(&daemon).await;
+    client.create_channel("jobs").await.unwrap();
+    let options = SubscriptionOptions::default();
+    client
+        .create_subscription("jobs", "work", options)
+        .await
+        .unwrap();
+    let messages = (0..20).map(|n| Message::new(format!("{n}"))).collect();
+    client.publish("jobs", messages).await.unwrap();
+
+    let window = SubscribeOptions {
+        max_messages: 2,
+        ..SubscribeOptions::default()
+    };
+    let mut first = client.subscribe_with("jobs", "work", window);
+    let held = next(&mut first).await;
+    // Dropped while the application still holds a delivery: the consumer leaves at once, and
+    // what it held comes again (once) to the next consumer instead of each new delivery
+    // being nacked while the old one is held.
+    drop(first);
+    let mut again = client.subscribe("jobs", "work");
+    let mut attempts = std::collections::BTreeMap::new();
+    while attempts.len() < 20 {
+        let delivery = next(&mut again).await;
+        attempts.insert(delivery.sequence, delivery.attempt);
+        delivery.ack().await.unwrap();
+    }
+    let retried = attempts.values().filter(|&&a| a > 1).count();
+    assert!(
+        retried <= 2,
+        "only what the first consumer held came again: {attempts:?}"
+    );
+    assert!(held.ack().await.is_err(), "its consumer left");
+    daemon.stop().await;
+}

@@ -130,6 +130,12 @@ pub struct ChannelOptions {
     pub dedup_window: Option<Duration>,
     /// The time to live of a message published without its own (None: none).
     pub default_ttl: Option<Duration>,
+    /// The most messages it may store (0: no limit).
+    pub max_messages: u64,
+    /// The most bytes it may store (0: no limit).
+    pub max_bytes: u64,
+    /// Past a limit, drop the oldest messages instead of refusing the publish.
+    pub drop_oldest: bool,
 }
 
 impl ChannelOptions {
@@ -146,7 +152,14 @@ impl ChannelOptions {
             retention,
             dedup_window: self.dedup_window.map(duration),
             default_ttl: self.default_ttl.map(duration),
-            ..Default::default()
+            limits: (self.max_messages > 0 || self.max_bytes > 0).then_some(pb::Limits {
+                max_messages: self.max_messages,
+                max_bytes: self.max_bytes,
+                policy: match self.drop_oldest {
+                    true => pb::LimitPolicy::DropOldest,
+                    false => pb::LimitPolicy::Reject,
+                } as i32,
+            }),
         }
     }
 }
@@ -365,7 +378,8 @@ impl Client {
             .into())
     }
 
-    /// Changes a channel's settings.
+    /// Replaces a channel's settings: what `options` leaves at its default takes the default
+    /// (so restate what should stay).
     pub async fn update_channel(&self, name: &str, options: ChannelOptions) -> Result<ChannelInfo> {
         let request = options.request(name);
         Ok(self

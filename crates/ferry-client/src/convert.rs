@@ -35,5 +35,6 @@ pub(crate) fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
             u32::try_from(t.nanos).unwrap_or(0),
         )
     });
-    UNIX_EPOCH + since
+    // Absurd times from a peer saturate instead of panicking.
+    UNIX_EPOCH.checked_add(since).unwrap_or(UNIX_EPOCH)
 }

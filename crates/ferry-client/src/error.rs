@@ -78,6 +78,8 @@ pub enum Code {
     DeadlineExceeded,
     /// Something the broker did not expect.
     Internal,
+    /// Stored data could not be read back.
+    DataLoss,
     /// Any other code.
     Other,
 }
@@ -96,6 +98,7 @@ impl fmt::Display for Code {
             Code::Unavailable => "UNAVAILABLE",
             Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Code::Internal => "INTERNAL",
+            Code::DataLoss => "DATA_LOSS",
             Code::Other => "ERROR",
         };
         f.write_str(name)
@@ -115,12 +118,18 @@ impl From<tonic::Status> for Error {
             C::PermissionDenied => Code::PermissionDenied,
             C::Unauthenticated => Code::Unauthenticated,
             C::DeadlineExceeded => Code::DeadlineExceeded,
-            C::Internal => Code::Internal,
-            // A transport failure (reset, refused) arrives as UNAVAILABLE or UNKNOWN with no
-            // message of the broker's own.
-            C::Unavailable | C::Unknown | C::Cancelled => {
+            // A transport failure (a reset, a refused connection, a broken HTTP/2 stream) is
+            // a status the client library made, with the transport's error as its source; the
+            // broker's own statuses have none.
+            _ if std::error::Error::source(&status).is_some() => {
                 return Error::Disconnected(status.message().to_owned());
             }
+            C::Unknown | C::Cancelled => {
+                return Error::Disconnected(status.message().to_owned());
+            }
+            C::Internal => Code::Internal,
+            C::Unavailable => Code::Unavailable,
+            C::DataLoss => Code::DataLoss,
             _ => Code::Other,
         };
         Error::Refused {

@@ -49,6 +49,10 @@ pub use message::{Message, Published, Received};
 pub use publisher::{Confirmation, Publisher, PublisherOptions};
 pub use subscriber::{Delivery, Nack, SubscribeOptions, Subscription};
 
+/// The largest response the client reads: a broker may deliver a message of up to 64 MiB
+/// (its `max_message_bytes` limit), alone in its event, and list many channels at once.
+pub(crate) const MAX_RESPONSE: usize = 256 << 20;
+
 /// How long connecting to a broker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -104,7 +108,8 @@ impl Client {
             channel: channel.to_owned(),
             messages: messages.into_iter().map(Message::into_proto).collect(),
         };
-        let mut client = PublisherClient::new(self.connection.clone());
+        let mut client =
+            PublisherClient::new(self.connection.clone()).max_decoding_message_size(MAX_RESPONSE);
         let response = client.publish(request).await?.into_inner();
         Ok(Published::of(response))
     }
@@ -132,7 +137,7 @@ impl Client {
     }
 
     fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.connection.clone())
+        AdminClient::new(self.connection.clone()).max_decoding_message_size(MAX_RESPONSE)
     }
 }
 

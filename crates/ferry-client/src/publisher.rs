@@ -77,12 +77,13 @@ impl Publisher {
     pub(crate) fn new(connection: Channel, channel: String, options: PublisherOptions) -> Self {
         let (queue, queued) = mpsc::channel(options.queue.max(1));
         let task = Task {
-            client: PublisherClient::new(connection),
+            client: PublisherClient::new(connection).max_decoding_message_size(crate::MAX_RESPONSE),
             channel,
             options,
             queued,
             stream: None,
             unconfirmed: VecDeque::new(),
+            held_over: None,
         };
         tokio::spawn(task.run());
         Publisher { queue }
@@ -113,6 +114,8 @@ struct Task {
     stream: Option<Stream>,
     /// The confirmations of each batch sent, oldest first.
     unconfirmed: VecDeque<Vec<oneshot::Sender<Result<Published>>>>,
+    /// A message that would have taken its batch past the byte limit: the next batch's first.
+    held_over: Option<Queued>,
 }
 
 struct Stream {
@@ -123,9 +126,14 @@ struct Stream {
 impl Task {
     async fn run(mut self) {
         loop {
-            let room = self.unconfirmed.len() < self.options.in_flight;
-            // Batches are unconfirmed only while their stream is open.
-            let waiting = !self.unconfirmed.is_empty();
+            let room = self.unconfirmed.len() < self.options.in_flight.max(1);
+            // Read whenever a stream is open: one that ends while idle is noticed then, not by
+            // the next batch.
+            let open = self.stream.is_some();
+            if room && let Some(first) = self.held_over.take() {
+                self.send_batch(first).await;
+                continue;
+            }
             tokio::select! {
                 first = self.queued.recv(), if room => match first {
                     Some(first) => self.send_batch(first).await,
@@ -137,14 +145,15 @@ impl Task {
                         return;
                     }
                 },
-                response = next_response(&mut self.stream), if waiting => {
+                response = next_response(&mut self.stream), if open => {
                     self.confirm(response);
                 }
             }
         }
     }
 
-    /// Sends `first` and whatever else is queued, up to the batch limits.
+    /// Sends `first` and whatever else is queued, up to the batch limits (a message that
+    /// would pass them waits for the next batch).
     async fn send_batch(&mut self, first: Queued) {
         let mut bytes = first.message.size();
         let mut batch = vec![first];
@@ -152,11 +161,13 @@ impl Task {
             let Ok(next) = self.queued.try_recv() else {
                 break;
             };
-            bytes += next.message.size();
-            batch.push(next);
-            if bytes >= self.options.max_batch_bytes {
+            let size = next.message.size();
+            if bytes + size > self.options.max_batch_bytes {
+                self.held_over = Some(next);
                 break;
             }
+            bytes += size;
+            batch.push(next);
         }
         let (messages, confirms): (Vec<_>, Vec<_>) = batch
             .into_iter()
@@ -213,6 +224,7 @@ impl Task {
                     let _ = confirm.send(Ok(published));
                 }
             }
+            // Ended while idle too: the next batch opens a new stream.
             Ok(None) => self.reset(Error::Disconnected("the publish stream ended".into())),
             Err(status) => {
                 // The first unconfirmed batch is the one that failed.
@@ -221,7 +233,7 @@ impl Task {
                     fail(confirms, &error);
                 }
                 self.reset(Error::Disconnected(format!(
-                    "not applied: an earlier batch failed ({error})"
+                    "an earlier batch failed ({error}); this one may not have been applied"
                 )));
             }
         }

@@ -68,7 +68,8 @@ pub struct Nack {
 
 /// The deliveries of one consumer, as a [`Stream`]; it ends (after an error item, if any)
 /// when the subscription is deleted, the broker refuses the consumer for good, or the
-/// connection is lost and reconnecting is off.
+/// connection is lost and reconnecting is off. Dropping it detaches the consumer: what it
+/// held goes to other consumers, and settling one of its deliveries afterwards fails.
 pub struct Subscription {
     inbox: Arc<Inbox>,
 }
@@ -83,7 +84,8 @@ impl Subscription {
         let inbox = Arc::new(Inbox::default());
         let (settles, settled) = mpsc::channel(SETTLE_QUEUE);
         let task = Task {
-            client: SubscriberClient::new(connection),
+            client: SubscriberClient::new(connection)
+                .max_decoding_message_size(crate::MAX_RESPONSE),
             channel,
             subscription,
             options,
@@ -124,15 +126,19 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        // What waits unread goes back to the broker with the consumer; deliveries the
-        // application holds can still be settled until they are dropped.
+        // The consumer leaves: the broker gives what it held, read or not, to other
+        // consumers (one attempt each, as for any consumer that leaves); settling a delivery
+        // of it afterwards fails.
         let unread = {
             let mut inbox = self.inbox.lock();
             inbox.closed = true;
             inbox.settles = None;
             std::mem::take(&mut inbox.items)
         };
-        drop(unread);
+        for delivery in unread.into_iter().flatten() {
+            delivery.forget();
+        }
+        self.inbox.left.notify_one();
     }
 }
 
@@ -258,6 +264,8 @@ struct Settle {
 #[derive(Default)]
 struct Inbox {
     state: Mutex<InboxState>,
+    /// Notified when the application drops the subscription: the consumer leaves.
+    left: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -277,20 +285,20 @@ impl Inbox {
         self.state.lock().expect("inbox lock")
     }
 
-    /// Hands an item over; false once the application dropped the subscription.
-    fn push(&self, item: Result<Delivery>) -> bool {
+    /// Hands a delivery over; gives it back once the application dropped the subscription.
+    fn push(&self, delivery: Delivery) -> Option<Delivery> {
         let waker = {
             let mut inbox = self.lock();
             if inbox.closed {
-                return false;
+                return Some(delivery);
             }
-            inbox.items.push_back(item);
+            inbox.items.push_back(Ok(delivery));
             inbox.waker.take()
         };
         if let Some(waker) = waker {
             waker.wake();
         }
-        true
+        None
     }
 
     /// Drops the deliveries not read yet, without settling them: the broker released them
@@ -374,6 +382,7 @@ impl Task {
             loop {
                 tokio::select! {
                     () = &mut wait => break,
+                    () = self.inbox.left.notified() => return,
                     settle = self.settled.recv() => match settle {
                         Some(settle) => answer(settle.reply, Err(Error::Stale)),
                         None => return,
@@ -421,6 +430,7 @@ impl Task {
         extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                () = self.inbox.left.notified() => return Ended::Done,
                 response = responses.message() => match response {
                     Ok(Some(response)) => {
                         if !self.received(response) {
@@ -455,19 +465,27 @@ impl Task {
                 let now = Instant::now();
                 for mut delivery in batch.deliveries {
                     let message = Received::of(&mut delivery);
-                    self.held.insert(delivery.ack_id.clone(), now);
                     let delivery = Delivery {
                         message,
                         ack_id: delivery.ack_id,
                         settles: settles.clone(),
                         settled: false,
                     };
-                    // A subscription dropped meanwhile: the delivery goes back with the
-                    // consumer when the call ends.
-                    let _ = self.inbox.push(Ok(delivery));
+                    let ack_id = delivery.ack_id.clone();
+                    if let Some(delivery) = self.inbox.push(delivery) {
+                        // The application dropped the subscription: the consumer leaves, and
+                        // the broker gives what it held to others (one attempt each, as for
+                        // any consumer that leaves) instead of each new delivery being nacked.
+                        delivery.forget();
+                        return false;
+                    }
+                    self.held.insert(ack_id, now);
                 }
             }
             Some(Resp::Results(results)) => {
+                // An extension is answered at once; an ack only once durable: only the
+                // answers to acks and nacks settle what the application waits for.
+                let settles = results.operation() != pb::AckOperation::Extend;
                 for result in results.results {
                     let outcome = match result.status() {
                         pb::AckStatus::Ok => Ok(()),
@@ -478,7 +496,7 @@ impl Task {
                         // An extension that came too late: no use extending it again.
                         self.held.remove(&result.ack_id);
                     }
-                    if let Some(reply) = self.owed.remove(&result.ack_id) {
+                    if settles && let Some(reply) = self.owed.remove(&result.ack_id) {
                         let _ = reply.send(outcome);
                     }
                 }

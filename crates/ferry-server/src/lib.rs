@@ -173,9 +173,11 @@ pub async fn serve(
         tokio::spawn(metrics);
     }
     let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
+    // Installed even without a file to read: SIGHUP's default action would end the daemon.
     #[cfg(unix)]
-    if let Some(path) = config.source.clone() {
-        let hangup = reload::on_hangup(path, config.clone(), broker.clone(), stop.clone())?;
+    {
+        let source = config.source.clone();
+        let hangup = reload::on_hangup(source, config.clone(), broker.clone(), stop.clone())?;
         tokio::spawn(hangup);
     }
     ready(address);

@@ -16,7 +16,7 @@ use crate::Config;
 /// SIGHUP never finds the default action (which ends the process).
 #[cfg(unix)]
 pub fn on_hangup(
-    path: PathBuf,
+    path: Option<PathBuf>,
     running: Config,
     broker: Broker,
     stop: CancellationToken,
@@ -25,13 +25,22 @@ pub fn on_hangup(
     let mut hangup = signal(SignalKind::hangup())?;
     Ok(async move {
         // Compared as the file says, before the environment and flags that override it.
-        let mut running = Config::load(&path).unwrap_or(running);
+        let mut running = path
+            .as_deref()
+            .and_then(|path| Config::load(path).ok())
+            .unwrap_or(running);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 received = hangup.recv() => if received.is_none() { return },
             }
-            if let Some(config) = reload(&path, &running, &broker).await {
+            let Some(path) = &path else {
+                tracing::warn!(
+                    "SIGHUP: the broker runs on the built-in configuration: no file to reload"
+                );
+                continue;
+            };
+            if let Some(config) = reload(path, &running, &broker).await {
                 running = config;
             }
         }

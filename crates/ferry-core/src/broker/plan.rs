@@ -155,6 +155,13 @@ impl Broker {
                      (Admin.DeleteDerived) to declare it anew"
                         .to_owned(),
                 ),
+                None if !Pattern::is_pattern(&spec.source) && !held.contains(&spec.source) => {
+                    let why = format!(
+                        "its source {:?} neither exists nor is declared",
+                        spec.source
+                    );
+                    step(Action::Refuse, object, why)
+                }
                 None => match self.check_new_derived(spec) {
                     Ok(()) => step(Action::Create, object, String::new()),
                     Err(e) => step(Action::Refuse, object, e.to_string()),
@@ -176,11 +183,26 @@ impl Broker {
     ) -> Step {
         let object = format!("subscription {} of {channel}", sub.name);
         let wanted = &sub.settings;
-        if let Some(dead) = &wanted.dead_letter_channel
-            && !held.contains(dead)
-        {
-            let why = format!("its dead-letter channel {dead:?} neither exists nor is declared");
-            return step(Action::Refuse, object, why);
+        if let Some(dead) = &wanted.dead_letter_channel {
+            let feeds_back = match Pattern::parse(channel) {
+                Ok(pattern) => pattern.matches(dead),
+                Err(_) => dead == channel,
+            };
+            let why = if !held.contains(dead) {
+                Some(format!(
+                    "its dead-letter channel {dead:?} neither exists nor is declared"
+                ))
+            } else if feeds_back {
+                Some(format!(
+                    "its dead-letter channel {dead:?} is one it reads: a message that keeps \
+                     failing would come back to it"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return step(Action::Refuse, object, why);
+            }
         }
         let Ok(info) = self.subscription_info(channel, &sub.name).await else {
             return step(Action::Create, object, String::new());

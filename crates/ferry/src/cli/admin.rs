@@ -191,8 +191,10 @@ fn parse_start(text: &str) -> Result<Start, String> {
         _ => match text.parse::<u64>() {
             Ok(sequence) => Ok(Start::Sequence(sequence)),
             Err(_) => humantime::parse_duration(text)
-                .map(|age| Start::Time(SystemTime::now() - age))
-                .map_err(|_| {
+                .ok()
+                .and_then(|age| SystemTime::now().checked_sub(age))
+                .map(Start::Time)
+                .ok_or_else(|| {
                     format!("{text:?}: say latest, earliest, a sequence, or an age like 1h")
                 }),
         },

@@ -39,6 +39,7 @@ pub fn subscription(s: &SubscriptionInfo) -> Value {
         "backlog": s.backlog,
         "in_flight": s.in_flight,
         "acked": s.acked,
+        "delivered": s.delivered,
         "unacked": s.unacked,
         "oldest_unacked_age_ms": s.oldest_unacked_age.map(|d| d.as_millis() as u64),
         "consumers": s.consumers,
@@ -59,6 +60,7 @@ pub fn channel(c: &ChannelInfo) -> Value {
         "next_sequence": c.next_sequence,
         "first_sequence": c.first_sequence,
         "delayed": c.delayed,
+        "delayed_bytes": c.delayed_bytes,
         "subscriptions": c.subscriptions.iter().map(subscription).collect::<Vec<_>>(),
     })
 }

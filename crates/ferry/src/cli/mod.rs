@@ -77,9 +77,21 @@ where
 pub fn exit_code(error: &Error) -> ExitCode {
     match error {
         Error::Connect { .. } | Error::Disconnected(_) => ExitCode::from(UNREACHABLE),
+        // Reached, but not serving (shutting down, its store failed): no use to a script
+        // either way.
+        Error::Refused {
+            code: ferry_client::Code::Unavailable,
+            ..
+        } => ExitCode::from(UNREACHABLE),
         Error::Invalid(_) => ExitCode::from(2),
         _ => ExitCode::from(REFUSED),
     }
+}
+
+/// Prints a line to standard output; false once nobody reads it (a closed pipe).
+fn print(line: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
 }
 
 /// Prints rows as a table with aligned columns, the first row being the header.

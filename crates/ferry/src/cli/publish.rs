@@ -114,16 +114,36 @@ impl PublishArgs {
         input: Box<dyn AsyncRead + Unpin + Send>,
     ) -> Result<(), Error> {
         let publisher = client.publisher(&self.channel);
-        let mut lines = BufReader::new(input).lines();
+        let mut input = BufReader::new(input);
         let mut progress = Progress::new("published");
         let mut pending: VecDeque<Confirmation> = VecDeque::new();
         let mut outcome = Outcome::default();
         let mut number = 0;
-        while let Some(line) = (lines.next_line().await)
-            .map_err(|e| Error::Invalid(format!("cannot read a line: {e}")))?
-        {
+        loop {
+            // Lines are bytes: a payload need not be text.
+            let mut line = Vec::new();
+            let read = (input.read_until(b'\n', &mut line).await)
+                .map_err(|e| Error::Invalid(format!("cannot read line {}: {e}", number + 1)));
+            let read = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    // What was sent is settled and said before the error.
+                    settle_all(&mut pending, &mut outcome).await;
+                    eprintln!("ferry: stopped after {} message(s)", outcome.published);
+                    return Err(e);
+                }
+            };
+            if read == 0 {
+                break;
+            }
+            if line.ends_with(b"\n") {
+                line.pop();
+                if line.ends_with(b"\r") {
+                    line.pop();
+                }
+            }
             number += 1;
-            let message = self.message(Bytes::from(line.into_bytes()), Some(number));
+            let message = self.message(Bytes::from(line), Some(number));
             pending.push_back(publisher.send(message).await?);
             // Confirmations come in order: waiting for the oldest bounds what is pending.
             if pending.len() >= PENDING {
@@ -161,6 +181,16 @@ impl PublishArgs {
             ),
         }
         Ok(())
+    }
+}
+
+/// Waits for what was sent, counting what was confirmed (a refusal ends the count).
+async fn settle_all(pending: &mut VecDeque<Confirmation>, outcome: &mut Outcome) {
+    while let Some(confirmation) = pending.pop_front() {
+        match confirmation.await {
+            Ok(published) => outcome.add(published),
+            Err(_) => break,
+        }
     }
 }
 

@@ -43,8 +43,13 @@ impl SubscribeArgs {
     }
 
     async fn subscribe(self, client: Client) -> Result<(), Error> {
+        // Held without acks, the deliveries fill the window: it must hold all of them.
+        let window = match (self.no_ack, self.count) {
+            (true, Some(count)) => self.window.max(u32::try_from(count).unwrap_or(u32::MAX)),
+            _ => self.window,
+        };
         let options = SubscribeOptions {
-            max_messages: self.window,
+            max_messages: window,
             // A command that stops at the first refusal says why instead of retrying.
             reconnect: false,
             ..SubscribeOptions::default()
@@ -68,9 +73,13 @@ impl SubscribeArgs {
             if let Some(progress) = &mut progress {
                 progress.show(seen);
             }
-            match self.common.json {
-                true => println!("{}", super::json::message(delivery.message())),
-                false => println!("{}", line(delivery.message())),
+            let text = match self.common.json {
+                true => super::json::message(delivery.message()).to_string(),
+                false => line(delivery.message()),
+            };
+            // A reader that went away (`| head -1`) ends the command, unacked.
+            if !super::print(&text) {
+                break;
             }
             match self.no_ack {
                 true => held.push(delivery),
