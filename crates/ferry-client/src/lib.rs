@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use ferry_proto::pb::admin_client::AdminClient;
 use ferry_proto::pb::publisher_client::PublisherClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub use admin::{
     BrokerInfo, ChannelInfo, ChannelOptions, ConfigAction, ConfigStep, DerivedChannel,
@@ -56,6 +56,17 @@ pub(crate) const MAX_RESPONSE: usize = 256 << 20;
 /// How long connecting to a broker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a TLS connection checks the broker and, for mutual TLS, proves who the client is.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM certificates of the CAs the broker's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// The client's PEM certificate and key, for a broker that requires them.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to check the broker's certificate against (default: the address's host).
+    pub domain: Option<String>,
+}
+
 /// A connection to a broker; cheap to clone (clones share it). When the connection is lost,
 /// the next call connects again.
 #[derive(Clone)]
@@ -67,15 +78,42 @@ pub struct Client {
 impl Client {
     /// Connects to a broker at `address` (`http://host:port`; `host:port` works too).
     pub async fn connect(address: impl Into<String>) -> Result<Client> {
+        Client::connect_with(address, None).await
+    }
+
+    /// Connects over TLS (`https://host:port`, or `host:port`), checking the broker's
+    /// certificate against `tls.ca_pem` and, for mutual TLS, presenting `tls.identity`.
+    pub async fn connect_tls(address: impl Into<String>, tls: Tls) -> Result<Client> {
+        Client::connect_with(address, Some(tls)).await
+    }
+
+    async fn connect_with(address: impl Into<String>, tls: Option<Tls>) -> Result<Client> {
         let address = address.into();
-        let url = match address.contains("://") {
-            true => address.clone(),
-            false => format!("http://{address}"),
+        let url = match (address.contains("://"), tls.is_some()) {
+            (true, _) => address.clone(),
+            (false, false) => format!("http://{address}"),
+            (false, true) => format!("https://{address}"),
         };
-        let endpoint = Endpoint::from_shared(url)
+        let mut endpoint = Endpoint::from_shared(url)
             .map_err(|e| Error::Invalid(format!("bad broker address {address:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = tls.domain {
+                config = config.domain_name(domain);
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| {
+                Error::Invalid(format!(
+                    "bad TLS settings for {address:?}: {}",
+                    source_chain(&e)
+                ))
+            })?;
+        }
         let connection = endpoint.connect().await.map_err(|e| Error::Connect {
             address: address.clone(),
             reason: source_chain(&e),

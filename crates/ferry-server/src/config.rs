@@ -120,6 +120,21 @@ pub struct ServerConfig {
     /// Serve on an address other than loopback although nothing authenticates clients: every
     /// client that reaches the port may publish, read and delete.
     pub allow_unauthenticated: bool,
+    /// `[server.tls]`: serve gRPC over TLS (absent: plaintext).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The PEM certificate chain the server presents.
+    pub cert_file: PathBuf,
+    /// Its PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA certificates: when set, every client must present a certificate one of them
+    /// signed (mutual TLS), which authenticates it.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[storage]`
@@ -355,6 +370,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
             allow_unauthenticated: false,
+            tls: None,
         }
     }
 }
@@ -410,14 +426,17 @@ impl Config {
             ));
         }
         let listen = self.server.listen;
-        if listen.ip().is_loopback() || self.server.allow_unauthenticated {
+        // Mutual TLS authenticates every client.
+        let authenticated = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
+        if listen.ip().is_loopback() || self.server.allow_unauthenticated || authenticated {
             return Ok(());
         }
         Err(format!(
             "[server] listen = \"{listen}\" is not a loopback address, and nothing authenticates \
              clients: anyone who can reach it could publish, read and delete. Listen on \
-             127.0.0.1 or [::1], or set allow_unauthenticated = true under [server] to accept \
-             that (for instance on a private network, or in a container behind one)"
+             127.0.0.1 or [::1], require client certificates ([server.tls] client_ca_file), \
+             or set allow_unauthenticated = true under [server] to accept that (for instance \
+             on a private network, or in a container behind one)"
         ))
     }
 

@@ -16,6 +16,7 @@ pub mod publisher;
 pub mod reload;
 pub mod status;
 pub mod subscriber;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -75,6 +76,9 @@ pub enum ServeError {
     /// The listening socket failed.
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS certificate, key or client CA could not be read.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Runs the daemon on an already bound listener until `shutdown` resolves, then stops
@@ -125,7 +129,17 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let activity = std::sync::Arc::new(activity::Activity::default());
     let incoming = connections::limit(incoming, config.limits.max_connections, activity.clone());
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.server.tls {
+        builder = match tls::server_config(tls) {
+            Ok(tls) => builder.tls_config(tls)?,
+            Err(e) => {
+                let _ = broker.shutdown().await;
+                return Err(e);
+            }
+        };
+    }
+    let server = builder
         .max_concurrent_streams(config.limits.max_streams_per_connection)
         .http2_max_header_list_size(config.limits.max_header_bytes.0 as u32)
         .layer(status::TransportStatusLayer { max_request })

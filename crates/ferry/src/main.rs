@@ -106,6 +106,8 @@ struct HealthArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    #[command(flatten)]
+    tls: cli::TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -165,7 +167,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigArgs {
             action: Some(ConfigAction::Diff(args)),
         }) => args.run(),
-        Command::Health(args) => health(&args.server),
+        Command::Health(args) => health(&args.server, &args.tls),
         Command::Publish(args) => args.run(),
         Command::Subscribe(args) => args.run(),
         Command::Channels(args) => args.run(),
@@ -181,14 +183,19 @@ fn main() -> ExitCode {
 
 /// `ferry config check FILE`: what start-up would say of the file, before any data is read.
 fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(file).and_then(|config| {
-        config.check_exposure().map(|()| config).map_err(|message| {
-            ferry_server::config::ConfigError {
-                source_name: file.display().to_string(),
-                message,
-            }
-        })
-    }) {
+    let error = |message: String| ferry_server::config::ConfigError {
+        source_name: file.display().to_string(),
+        message,
+    };
+    let checked = Config::load(file).and_then(|config| {
+        config.check_exposure().map_err(error)?;
+        // The TLS files it names must be there and readable, as start-up needs them.
+        if let Some(tls) = &config.server.tls {
+            ferry_server::tls::server_config(tls).map_err(|e| error(e.to_string()))?;
+        }
+        Ok(config)
+    });
+    match checked {
         Ok(config) => {
             println!(
                 "{}: good ({} channel(s) declared, listening on {})",
@@ -206,7 +213,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 }
 
 /// `ferry health`: the standard gRPC health check of the whole server.
-fn health(server: &str) -> ExitCode {
+fn health(server: &str, tls: &cli::TlsArgs) -> ExitCode {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -220,10 +227,21 @@ fn health(server: &str) -> ExitCode {
         }
     };
     let asked = runtime.block_on(async {
-        let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
             .map_err(|e| format!("{server} is not a URL ({e})"))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(5));
+        if let Some(tls) = tls.load().map_err(|e| e.to_string())? {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| format!("bad TLS settings: {e}"))?;
+        }
         let channel = endpoint
             .connect()
             .await

@@ -37,6 +37,56 @@ pub struct Common {
     /// Print JSON for scripts: one document, or one object per line for a stream.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How to reach a broker that serves TLS.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Connect over TLS, checking the broker's certificate against these PEM CA certificates.
+    #[arg(long, value_name = "FILE", env = "FERRY_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// For a broker that requires client certificates: this PEM certificate...
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FERRY_CERT",
+        global = true,
+        requires = "key"
+    )]
+    pub cert: Option<std::path::PathBuf>,
+    /// ...and its PEM key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FERRY_KEY",
+        global = true,
+        requires = "cert"
+    )]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS settings, if a CA was given.
+    pub fn load(&self) -> Result<Option<ferry_client::Tls>, Error> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))
+        };
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        Ok(Some(ferry_client::Tls {
+            ca_pem: read(ca)?,
+            identity,
+            domain: None,
+        }))
+    }
 }
 
 /// The broker refused: its status was printed.
@@ -61,7 +111,10 @@ where
         }
     };
     let outcome = runtime.block_on(async {
-        let client = Client::connect(common.server.clone()).await?;
+        let client = match common.tls.load()? {
+            Some(tls) => Client::connect_tls(common.server.clone(), tls).await?,
+            None => Client::connect(common.server.clone()).await?,
+        };
         command(client).await
     });
     match outcome {
