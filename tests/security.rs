@@ -108,14 +108,21 @@ async fn mutual_tls_lets_in_only_clients_with_a_certificate_the_ca_signed() {
     // The command line and the health check speak TLS too.
     let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
     let with_identity = [
-        "--server", &url, "--ca", &ca, "--cert", &cert, "--key", &key,
+        "--server",
+        &url,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
     ];
     let (code, out) = ferry(&[&["channels", "list"][..], &with_identity[..]].concat());
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("orders"), "{out}");
     let (code, _) = ferry(&[&["health"][..], &with_identity[..]].concat());
     assert_eq!(code, Some(0));
-    let (code, _) = ferry(&["channels", "list", "--server", &url, "--ca", &ca]);
+    let (code, _) = ferry(&["channels", "list", "--server", &url, "--tls-ca", &ca]);
     assert_eq!(code, Some(3), "refused without a client certificate");
     daemon.stop().await;
 

@@ -45,26 +45,26 @@ pub struct Common {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TlsArgs {
     /// Connect over TLS, checking the broker's certificate against these PEM CA certificates.
-    #[arg(long, value_name = "FILE", env = "FERRY_CA", global = true)]
-    pub ca: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "FILE", env = "FERRY_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// For a broker that requires client certificates: this PEM certificate...
     #[arg(
         long,
         value_name = "FILE",
-        env = "FERRY_CERT",
+        env = "FERRY_TLS_CERT",
         global = true,
-        requires = "key"
+        requires = "tls_key"
     )]
-    pub cert: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
     /// ...and its PEM key.
     #[arg(
         long,
         value_name = "FILE",
-        env = "FERRY_KEY",
+        env = "FERRY_TLS_KEY",
         global = true,
-        requires = "cert"
+        requires = "tls_cert"
     )]
-    pub key: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl TlsArgs {
@@ -74,10 +74,10 @@ impl TlsArgs {
             std::fs::read(path)
                 .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))
         };
-        let Some(ca) = &self.ca else {
+        let Some(ca) = &self.tls_ca else {
             return Ok(None);
         };
-        let identity = match (&self.cert, &self.key) {
+        let identity = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
             _ => None,
         };
