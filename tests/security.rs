@@ -141,3 +141,25 @@ async fn mutual_tls_lets_in_only_clients_with_a_certificate_the_ca_signed() {
         "a TLS file that is not there is named at once"
     );
 }
+
+#[tokio::test]
+async fn an_ack_id_counts_only_on_the_stream_that_received_it() {
+    let daemon = Daemon::start().await;
+    daemon.create("orders", &[("billing", 30_000)]).await;
+    daemon.publish("orders", [b"x".to_vec()]).await;
+    let mut first = common::Consumer::attach(&daemon, "orders", "billing", 10).await;
+    let got = first.take(1).await;
+    // Another stream of the same subscription cannot settle it.
+    let mut second = common::Consumer::attach(&daemon, "orders", "billing", 10).await;
+    let ids = common::ack_ids(&got);
+    assert_eq!(
+        second.ack(ids.clone()).await,
+        [ferry_proto::pb::AckStatus::Unknown]
+    );
+    assert_eq!(
+        second.nack(ids.clone()).await,
+        [ferry_proto::pb::AckStatus::Unknown]
+    );
+    assert_eq!(first.ack(ids).await, [ferry_proto::pb::AckStatus::Ok]);
+    daemon.stop().await;
+}

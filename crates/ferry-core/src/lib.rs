@@ -436,7 +436,7 @@ pub struct AckOutcome {
 pub enum AckResult {
     /// Done (an ack: durably).
     Ok,
-    /// Never issued by this subscription.
+    /// Never issued by this subscription, or issued to another consumer's stream.
     Unknown,
     /// Issued but no longer valid (already settled, or expired).
     Stale,

@@ -168,7 +168,7 @@ impl Dispatcher {
         let mut outcomes = Vec::with_capacity(ack_ids.len());
         let mut changed = false;
         for ack_id in ack_ids {
-            let result = match self.lookup(&ack_id) {
+            let result = match self.lookup(consumer, &ack_id) {
                 Err(result) => result,
                 Ok(seq) => {
                     match &settlement {
@@ -212,16 +212,18 @@ impl Dispatcher {
         }
     }
 
-    /// Finds the in-flight delivery an ack id names: `UNKNOWN` for an id this subscription
-    /// never issued (malformed, another subscription's, a wrong check, or a delivery number not
-    /// yet reached), `STALE` for one it issued that is no longer in flight.
-    fn lookup(&self, ack_id: &str) -> Result<u64, AckResult> {
+    /// Finds the in-flight delivery an ack id names, for `consumer`: `UNKNOWN` for an id this
+    /// subscription never issued (malformed, another subscription's, a wrong check, or a
+    /// delivery number not yet reached) or issued to another consumer's stream (an ack id is
+    /// bound to the stream that received it), `STALE` for one no longer in flight.
+    fn lookup(&self, consumer: u64, ack_id: &str) -> Result<u64, AckResult> {
         let (subscription, seq, delivery) = parse_ack_id(ack_id).ok_or(AckResult::Unknown)?;
         if subscription != self.id.0 || delivery >= self.next_delivery {
             return Err(AckResult::Unknown);
         }
         match self.in_flight.get(&seq) {
-            Some(flight) if flight.delivery == delivery => Ok(seq),
+            Some(flight) if flight.delivery == delivery && flight.consumer == consumer => Ok(seq),
+            Some(flight) if flight.delivery == delivery => Err(AckResult::Unknown),
             _ => Err(AckResult::Stale),
         }
     }
