@@ -1035,20 +1035,26 @@ name = "audit"
     let steps: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(steps.as_array().unwrap().len(), 5);
 
-    // SIGHUP applies the safe part and refuses the rest, saying why.
+    // SIGHUP applies the safe part and refuses the rest, saying why; the log says when it
+    // is done.
     common::signal(daemon.pid(), "HUP");
-    let mut admin = daemon.admin().await;
+    let reloads = || {
+        let log = std::fs::read_to_string(&daemon.log).unwrap();
+        log.matches("configuration reloaded").count()
+    };
     let deadline = Instant::now() + common::PATIENCE;
+    while reloads() == 0 {
+        assert!(Instant::now() < deadline, "the reload did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut admin = daemon.admin().await;
     let request = || pb::GetChannelRequest {
         name: "payments".into(),
     };
-    while admin.get_channel(request()).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the reload did not create payments"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        admin.get_channel(request()).await.is_ok(),
+        "payments was created"
+    );
     let billing = daemon.subscription("orders", "billing").await;
     assert_eq!(billing.ack_deadline.unwrap().seconds, 10);
     let eu = daemon.subscription("orders", "eu").await;
