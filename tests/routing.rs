@@ -776,3 +776,72 @@ name = "check"
     assert!(check.take_for(Duration::from_millis(300)).await.is_empty());
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_wildcard_subscription_bounds_its_consumers_and_seeks_on_every_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+[limits]
+max_consumers_per_subscription = 2
+
+[[channels]]
+name = "orders.*"
+[[channels.subscriptions]]
+name = "audit"
+"#;
+    let daemon = Daemon::start_in(dir.path(), with_config(dir.path(), config)).await;
+    // Bounded even while no channel matches (no member counts them then).
+    let window = pb::FlowControl::default();
+    let first = Consumer::try_attach(&daemon, "orders.*", "audit", window).await;
+    let second = Consumer::try_attach(&daemon, "orders.*", "audit", window).await;
+    assert!(first.is_ok() && second.is_ok());
+    let third = Consumer::try_attach(&daemon, "orders.*", "audit", window).await;
+    let refused = third.err().expect("a third consumer is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // One that leaves makes room (again and again: those gone are not counted).
+    drop(first);
+    for _ in 0..5 {
+        let deadline = std::time::Instant::now() + common::PATIENCE;
+        let again = loop {
+            match Consumer::try_attach(&daemon, "orders.*", "audit", window).await {
+                Ok(consumer) => break consumer,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(status) => panic!("no room after a consumer left: {status:?}"),
+            }
+        };
+        drop(again);
+    }
+    drop(second);
+
+    // Seek moves it on every channel it reads.
+    let mut admin = daemon.admin().await;
+    for channel in ["orders.a", "orders.b"] {
+        let request = pb::CreateChannelRequest {
+            name: channel.into(),
+            ..Default::default()
+        };
+        admin.create_channel(request).await.unwrap();
+        publish_one(&daemon, channel, "x").await;
+        publish_one(&daemon, channel, "y").await;
+    }
+    assert_eq!(daemon.subscription("orders.*", "audit").await.unacked, 4);
+    let seek = pb::SeekRequest {
+        channel: "orders.*".into(),
+        subscription: "audit".into(),
+        to: Some(pb::Position {
+            at: Some(pb::position::At::Edge(pb::Edge::Latest as i32)),
+        }),
+    };
+    let moved = admin.seek(seek).await.unwrap().into_inner();
+    assert_eq!((moved.unacked, moved.backlog), (0, 0));
+    let mut consumer = Consumer::attach(&daemon, "orders.*", "audit", 10).await;
+    assert!(
+        consumer
+            .take_for(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    daemon.stop().await;
+}

@@ -623,14 +623,25 @@ impl Broker {
             })?;
         let shared = self.channel_shared(id, name.to_owned(), settings)?;
         // Before anything can be published to it: the wildcard subscriptions and derived
-        // channels that match it get its every message. The channel exists either way; a
-        // member that could not be made now is made at the next start.
+        // channels that match it get its every message.
         let members = match self.add_members(&shared).await {
             Ok(()) => self.add_derived_members(&shared).await,
             failed => failed,
         };
         if let Err(e) = members {
-            tracing::error!(channel = name, error = %e, "a pattern's member on a new channel could not be made: it is made at the next start");
+            // A channel some pattern does not read would lose it messages for good: it is
+            // not created (the client may try again). Only if even that cannot be undone does
+            // it stay, its missing members made at the next start.
+            match self.inner.store.delete_channel(id).await {
+                Ok(()) => {
+                    self.forget_channel(&shared).await;
+                    tracing::warn!(channel = name, error = %e, "channel not created: a pattern's member on it could not be made");
+                    return Err(e);
+                }
+                Err(undo) => {
+                    tracing::error!(channel = name, error = %e, undo = %undo, "a pattern's member on a new channel could not be made, nor the channel undone: the member is made at the next start");
+                }
+            }
         }
         self.publish_channel(&shared);
         tracing::info!(channel = name, ?settings, "channel created");
@@ -694,21 +705,24 @@ impl Broker {
                 )),
                 e => e.into(),
             })?;
+        self.forget_channel(&shared).await;
+        tracing::info!(channel = name, "channel deleted");
+        Ok(())
+    }
+
+    /// Forgets a channel the store deleted: its derived channels and pattern members stop,
+    /// and its subscriptions' consumers are disconnected.
+    async fn forget_channel(&self, shared: &ChannelShared) {
+        let name = shared.name.as_str();
         self.stop_derived_from(name);
         self.forget_members(name);
-        self.inner
-            .channels
-            .write()
-            .expect("channels lock")
-            .remove(name);
+        (self.inner.channels.write().expect("channels lock")).remove(name);
         let subscriptions =
             std::mem::take(&mut *shared.subscriptions.write().expect("subscriptions lock"));
         for handle in subscriptions.values() {
             let reason = CoreError::ChannelNotFound(name.to_owned());
             let _ = handle.commands.send(Command::Stop { reason }).await;
         }
-        tracing::info!(channel = name, "channel deleted");
-        Ok(())
     }
 
     /// Describes a channel and its subscriptions.

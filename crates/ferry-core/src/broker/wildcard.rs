@@ -474,6 +474,21 @@ impl Broker {
         let _admin = self.inner.admin.lock().await;
         self.check_open()?;
         let wildcard = self.wildcard(pattern, name)?;
+        // The same bound as a subscription of one channel, also while no channel matches
+        // (when no member would count the consumers).
+        let most = self.inner.consumer_limits.max_per_subscription as usize;
+        if wildcard.consumers().len() >= most {
+            tracing::warn!(
+                pattern,
+                subscription = name,
+                consumers = most,
+                "a consumer was refused: limits.max_consumers_per_subscription reached"
+            );
+            return Err(CoreError::TooManyConsumers {
+                subscription: member_name(pattern, name),
+                most,
+            });
+        }
         let (outbox, events) = outbox(self.inner.consumer_limits.queue_bytes, window);
         let joined = Arc::new(Joined {
             outbox,
