@@ -174,6 +174,18 @@ impl Client {
         )
     }
 
+    /// The broker's answer to the standard gRPC health check of the whole server: `SERVING`,
+    /// `NOT_SERVING` (its store failed, or it is shutting down), ... in gRPC's words.
+    pub async fn health(&self) -> Result<String> {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let mut client = HealthClient::new(self.connection.clone());
+        let answer = client.check(request).await?.into_inner();
+        Ok(answer.status().as_str_name().to_owned())
+    }
+
     fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.connection.clone()).max_decoding_message_size(MAX_RESPONSE)
     }

@@ -167,7 +167,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigArgs {
             action: Some(ConfigAction::Diff(args)),
         }) => args.run(),
-        Command::Health(args) => health(&args.server, &args.tls),
+        Command::Health(args) => health(args),
         Command::Publish(args) => args.run(),
         Command::Subscribe(args) => args.run(),
         Command::Channels(args) => args.run(),
@@ -213,61 +213,13 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 }
 
 /// `ferry health`: the standard gRPC health check of the whole server.
-fn health(server: &str, tls: &cli::TlsArgs) -> ExitCode {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("ferry: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+fn health(args: HealthArgs) -> ExitCode {
+    let common = cli::Common {
+        server: args.server,
+        json: false,
+        tls: args.tls,
     };
-    let asked = runtime.block_on(async {
-        let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
-            .map_err(|e| format!("{server} is not a URL ({e})"))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(5));
-        if let Some(tls) = tls.load().map_err(|e| e.to_string())? {
-            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-            let mut config =
-                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
-            if let Some((cert, key)) = tls.identity {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| format!("bad TLS settings: {e}"))?;
-        }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {server}: {e}"))?;
-        let answer = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map_err(|s| format!("{server} did not answer the health check: {}", s.message()))?;
-        Ok::<_, String>(answer.into_inner().status())
-    });
-    match asked {
-        Ok(ServingStatus::Serving) => {
-            println!("{server}: serving");
-            ExitCode::SUCCESS
-        }
-        Ok(status) => {
-            println!("{server}: {}", status.as_str_name().to_lowercase());
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("ferry: {e}");
-            ExitCode::from(cli::UNREACHABLE)
-        }
-    }
+    cli::health(&common)
 }
 
 /// `ferry check` and `ferry repair`.

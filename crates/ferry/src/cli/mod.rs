@@ -126,6 +126,30 @@ where
     }
 }
 
+/// `ferry health`: 0 while the broker serves, 1 when it answers that it does not, 3 when it
+/// cannot be asked (within 5 s).
+pub fn health(common: &Common) -> ExitCode {
+    let server = common.server.clone();
+    let mut answer = None;
+    let answered = &mut answer;
+    let code = run(common, |client| async move {
+        let asked = tokio::time::timeout(Duration::from_secs(5), client.health()).await;
+        *answered = Some(asked.map_err(|_| Error::Disconnected("no answer within 5 s".into()))??);
+        Ok(())
+    });
+    match answer.as_deref() {
+        Some("SERVING") => {
+            println!("{server}: serving");
+            code
+        }
+        Some(status) => {
+            println!("{server}: {}", status.to_lowercase());
+            ExitCode::from(REFUSED)
+        }
+        None => code,
+    }
+}
+
 /// The exit code for a failure.
 pub fn exit_code(error: &Error) -> ExitCode {
     match error {
