@@ -432,3 +432,56 @@ async fn a_full_check_on_start_finds_damage_before_anyone_reads() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn check_and_repair_keep_wildcard_subscriptions_and_derived_patterns() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    let mut admin = daemon.admin().await;
+    let create = |name: &str| ferry_proto::pb::CreateChannelRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    admin.create_channel(create("orders.a")).await.unwrap();
+    let wildcard = ferry_proto::pb::CreateSubscriptionRequest {
+        channel: "orders.*".into(),
+        name: "audit".into(),
+        ..Default::default()
+    };
+    admin.create_subscription(wildcard).await.unwrap();
+    let derived = ferry_proto::pb::DerivedChannel {
+        source: "orders.*".into(),
+        target: "all.orders".into(),
+        ..Default::default()
+    };
+    admin.create_derived(derived).await.unwrap();
+    let data = daemon.data_dir.clone();
+    daemon.stop().await;
+
+    // The catalog that holds them is part of the index: checked, and rebuilt by repair.
+    let (code, text) = ferry_tool("check", &data);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = ferry_tool("repair", &data);
+    assert_eq!(code, 0, "{text}");
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    let info = daemon.subscription("orders.*", "audit").await;
+    assert_eq!(info.channels, ["orders.a"]);
+    let mut admin = daemon.admin().await;
+    let listed = admin
+        .list_derived(ferry_proto::pb::ListDerivedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .derived;
+    let sources: Vec<_> = listed
+        .iter()
+        .map(|d| d.channel.clone().unwrap().source)
+        .collect();
+    assert_eq!(sources, ["orders.*"]);
+    // And both still read channels created after the repair.
+    admin.create_channel(create("orders.b")).await.unwrap();
+    daemon.publish("orders.b", [b"x".to_vec()]).await;
+    let info = daemon.subscription("orders.*", "audit").await;
+    assert_eq!((info.channels.len(), info.unacked), (2, 1));
+    daemon.stop().await;
+}
