@@ -273,7 +273,9 @@ impl Broker {
                 true => self.start_derived(&channel, sub, channels),
                 false => {
                     tracing::info!(channel = %channel.name, subscription = %sub.name, "deleting the member of a deleted derived channel");
-                    self.inner.store.delete_subscription(sub.id).await?;
+                    if let Err(e) = self.inner.store.delete_subscription(sub.id).await {
+                        tracing::error!(channel = %channel.name, subscription = %sub.name, error = %e, "cannot delete it now: at the next start");
+                    }
                 }
             }
         }

@@ -740,7 +740,11 @@ impl Broker {
             let wildcard = member_of(&sub.name).and_then(|(p, n)| self.wildcard(p, n).ok());
             let Some(wildcard) = wildcard else {
                 tracing::info!(channel = %channel.name, subscription = %sub.name, "deleting the member of a deleted wildcard subscription");
-                self.inner.store.delete_subscription(sub.id).await?;
+                // A store that refuses writes now (a full disk) must not keep the broker from
+                // starting: what is not completed here is completed at the next start.
+                if let Err(e) = self.inner.store.delete_subscription(sub.id).await {
+                    tracing::error!(channel = %channel.name, subscription = %sub.name, error = %e, "cannot delete it now: at the next start");
+                }
                 continue;
             };
             let settings = *wildcard.settings.lock().expect("settings lock");
@@ -751,8 +755,12 @@ impl Broker {
                 && let Ok(handle) =
                     channel.subscription(&member_name(wildcard.pattern.as_str(), &wildcard.name))
             {
-                self.inner.store.update_subscription(id, settings).await?;
-                self.reconfigure(&handle, settings).await?;
+                match self.inner.store.update_subscription(id, settings).await {
+                    Ok(()) => self.reconfigure(&handle, settings).await?,
+                    Err(e) => {
+                        tracing::error!(channel = %channel.name, pattern = %wildcard.pattern, error = %e, "cannot bring a member's settings in line now: at the next start");
+                    }
+                }
             }
         }
         for wildcard in self.wildcards() {
@@ -765,7 +773,9 @@ impl Broker {
                         0 => Position::Earliest,
                         ms => Position::Time(ms),
                     };
-                    self.add_member(&wildcard, &channel, start).await?;
+                    if let Err(e) = self.add_member(&wildcard, &channel, start).await {
+                        tracing::error!(channel = %channel.name, pattern = %wildcard.pattern, error = %e, "cannot create it now: at the next start");
+                    }
                 }
             }
         }
