@@ -174,27 +174,7 @@ async fn a_subscriber_reconnects_across_kill_9_and_loses_nothing() {
 
 /// Runs the `ferry` binary against `daemon`: its exit code, standard output and error.
 fn ferry(daemon: &Daemon, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env("FERRY_SERVER", &daemon.url)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::run_ferry(args, &[("FERRY_SERVER", &daemon.url)], stdin)
 }
 
 #[tokio::test]

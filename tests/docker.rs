@@ -195,11 +195,19 @@ async fn the_image_serves_keeps_its_data_stops_cleanly_and_composes() {
         compose: None,
     };
     let volume = format!("{name}:/var/lib/ferry");
+    // Secured from the environment alone: a principal with every right, by its token's hash.
+    let token = ferry_server::auth::token::generate().unwrap();
+    let secured = format!(
+        "FERRY_ADMIN_TOKEN_HASH={}",
+        ferry_server::auth::token::hash(&token)
+    );
     docker(&[
         "run",
         "-d",
         "--name",
         &name,
+        "-e",
+        &secured,
         "-p",
         "127.0.0.1::50051",
         "-v",
@@ -212,8 +220,14 @@ async fn the_image_serves_keeps_its_data_stops_cleanly_and_composes() {
     let url = format!("http://{address}");
     await_health(&url);
 
+    // Without the token nothing gets in (health stays open for probes, as above).
+    let stranger = Client::connect(url.clone()).await.unwrap();
+    let refused = stranger.channels().await.unwrap_err();
+    assert_eq!(refused.code(), Some(ferry_client::Code::Unauthenticated));
+
     // Publish and consume through the published port; one message stays unacked.
     let client = Client::connect(url.clone()).await.unwrap();
+    let client = client.with_token(&token).unwrap();
     client.create_channel("orders").await.unwrap();
     let options = SubscriptionOptions {
         start: Start::Earliest,
@@ -240,6 +254,7 @@ async fn the_image_serves_keeps_its_data_stops_cleanly_and_composes() {
     let url = format!("http://{}", published.lines().next().unwrap());
     await_health(&url);
     let client = Client::connect(url.clone()).await.unwrap();
+    let client = client.with_token(&token).unwrap();
     let mut deliveries = client.subscribe("orders", "billing");
     let again = tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await;
     let again = again.unwrap().unwrap().unwrap();

@@ -1038,15 +1038,7 @@ name = "audit"
     // SIGHUP applies the safe part and refuses the rest, saying why; the log says when it
     // is done.
     common::signal(daemon.pid(), "HUP");
-    let reloads = || {
-        let log = std::fs::read_to_string(&daemon.log).unwrap();
-        log.matches("configuration reloaded").count()
-    };
-    let deadline = Instant::now() + common::PATIENCE;
-    while reloads() == 0 {
-        assert!(Instant::now() < deadline, "the reload did not finish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon.wait_for_log("configuration reloaded", 1).await;
     let mut admin = daemon.admin().await;
     let request = || pb::GetChannelRequest {
         name: "payments".into(),
@@ -1068,12 +1060,10 @@ name = "audit"
     // A bad file is refused whole: the broker goes on as it was.
     std::fs::write(&file, "[[channels]]\nname = \"a b\"\n").unwrap();
     common::signal(daemon.pid(), "HUP");
+    daemon
+        .wait_for_log("reload refused: the file is bad", 1)
+        .await;
     let log_says = |what: &str| std::fs::read_to_string(&daemon.log).unwrap().contains(what);
-    let deadline = Instant::now() + common::PATIENCE;
-    while !log_says("reload refused: the file is bad") {
-        assert!(Instant::now() < deadline, "no refusal logged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert!(log_says("reload: refused") && log_says("cannot change"));
     assert!(daemon.admin().await.get_channel(request()).await.is_ok());
     daemon.stop().await;

@@ -8,40 +8,103 @@ use std::path::Path;
 use common::{Daemon, with_config};
 use ferry_client::{Client, Message, Tls};
 use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
 };
 
-/// PEM files: `ca.pem`, `server.pem` / `server.key`, `client.pem` / `client.key` in `dir`.
-fn make_certificates(dir: &Path) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    for (name, purpose) in [
-        ("server", ExtendedKeyUsagePurpose::ServerAuth),
-        ("client", ExtendedKeyUsagePurpose::ClientAuth),
-    ] {
+/// A certificate authority made for a test.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate and its key (PEM) for `common_name`, valid for `localhost` and
+    /// 127.0.0.1, for `purpose`; `expired` ones ended in 2020.
+    fn sign(
+        &self,
+        common_name: &str,
+        purpose: ExtendedKeyUsagePurpose,
+        expired: bool,
+    ) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         params
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![purpose];
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` in `dir`.
+    fn write(&self, dir: &Path, name: &str, purpose: ExtendedKeyUsagePurpose, expired: bool) {
+        let (cert, key) = self.sign(name, purpose, expired);
+        std::fs::write(dir.join(format!("{name}.pem")), cert).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
     }
 }
 
+/// PEM files: `ca.pem`, `server.pem` / `server.key`, `client.pem` / `client.key` in `dir`.
+fn make_certificates(dir: &Path) -> Ca {
+    let ca = Ca::new("test CA");
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    ca.write(dir, "server", ExtendedKeyUsagePurpose::ServerAuth, false);
+    ca.write(dir, "client", ExtendedKeyUsagePurpose::ClientAuth, false);
+    ca
+}
+
 fn tls(dir: &Path, with_identity: bool) -> Tls {
+    tls_as(dir, with_identity.then_some("client"))
+}
+
+/// Trusting `ca.pem`, presenting `NAME.pem` if a name is given.
+fn tls_as(dir: &Path, identity: Option<&str>) -> Tls {
     let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
     Tls {
         ca_pem: read("ca.pem"),
-        identity: with_identity.then(|| (read("client.pem"), read("client.key"))),
+        identity: identity.map(|name| (read(&format!("{name}.pem")), read(&format!("{name}.key")))),
         domain: None,
     }
+}
+
+/// `[server.tls]` on the files `make_certificates` wrote, with the client CA if `mutual`.
+fn tls_config(dir: &Path, mutual: bool) -> String {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut config = format!(
+        "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        path("server.pem"),
+        path("server.key")
+    );
+    if mutual {
+        config.push_str(&format!("client_ca_file = {:?}\n", path("ca.pem")));
+    }
+    config
+}
+
+/// Whether a client presenting `tls` gets to list channels.
+async fn lets_in(url: &str, tls: Tls) -> Result<(), ferry_client::Error> {
+    let client = Client::connect_tls(url.to_owned(), tls).await?;
+    client.channels().await.map(drop)
 }
 
 /// Runs the `ferry` binary: its exit code and standard output.
@@ -161,5 +224,126 @@ async fn an_ack_id_counts_only_on_the_stream_that_received_it() {
         [ferry_proto::pb::AckStatus::Unknown]
     );
     assert_eq!(first.ack(ids).await, [ferry_proto::pb::AckStatus::Ok]);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn handshakes_refuse_expired_and_foreign_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path();
+    let ca = make_certificates(certs);
+    ca.write(certs, "expired", ExtendedKeyUsagePurpose::ClientAuth, true);
+    let stranger = Ca::new("another CA");
+    stranger.write(certs, "foreign", ExtendedKeyUsagePurpose::ClientAuth, false);
+    let daemon = Daemon::start_in(certs, with_config(certs, &tls_config(certs, true))).await;
+    let url = daemon.url.replace("http://", "https://");
+
+    assert!(lets_in(&url, tls_as(certs, Some("client"))).await.is_ok());
+    for refused in ["expired", "foreign"] {
+        let outcome = lets_in(&url, tls_as(certs, Some(refused))).await;
+        assert!(
+            outcome.is_err(),
+            "a client certificate that is {refused} was let in"
+        );
+    }
+    // The client checks the broker too: one that trusts another CA will not talk to it.
+    std::fs::write(certs.join("other-ca.pem"), &stranger.pem).unwrap();
+    let distrusting = Tls {
+        ca_pem: stranger.pem.clone().into_bytes(),
+        ..tls_as(certs, Some("client"))
+    };
+    assert!(lets_in(&url, distrusting).await.is_err());
+    daemon.wait_for_log("TLS handshake failed", 2).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_names_its_principal() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path();
+    let ca = make_certificates(certs);
+    ca.write(certs, "billing", ExtendedKeyUsagePurpose::ClientAuth, false);
+    ca.write(certs, "nobody", ExtendedKeyUsagePurpose::ClientAuth, false);
+    let config = format!(
+        "{}\n[[principals]]\nname = \"billing\"\ncertificates = [\"billing\"]\n\
+         publish = [\"orders.>\"]\nadmin = [\"orders.>\"]\n\n\
+         [[principals]]\nname = \"ops\"\ncertificates = [\"client\"]\nadmin = [\">\"]\n",
+        tls_config(certs, true)
+    );
+    let daemon = Daemon::start_in(certs, with_config(certs, &config)).await;
+    let url = daemon.url.replace("http://", "https://");
+    let connect = |name: &'static str| {
+        let url = url.clone();
+        let tls = tls_as(certs, Some(name));
+        async move { Client::connect_tls(url, tls).await.unwrap() }
+    };
+
+    let billing = connect("billing").await;
+    billing.create_channel("orders.eu").await.unwrap();
+    billing
+        .publish("orders.eu", vec![Message::new("paid")])
+        .await
+        .unwrap();
+    let refused = billing.create_channel("payments").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ferry_client::Code::PermissionDenied));
+    assert!(
+        refused
+            .to_string()
+            .contains("principal \"billing\" lacks the admin right"),
+        "{refused}"
+    );
+    connect("client")
+        .await
+        .create_channel("payments")
+        .await
+        .unwrap();
+
+    // Signed by the right CA, but naming no principal.
+    let refused = connect("nobody").await.channels().await.unwrap_err();
+    assert_eq!(refused.code(), Some(ferry_client::Code::Unauthenticated));
+    assert!(
+        refused.to_string().contains("names no declared principal"),
+        "{refused}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn certificates_are_read_again_on_sighup_and_bad_ones_are_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path();
+    make_certificates(certs);
+    let daemon = Daemon::start_in(certs, with_config(certs, &tls_config(certs, false))).await;
+    let url = daemon.url.replace("http://", "https://");
+    let trusting = |ca: &str| Tls {
+        ca_pem: ca.as_bytes().to_vec(),
+        identity: None,
+        domain: None,
+    };
+    let first_ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let before = Client::connect_tls(url.clone(), trusting(&first_ca))
+        .await
+        .unwrap();
+    before.create_channel("orders").await.unwrap();
+
+    // Renewed by another CA: new connections get the new certificate, the open one goes on.
+    let renewed = Ca::new("renewed CA");
+    renewed.write(certs, "server", ExtendedKeyUsagePurpose::ServerAuth, false);
+    common::signal(daemon.pid(), "HUP");
+    daemon.wait_for_log("configuration reloaded", 1).await;
+    assert!(lets_in(&url, trusting(&renewed.pem)).await.is_ok());
+    assert!(lets_in(&url, trusting(&first_ca)).await.is_err());
+    assert!(
+        before.channels().await.is_ok(),
+        "the open connection was kept"
+    );
+
+    // A bad key: the reload is refused and the renewed certificate stays in use.
+    std::fs::write(certs.join("server.key"), "not a key").unwrap();
+    common::signal(daemon.pid(), "HUP");
+    daemon.wait_for_log("reload refused", 1).await;
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("no usable PEM private key"), "{log}");
+    assert!(lets_in(&url, trusting(&renewed.pem)).await.is_ok());
     daemon.stop().await;
 }

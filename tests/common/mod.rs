@@ -155,6 +155,22 @@ impl Daemon {
             .expect("ferry dies after SIGKILL");
     }
 
+    /// Waits until the daemon's log holds `needle` at least `count` times.
+    pub async fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.matches(needle).count() >= count {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log never said {needle:?} {count} time(s):\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A connected channel.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url.clone())
@@ -247,6 +263,35 @@ impl Daemon {
 }
 
 /// Writes `toml` as `dir/ferry.toml`; returns options that start a daemon on it.
+/// Runs the `ferry` binary as a command-line client: `stdin` written to it, `env` set (and
+/// FERRY_TOKEN only if given there); its exit code, standard output and standard error.
+pub fn run_ferry(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> (Option<i32>, String, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env_remove("FERRY_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    let output = child.wait_with_output().unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
 pub fn with_config(dir: &Path, toml: &str) -> Options {
     let config = dir.join("ferry.toml");
     std::fs::write(&config, toml).expect("write the config");

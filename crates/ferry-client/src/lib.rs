@@ -38,6 +38,8 @@ use std::time::Duration;
 
 use ferry_proto::pb::admin_client::AdminClient;
 use ferry_proto::pb::publisher_client::PublisherClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub use admin::{
@@ -67,11 +69,32 @@ pub struct Tls {
     pub domain: Option<String>,
 }
 
+/// The connection every call goes through, carrying the client's credentials.
+pub(crate) type Connection = InterceptedService<Channel, Credentials>;
+
+/// What every call presents: a bearer token, when the client has one.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> tonic::Result<tonic::Request<()>> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A connection to a broker; cheap to clone (clones share it). When the connection is lost,
 /// the next call connects again.
 #[derive(Clone)]
 pub struct Client {
-    connection: Channel,
+    channel: Channel,
+    credentials: Credentials,
     address: String,
 }
 
@@ -119,9 +142,24 @@ impl Client {
             reason: source_chain(&e),
         })?;
         Ok(Client {
-            connection,
+            channel: connection,
+            credentials: Credentials::default(),
             address,
         })
+    }
+
+    /// The same connection, presenting `token` as its bearer token on every call (for a
+    /// broker that declares principals); its clones present it too.
+    pub fn with_token(mut self, token: &str) -> Result<Client> {
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            Error::Invalid("a token must be printable ASCII without line breaks".to_owned())
+        })?;
+        self.credentials.authorization = Some(value);
+        Ok(self)
+    }
+
+    fn connection(&self) -> Connection {
+        InterceptedService::new(self.channel.clone(), self.credentials.clone())
     }
 
     /// The address it connects to.
@@ -136,7 +174,7 @@ impl Client {
 
     /// A publisher of `channel` that batches and pipelines as `options` say.
     pub fn publisher_with(&self, channel: &str, options: PublisherOptions) -> Publisher {
-        Publisher::new(self.connection.clone(), channel.to_owned(), options)
+        Publisher::new(self.connection(), channel.to_owned(), options)
     }
 
     /// Publishes one batch (all or nothing) and waits until it is durable; returns each
@@ -147,7 +185,7 @@ impl Client {
             messages: messages.into_iter().map(Message::into_proto).collect(),
         };
         let mut client =
-            PublisherClient::new(self.connection.clone()).max_decoding_message_size(MAX_RESPONSE);
+            PublisherClient::new(self.connection()).max_decoding_message_size(MAX_RESPONSE);
         let response = client.publish(request).await?.into_inner();
         Ok(Published::of(response))
     }
@@ -167,7 +205,7 @@ impl Client {
         options: SubscribeOptions,
     ) -> Subscription {
         Subscription::start(
-            self.connection.clone(),
+            self.connection(),
             channel.to_owned(),
             subscription.to_owned(),
             options,
@@ -181,13 +219,13 @@ impl Client {
         let request = HealthCheckRequest {
             service: String::new(),
         };
-        let mut client = HealthClient::new(self.connection.clone());
+        let mut client = HealthClient::new(self.connection());
         let answer = client.check(request).await?.into_inner();
         Ok(answer.status().as_str_name().to_owned())
     }
 
-    fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.connection.clone()).max_decoding_message_size(MAX_RESPONSE)
+    fn admin(&self) -> AdminClient<Connection> {
+        AdminClient::new(self.connection()).max_decoding_message_size(MAX_RESPONSE)
     }
 }
 

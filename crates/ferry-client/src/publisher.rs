@@ -14,10 +14,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::Connection;
 use ferry_proto::pb;
 use ferry_proto::pb::publisher_client::PublisherClient;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::message::{Message, Published};
@@ -74,7 +74,7 @@ impl Future for Confirmation {
 }
 
 impl Publisher {
-    pub(crate) fn new(connection: Channel, channel: String, options: PublisherOptions) -> Self {
+    pub(crate) fn new(connection: Connection, channel: String, options: PublisherOptions) -> Self {
         let (queue, queued) = mpsc::channel(options.queue.max(1));
         let task = Task {
             client: PublisherClient::new(connection).max_decoding_message_size(crate::MAX_RESPONSE),
@@ -107,7 +107,7 @@ impl Publisher {
 
 /// The task that owns the stream.
 struct Task {
-    client: PublisherClient<Channel>,
+    client: PublisherClient<Connection>,
     channel: String,
     options: PublisherOptions,
     queued: mpsc::Receiver<Queued>,

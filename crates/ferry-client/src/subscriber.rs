@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::Connection;
 use ferry_proto::pb;
 use ferry_proto::pb::subscribe_request::Request as Req;
 use ferry_proto::pb::subscribe_response::Response as Resp;
@@ -23,7 +24,6 @@ use ferry_proto::pb::subscriber_client::SubscriberClient;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::Stream;
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::message::Received;
@@ -76,7 +76,7 @@ pub struct Subscription {
 
 impl Subscription {
     pub(crate) fn start(
-        connection: Channel,
+        connection: Connection,
         channel: String,
         subscription: String,
         options: SubscribeOptions,
@@ -328,7 +328,7 @@ impl Inbox {
 
 /// The task that owns the call.
 struct Task {
-    client: SubscriberClient<Channel>,
+    client: SubscriberClient<Connection>,
     channel: String,
     subscription: String,
     options: SubscribeOptions,

@@ -110,6 +110,25 @@ impl Pattern {
         overlap(&self.words, &other.words)
     }
 
+    /// Whether every channel `other` matches is one this pattern matches too: a permission
+    /// granted on `orders.>` covers a wildcard subscription on `orders.*`, not the reverse.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        fn cover(outer: &[Word], inner: &[Word]) -> bool {
+            match (outer.split_first(), inner.split_first()) {
+                (None, None) => true,
+                (None, Some(_)) | (Some(_), None) => false,
+                // `>` takes whatever is left, and what is left of `inner` is one or more words.
+                (Some((Word::Rest, _)), Some(_)) => true,
+                // Only `>` covers `>`: the rest may be any number of words.
+                (Some(_), Some((Word::Rest, _))) => false,
+                (Some((Word::Exact(x), _)), Some((Word::Exact(y), _))) if x != y => false,
+                (Some((Word::Exact(_), _)), Some((Word::One, _))) => false,
+                (Some((_, outer)), Some((_, inner))) => cover(outer, inner),
+            }
+        }
+        cover(&self.words, &other.words)
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -166,6 +185,35 @@ mod tests {
             ("a.*.c", "a.*.d"),
         ] {
             assert!(!p(a).overlaps(&p(b)) && !p(b).overlaps(&p(a)), "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn a_pattern_covers_the_patterns_it_contains() {
+        let p = |text| Pattern::parse(text).unwrap();
+        for (outer, inner) in [
+            (">", "orders.*"),
+            (">", ">"),
+            ("orders.>", "orders.*"),
+            ("orders.>", "orders.*.>"),
+            ("orders.*", "orders.*"),
+            ("*.*", "orders.*"),
+            ("*.>", "a.b.*"),
+        ] {
+            assert!(p(outer).covers(&p(inner)), "{outer} covers {inner}");
+        }
+        for (outer, inner) in [
+            ("orders.*", "orders.>"),
+            ("orders.*", ">"),
+            ("orders.*.x", "orders.*.*"),
+            ("orders.*", "*.created"),
+            ("orders.>", "*.x"),
+            ("a.*", "a.*.b"),
+        ] {
+            assert!(
+                !p(outer).covers(&p(inner)),
+                "{outer} does not cover {inner}"
+            );
         }
     }
 

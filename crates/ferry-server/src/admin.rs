@@ -5,6 +5,7 @@ use ferry_core::broker::RedriveSelection;
 use ferry_proto::pb::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, Resource, Right};
 use crate::convert;
 use crate::status::to_status;
 
@@ -29,6 +30,7 @@ type Answer<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    /// Broker-wide figures name no channel: every authenticated caller may read them.
     async fn get_broker(&self, _: Request<pb::GetBrokerRequest>) -> Answer<pb::BrokerInfo> {
         let counters = self.broker.store_counters();
         let space = self.broker.space();
@@ -52,7 +54,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, Resource::Channel(&request.name))?;
         let settings = convert::channel_settings(&request)?;
         let info = self
             .broker
@@ -66,7 +70,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, Resource::Channel(&request.name))?;
         let settings = convert::channel_settings(&request)?;
         let info = self
             .broker
@@ -80,23 +86,24 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
-        let info = self
-            .broker
-            .channel_info(&request.into_inner().name)
-            .await
-            .map_err(to_status)?;
+        let caller = Caller::of(&request)?;
+        let name = request.into_inner().name;
+        caller.require_visible(&name)?;
+        let info = self.broker.channel_info(&name).await.map_err(to_status)?;
         Ok(Response::new(convert::channel_info(info)))
     }
 
     async fn list_channels(
         &self,
-        _: Request<pb::ListChannelsRequest>,
+        request: Request<pb::ListChannelsRequest>,
     ) -> Answer<pb::ListChannelsResponse> {
+        let caller = Caller::of(&request)?;
         let channels = self
             .broker
             .list_channels()
             .await
             .into_iter()
+            .filter(|channel| caller.may_see_channel(&channel.name))
             .map(convert::channel_info)
             .collect();
         Ok(Response::new(pb::ListChannelsResponse { channels }))
@@ -106,10 +113,10 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteChannelRequest>,
     ) -> Answer<pb::DeleteChannelResponse> {
-        self.broker
-            .delete_channel(&request.into_inner().name)
-            .await
-            .map_err(to_status)?;
+        let caller = Caller::of(&request)?;
+        let name = request.into_inner().name;
+        caller.require(Right::Admin, Resource::Channel(&name))?;
+        self.broker.delete_channel(&name).await.map_err(to_status)?;
         Ok(Response::new(pb::DeleteChannelResponse {}))
     }
 
@@ -117,7 +124,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
         let settings = convert::subscription_settings(&request)?;
         let start = convert::position(request.start)?;
         let stats = self
@@ -135,7 +144,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
         let settings = convert::subscription_settings(&request)?;
         self.broker
             .update_subscription(&request.channel, &request.name, settings)
@@ -153,7 +164,9 @@ impl Admin for AdminService {
     }
 
     async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Answer<pb::RedriveResponse> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, Resource::Channel(&request.channel))?;
         let selection = RedriveSelection {
             first_sequence: request.first_sequence,
             last_sequence: request.last_sequence,
@@ -176,7 +189,10 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DerivedChannel>,
     ) -> Answer<pb::DerivedInfo> {
+        let caller = Caller::of(&request)?;
         let spec = convert::derived_spec(request.into_inner());
+        caller.require(Right::Admin, Resource::Channel(&spec.source))?;
+        caller.require(Right::Admin, Resource::Channel(&spec.target))?;
         let info = self.broker.create_derived(spec).await.map_err(to_status)?;
         Ok(Response::new(convert::derived_info(info)))
     }
@@ -185,7 +201,10 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteDerivedRequest>,
     ) -> Answer<pb::DeleteDerivedResponse> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, Resource::Channel(&request.source))?;
+        caller.require(Right::Admin, Resource::Channel(&request.target))?;
         self.broker
             .delete_derived(&request.source, &request.target)
             .await
@@ -195,16 +214,28 @@ impl Admin for AdminService {
 
     async fn list_derived(
         &self,
-        _request: Request<pb::ListDerivedRequest>,
+        request: Request<pb::ListDerivedRequest>,
     ) -> Answer<pb::ListDerivedResponse> {
-        let derived = self.broker.list_derived();
-        Ok(Response::new(pb::ListDerivedResponse {
-            derived: derived.into_iter().map(convert::derived_info).collect(),
-        }))
+        let caller = Caller::of(&request)?;
+        let derived = self
+            .broker
+            .list_derived()
+            .into_iter()
+            .filter(|d| {
+                caller.may_see_channel(&d.spec.source) || caller.may_see_channel(&d.spec.target)
+            })
+            .map(convert::derived_info)
+            .collect();
+        Ok(Response::new(pb::ListDerivedResponse { derived }))
     }
 
     async fn seek(&self, request: Request<pb::SeekRequest>) -> Answer<pb::SubscriptionInfo> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(
+            Right::Admin,
+            subscription(&request.channel, &request.subscription),
+        )?;
         let to = convert::position(request.to)?;
         let stats = self
             .broker
@@ -221,7 +252,12 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require_any(
+            &[Right::Subscribe, Right::Admin],
+            subscription(&request.channel, &request.name),
+        )?;
         let stats = self
             .broker
             .subscription_info(&request.channel, &request.name)
@@ -237,7 +273,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Answer<pb::ListSubscriptionsResponse> {
+        let caller = Caller::of(&request)?;
         let channel = request.into_inner().channel;
+        caller.require_visible(&channel)?;
         let subscriptions = self
             .broker
             .list_subscriptions(&channel)
@@ -245,6 +283,7 @@ impl Admin for AdminService {
             .map_err(to_status)?;
         let subscriptions = subscriptions
             .into_iter()
+            .filter(|s| caller.may_read_subscription(&channel, &s.name))
             .map(|s| convert::subscription_info(&channel, s))
             .collect();
         Ok(Response::new(pb::ListSubscriptionsResponse {
@@ -256,6 +295,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DiffConfigRequest>,
     ) -> Answer<pb::DiffConfigResponse> {
+        // A plan reads the state of everything the file could declare.
+        Caller::of(&request)?.require(Right::Admin, Resource::Everything)?;
         let request = request.into_inner();
         let source = match request.source_name.as_str() {
             "" => "the configuration",
@@ -276,11 +317,17 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteSubscriptionRequest>,
     ) -> Answer<pb::DeleteSubscriptionResponse> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
         self.broker
             .delete_subscription(&request.channel, &request.name)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
+}
+
+fn subscription<'a>(channel: &'a str, name: &'a str) -> Resource<'a> {
+    Resource::Subscription { channel, name }
 }

@@ -50,6 +50,14 @@ pub struct Config {
     pub derived: Vec<DerivedConfig>,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[auth]`: what is served without credentials once principals are declared.
+    pub auth: AuthConfig,
+    /// `[[principals]]`: who may call, how each proves it, and what each may do.
+    pub principals: Vec<PrincipalConfig>,
+    /// The principal `admin` that FERRY_ADMIN_TOKEN_HASH declares beside the file's (kept
+    /// across reloads, which read only the file).
+    #[serde(skip)]
+    pub admin_from_environment: Option<PrincipalConfig>,
     /// The file it was read from (None: the built-in default), read again on SIGHUP.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -61,6 +69,49 @@ pub struct Config {
 pub struct MetricsConfig {
     /// Where `GET /metrics` is served (absent: nowhere).
     pub listen: Option<SocketAddr>,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The standard health service answers callers without credentials (for probes).
+    pub open_health: bool,
+    /// The reflection service (the API's schema) answers callers without credentials.
+    pub open_reflection: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            open_health: true,
+            open_reflection: true,
+        }
+    }
+}
+
+/// `[[principals]]`: one identity that may call the broker, and its rights.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    /// Its name, in logs and refusals.
+    pub name: String,
+    /// SHA-256 hashes of its bearer tokens (`ferry token hash`), several to rotate them.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// Client certificate names (subject common name, or a DNS, URI or email SAN) that
+    /// authenticate as it under mutual TLS.
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    /// Channels (names or patterns) it may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Channels, or `CHANNEL/SUBSCRIPTION`, whose subscriptions it may consume and read.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Channels, or `CHANNEL/SUBSCRIPTION`, it may create, change and delete.
+    #[serde(default)]
+    pub admin: Vec<String>,
 }
 
 /// `[[derived]]`: a channel derived from another (see `Admin.CreateDerived`).
@@ -114,6 +165,7 @@ impl DerivedConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Where the gRPC server listens.
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Where the store keeps its files.
     pub data_dir: PathBuf,
@@ -413,7 +465,7 @@ impl Default for LimitsConfig {
 
 impl Config {
     /// Refuses to serve where strangers could reach an unauthenticated broker: an address
-    /// other than loopback needs `allow_unauthenticated = true` (until principals exist).
+    /// other than loopback needs principals, mutual TLS or `allow_unauthenticated = true`.
     pub fn check_exposure(&self) -> Result<(), String> {
         if let Some(metrics) = self.metrics.listen
             && !metrics.ip().is_loopback()
@@ -426,18 +478,46 @@ impl Config {
             ));
         }
         let listen = self.server.listen;
-        // Mutual TLS authenticates every client.
-        let authenticated = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
+        // Declared principals, or mutual TLS, authenticate every client.
+        let mutual_tls = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
+        let authenticated = mutual_tls || !self.all_principals().is_empty();
         if listen.ip().is_loopback() || self.server.allow_unauthenticated || authenticated {
             return Ok(());
         }
         Err(format!(
             "[server] listen = \"{listen}\" is not a loopback address, and nothing authenticates \
              clients: anyone who can reach it could publish, read and delete. Listen on \
-             127.0.0.1 or [::1], require client certificates ([server.tls] client_ca_file), \
-             or set allow_unauthenticated = true under [server] to accept that (for instance \
-             on a private network, or in a container behind one)"
+             127.0.0.1 or [::1], declare [[principals]] (tokens or client certificates), \
+             require client certificates ([server.tls] client_ca_file), or set \
+             allow_unauthenticated = true under [server] to accept that (for instance on a \
+             private network, or in a container behind one)"
         ))
+    }
+
+    /// Declares the principal `admin`, with every right on every channel, authenticated by
+    /// the token whose hash (`ferry token hash`) is given: how a container is secured from its
+    /// environment alone.
+    pub fn add_admin_token(&mut self, hash: &str) -> Result<(), String> {
+        crate::auth::token::parse_hash(hash).map_err(|e| format!("FERRY_ADMIN_TOKEN_HASH: {e}"))?;
+        let every = vec![">".to_owned()];
+        self.admin_from_environment = Some(PrincipalConfig {
+            name: "admin".to_owned(),
+            tokens: vec![hash.to_owned()],
+            certificates: Vec::new(),
+            publish: every.clone(),
+            subscribe: every.clone(),
+            admin: every,
+        });
+        crate::auth::Access::of(self)
+            .map(drop)
+            .map_err(|e| format!("FERRY_ADMIN_TOKEN_HASH declares principal \"admin\": {e}"))
+    }
+
+    /// Every declared principal: the file's, then the environment's.
+    pub fn all_principals(&self) -> Vec<PrincipalConfig> {
+        let mut all = self.principals.clone();
+        all.extend(self.admin_from_environment.clone());
+        all
     }
 
     /// Loads and checks a file.
@@ -566,6 +646,7 @@ impl Config {
                 "limits.consumer_stall_timeout is {stall:?}; it must be from 100ms to 1h"
             ));
         }
+        crate::auth::Access::of(self)?;
         let mut channels = HashSet::new();
         for (i, channel) in self.channels.iter().enumerate() {
             let key = format!("channels[{i}]");
@@ -786,6 +867,28 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A listening address: an IP address and port, or `localhost:PORT` (which is 127.0.0.1, the
+/// loopback address every system has, rather than whatever a resolver says).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?}: the port must be a number from 0 to 65535"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an address to listen on: write IP:PORT (\"127.0.0.1:50051\", \
+             \"[::1]:50051\", \"0.0.0.0:50051\") or localhost:PORT"
+        )
+    })
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
 /// A duration as people write it (humantime's forms: "30s", "250ms", "5m", "1h 30m", "7d").
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| {
@@ -824,6 +927,10 @@ impl fmt::Display for FsyncSetting {
 mod tests {
     use super::*;
 
+    fn config(toml: &str) -> Config {
+        Config::parse(toml, "t.toml").unwrap()
+    }
+
     #[test]
     fn the_shipped_default_file_is_the_default() {
         assert_eq!(Config::builtin(), Config::default());
@@ -858,7 +965,6 @@ mod tests {
 
     #[test]
     fn only_loopback_is_served_without_allow_unauthenticated() {
-        let config = |toml: &str| Config::parse(toml, "t.toml").unwrap();
         assert!(Config::builtin().check_exposure().is_ok());
         let v6 = config("[server]\nlisten = \"[::1]:50051\"\n");
         assert!(v6.check_exposure().is_ok());
@@ -876,6 +982,46 @@ mod tests {
             docker.check_exposure().is_ok(),
             "the image's config says so"
         );
+    }
+
+    #[test]
+    fn localhost_is_loopback() {
+        let local = config("[server]\nlisten = \"localhost:7000\"\n");
+        assert_eq!(local.server.listen, "127.0.0.1:7000".parse().unwrap());
+        assert!(local.check_exposure().is_ok());
+        let bad = Config::parse("[server]\nlisten = \"somewhere\"\n", "f").unwrap_err();
+        assert!(bad.to_string().contains("IP:PORT"), "{bad}");
+    }
+
+    #[test]
+    fn principals_authenticate_clients_beyond_loopback() {
+        let exposed = "[server]\nlisten = \"0.0.0.0:50051\"\n";
+        assert!(config(exposed).check_exposure().is_err());
+        let hash = crate::auth::token::hash("a token long enough to be used");
+        let with = format!("{exposed}[[principals]]\nname = \"app\"\ntokens = [\"{hash}\"]\n");
+        assert!(config(&with).check_exposure().is_ok());
+        let mut from_environment = config(exposed);
+        from_environment.add_admin_token(&hash).unwrap();
+        assert!(from_environment.check_exposure().is_ok());
+        let mut twice = config(&with.replace("\"app\"", "\"admin\""));
+        let clash = twice.add_admin_token(&hash).unwrap_err();
+        assert!(clash.contains("FERRY_ADMIN_TOKEN_HASH"), "{clash}");
+        for (bad, why) in [
+            ("tokens = [\"hunter2\"]", "ferry token hash"),
+            ("tokens = []", "no way to authenticate"),
+            (
+                "certificates = [\"x\"]\npublish = [\"orders.*/billing\"]",
+                "names subscriptions",
+            ),
+            (
+                "certificates = [\"x\"]\nadmin = [\"orders.>.x\"]",
+                "principals[0].admin[0]",
+            ),
+        ] {
+            let text = format!("[[principals]]\nname = \"app\"\n{bad}\n");
+            let message = Config::parse(&text, "f").unwrap_err().to_string();
+            assert!(message.contains(why), "{bad}: {message}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod activity;
 pub mod admin;
+pub mod auth;
 pub mod config;
 mod connections;
 mod convert;
@@ -27,10 +28,17 @@ use ferry_proto::pb::{
     admin_server::AdminServer, publisher_server::PublisherServer,
     subscriber_server::SubscriberServer,
 };
+use std::pin::Pin;
+use std::sync::Arc;
+
+use auth::Guarded;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
+use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
 
 pub use config::{Config, ConfigError};
 
@@ -79,6 +87,94 @@ pub enum ServeError {
     /// The TLS certificate, key or client CA could not be read.
     #[error("{0}")]
     Tls(String),
+    /// The principals could not be read.
+    #[error("{0}")]
+    Auth(String),
+}
+
+/// The server's routes, behind its one layer.
+type Routes = Router<tower_layer::Stack<status::TransportStatusLayer, tower_layer::Identity>>;
+
+/// What the gRPC services are built over.
+struct Services<'a> {
+    broker: &'a Broker,
+    stop: &'a CancellationToken,
+    activity: &'a Arc<activity::Activity>,
+    gate: &'a auth::Gate,
+}
+
+impl Services<'_> {
+    /// Every service, each behind its authenticator, with the server's limits.
+    fn router(
+        &self,
+        config: &Config,
+        health: HealthServer<impl Health>,
+    ) -> Result<Routes, ServeError> {
+        let guard = |guarded| auth::Authenticator::new(self.gate.clone(), guarded);
+        // Generic tools (grpcurl, grpcui, Postman) speak either version of the reflection
+        // protocol.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let limits = config.broker_options().limits;
+        // Room for a whole batch with its framing (a message's protobuf framing, attributes
+        // above all, can be as large as its counted size); the broker's own check names the
+        // real limit.
+        let max_request = limits.max_batch_bytes * 2 + (1 << 20);
+        let publisher = PublisherServer::new(publisher::PublisherService::new(
+            self.broker.clone(),
+            self.stop.clone(),
+            max_request,
+            self.activity.clone(),
+        ))
+        .max_decoding_message_size(max_request);
+        let subscriber = SubscriberServer::new(subscriber::SubscriberService::new(
+            self.broker.clone(),
+            max_request,
+            self.activity.clone(),
+        ))
+        .max_decoding_message_size(max_request);
+        let admin = AdminServer::new(admin::AdminService::new(self.broker.clone()))
+            .max_decoding_message_size(max_request);
+        Ok(Server::builder()
+            .max_concurrent_streams(config.limits.max_streams_per_connection)
+            .http2_max_header_list_size(config.limits.max_header_bytes.0 as u32)
+            .layer(status::TransportStatusLayer { max_request })
+            .add_service(InterceptedService::new(health, guard(Guarded::Health)))
+            .add_service(InterceptedService::new(
+                reflection_v1,
+                guard(Guarded::Reflection),
+            ))
+            .add_service(InterceptedService::new(
+                reflection_v1alpha,
+                guard(Guarded::Reflection),
+            ))
+            .add_service(InterceptedService::new(publisher, guard(Guarded::Ferry)))
+            .add_service(InterceptedService::new(subscriber, guard(Guarded::Ferry)))
+            .add_service(InterceptedService::new(admin, guard(Guarded::Ferry))))
+    }
+}
+
+/// Tokens sent in plaintext beyond loopback can be read off the network: allowed (the network
+/// may be trusted), but said.
+fn warn_of_clear_tokens(config: &Config, gate: &auth::Gate) {
+    if gate.current().has_tokens()
+        && config.server.tls.is_none()
+        && !config.server.listen.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %config.server.listen,
+            "bearer tokens travel unencrypted: serve TLS ([server.tls]) so that they cannot be read off the network"
+        );
+    }
 }
 
 /// Runs the daemon on an already bound listener until `shutdown` resolves, then stops
@@ -92,6 +188,13 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
+    // Both are read before the store opens: a bad file must not leave a half-started broker.
+    let tls = (config.server.tls.as_ref())
+        .map(tls::Tls::load)
+        .transpose()
+        .map_err(ServeError::Tls)?;
+    let gate = auth::Gate::new(auth::Access::of(&config).map_err(ServeError::Auth)?);
+    warn_of_clear_tokens(&config, &gate);
     let broker = Broker::open(&config.server.data_dir, config.broker_options()).await?;
     if let Err(e) = broker.declare(&config.declarations()).await {
         let _ = broker.shutdown().await;
@@ -106,68 +209,33 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;
-    // Generic tools (grpcurl, grpcui, Postman) speak either version of the reflection protocol.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-
     let stop = CancellationToken::new();
-    let limits = config.broker_options().limits;
-    // Room for a whole batch with its framing (a message's protobuf framing, attributes above
-    // all, can be as large as its counted size); the broker's own check names the real limit.
-    let max_request = limits.max_batch_bytes * 2 + (1 << 20);
+    let activity = std::sync::Arc::new(activity::Activity::default());
+    let services = Services {
+        broker: &broker,
+        stop: &stop,
+        activity: &activity,
+        gate: &gate,
+    };
+    let router = match services.router(&config, health_service) {
+        Ok(router) => router,
+        Err(e) => {
+            let _ = broker.shutdown().await;
+            return Err(e);
+        }
+    };
     // Small frames (acks, single-message publishes) must not wait for Nagle's algorithm; the
     // builder's own nodelay setting does not reach an incoming stream we hand it.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let activity = std::sync::Arc::new(activity::Activity::default());
     let incoming = connections::limit(incoming, config.limits.max_connections, activity.clone());
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.server.tls {
-        builder = match tls::server_config(tls) {
-            Ok(tls) => builder.tls_config(tls)?,
-            Err(e) => {
-                let _ = broker.shutdown().await;
-                return Err(e);
+    let until_stopped = stop.clone().cancelled_owned();
+    let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls.clone() {
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming, until_stopped)),
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(tls.accept(incoming), until_stopped))
             }
         };
-    }
-    let server = builder
-        .max_concurrent_streams(config.limits.max_streams_per_connection)
-        .http2_max_header_list_size(config.limits.max_header_bytes.0 as u32)
-        .layer(status::TransportStatusLayer { max_request })
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            PublisherServer::new(publisher::PublisherService::new(
-                broker.clone(),
-                stop.clone(),
-                max_request,
-                activity.clone(),
-            ))
-            .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            SubscriberServer::new(subscriber::SubscriberService::new(
-                broker.clone(),
-                max_request,
-                activity.clone(),
-            ))
-            .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            AdminServer::new(admin::AdminService::new(broker.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
 
     if let Some(address) = config.metrics.listen {
         let listener = TcpListener::bind(address).await.map_err(|e| {
@@ -191,7 +259,12 @@ pub async fn serve(
     #[cfg(unix)]
     {
         let source = config.source.clone();
-        let hangup = reload::on_hangup(source, config.clone(), broker.clone(), stop.clone())?;
+        let live = reload::Live {
+            broker: broker.clone(),
+            gate: gate.clone(),
+            tls,
+        };
+        let hangup = reload::on_hangup(source, config.clone(), live, stop.clone())?;
         tokio::spawn(hangup);
     }
     ready(address);

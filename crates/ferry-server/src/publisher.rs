@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, Open};
+use crate::auth::{Caller, Resource, Right};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -49,8 +50,10 @@ impl PublisherService {
 
 async fn submit(
     broker: &Broker,
+    caller: &Caller,
     request: pb::PublishRequest,
 ) -> Result<PublishConfirmation, Status> {
+    caller.require(Right::Publish, Resource::Channel(&request.channel))?;
     let messages = request
         .messages
         .into_iter()
@@ -68,7 +71,8 @@ impl Publisher for PublisherService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let confirmation = submit(&self.broker, request.into_inner()).await?;
+        let caller = Caller::of(&request)?;
+        let confirmation = submit(&self.broker, &caller, request.into_inner()).await?;
         let appended = confirmation.confirmed().await.map_err(to_status)?;
         Ok(Response::new(convert::published(&appended)))
     }
@@ -80,6 +84,7 @@ impl Publisher for PublisherService {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let caller = Caller::of(&request)?;
         let mut inbound = request.into_inner();
         let (pipeline, mut queued) =
             mpsc::channel::<Result<PublishConfirmation, Status>>(PIPELINE_DEPTH);
@@ -99,7 +104,7 @@ impl Publisher for PublisherService {
                     request = inbound.message() => request,
                 };
                 let item = match request {
-                    Ok(Some(request)) => submit(&broker, request).await,
+                    Ok(Some(request)) => submit(&broker, &caller, request).await,
                     Ok(None) => return,
                     // A request that cannot be decoded ends the stream with its status, after
                     // the batches before it are confirmed (if the client is gone instead, no

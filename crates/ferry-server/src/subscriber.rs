@@ -18,6 +18,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, Held, Open};
+use crate::auth::{Caller, Resource, Right};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -49,6 +50,7 @@ impl Subscriber for SubscriberService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = Caller::of(&request)?;
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -69,6 +71,14 @@ impl Subscriber for SubscriberService {
                 ));
             }
         };
+        // Acks, nacks and extensions travel on this stream, so its check covers them too.
+        caller.require(
+            Right::Subscribe,
+            Resource::Subscription {
+                channel: &attach.channel,
+                name: &attach.subscription,
+            },
+        )?;
         let window = convert::window(attach.window);
         let (consumer, events, attached) = self
             .broker

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod token;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -61,6 +62,11 @@ enum Command {
     /// Ask a running broker whether it serves. Exit status 0: serving; 1: it answered that it
     /// is not (e.g. its store failed, or it is shutting down); 3: it could not be asked.
     Health(HealthArgs),
+    /// Make bearer tokens for principals, and the hashes the configuration keeps of them.
+    Token {
+        #[command(subcommand)]
+        action: token::TokenAction,
+    },
     /// Measure a broker: publish and consume rates, end-to-end latency, the broker's memory.
     Bench(bench::BenchArgs),
     /// Verify a data directory offline: read every record of every segment file and compare
@@ -107,7 +113,7 @@ struct HealthArgs {
     )]
     server: String,
     #[command(flatten)]
-    tls: cli::TlsArgs,
+    credentials: cli::CredentialsArgs,
 }
 
 #[derive(clap::Args)]
@@ -126,7 +132,8 @@ struct ServeArgs {
     #[arg(short, long, value_name = "FILE", env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
     /// Listen on this address instead of the configured one (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN")]
+    #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN",
+          value_parser = ferry_server::config::parse_listen)]
     listen: Option<SocketAddr>,
     /// Keep the store here instead of the configured data directory.
     #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -136,6 +143,10 @@ struct ServeArgs {
     #[arg(long, env = "FERRY_ALLOW_UNAUTHENTICATED", value_name = "BOOL", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     allow_unauthenticated: Option<bool>,
+    /// Also declare the principal `admin`, with every right, authenticated by the token whose
+    /// hash (`ferry token hash`) this is: secures a container from its environment alone.
+    #[arg(long, value_name = "HASH", env = "FERRY_ADMIN_TOKEN_HASH")]
+    admin_token_hash: Option<String>,
     /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -176,6 +187,7 @@ fn main() -> ExitCode {
         Command::Status(args) => args.run(),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench::run(args),
+        Command::Token { action } => token::run(action),
         Command::Check(args) => inspect(args, false),
         Command::Repair(args) => inspect(args, true),
     }
@@ -189,9 +201,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     };
     let checked = Config::load(file).and_then(|config| {
         config.check_exposure().map_err(error)?;
-        // The TLS files it names must be there and readable, as start-up needs them.
+        // The TLS files it names must be there and usable together, as start-up needs them.
         if let Some(tls) = &config.server.tls {
-            ferry_server::tls::server_config(tls).map_err(|e| error(e.to_string()))?;
+            ferry_server::tls::Tls::load(tls).map_err(error)?;
         }
         Ok(config)
     });
@@ -217,7 +229,7 @@ fn health(args: HealthArgs) -> ExitCode {
     let common = cli::Common {
         server: args.server,
         json: false,
-        tls: args.tls,
+        credentials: args.credentials,
     };
     cli::health(&common)
 }
@@ -293,6 +305,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(allow) = args.allow_unauthenticated {
         config.server.allow_unauthenticated = allow;
+    }
+    // Empty counts as unset, as compose files pass an unset variable on.
+    if let Some(hash) = args.admin_token_hash.as_deref().filter(|h| !h.is_empty())
+        && let Err(e) = config.add_admin_token(hash)
+    {
+        eprintln!("ferry: bad configuration: {e}");
+        return ExitCode::from(2);
     }
     if let Err(e) = config.check_exposure() {
         eprintln!("ferry: refusing to start: {e}");

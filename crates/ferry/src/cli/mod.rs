@@ -38,12 +38,22 @@ pub struct Common {
     #[arg(long, global = true)]
     pub json: bool,
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub credentials: CredentialsArgs,
 }
 
-/// How to reach a broker that serves TLS.
+/// How to reach a broker that serves TLS, and what to prove to one that declares principals.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct TlsArgs {
+pub struct CredentialsArgs {
+    /// Present this bearer token (for a broker that declares principals). Prefer FERRY_TOKEN:
+    /// a command line can be read by other users of the machine.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FERRY_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
     /// Connect over TLS, checking the broker's certificate against these PEM CA certificates.
     #[arg(long, value_name = "FILE", env = "FERRY_TLS_CA", global = true)]
     pub tls_ca: Option<std::path::PathBuf>,
@@ -67,7 +77,7 @@ pub struct TlsArgs {
     pub tls_key: Option<std::path::PathBuf>,
 }
 
-impl TlsArgs {
+impl CredentialsArgs {
     /// The TLS settings, if a CA was given.
     pub fn load(&self) -> Result<Option<ferry_client::Tls>, Error> {
         let read = |path: &std::path::Path| {
@@ -111,9 +121,14 @@ where
         }
     };
     let outcome = runtime.block_on(async {
-        let client = match common.tls.load()? {
+        let credentials = &common.credentials;
+        let client = match credentials.load()? {
             Some(tls) => Client::connect_tls(common.server.clone(), tls).await?,
             None => Client::connect(common.server.clone()).await?,
+        };
+        let client = match &credentials.token {
+            Some(token) => client.with_token(token)?,
+            None => client,
         };
         command(client).await
     });
