@@ -17,6 +17,7 @@ const ROOT: &str = "ferry_root_token_0123456789abcdef";
 const OWNER: &str = "ferry_owner_token_0123456789abcdef";
 const OUTSIDER: &str = "ferry_outsider_token_0123456789abcdef";
 const READER: &str = "ferry_reader_token_0123456789abcdef";
+const NARROW: &str = "ferry_narrow_token_0123456789abcdef";
 
 /// Runs the `ferry` binary with `stdin`: its exit code, standard output and standard error.
 fn ferry(args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
@@ -58,11 +59,18 @@ admin = ["other.>"]
 name = "reader"
 tokens = ["{}"]
 subscribe = ["orders.*/billing"]
+
+[[principals]]
+name = "narrow"
+tokens = ["{}"]
+subscribe = ["orders.eu/mine"]
+admin = ["orders.eu/mine"]
 "#,
         hash(ROOT),
         hash(OWNER),
         hash(OUTSIDER),
-        hash(READER)
+        hash(READER),
+        hash(NARROW)
     )
 }
 
@@ -311,9 +319,23 @@ async fn every_call_needs_a_valid_token_and_the_right() {
         if let Err(status) = call(&channel, rpc, Some(with_right)).await {
             panic!("{rpc:?} with the right: {status:?}");
         }
+        if let Rpc::PublishStream = rpc {
+            let mut admin = AdminClient::new(channel.clone());
+            let get = pb::GetChannelRequest {
+                name: "orders.new".into(),
+            };
+            let info = admin.get_channel(request(get, Some(&root))).await.unwrap();
+            assert_eq!(
+                info.into_inner().next_sequence,
+                3,
+                "only the owner's two messages"
+            );
+        }
     }
-    // The refused calls changed nothing: the owner's creations all succeeded (they would
-    // have found ALREADY_EXISTS), and only the owner's two messages were published.
+    // The refused calls changed nothing: each of the owner's calls succeeded after them (a
+    // refused CreateChannel that took effect would have made the owner's ALREADY_EXISTS, a
+    // refused delete its NOT_FOUND, and so on), and the channel's sequence counted only the
+    // owner's two messages (checked in the loop).
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(
         !log.contains(OWNER) && !log.contains(ROOT),
@@ -369,6 +391,33 @@ async fn rules_reach_what_their_patterns_name_and_listings_show_only_that() {
         );
         assert!(error.to_string().contains("subscribe right"), "{error}");
     }
+    // A wildcard subscription is reached by a rule that covers its whole pattern.
+    for pattern in ["orders.*", "orders.>"] {
+        let options = ferry_client::SubscriptionOptions::default();
+        root.create_subscription(pattern, "billing", options)
+            .await
+            .unwrap();
+    }
+    root.publish("orders.eu", vec![ferry_client::Message::new("two")])
+        .await
+        .unwrap();
+    let mut wildcard = reader.subscribe("orders.*", "billing");
+    let delivery = wildcard.next().await.unwrap().unwrap();
+    assert_eq!(
+        (&delivery.payload[..], delivery.channel.as_str()),
+        (&b"two"[..], "orders.eu")
+    );
+    delivery.ack().await.unwrap();
+    let refused = reader
+        .subscribe("orders.>", "billing")
+        .next()
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.err().unwrap().code(),
+        Some(ferry_client::Code::PermissionDenied)
+    );
+
     // It may publish nowhere and administer nothing.
     let refused = reader
         .publish("orders.eu", vec![ferry_client::Message::new("x")])
@@ -384,9 +433,12 @@ async fn rules_reach_what_their_patterns_name_and_listings_show_only_that() {
         names
     };
     assert_eq!(names(reader.channels().await.unwrap()), ["orders.eu"]);
+    // The wildcard's member on the channel, orders.*/billing, is the reader's; orders.>/billing
+    // is not.
     let subscriptions = reader.subscriptions("orders.eu").await.unwrap();
-    let listed: Vec<&str> = subscriptions.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(listed, ["billing"]);
+    let mut listed: Vec<&str> = subscriptions.iter().map(|s| s.name.as_str()).collect();
+    listed.sort();
+    assert_eq!(listed, ["billing", "orders.*/billing"]);
     let owner = ferry_client::Client::connect(daemon.url.clone())
         .await
         .unwrap()
@@ -400,6 +452,22 @@ async fn rules_reach_what_their_patterns_name_and_listings_show_only_that() {
     let hidden = reader.subscriptions("payments").await.unwrap_err();
     assert_eq!(hidden.code(), Some(ferry_client::Code::PermissionDenied));
     daemon.stop().await;
+}
+
+/// Asks the reflection service which services there are.
+async fn reflect_on(channel: &Channel, authorization: Option<String>) -> Result<(), Status> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let asked = request(tokio_stream::iter([ask]), authorization.as_deref());
+    let mut answers = reflection.server_reflection_info(asked).await?.into_inner();
+    answers.message().await.map(drop)
 }
 
 #[tokio::test]
@@ -424,22 +492,7 @@ async fn health_and_reflection_stay_open_unless_closed() {
     let (code, _, err) = ferry(&["health", "--server", &daemon.url], "");
     assert_eq!(code, Some(0), "{err}");
     // Reflection answers anyone by default too.
-    let mut reflection =
-        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-            channel.clone(),
-        );
-    let ask = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-                String::new(),
-            ),
-        ),
-    };
-    let answers = reflection
-        .server_reflection_info(tokio_stream::iter([ask]))
-        .await;
-    assert!(answers.is_ok(), "{answers:?}");
+    assert!(reflect_on(&channel, None).await.is_ok());
     daemon.stop().await;
 
     // Closed: the health check needs a token, which `ferry health` takes.
@@ -461,6 +514,10 @@ async fn health_and_reflection_stay_open_unless_closed() {
     assert_eq!(code, Some(1), "refused without a token");
     let (code, _, err) = ferry(&["health", "--server", &daemon.url, "--token", READER], "");
     assert_eq!(code, Some(0), "{err}");
+    let channel = daemon.channel().await;
+    let refused = reflect_on(&channel, None).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(reflect_on(&channel, Some(bearer(READER))).await.is_ok());
     daemon.stop().await;
 }
 
@@ -553,5 +610,217 @@ async fn principals_change_on_sighup_and_a_bad_file_changes_nothing() {
     );
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(log.contains("has no way to authenticate"), "{log}");
+    daemon.stop().await;
+}
+
+/// A client presenting `token`.
+async fn client_as(daemon: &Daemon, token: &str) -> ferry_client::Client {
+    ferry_client::Client::connect(daemon.url.clone())
+        .await
+        .unwrap()
+        .with_token(token)
+        .unwrap()
+}
+
+fn denied(error: &ferry_client::Error, right: &str) {
+    assert_eq!(
+        error.code(),
+        Some(ferry_client::Code::PermissionDenied),
+        "{error}"
+    );
+    assert!(error.to_string().contains(right), "{error}");
+}
+
+#[tokio::test]
+async fn rights_reach_every_channel_a_call_writes_into_or_reads() {
+    use ferry_client::{Message, Nack, RedriveSelection, Start, SubscriptionOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir.path(), with_config(dir.path(), &principals())).await;
+    let root = client_as(&daemon, ROOT).await;
+    let owner = client_as(&daemon, OWNER).await;
+    for channel in ["orders.eu", "other.dlq"] {
+        root.create_channel(channel).await.unwrap();
+    }
+    // A subscription's dead letters are written to its dead-letter channel: the owner of
+    // orders.> may not point them at a channel it has no right on.
+    let into = |channel: &str| SubscriptionOptions {
+        max_delivery_attempts: 1,
+        dead_letter_channel: channel.into(),
+        ..SubscriptionOptions::default()
+    };
+    let refused = owner
+        .create_subscription("orders.eu", "billing", into("other.dlq"))
+        .await
+        .unwrap_err();
+    denied(&refused, "publish");
+    root.create_subscription("orders.eu", "billing", into("other.dlq"))
+        .await
+        .unwrap();
+    root.create_subscription("orders.eu", "theirs", SubscriptionOptions::default())
+        .await
+        .unwrap();
+
+    // A dead letter goes back only where the one redriving it has the admin right.
+    root.publish("orders.eu", vec![Message::new("declined")])
+        .await
+        .unwrap();
+    let mut deliveries = root.subscribe("orders.eu", "billing");
+    let failed = deliveries.next().await.unwrap().unwrap();
+    let terminal = Nack {
+        terminal: true,
+        ..Nack::default()
+    };
+    failed.nack_with(terminal).await.unwrap();
+    drop(deliveries);
+    let outsider = client_as(&daemon, OUTSIDER).await;
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while root.channel("other.dlq").await.unwrap().messages == 0 {
+        assert!(std::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let skipped = outsider
+        .redrive("other.dlq", RedriveSelection::default())
+        .await
+        .unwrap();
+    assert_eq!((skipped.redriven, skipped.skipped), (0, 1));
+    assert!(
+        skipped.first_skip_reason.contains("may not redrive"),
+        "{}",
+        skipped.first_skip_reason
+    );
+    let done = root
+        .redrive("other.dlq", RedriveSelection::default())
+        .await
+        .unwrap();
+    assert_eq!(done.redriven, 1);
+    // Nor can a publisher forge a dead letter's origin.
+    let forged = Message::new("x").attribute("ferry.dead_letter.channel", "orders.eu");
+    let refused = outsider
+        .publish("other.dlq", vec![forged])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ferry_client::Code::InvalidArgument));
+    assert!(
+        refused.to_string().contains("only the broker may set"),
+        "{refused}"
+    );
+
+    // A fork copies another subscription's progress: it takes the right to read that one.
+    let narrow = client_as(&daemon, NARROW).await;
+    let fork = SubscriptionOptions {
+        start: Start::Subscription("theirs".into()),
+        ..SubscriptionOptions::default()
+    };
+    let refused = narrow
+        .create_subscription("orders.eu", "mine", fork)
+        .await
+        .unwrap_err();
+    denied(&refused, "subscription \"theirs\"");
+    let mine = SubscriptionOptions::default();
+    narrow
+        .create_subscription("orders.eu", "mine", mine)
+        .await
+        .unwrap();
+    let refused = narrow
+        .seek("orders.eu", "mine", Start::Subscription("billing".into()))
+        .await
+        .unwrap_err();
+    denied(&refused, "subscription \"billing\"");
+    narrow
+        .seek("orders.eu", "mine", Start::Earliest)
+        .await
+        .unwrap();
+
+    // A channel's figures show only the subscriptions the caller may read.
+    let shown = narrow.channel("orders.eu").await.unwrap();
+    let names: Vec<&str> = shown
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["mine"]);
+    let listed = narrow.channels().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].subscriptions.len(), 1);
+    assert_eq!(
+        root.channel("orders.eu").await.unwrap().subscriptions.len(),
+        3
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_withdraws_a_right_ends_the_streams_that_relied_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = with_config(dir.path(), &principals());
+    let path = options.config.clone().unwrap();
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    let root = client_as(&daemon, ROOT).await;
+    root.create_channel("orders.eu").await.unwrap();
+    let options = ferry_client::SubscriptionOptions::default();
+    root.create_subscription("orders.eu", "billing", options)
+        .await
+        .unwrap();
+
+    // A consumer as the reader, and a publish stream as the owner, both open.
+    let channel = daemon.channel().await;
+    let mut consumer = SubscriberClient::new(channel.clone());
+    let (requests, inbound) = tokio::sync::mpsc::channel(4);
+    let attach = pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Attach(pb::Attach {
+            channel: "orders.eu".into(),
+            subscription: "billing".into(),
+            ..Default::default()
+        })),
+    };
+    requests.send(attach).await.unwrap();
+    let inbound = tokio_stream::wrappers::ReceiverStream::new(inbound);
+    let reading = request(inbound, Some(&bearer(READER)));
+    let mut deliveries = consumer.subscribe(reading).await.unwrap().into_inner();
+    assert!(deliveries.message().await.unwrap().is_some(), "attached");
+    let mut publisher = PublisherClient::new(channel.clone());
+    let (batches, outbound) = tokio::sync::mpsc::channel(4);
+    batches
+        .send(common::batch("orders.eu", [b"one".to_vec()]))
+        .await
+        .unwrap();
+    let outbound = tokio_stream::wrappers::ReceiverStream::new(outbound);
+    let publishing = request(outbound, Some(&bearer(OWNER)));
+    let mut confirmations = publisher
+        .publish_stream(publishing)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        confirmations.message().await.unwrap().is_some(),
+        "published"
+    );
+
+    // The reader loses its right, the owner's token is removed: both streams end.
+    let changed = principals()
+        .replace(
+            "subscribe = [\"orders.*/billing\"]",
+            "subscribe = [\"orders.*/audit\"]",
+        )
+        .replace(&hash(OWNER), &hash("ferry_rotated_token_0123456789abcdef"));
+    std::fs::write(&path, changed).unwrap();
+    common::signal(daemon.pid(), "HUP");
+    daemon.wait_for_log("configuration reloaded", 1).await;
+    let ended = loop {
+        match tokio::time::timeout(common::PATIENCE, deliveries.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(outcome) => break outcome,
+            Err(_) => panic!("the consumer's stream went on after its right was withdrawn"),
+        }
+    };
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    batches
+        .send(common::batch("orders.eu", [b"two".to_vec()]))
+        .await
+        .unwrap();
+    let status = confirmations.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("reloaded"), "{status:?}");
     daemon.stop().await;
 }

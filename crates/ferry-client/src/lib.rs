@@ -73,9 +73,18 @@ pub struct Tls {
 pub(crate) type Connection = InterceptedService<Channel, Credentials>;
 
 /// What every call presents: a bearer token, when the client has one.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Credentials {
     authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.authorization.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Credentials")
+            .field("token", &token)
+            .finish()
+    }
 }
 
 impl tonic::service::Interceptor for Credentials {
@@ -151,9 +160,11 @@ impl Client {
     /// The same connection, presenting `token` as its bearer token on every call (for a
     /// broker that declares principals); its clones present it too.
     pub fn with_token(mut self, token: &str) -> Result<Client> {
-        let value = format!("Bearer {token}").parse().map_err(|_| {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
             Error::Invalid("a token must be printable ASCII without line breaks".to_owned())
         })?;
+        // Kept out of HTTP/2's header compression table, and out of debug output.
+        value.set_sensitive(true);
         self.credentials.authorization = Some(value);
         Ok(self)
     }

@@ -41,6 +41,13 @@ pub const EXPIRE_AT: &str = "ferry.expire_at";
 
 pub use ferry_store::DELIVER_AT;
 
+/// Whether only the broker may set an attribute of this name: the provenance a redrive trusts
+/// to find a dead letter's origin, and whom a redriven message is for. A publisher forging them
+/// could otherwise get a message redriven into a subscription it has no rights on.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with(PREFIX) || name == REDRIVE_FOR
+}
+
 /// When a message to publish is due (0: at once).
 pub fn due(message: &NewMessage) -> u64 {
     match message.attributes.is_empty() {

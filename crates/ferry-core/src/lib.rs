@@ -173,10 +173,13 @@ impl Limits {
                     message.id.len()
                 ));
             }
-            if message.attributes.get(dead_letter::REDRIVE_FOR).is_some() {
+            if let Some((name, _)) =
+                (message.attributes.iter()).find(|(name, _)| dead_letter::is_reserved(name))
+            {
                 return invalid(format!(
-                    "message {i} has the attribute {:?}, which only the broker may set",
-                    dead_letter::REDRIVE_FOR
+                    "message {i} has the attribute {name:?}, which only the broker may set \
+                     (ferry.dead_letter.* and ferry.redrive.for): to pass a dead letter on, \
+                     rename or drop them"
                 ));
             }
             total += size;

@@ -1,7 +1,7 @@
 //! The `Admin` service: channels, subscriptions and their figures.
 
-use ferry_core::Broker;
 use ferry_core::broker::RedriveSelection;
+use ferry_core::{Broker, ChannelInfo};
 use ferry_proto::pb::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
@@ -90,7 +90,7 @@ impl Admin for AdminService {
         let name = request.into_inner().name;
         caller.require_visible(&name)?;
         let info = self.broker.channel_info(&name).await.map_err(to_status)?;
-        Ok(Response::new(convert::channel_info(info)))
+        Ok(Response::new(convert::channel_info(visible(&caller, info))))
     }
 
     async fn list_channels(
@@ -104,7 +104,7 @@ impl Admin for AdminService {
             .await
             .into_iter()
             .filter(|channel| caller.may_see_channel(&channel.name))
-            .map(convert::channel_info)
+            .map(|channel| convert::channel_info(visible(&caller, channel)))
             .collect();
         Ok(Response::new(pb::ListChannelsResponse { channels }))
     }
@@ -126,7 +126,8 @@ impl Admin for AdminService {
     ) -> Answer<pb::SubscriptionInfo> {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
-        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
+        may_configure(&caller, &request)?;
+        may_fork(&caller, &request.channel, request.start.as_ref())?;
         let settings = convert::subscription_settings(&request)?;
         let start = convert::position(request.start)?;
         let stats = self
@@ -146,7 +147,7 @@ impl Admin for AdminService {
     ) -> Answer<pb::SubscriptionInfo> {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
-        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
+        may_configure(&caller, &request)?;
         let settings = convert::subscription_settings(&request)?;
         self.broker
             .update_subscription(&request.channel, &request.name, settings)
@@ -173,9 +174,13 @@ impl Admin for AdminService {
             attributes: request.attributes.into_iter().collect(),
             limit: request.limit,
         };
+        // Each letter goes back to its origin subscription: that takes admin there too.
+        let may_redrive_to = |channel: &str, name: &str| {
+            caller.may(Right::Admin, Resource::Subscription { channel, name })
+        };
         let outcome = self
             .broker
-            .redrive(&request.channel, &selection)
+            .redrive(&request.channel, &selection, &may_redrive_to)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RedriveResponse {
@@ -221,8 +226,9 @@ impl Admin for AdminService {
             .broker
             .list_derived()
             .into_iter()
+            // Both sides: each names the other, and shows its filter and reshaping.
             .filter(|d| {
-                caller.may_see_channel(&d.spec.source) || caller.may_see_channel(&d.spec.target)
+                caller.may_see_channel(&d.spec.source) && caller.may_see_channel(&d.spec.target)
             })
             .map(convert::derived_info)
             .collect();
@@ -236,6 +242,7 @@ impl Admin for AdminService {
             Right::Admin,
             subscription(&request.channel, &request.subscription),
         )?;
+        may_fork(&caller, &request.channel, request.to.as_ref())?;
         let to = convert::position(request.to)?;
         let stats = self
             .broker
@@ -330,4 +337,33 @@ impl Admin for AdminService {
 
 fn subscription<'a>(channel: &'a str, name: &'a str) -> Resource<'a> {
     Resource::Subscription { channel, name }
+}
+
+/// A channel's figures with only the subscriptions the caller may read.
+fn visible(caller: &Caller, mut info: ChannelInfo) -> ChannelInfo {
+    let channel = info.name.clone();
+    (info.subscriptions).retain(|s| caller.may_read_subscription(&channel, &s.name));
+    info
+}
+
+/// Creating or changing a subscription takes admin on it and, since its dead letters are
+/// written there, publish (or admin) on its dead-letter channel.
+fn may_configure(caller: &Caller, request: &pb::CreateSubscriptionRequest) -> Result<(), Status> {
+    caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
+    match request.dead_letter_channel.as_str() {
+        "" => Ok(()),
+        dead => caller.require_any(&[Right::Publish, Right::Admin], Resource::Channel(dead)),
+    }
+}
+
+/// Starting at, or seeking to, where another subscription is copies its progress: that takes
+/// the right to read that subscription.
+fn may_fork(caller: &Caller, channel: &str, at: Option<&pb::Position>) -> Result<(), Status> {
+    match at.and_then(|p| p.at.as_ref()) {
+        Some(pb::position::At::Subscription(source)) => caller.require_any(
+            &[Right::Subscribe, Right::Admin],
+            subscription(channel, source),
+        ),
+        _ => Ok(()),
+    }
 }

@@ -647,6 +647,16 @@ impl Config {
             ));
         }
         crate::auth::Access::of(self)?;
+        let mutual_tls = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
+        if let Some(i) = (self.principals.iter()).position(|p| !p.certificates.is_empty())
+            && !mutual_tls
+        {
+            return Err(format!(
+                "principals[{i}].certificates: no client asks to be authenticated by \
+                 certificate unless [server.tls] client_ca_file is set, so these names could \
+                 never match: set it, or give the principal tokens"
+            ));
+        }
         let mut channels = HashSet::new();
         for (i, channel) in self.channels.iter().enumerate() {
             let key = format!("channels[{i}]");

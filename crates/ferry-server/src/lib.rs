@@ -134,12 +134,14 @@ impl Services<'_> {
             self.stop.clone(),
             max_request,
             self.activity.clone(),
+            self.gate.clone(),
         ))
         .max_decoding_message_size(max_request);
         let subscriber = SubscriberServer::new(subscriber::SubscriberService::new(
             self.broker.clone(),
             max_request,
             self.activity.clone(),
+            self.gate.clone(),
         ))
         .max_decoding_message_size(max_request);
         let admin = AdminServer::new(admin::AdminService::new(self.broker.clone()))
@@ -165,8 +167,8 @@ impl Services<'_> {
 
 /// Tokens sent in plaintext beyond loopback can be read off the network: allowed (the network
 /// may be trusted), but said.
-fn warn_of_clear_tokens(config: &Config, gate: &auth::Gate) {
-    if gate.current().has_tokens()
+pub(crate) fn warn_of_clear_tokens(config: &Config, access: &auth::Access) {
+    if access.has_tokens()
         && config.server.tls.is_none()
         && !config.server.listen.ip().is_loopback()
     {
@@ -194,7 +196,7 @@ pub async fn serve(
         .transpose()
         .map_err(ServeError::Tls)?;
     let gate = auth::Gate::new(auth::Access::of(&config).map_err(ServeError::Auth)?);
-    warn_of_clear_tokens(&config, &gate);
+    warn_of_clear_tokens(&config, &gate.current());
     let broker = Broker::open(&config.server.data_dir, config.broker_options()).await?;
     if let Err(e) = broker.declare(&config.declarations()).await {
         let _ = broker.shutdown().await;

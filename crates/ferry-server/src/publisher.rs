@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, Open};
-use crate::auth::{Caller, Resource, Right};
+use crate::auth::{Caller, Gate, Resource, Right};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -28,22 +28,27 @@ pub struct PublisherService {
     max_request: usize,
     /// Where its open streams are counted.
     activity: Arc<Activity>,
+    /// The principals in force, against which a stream's caller is judged again after a
+    /// reload.
+    gate: Gate,
 }
 
 impl PublisherService {
-    /// A service over `broker`; its streams end when `shutdown` is cancelled and are counted
-    /// in `activity`.
+    /// A service over `broker`; its streams end when `shutdown` is cancelled, are counted in
+    /// `activity` and judged by the principals `gate` holds.
     pub fn new(
         broker: Broker,
         shutdown: CancellationToken,
         max_request: usize,
         activity: Arc<Activity>,
+        gate: Gate,
     ) -> Self {
         Self {
             broker,
             shutdown,
             max_request,
             activity,
+            gate,
         }
     }
 }
@@ -84,7 +89,8 @@ impl Publisher for PublisherService {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let caller = Caller::of(&request)?;
+        let mut caller = Caller::of(&request)?;
+        let gate = self.gate.clone();
         let mut inbound = request.into_inner();
         let (pipeline, mut queued) =
             mpsc::channel::<Result<PublishConfirmation, Status>>(PIPELINE_DEPTH);
@@ -104,7 +110,14 @@ impl Publisher for PublisherService {
                     request = inbound.message() => request,
                 };
                 let item = match request {
-                    Ok(Some(request)) => submit(&broker, &caller, request).await,
+                    // A reload may have taken the stream's rights away since its last batch.
+                    Ok(Some(request)) => match caller.current(&gate) {
+                        Ok(current) => {
+                            caller = current;
+                            submit(&broker, &caller, request).await
+                        }
+                        Err(status) => Err(status),
+                    },
                     Ok(None) => return,
                     // A request that cannot be decoded ends the stream with its status, after
                     // the batches before it are confirmed (if the client is gone instead, no

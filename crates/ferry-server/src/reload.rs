@@ -87,6 +87,12 @@ fn apply_access(config: &Config, serving: &Config, live: &Live) -> Result<(), St
         tls.reload(files)?;
         tracing::info!("reload: TLS certificate, key and client CA read again");
     }
+    if live.gate.current().is_enforced() && !access.is_enforced() {
+        tracing::warn!(
+            "reload: no principal is declared any more: every caller may now do everything"
+        );
+    }
+    crate::warn_of_clear_tokens(serving, &access);
     live.gate.replace(access);
     tracing::info!(principals, "reload: principals and [auth] in force");
     Ok(())
@@ -115,6 +121,18 @@ pub async fn reload(
         tracing::error!(error = %e, "reload refused: the running configuration stays");
         return None;
     }
+    warn_of_restart(&config, running);
+    let steps = live
+        .broker
+        .reload(&config.declarations(), &config.derived_specs())
+        .await;
+    let (created, changed, refused) = log_steps(&steps);
+    tracing::info!(file = %path.display(), created, changed, refused, "configuration reloaded");
+    Some(config)
+}
+
+/// Says which changed sections take effect only at a restart.
+fn warn_of_restart(config: &Config, running: &Config) {
     // TLS files are read again on every reload; only turning TLS on or off takes a restart.
     let server_changed = {
         let (mut new, mut old) = (config.server.clone(), running.server.clone());
@@ -135,12 +153,12 @@ pub async fn reload(
     if !restart.is_empty() {
         tracing::warn!(sections = %restart.join(" "), "reload: these changed and take effect only at a restart");
     }
-    let steps = live
-        .broker
-        .reload(&config.declarations(), &config.derived_specs())
-        .await;
+}
+
+/// Logs what the declarations' reload did; how many it created, changed and refused.
+fn log_steps(steps: &[ferry_core::broker::Step]) -> (usize, usize, usize) {
     let (mut created, mut changed, mut refused) = (0, 0, 0);
-    for step in &steps {
+    for step in steps {
         let (object, detail) = (&step.object, &step.detail);
         match step.action {
             Action::Create => {
@@ -158,8 +176,7 @@ pub async fn reload(
             Action::Keep => {}
         }
     }
-    tracing::info!(file = %path.display(), created, changed, refused, "configuration reloaded");
-    Some(config)
+    (created, changed, refused)
 }
 
 fn placeholder_tls() -> crate::config::TlsConfig {

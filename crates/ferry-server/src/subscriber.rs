@@ -18,7 +18,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, Held, Open};
-use crate::auth::{Caller, Resource, Right};
+use crate::auth::{Caller, Gate, Resource, Right};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -29,15 +29,19 @@ pub struct SubscriberService {
     max_request: usize,
     /// Where its open streams are counted.
     activity: Arc<Activity>,
+    /// The principals in force: a stream is judged again at every reload.
+    gate: Gate,
 }
 
 impl SubscriberService {
-    /// A service over `broker`, its streams counted in `activity`.
-    pub fn new(broker: Broker, max_request: usize, activity: Arc<Activity>) -> Self {
+    /// A service over `broker`, its streams counted in `activity` and judged by the principals
+    /// `gate` holds.
+    pub fn new(broker: Broker, max_request: usize, activity: Arc<Activity>, gate: Gate) -> Self {
         Self {
             broker,
             max_request,
             activity,
+            gate,
         }
     }
 }
@@ -87,6 +91,13 @@ impl Subscriber for SubscriberService {
             .map_err(to_status)?;
         tracing::debug!(channel = %attach.channel, subscription = %attach.subscription, consumer = attached.consumer_id, "consumer attached");
 
+        let (revoke, revoked) = oneshot::channel();
+        tokio::spawn(judge_again(
+            caller,
+            self.gate.clone(),
+            (attach.channel.clone(), attach.subscription.clone()),
+            revoke,
+        ));
         let (abort, aborted) = oneshot::channel();
         tokio::spawn(read_requests(
             inbound,
@@ -105,10 +116,39 @@ impl Subscriber for SubscriberService {
             first: Some(first),
             events,
             aborted: Some(aborted),
+            revoked: Some(revoked),
             _consumer: consumer,
             _open: self.activity.open(Open::SubscribeStream),
             done: false,
         }))
+    }
+}
+
+/// Judges the stream's caller again at every reload of the principals, until the stream ends;
+/// ends it (through `revoke`) once its credential no longer counts or its right is gone.
+async fn judge_again(
+    caller: Caller,
+    gate: Gate,
+    (channel, name): (String, String),
+    mut revoke: oneshot::Sender<Status>,
+) {
+    let mut changes = gate.changes();
+    loop {
+        tokio::select! {
+            _ = revoke.closed() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let resource = Resource::Subscription {
+            channel: &channel,
+            name: &name,
+        };
+        let verdict =
+            (caller.current(&gate)).and_then(|now| now.require(Right::Subscribe, resource));
+        if let Err(status) = verdict {
+            tracing::info!(%channel, subscription = %name, reason = %status.message(), "consumer detached: its rights were withdrawn by a reload");
+            let _ = revoke.send(status);
+            return;
+        }
     }
 }
 
@@ -197,6 +237,8 @@ pub struct ConsumerStream {
     /// Where the request reader reports a malformed request; None once it has answered (a
     /// oneshot must not be polled again after it completes).
     aborted: Option<oneshot::Receiver<Status>>,
+    /// Where a reload that withdrew the caller's rights is reported; None once answered.
+    revoked: Option<oneshot::Receiver<Status>>,
     _consumer: ConsumerHandle,
     _open: Held,
     done: bool,
@@ -212,14 +254,11 @@ impl Stream for ConsumerStream {
         if let Some(first) = self.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        if let Some(aborted) = &mut self.aborted
-            && let Poll::Ready(outcome) = Pin::new(aborted).poll(cx)
-        {
-            self.aborted = None;
-            if let Ok(status) = outcome {
-                self.done = true;
-                return Poll::Ready(Some(Err(status)));
-            }
+        let this = &mut *self;
+        let end = ended(&mut this.aborted, cx).or_else(|| ended(&mut this.revoked, cx));
+        if let Some(status) = end {
+            self.done = true;
+            return Poll::Ready(Some(Err(status)));
         }
         let item = match self.events.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
@@ -248,6 +287,17 @@ impl Stream for ConsumerStream {
             response: Some(response),
         })))
     }
+}
+
+/// The status that ends the stream, if `slot`'s sender sent one; the slot is emptied once its
+/// sender has answered or gone.
+fn ended(slot: &mut Option<oneshot::Receiver<Status>>, cx: &mut Context<'_>) -> Option<Status> {
+    let receiver = slot.as_mut()?;
+    let Poll::Ready(outcome) = Pin::new(receiver).poll(cx) else {
+        return None;
+    };
+    *slot = None;
+    outcome.ok()
 }
 
 use std::future::Future as _;

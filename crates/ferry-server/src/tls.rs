@@ -4,7 +4,8 @@
 //! Ferry terminates TLS itself rather than through tonic's server setting, which is fixed when
 //! the server starts: the acceptor here can be swapped on SIGHUP, so that renewed certificates
 //! take effect for new connections without dropping the open ones. Handshakes run beside the
-//! accept loop, each bounded in time, so a client that stalls mid-handshake holds up no one.
+//! accept loop, each bounded in time, so a client that stalls mid-handshake does not hold up
+//! the handshakes of others (it does hold one of the `max_connections` places meanwhile).
 
 use std::io;
 use std::path::Path;
@@ -26,8 +27,9 @@ use tonic::transport::server::Connected;
 use crate::config::TlsConfig;
 use crate::connections::Counted;
 
-/// How long a client may take to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to complete its TLS handshake (while it holds one of the
+/// `max_connections` places).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections whose handshake is done, waiting for the server to take them.
 const HANDSHAKEN_QUEUE: usize = 64;
 

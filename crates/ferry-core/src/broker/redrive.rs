@@ -55,10 +55,14 @@ impl RedriveOutcome {
 
 impl Broker {
     /// Moves the selected dead letters of `channel` back to their origin subscriptions.
+    ///
+    /// `may_redrive_to(channel, subscription)` says whether the caller may send a message back
+    /// to that origin; one it may not is skipped, saying so.
     pub async fn redrive(
         &self,
         channel: &str,
         selection: &RedriveSelection,
+        may_redrive_to: &(dyn Fn(&str, &str) -> bool + Sync),
     ) -> Result<RedriveOutcome> {
         self.check_open()?;
         let dead = self.channel(channel)?;
@@ -94,7 +98,17 @@ impl Broker {
                 if !room(&outcome) {
                     break;
                 }
-                match self.origin_of(message) {
+                let origin = self.origin_of(message).and_then(|origin| {
+                    match may_redrive_to(&origin.channel, &origin.subscription) {
+                        true => Ok(origin),
+                        false => Err(format!(
+                            "message {}: the caller may not redrive into subscription {:?} of \
+                             channel {:?} (it needs the admin right on it)",
+                            message.sequence, origin.subscription, origin.channel
+                        )),
+                    }
+                });
+                match origin {
                     Ok(origin) => {
                         let copy = dead_letter::redriven(message, &origin);
                         moves

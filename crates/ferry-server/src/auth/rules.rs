@@ -49,18 +49,21 @@ pub enum Resource<'a> {
 
 impl Resource<'_> {
     /// A wildcard subscription's member on one channel is named `PATTERN/NAME`: rights over it
-    /// are rights over the wildcard subscription.
-    fn normalized(self) -> Self {
-        match self {
-            Resource::Subscription { name, .. } => match name.split_once('/') {
-                Some((pattern, name)) => Resource::Subscription {
-                    channel: pattern,
-                    name,
-                },
-                None => self,
-            },
-            other => other,
-        }
+    /// are rights over the wildcard subscription. Any other name with a `/` (which no client
+    /// can create) is reached by no rule: None.
+    fn normalized(self) -> Option<Self> {
+        let Resource::Subscription { channel, name } = self else {
+            return Some(self);
+        };
+        let Some((pattern, name)) = name.split_once('/') else {
+            return Some(self);
+        };
+        let member = Pattern::is_pattern(pattern)
+            && Pattern::parse(pattern).is_ok_and(|p| p.matches(channel));
+        member.then_some(Resource::Subscription {
+            channel: pattern,
+            name,
+        })
     }
 }
 
@@ -143,7 +146,10 @@ impl Rule {
     /// Whether the rule reaches `resource`. A rule narrowed to subscriptions does not reach
     /// their channel itself.
     pub fn reaches(&self, resource: Resource<'_>) -> bool {
-        match resource.normalized() {
+        let Some(resource) = resource.normalized() else {
+            return false;
+        };
+        match resource {
             Resource::Channel(channel) => {
                 self.subscriptions.is_none() && self.channels.covers(channel)
             }
@@ -210,6 +216,9 @@ mod tests {
             "orders.created/audit",
             sub("orders.created", "orders.*/audit")
         ));
+        // Not a member: its pattern must be a pattern, and match the channel.
+        assert!(!reaches(">", sub("orders.created", "payments.*/audit")));
+        assert!(!reaches(">", sub("orders.created", "orders/audit")));
         let rule = Rule::parse("orders.*/billing").unwrap();
         assert!(rule.touches("orders.created") && !rule.touches("payments.created"));
     }
