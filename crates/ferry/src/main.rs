@@ -138,7 +138,7 @@ struct ServeArgs {
     /// Keep the store here instead of the configured data directory.
     #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Serve beyond loopback although nothing authenticates clients (see [server]
+    /// Serve beyond loopback although nothing authenticates clients (see `[server]`
     /// allow_unauthenticated in `ferry config`).
     #[arg(long, env = "FERRY_ALLOW_UNAUTHENTICATED", value_name = "BOOL", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
