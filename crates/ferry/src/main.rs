@@ -135,6 +135,10 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN",
           value_parser = ferry_server::config::parse_listen)]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics here instead of where `[metrics]` says.
+    #[arg(long, value_name = "ADDR", env = "FERRY_METRICS_LISTEN",
+          value_parser = ferry_server::config::parse_listen)]
+    metrics_listen: Option<SocketAddr>,
     /// Keep the store here instead of the configured data directory.
     #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -302,6 +306,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
+    }
+    if let Some(address) = args.metrics_listen {
+        config.metrics.listen = Some(address);
     }
     if let Some(allow) = args.allow_unauthenticated {
         config.server.allow_unauthenticated = allow;

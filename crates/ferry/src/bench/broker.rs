@@ -95,6 +95,8 @@ pub(super) struct BrokerHome {
     pub(super) exe: PathBuf,
     /// The `--config` file given to the bench, passed on to every process.
     pub(super) config: Option<PathBuf>,
+    /// Where every process serves its metrics, read for the device syncs of each scenario.
+    pub(super) metrics: std::net::SocketAddr,
 }
 
 impl BrokerHome {
@@ -106,10 +108,15 @@ impl BrokerHome {
             .prefix("ferry-bench-")
             .tempdir()
             .map_err(|e| BenchError::caused("cannot create a temporary directory", &e))?;
+        // A free loopback port now; the broker binds it a moment later.
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|probe| probe.local_addr())
+            .map_err(|e| BenchError::caused("cannot find a free port for metrics", &e))?;
         Ok(Self {
             dir,
             exe,
             config: config.map(Path::to_path_buf),
+            metrics,
         })
     }
 
@@ -132,7 +139,9 @@ impl BrokerHome {
         let mut command = tokio::process::Command::new(&self.exe);
         command
             .args(["serve", "--listen", listen, "--data-dir"])
-            .arg(self.data_dir());
+            .arg(self.data_dir())
+            .arg("--metrics-listen")
+            .arg(self.metrics.to_string());
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }

@@ -439,6 +439,8 @@ struct Bench<'a> {
     limits: Option<&'a LimitsConfig>,
     /// The broker's configuration, when the bench knows it.
     config: Option<&'a Config>,
+    /// Where the broker serves its metrics, when it is the bench's own.
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl Bench<'_> {
@@ -631,6 +633,7 @@ async fn run_scenarios(
         tag: format!("r{started}-{}", std::process::id()),
         limits: config.map(|c| &c.limits),
         config,
+        metrics: broker.as_deref().map(|b| b.home.metrics),
     };
     let data_dir = broker.as_deref().map(|b| b.home.data_dir());
     println!();

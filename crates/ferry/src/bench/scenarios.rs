@@ -23,7 +23,7 @@ pub(super) async fn publish_scenario(
         connections.push(bench.connect().await?);
     }
     let payload = Payload::Fixed(Bytes::from(vec![b'x'; size]));
-    let before = commits::snapshot(&bench.client).await;
+    let before = commits::snapshot(bench).await;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for (index, connection) in (0..).zip(connections) {
@@ -67,7 +67,7 @@ pub(super) async fn publish_scenario(
         args.batch
     );
     print_rate(&label, size, &total.figure(started, args.messages));
-    commits::print_commits(&bench.client, before).await;
+    commits::print_commits(bench, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
@@ -92,7 +92,7 @@ pub(super) async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<(
         true => Some(bench.wildcard_of(&channel).await?),
         false => None,
     };
-    let before = commits::snapshot(&bench.client).await;
+    let before = commits::snapshot(bench).await;
     let started = Instant::now();
     let consumer = match &pattern {
         Some(pattern) => {
@@ -129,7 +129,7 @@ pub(super) async fn consume_scenario(bench: &Bench<'_>, size: usize) -> Result<(
             thousands((filled.confirmed as f64 / elapsed.as_secs_f64().max(1e-9)) as u64)
         );
     }
-    commits::print_commits(&bench.client, before).await;
+    commits::print_commits(bench, before).await;
     if filled.timed_out {
         println!(
             "{:<32}  (the backlog was only {} msgs: filling it hit --max-seconds)",
@@ -150,7 +150,7 @@ pub(super) async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
     let channel = bench.fresh_channel("mixed.1k").await?;
     let publisher_connection = bench.connect().await?;
     let consumer = Consumer::attach(bench.connect().await?, &channel, args.window).await?;
-    let before = commits::snapshot(&bench.client).await;
+    let before = commits::snapshot(bench).await;
     let started = Instant::now();
     let plan = PublishPlan {
         channel: channel.clone(),
@@ -184,7 +184,7 @@ pub(super) async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
         KIB,
         &consumed.figure(started, published.confirmed),
     );
-    commits::print_commits(&bench.client, before).await;
+    commits::print_commits(bench, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
@@ -197,7 +197,7 @@ pub(super) async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
     // Attached before publishing starts, so that no message waits for the consumer to arrive.
     let consumer = Consumer::attach(bench.connect().await?, &channel, LATENCY_WINDOW).await?;
     let limit = ((args.rate as f64 * args.latency_seconds.as_secs_f64()).ceil() as u64).max(1);
-    let before = commits::snapshot(&bench.client).await;
+    let before = commits::snapshot(bench).await;
     // Publisher and consumer stamp and read times against one base, so their clocks agree.
     let base = Instant::now();
     let deadline = base + args.latency_seconds;
@@ -255,7 +255,7 @@ pub(super) async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
             thousands(published.confirmed)
         );
     }
-    commits::print_commits(&bench.client, before).await;
+    commits::print_commits(bench, before).await;
     bench.remove_channel(&channel).await;
     Ok(())
 }
