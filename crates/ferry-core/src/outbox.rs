@@ -8,7 +8,7 @@
 //!   takes one event whatever its size), so a consumer that reads slowly is simply given less
 //!   (its redeliveries go to others);
 //! - results always go in (the consumer asked for them), but a consumer's next request is only
-//!   taken once the outbox is below its limit plus [`RESULT_SLACK`], so a client that sends acks
+//!   taken once the outbox is below its limit plus `RESULT_SLACK`, so a client that sends acks
 //!   and never reads the answers is pushed back by HTTP/2 flow control instead;
 //! - the dispatcher detaches a consumer whose outbox has not drained for the stall timeout.
 //!

@@ -1,7 +1,7 @@
 //! Ferry's gRPC front end and the daemon's lifecycle.
 //!
 //! It maps the broker core onto the `ferry.v1` services ([`publisher`], [`subscriber`],
-//! [`admin`]), converting at the edge ([`convert`]) and turning every broker error into one gRPC
+//! [`admin`]), converting at the edge (`convert`) and turning every broker error into one gRPC
 //! status in one place ([`status`]). It also serves the standard health and reflection services,
 //! loads the configuration ([`config`]) and runs the daemon from start-up to a clean shutdown
 //! ([`serve`]). This is the only crate besides the generated one that knows gRPC.

@@ -1,10 +1,10 @@
 //! Ferry's durable store: the only crate that names sled.
 //!
-//! It owns the on-disk layout ([`codec`]): the segment log ([`segment`]), which is the
+//! It owns the on-disk layout (`codec`): the segment log (`segment`), which is the
 //! write-ahead log of every commit (message records, then a commit frame with the commit's
-//! other changes, [`change`]), and its index in sled next to the metadata and ack state; the
-//! group-commit writer thread ([`writer`]) through which every change goes; recovery, which
-//! replays the log past sled's durable point ([`recovery`]); and the read side, a per-channel
+//! other changes, `change`), and its index in sled next to the metadata and ack state; the
+//! group-commit writer thread (`writer`) through which every change goes; recovery, which
+//! replays the log past sled's durable point (`recovery`); and the read side, a per-channel
 //! [`ChannelLog`] that keeps the newest messages in memory for live subscribers and reads older
 //! ones from their segment files.
 //!

@@ -29,3 +29,33 @@ pub fn names(der: &[u8]) -> Vec<String> {
     }
     names
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    #[test]
+    fn a_certificate_names_its_common_name_and_its_alternative_names() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["billing.internal".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "billing");
+        params.subject_alt_names.extend([
+            SanType::URI("spiffe://example.org/billing".try_into().unwrap()),
+            SanType::Rfc822Name("ops@example.org".try_into().unwrap()),
+            SanType::IpAddress([127, 0, 0, 1].into()),
+        ]);
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let mut names = super::names(&der);
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "billing",
+                "billing.internal",
+                "ops@example.org",
+                "spiffe://example.org/billing"
+            ]
+        );
+        assert!(super::names(b"not a certificate").is_empty());
+    }
+}
