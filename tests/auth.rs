@@ -773,11 +773,17 @@ async fn a_reload_that_withdraws_a_right_ends_the_streams_that_relied_on_it() {
             ..Default::default()
         })),
     };
-    requests.send(attach).await.unwrap();
+    requests.send(attach.clone()).await.unwrap();
     let inbound = tokio_stream::wrappers::ReceiverStream::new(inbound);
     let reading = request(inbound, Some(&bearer(READER)));
     let mut deliveries = consumer.subscribe(reading).await.unwrap().into_inner();
     assert!(deliveries.message().await.unwrap().is_some(), "attached");
+    // A second stream whose headers come before the reload and its attach after it.
+    let (late_requests, late_inbound) = tokio::sync::mpsc::channel(4);
+    let late_inbound = tokio_stream::wrappers::ReceiverStream::new(late_inbound);
+    let late = request(late_inbound, Some(&bearer(READER)));
+    let mut late_consumer = SubscriberClient::new(channel.clone());
+    let late_call = tokio::spawn(async move { late_consumer.subscribe(late).await });
     let mut publisher = PublisherClient::new(channel.clone());
     let (batches, outbound) = tokio::sync::mpsc::channel(4);
     batches
@@ -815,6 +821,9 @@ async fn a_reload_that_withdraws_a_right_ends_the_streams_that_relied_on_it() {
     };
     let status = ended.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    late_requests.send(attach).await.unwrap();
+    let refused = late_call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     batches
         .send(common::batch("orders.eu", [b"two".to_vec()]))
         .await

@@ -253,7 +253,8 @@ async fn handshakes_refuse_expired_and_foreign_certificates() {
         ..tls_as(certs, Some("client"))
     };
     assert!(lets_in(&url, distrusting).await.is_err());
-    daemon.wait_for_log("TLS handshake failed", 2).await;
+    // Logged (at most once a second, so flooding clients cannot flood the log).
+    daemon.wait_for_log("TLS handshake failed", 1).await;
     daemon.stop().await;
 }
 

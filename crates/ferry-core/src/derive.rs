@@ -88,6 +88,22 @@ pub(crate) struct Progress {
 }
 
 impl Reshape {
+    /// Refuses a reshaping that would write attributes only the broker may set: a derived
+    /// copy could otherwise forge a dead letter's origin.
+    pub fn check(&self) -> Result<(), crate::CoreError> {
+        let written = (self.rename.values()).chain(self.set.keys());
+        match written
+            .into_iter()
+            .find(|name| dead_letter::is_reserved(name))
+        {
+            Some(name) => Err(crate::CoreError::InvalidArgument(format!(
+                "the derived channel would set the attribute {name:?}, which only the broker \
+                 may set (ferry.dead_letter.* and ferry.redrive.for)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The message to append for `message` of `source`.
     pub(crate) fn apply(&self, message: &Message, source: &str) -> NewMessage {
         let mut attributes: Vec<(String, String)> = message
@@ -105,6 +121,15 @@ impl Reshape {
             attributes.retain(|(n, _)| n != name);
             attributes.push((name.clone(), value.clone()));
         }
+        // A derived channel stored before reserved names were checked at creation may still
+        // rename or set one: what it writes there is dropped, never a forged origin.
+        let written = |name: &str| {
+            self.rename
+                .values()
+                .chain(self.set.keys())
+                .any(|w| w == name)
+        };
+        attributes.retain(|(n, _)| !(dead_letter::is_reserved(n) && written(n)));
         let key = (self.key_from.as_ref())
             .and_then(|from| attributes.iter().find(|(n, _)| n == from))
             .map_or_else(|| message.key.clone(), |(_, v)| v.clone());

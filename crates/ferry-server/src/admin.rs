@@ -5,22 +5,25 @@ use ferry_core::{Broker, ChannelInfo};
 use ferry_proto::pb::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Caller, Resource, Right};
+use crate::auth::{Caller, Gate, Resource, Right};
 use crate::convert;
 use crate::status::to_status;
 
 /// Serves `ferry.v1.Admin`.
 pub struct AdminService {
     broker: Broker,
+    /// The principals in force.
+    gate: Gate,
     /// When the broker started, for its uptime.
     started: std::time::Instant,
 }
 
 impl AdminService {
-    /// A service over `broker`.
-    pub fn new(broker: Broker) -> Self {
+    /// A service over `broker`, its callers judged by the principals `gate` holds.
+    pub fn new(broker: Broker, gate: Gate) -> Self {
         Self {
             broker,
+            gate,
             started: std::time::Instant::now(),
         }
     }
@@ -54,7 +57,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require(Right::Admin, Resource::Channel(&request.name))?;
         let settings = convert::channel_settings(&request)?;
@@ -70,7 +73,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require(Right::Admin, Resource::Channel(&request.name))?;
         let settings = convert::channel_settings(&request)?;
@@ -86,7 +89,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetChannelRequest>,
     ) -> Answer<pb::ChannelInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let name = request.into_inner().name;
         caller.require_visible(&name)?;
         let info = self.broker.channel_info(&name).await.map_err(to_status)?;
@@ -97,7 +100,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListChannelsRequest>,
     ) -> Answer<pb::ListChannelsResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let channels = self
             .broker
             .list_channels()
@@ -113,7 +116,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteChannelRequest>,
     ) -> Answer<pb::DeleteChannelResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let name = request.into_inner().name;
         caller.require(Right::Admin, Resource::Channel(&name))?;
         self.broker.delete_channel(&name).await.map_err(to_status)?;
@@ -124,9 +127,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
-        may_configure(&caller, &request)?;
+        may_configure(&caller, &request, None)?;
         may_fork(&caller, &request.channel, request.start.as_ref())?;
         let settings = convert::subscription_settings(&request)?;
         let start = convert::position(request.start)?;
@@ -145,9 +148,15 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
-        may_configure(&caller, &request)?;
+        // Keeping the dead-letter channel an operator set needs no right on it.
+        let current = (self.broker)
+            .subscription_info(&request.channel, &request.name)
+            .await
+            .ok()
+            .and_then(|s| s.dead_letter_channel);
+        may_configure(&caller, &request, current.as_deref())?;
         let settings = convert::subscription_settings(&request)?;
         self.broker
             .update_subscription(&request.channel, &request.name, settings)
@@ -165,7 +174,7 @@ impl Admin for AdminService {
     }
 
     async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Answer<pb::RedriveResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require(Right::Admin, Resource::Channel(&request.channel))?;
         let selection = RedriveSelection {
@@ -194,7 +203,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DerivedChannel>,
     ) -> Answer<pb::DerivedInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let spec = convert::derived_spec(request.into_inner());
         caller.require(Right::Admin, Resource::Channel(&spec.source))?;
         caller.require(Right::Admin, Resource::Channel(&spec.target))?;
@@ -206,7 +215,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteDerivedRequest>,
     ) -> Answer<pb::DeleteDerivedResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require(Right::Admin, Resource::Channel(&request.source))?;
         caller.require(Right::Admin, Resource::Channel(&request.target))?;
@@ -221,7 +230,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListDerivedRequest>,
     ) -> Answer<pb::ListDerivedResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let derived = self
             .broker
             .list_derived()
@@ -236,7 +245,7 @@ impl Admin for AdminService {
     }
 
     async fn seek(&self, request: Request<pb::SeekRequest>) -> Answer<pb::SubscriptionInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require(
             Right::Admin,
@@ -259,7 +268,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetSubscriptionRequest>,
     ) -> Answer<pb::SubscriptionInfo> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require_any(
             &[Right::Subscribe, Right::Admin],
@@ -280,7 +289,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Answer<pb::ListSubscriptionsResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let channel = request.into_inner().channel;
         caller.require_visible(&channel)?;
         let subscriptions = self
@@ -303,7 +312,7 @@ impl Admin for AdminService {
         request: Request<pb::DiffConfigRequest>,
     ) -> Answer<pb::DiffConfigResponse> {
         // A plan reads the state of everything the file could declare.
-        Caller::of(&request)?.require(Right::Admin, Resource::Everything)?;
+        Caller::of(&request, &self.gate)?.require(Right::Admin, Resource::Everything)?;
         let request = request.into_inner();
         let source = match request.source_name.as_str() {
             "" => "the configuration",
@@ -324,7 +333,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteSubscriptionRequest>,
     ) -> Answer<pb::DeleteSubscriptionResponse> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
         caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
         self.broker
@@ -347,11 +356,17 @@ fn visible(caller: &Caller, mut info: ChannelInfo) -> ChannelInfo {
 }
 
 /// Creating or changing a subscription takes admin on it and, since its dead letters are
-/// written there, publish (or admin) on its dead-letter channel.
-fn may_configure(caller: &Caller, request: &pb::CreateSubscriptionRequest) -> Result<(), Status> {
+/// written there, publish (or admin) on a dead-letter channel it names anew (`current`: the
+/// one it has).
+fn may_configure(
+    caller: &Caller,
+    request: &pb::CreateSubscriptionRequest,
+    current: Option<&str>,
+) -> Result<(), Status> {
     caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
     match request.dead_letter_channel.as_str() {
         "" => Ok(()),
+        dead if Some(dead) == current => Ok(()),
         dead => caller.require_any(&[Right::Publish, Right::Admin], Resource::Channel(dead)),
     }
 }

@@ -466,6 +466,9 @@ impl Default for LimitsConfig {
 impl Config {
     /// Refuses to serve where strangers could reach an unauthenticated broker: an address
     /// other than loopback needs principals, mutual TLS or `allow_unauthenticated = true`.
+    /// Refuses too certificate names that no client could present (no mutual TLS): checked
+    /// here, against the TLS in force, rather than in the file alone, since turning TLS on or
+    /// off takes a restart.
     pub fn check_exposure(&self) -> Result<(), String> {
         if let Some(metrics) = self.metrics.listen
             && !metrics.ip().is_loopback()
@@ -480,6 +483,15 @@ impl Config {
         let listen = self.server.listen;
         // Declared principals, or mutual TLS, authenticate every client.
         let mutual_tls = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
+        if let Some(i) = (self.principals.iter()).position(|p| !p.certificates.is_empty())
+            && !mutual_tls
+        {
+            return Err(format!(
+                "principals[{i}].certificates: no client is asked for a certificate unless \
+                 [server.tls] client_ca_file is set, so these names could never match: set it, \
+                 or give the principal tokens"
+            ));
+        }
         let authenticated = mutual_tls || !self.all_principals().is_empty();
         if listen.ip().is_loopback() || self.server.allow_unauthenticated || authenticated {
             return Ok(());
@@ -647,16 +659,6 @@ impl Config {
             ));
         }
         crate::auth::Access::of(self)?;
-        let mutual_tls = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
-        if let Some(i) = (self.principals.iter()).position(|p| !p.certificates.is_empty())
-            && !mutual_tls
-        {
-            return Err(format!(
-                "principals[{i}].certificates: no client asks to be authenticated by \
-                 certificate unless [server.tls] client_ca_file is set, so these names could \
-                 never match: set it, or give the principal tokens"
-            ));
-        }
         let mut channels = HashSet::new();
         for (i, channel) in self.channels.iter().enumerate() {
             let key = format!("channels[{i}]");
@@ -733,6 +735,10 @@ impl Config {
             {
                 return Err(format!("{key}.filter: {e}"));
             }
+            d.spec()
+                .reshape
+                .check()
+                .map_err(|e| format!("{key}: {e}"))?;
         }
         Ok(())
     }
@@ -1032,6 +1038,17 @@ mod tests {
             let message = Config::parse(&text, "f").unwrap_err().to_string();
             assert!(message.contains(why), "{bad}: {message}");
         }
+    }
+
+    #[test]
+    fn a_derived_channel_may_not_forge_a_dead_letter() {
+        let forged = "[[derived]]\nsource = \"a\"\ntarget = \"b\"\n\
+                      set = { \"ferry.dead_letter.channel\" = \"payments\" }\n";
+        let message = Config::parse(forged, "f").unwrap_err().to_string();
+        assert!(
+            message.contains("derived[0]") && message.contains("only the broker"),
+            "{message}"
+        );
     }
 
     #[test]

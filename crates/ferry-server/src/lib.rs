@@ -17,6 +17,7 @@ pub mod publisher;
 pub mod reload;
 pub mod status;
 pub mod subscriber;
+mod throttle;
 pub mod tls;
 
 use std::future::Future;
@@ -144,8 +145,11 @@ impl Services<'_> {
             self.gate.clone(),
         ))
         .max_decoding_message_size(max_request);
-        let admin = AdminServer::new(admin::AdminService::new(self.broker.clone()))
-            .max_decoding_message_size(max_request);
+        let admin = AdminServer::new(admin::AdminService::new(
+            self.broker.clone(),
+            self.gate.clone(),
+        ))
+        .max_decoding_message_size(max_request);
         Ok(Server::builder()
             .max_concurrent_streams(config.limits.max_streams_per_connection)
             .http2_max_header_list_size(config.limits.max_header_bytes.0 as u32)

@@ -76,7 +76,7 @@ impl Publisher for PublisherService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(&request, &self.gate)?;
         let confirmation = submit(&self.broker, &caller, request.into_inner()).await?;
         let appended = confirmation.confirmed().await.map_err(to_status)?;
         Ok(Response::new(convert::published(&appended)))
@@ -89,7 +89,7 @@ impl Publisher for PublisherService {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let mut caller = Caller::of(&request)?;
+        let mut caller = Caller::of(&request, &self.gate)?;
         let gate = self.gate.clone();
         let mut inbound = request.into_inner();
         let (pipeline, mut queued) =

@@ -13,12 +13,13 @@ use ferry_proto::pb::subscriber_server::Subscriber;
 use ferry_proto::pb::{
     self, subscribe_request::Request as Req, subscribe_response::Response as Resp,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, Held, Open};
-use crate::auth::{Caller, Gate, Resource, Right};
+use crate::auth::{Access, Caller, Gate, Resource, Right};
 use crate::convert;
 use crate::status::{to_status, transport_status};
 
@@ -54,7 +55,10 @@ impl Subscriber for SubscriberService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = Caller::of(&request)?;
+        // Watched from before the caller is judged: a reload at any later moment, even while
+        // the attach is awaited, wakes the judge.
+        let changes = self.gate.changes();
+        let caller = Caller::of(&request, &self.gate)?;
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -75,7 +79,9 @@ impl Subscriber for SubscriberService {
                 ));
             }
         };
-        // Acks, nacks and extensions travel on this stream, so its check covers them too.
+        // Acks, nacks and extensions travel on this stream, so its check covers them too. The
+        // attach may come long after the headers: judged by the principals in force now.
+        let caller = caller.current(&self.gate)?;
         caller.require(
             Right::Subscribe,
             Resource::Subscription {
@@ -92,17 +98,20 @@ impl Subscriber for SubscriberService {
         tracing::debug!(channel = %attach.channel, subscription = %attach.subscription, consumer = attached.consumer_id, "consumer attached");
 
         let (revoke, revoked) = oneshot::channel();
-        tokio::spawn(judge_again(
+        let withdrawn = CancellationToken::new();
+        let judge = Judge {
             caller,
-            self.gate.clone(),
-            (attach.channel.clone(), attach.subscription.clone()),
-            revoke,
-        ));
+            gate: self.gate.clone(),
+            changes,
+            withdrawn: withdrawn.clone(),
+        };
+        let names = (attach.channel.clone(), attach.subscription.clone());
+        tokio::spawn(judge.again(names, revoke));
         let (abort, aborted) = oneshot::channel();
         tokio::spawn(read_requests(
             inbound,
             consumer.clone(),
-            abort,
+            (abort, withdrawn),
             self.max_request,
         ));
         let first = pb::SubscribeResponse {
@@ -124,30 +133,43 @@ impl Subscriber for SubscriberService {
     }
 }
 
-/// Judges the stream's caller again at every reload of the principals, until the stream ends;
-/// ends it (through `revoke`) once its credential no longer counts or its right is gone.
-async fn judge_again(
+/// What judges a Subscribe stream's caller again at each reload of the principals.
+struct Judge {
     caller: Caller,
     gate: Gate,
-    (channel, name): (String, String),
-    mut revoke: oneshot::Sender<Status>,
-) {
-    let mut changes = gate.changes();
-    loop {
-        tokio::select! {
-            _ = revoke.closed() => return,
-            changed = changes.changed() => if changed.is_err() { return },
-        }
-        let resource = Resource::Subscription {
-            channel: &channel,
-            name: &name,
-        };
-        let verdict =
-            (caller.current(&gate)).and_then(|now| now.require(Right::Subscribe, resource));
-        if let Err(status) = verdict {
-            tracing::info!(%channel, subscription = %name, reason = %status.message(), "consumer detached: its rights were withdrawn by a reload");
-            let _ = revoke.send(status);
-            return;
+    /// Subscribed before the caller was judged at attach.
+    changes: watch::Receiver<Arc<Access>>,
+    /// Cancelled when the rights are withdrawn: the stream's requests stop being applied at
+    /// once, even if the client does not read the status that ends its stream (a consumer
+    /// that reads nothing is detached by the stall timeout).
+    withdrawn: CancellationToken,
+}
+
+impl Judge {
+    /// Judges the caller again at every reload, until the stream ends; ends it (through
+    /// `revoke`) once its credential no longer counts or its right is gone.
+    async fn again(
+        mut self,
+        (channel, name): (String, String),
+        mut revoke: oneshot::Sender<Status>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = revoke.closed() => return,
+                changed = self.changes.changed() => if changed.is_err() { return },
+            }
+            let resource = Resource::Subscription {
+                channel: &channel,
+                name: &name,
+            };
+            let verdict = (self.caller.current(&self.gate))
+                .and_then(|now| now.require(Right::Subscribe, resource));
+            if let Err(status) = verdict {
+                tracing::info!(%channel, subscription = %name, reason = %status.message(), "consumer detached: its rights were withdrawn by a reload");
+                self.withdrawn.cancel();
+                let _ = revoke.send(status);
+                return;
+            }
         }
     }
 }
@@ -157,7 +179,7 @@ async fn judge_again(
 async fn read_requests(
     mut inbound: Streaming<pb::SubscribeRequest>,
     consumer: ConsumerHandle,
-    mut abort: oneshot::Sender<Status>,
+    (mut abort, withdrawn): (oneshot::Sender<Status>, CancellationToken),
     max_request: usize,
 ) {
     loop {
@@ -166,6 +188,8 @@ async fn read_requests(
             // the requests are of no use; dropping them lets the call end even while the client
             // still holds its side open.
             _ = abort.closed() => return,
+            // Rights withdrawn by a reload: nothing more of this stream is applied.
+            _ = withdrawn.cancelled() => return,
             next = inbound.message() => next,
         };
         let request = match next {

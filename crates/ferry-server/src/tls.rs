@@ -26,12 +26,15 @@ use tonic::transport::server::Connected;
 
 use crate::config::TlsConfig;
 use crate::connections::Counted;
+use crate::throttle::Throttle;
 
 /// How long a client may take to complete its TLS handshake (while it holds one of the
 /// `max_connections` places).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections whose handshake is done, waiting for the server to take them.
 const HANDSHAKEN_QUEUE: usize = 64;
+/// Failed handshakes are logged at most once a second.
+static FAILED_HANDSHAKES: Throttle = Throttle::new();
 
 /// The TLS acceptor in force; clones share it, and [`Tls::reload`] swaps it for all of them.
 #[derive(Clone)]
@@ -91,19 +94,17 @@ impl Tls {
                 let (acceptor, handshaken) = (self.current(), handshaken.clone());
                 tokio::spawn(async move {
                     let peer = stream.connect_info().remote_addr();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let handshake = acceptor.accept(stream);
+                    let failure = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(tls)) => {
                             let _ = handshaken.send(Ok(tls)).await;
+                            return;
                         }
-                        Ok(Err(e)) => {
-                            tracing::info!(?peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::info!(
-                                ?peer,
-                                "TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}"
-                            );
-                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("timed out after {HANDSHAKE_TIMEOUT:?}"),
+                    };
+                    if let Some(left_out) = FAILED_HANDSHAKES.pass() {
+                        tracing::info!(?peer, error = %failure, left_out, "TLS handshake failed");
                     }
                 });
             }

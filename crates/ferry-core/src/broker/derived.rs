@@ -44,7 +44,7 @@ impl Broker {
         }
         names::validate("channel", &spec.target)?;
         let filter = parse_filter(&spec)?;
-        check_reshape(&spec)?;
+        spec.reshape.check()?;
         if spec.source == spec.target {
             return Err(CoreError::InvalidArgument(format!(
                 "derived channel {:?} would read itself: give it another source",
@@ -408,22 +408,6 @@ impl Broker {
 }
 
 /// Parses a derived channel's filter; the error names it.
-/// Refuses a reshaping that would write attributes only the broker may set.
-pub(super) fn check_reshape(spec: &DerivedSpec) -> Result<()> {
-    let reshape = &spec.reshape;
-    let written = (reshape.rename.values()).chain(reshape.set.keys());
-    match written
-        .into_iter()
-        .find(|name| crate::dead_letter::is_reserved(name))
-    {
-        Some(name) => Err(CoreError::InvalidArgument(format!(
-            "the derived channel would set the attribute {name:?}, which only the broker may set \
-             (ferry.dead_letter.* and ferry.redrive.for)"
-        ))),
-        None => Ok(()),
-    }
-}
-
 pub(super) fn parse_filter(spec: &DerivedSpec) -> Result<Option<Filter>> {
     let Some(text) = &spec.filter else {
         return Ok(None);

@@ -95,7 +95,7 @@ impl Broker {
         let pattern = Pattern::parse(&spec.source)?;
         names::validate("channel", &spec.target)?;
         let filter = super::derived::parse_filter(&spec)?;
-        super::derived::check_reshape(&spec)?;
+        spec.reshape.check()?;
         if pattern.matches(&spec.target) {
             return Err(CoreError::InvalidArgument(format!(
                 "derived channel {:?} matches its source pattern {:?}: it would read itself; \

@@ -162,7 +162,11 @@ impl Broker {
                     );
                     step(Action::Refuse, object, why)
                 }
-                None => match self.check_new_derived(spec) {
+                None => match spec
+                    .reshape
+                    .check()
+                    .and_then(|()| self.check_new_derived(spec))
+                {
                     Ok(()) => step(Action::Create, object, String::new()),
                     Err(e) => step(Action::Refuse, object, e.to_string()),
                 },

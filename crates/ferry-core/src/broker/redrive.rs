@@ -98,16 +98,20 @@ impl Broker {
                 if !room(&outcome) {
                     break;
                 }
-                let origin = self.origin_of(message).and_then(|origin| {
-                    match may_redrive_to(&origin.channel, &origin.subscription) {
-                        true => Ok(origin),
-                        false => Err(format!(
-                            "message {}: the caller may not redrive into subscription {:?} of \
-                             channel {:?} (it needs the admin right on it)",
-                            message.sequence, origin.subscription, origin.channel
-                        )),
-                    }
-                });
+                // The right first: a caller without it learns nothing of whether the origin
+                // still exists.
+                let origin = origin_of(message)
+                    .and_then(|origin| {
+                        match may_redrive_to(&origin.channel, &origin.subscription) {
+                            true => Ok(origin),
+                            false => Err(format!(
+                                "message {}: the caller may not redrive into subscription {:?} \
+                                 of channel {:?} (it needs the admin right on it)",
+                                message.sequence, origin.subscription, origin.channel
+                            )),
+                        }
+                    })
+                    .and_then(|origin| self.still_there(origin, message.sequence));
                 match origin {
                     Ok(origin) => {
                         let copy = dead_letter::redriven(message, &origin);
@@ -137,30 +141,34 @@ impl Broker {
         Ok(outcome)
     }
 
-    /// Where a dead letter came from, if that subscription still exists.
-    fn origin_of(&self, message: &Message) -> std::result::Result<Origin, String> {
-        let origin = dead_letter::origin(message).ok_or_else(|| {
-            format!(
-                "message {} has no ferry.dead_letter.* attributes: it was not dead-lettered by \
-                 the broker",
-                message.sequence
-            )
-        })?;
+    /// The origin of dead letter `sequence`, if that subscription still exists.
+    fn still_there(&self, origin: Origin, sequence: u64) -> std::result::Result<Origin, String> {
         let exists = self
             .channel(&origin.channel)
             .and_then(|c| c.subscription(&origin.subscription));
         match exists {
             Ok(_) => Ok(origin),
             Err(CoreError::ChannelNotFound(_)) => Err(format!(
-                "message {}: its origin channel {:?} no longer exists",
-                message.sequence, origin.channel
+                "message {sequence}: its origin channel {:?} no longer exists",
+                origin.channel
             )),
             Err(_) => Err(format!(
-                "message {}: its origin subscription {:?} of channel {:?} no longer exists",
-                message.sequence, origin.subscription, origin.channel
+                "message {sequence}: its origin subscription {:?} of channel {:?} no longer exists",
+                origin.subscription, origin.channel
             )),
         }
     }
+}
+
+/// Where a dead letter came from, as its attributes say.
+fn origin_of(message: &Message) -> std::result::Result<Origin, String> {
+    dead_letter::origin(message).ok_or_else(|| {
+        format!(
+            "message {} has no ferry.dead_letter.* attributes: it was not dead-lettered by the \
+             broker",
+            message.sequence
+        )
+    })
 }
 
 /// Whether a message carries every attribute the selection asks for.

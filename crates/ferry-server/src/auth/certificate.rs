@@ -38,7 +38,9 @@ mod tests {
     fn a_certificate_names_its_common_name_and_its_alternative_names() {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["billing.internal".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "billing");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "billing");
         params.subject_alt_names.extend([
             SanType::URI("spiffe://example.org/billing".try_into().unwrap()),
             SanType::Rfc822Name("ops@example.org".try_into().unwrap()),

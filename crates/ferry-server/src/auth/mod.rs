@@ -15,13 +15,14 @@ pub mod rules;
 pub mod token;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_core::names::quote;
 use tokio::sync::watch;
 use tonic::{Request, Status};
 
 pub use access::{Access, Credential, Principal};
+
+use crate::throttle::Throttle;
 pub use rules::{Resource, Right, Rule};
 
 /// Who made a call, found by the [`Authenticator`] and carried in the request's extensions.
@@ -36,17 +37,15 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The caller of `request`. A request the authenticator did not see is refused: failing
-    /// closed is the point.
-    pub fn of<T>(request: &Request<T>) -> Result<Caller, Status> {
-        request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| {
-                tracing::error!("a call reached a service without being authenticated: refused");
-                Status::unauthenticated("the call's credentials were not checked")
-            })
+    /// The caller of `request`, judged by the principals `gate` holds now (a reload may have
+    /// come between its headers and its body). A request the authenticator did not see is
+    /// refused: failing closed is the point.
+    pub fn of<T>(request: &Request<T>, gate: &Gate) -> Result<Caller, Status> {
+        let caller = request.extensions().get::<Caller>().ok_or_else(|| {
+            tracing::error!("a call reached a service without being authenticated: refused");
+            Status::unauthenticated("the call's credentials were not checked")
+        })?;
+        caller.current(gate)
     }
 
     /// The caller as the table in force now sees it: itself if the table has not changed,
@@ -215,24 +214,11 @@ impl tonic::service::Interceptor for Authenticator {
     }
 }
 
-/// The second (since the Unix epoch) of the last refusal logged, and how many were left out
-/// since: at most one line a second, so that clients without credentials cannot flood the log.
-static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
-static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+/// Refusals are logged at most once a second.
+static REFUSALS: Throttle = Throttle::new();
 
 fn log_refusal<T>(request: &Request<T>, reason: &str) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_LOGGED.load(Ordering::Relaxed);
-    let first_this_second = last != now
-        && LAST_LOGGED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
-    if first_this_second {
-        let left_out = LEFT_OUT.swap(0, Ordering::Relaxed);
+    if let Some(left_out) = REFUSALS.pass() {
         tracing::info!(peer = ?request.remote_addr(), %reason, left_out, "call refused: not authenticated");
-    } else {
-        LEFT_OUT.fetch_add(1, Ordering::Relaxed);
     }
 }
