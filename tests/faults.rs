@@ -301,8 +301,9 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-/// The config every fault runs with: small segments, so that faults also land while segment
-/// files are started and deleted.
+/// The config every fault runs with: small, preallocated segments, so that faults also land
+/// while segment files are started, taken from their spares and deleted, and while frames are
+/// written over zeros.
 fn write_config(dir: &Path, extra: &str) -> Options {
     write_config_with(dir, extra, "")
 }
@@ -312,7 +313,7 @@ fn write_config_with(dir: &Path, extra: &str, subscription: &str) -> Options {
     with_config(
         dir,
         &format!(
-            "[storage]\nsegment_size = \"1MiB\"\nmin_free_bytes = \"16MiB\"\nmin_free_percent = 0\n{extra}\n\
+            "[storage]\nsegment_size = \"1MiB\"\npreallocate_segments = true\nmin_free_bytes = \"16MiB\"\nmin_free_percent = 0\n{extra}\n\
              [[channels]]\nname = \"{CHANNEL}\"\n[[channels.subscriptions]]\nname = \"s\"\nack_deadline = \"2s\"\n\
              {subscription}"
         ),

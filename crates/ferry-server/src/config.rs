@@ -205,6 +205,8 @@ pub struct StorageConfig {
     pub tail_cache: ByteSize,
     /// Message records go to segment files of about this size, each deleted once all is acked.
     pub segment_size: ByteSize,
+    /// Segment files are written full of zeros in the background before they are used.
+    pub preallocate_segments: bool,
     /// Publishing is refused while free space is below the larger of this...
     pub min_free_bytes: ByteSize,
     /// ...and this percentage of the filesystem.
@@ -436,6 +438,7 @@ impl Default for StorageConfig {
             message_cache: ByteSize(StoreOptions::default().message_cache_bytes as u64),
             tail_cache: ByteSize(StoreOptions::default().tail_cache_bytes as u64),
             segment_size: ByteSize(64 << 20),
+            preallocate_segments: false,
             min_free_bytes: ByteSize(SpaceOptions::default().min_free_bytes),
             min_free_percent: SpaceOptions::default().min_free_percent,
             reserve: ByteSize(SpaceOptions::default().reserve_bytes),
@@ -757,6 +760,7 @@ impl Config {
                 message_cache_bytes: storage.message_cache.0 as usize,
                 tail_cache_bytes: storage.tail_cache.0 as usize,
                 segment_bytes: storage.segment_size.0,
+                preallocate: storage.preallocate_segments,
                 space: SpaceOptions {
                     min_free_bytes: storage.min_free_bytes.0,
                     min_free_percent: storage.min_free_percent,

@@ -11,13 +11,22 @@
 //! A commit is durable once its frames are `fdatasync`'d (with `fsync = "always"`); sled learns
 //! of it right after, in memory, and makes it durable in the background. After a restart,
 //! writing resumes in a new file, so a torn tail of the old current file is never appended to.
+//!
+//! Segment files can be preallocated: a background thread keeps the next file ready, written
+//! full of zeros (straight to the device where the filesystem allows direct I/O, then read
+//! back into the page cache, clean) and synced (`*.spare`), and a roll renames it into place.
+//! Writing over blocks that already exist changes no file size and no extent, so an
+//! `fdatasync` flushes the data alone, without a journal commit. The first file after a start
+//! is a plain one. A scan takes zeros where a frame would start as the end of the log, and a
+//! frame that a crash cut short over zeros as a torn write; a finished file is cut to its
+//! length when the next one starts.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use crate::codec::{FrameKind, RECORD_HEADER_LEN, RecordHeader, RecordLocation};
 use crate::{Counters, Result, StoreError, io_error};
@@ -29,6 +38,30 @@ pub(crate) struct Segments {
     readers: Mutex<HashMap<u32, Arc<File>>>,
 }
 
+/// How the preallocated files being prepared are named: `PID-N.spare`, unique to each, so that
+/// a preparation outliving its store (stopped, and opened again in the same process) can never
+/// write into a file a later one took.
+const SPARE_SUFFIX: &str = ".spare";
+/// The zeros of a spare are written this much at a time...
+const ZERO_CHUNK: usize = 1 << 20;
+/// ...from a buffer aligned to this, as direct I/O wants.
+const DIRECT_ALIGN: usize = 4096;
+/// A spare is prepared only while the disk has this many times its size free.
+const SPARE_HEADROOM: u64 = 8;
+/// Numbers the spares of this process.
+static SPARES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A preallocated file being prepared.
+struct Spare {
+    path: PathBuf,
+    /// Set when the appender goes: the preparation stops and removes its file.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<std::io::Result<File>>,
+}
+/// How many bytes after a zero frame header must be zeros too for the zeros to be the end of
+/// the log rather than damage.
+const ZERO_WINDOW: u64 = 4096;
+
 /// The segment being appended to; owned by the writer thread.
 pub(crate) struct Appender {
     segments: Arc<Segments>,
@@ -36,6 +69,14 @@ pub(crate) struct Appender {
     file: File,
     len: u64,
     limit: u64,
+    /// The current file was preallocated: it is cut to its length when the next one starts.
+    preallocated: bool,
+    /// Files are preallocated.
+    preallocate: bool,
+    /// Whether the disk has room for a spare now (the writer says, from the space monitor).
+    spares_allowed: bool,
+    /// The next preallocated file, being prepared or ready.
+    spare: Option<Spare>,
     /// Bytes of the current group, written in one call.
     pending: Vec<u8>,
     /// Files finished since the last sync, kept open to be synced (only when something will
@@ -72,6 +113,15 @@ impl Segments {
             }
         }
         ids.sort_unstable();
+        // Spares left by an earlier process are made anew.
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|e| io_error(&dir, e))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().ends_with(SPARE_SUFFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let segments = Arc::new(Segments {
             dir,
             readers: Mutex::new(HashMap::new()),
@@ -81,12 +131,15 @@ impl Segments {
 
     /// Starts a new segment file after `highest` (the highest id on disk or in the index), so
     /// that an id is never used twice. `keep_finished` says whether finished files will be
-    /// synced.
+    /// synced; with `preallocate`, a preallocated file is prepared in the background for the
+    /// next roll. The first file is a plain one: start-up does not wait for zeros, and it is
+    /// filled before it is left, so that the commits a start makes (a channel created, say)
+    /// stay in a file with messages rather than in a small one soon deleted.
     pub(crate) fn start(
         self: &Arc<Self>,
         highest: u32,
         limit: u64,
-        keep_finished: bool,
+        (keep_finished, preallocate): (bool, bool),
         counters: Arc<Counters>,
     ) -> Result<Appender> {
         let segments = self.clone();
@@ -98,6 +151,10 @@ impl Segments {
             file,
             len: 0,
             limit,
+            preallocated: false,
+            preallocate,
+            spares_allowed: true,
+            spare: preallocate.then(|| segments.prepare_spare(limit)),
             pending: Vec::new(),
             unsynced: Vec::new(),
             keep_finished,
@@ -208,6 +265,11 @@ impl Segments {
     /// read to `found` with its body if that matches its checksum (None if not); stops where
     /// `found` says so or at the first frame that cannot be read: the end of the file, a torn
     /// tail, or a record of the old format. Returns where it stopped and the file's length.
+    ///
+    /// In a preallocated file, zeros where a frame would start are the end of the log (the
+    /// length returned is then where they start), and a frame that fails its checksum with
+    /// zeros at its end and after it is a write a crash cut short: it is not handed to `found`,
+    /// and the length returned is its end, as for a frame cut short at the end of a plain file.
     pub(crate) fn scan(
         &self,
         id: u32,
@@ -220,9 +282,13 @@ impl Segments {
         let mut offset = from;
         let mut header = [0u8; RECORD_HEADER_LEN];
         let mut body = Vec::new();
+        let zeros_from = |at: u64| zeros_follow(&file, at, len).map_err(|e| io_error(&path, e));
         while offset.saturating_add(RECORD_HEADER_LEN as u64) <= len {
             file.read_exact_at(&mut header, offset)
                 .map_err(|e| io_error(&path, e))?;
+            if header.iter().all(|&b| b == 0) && zeros_from(offset)? {
+                return Ok((offset, offset));
+            }
             let Some(mut record) = RecordHeader::parse(&header) else {
                 break;
             };
@@ -233,6 +299,10 @@ impl Segments {
             file.read_exact_at(&mut body, offset + RECORD_HEADER_LEN as u64)
                 .map_err(|e| io_error(&path, e))?;
             let intact = record.matches(&body);
+            let end = offset + record.len;
+            if !intact && ends_in_zeros(&body) && zeros_from(end)? {
+                return Ok((offset, end));
+            }
             // A message record's body starts with its (shared) publish time.
             if intact && record.kind != FrameKind::Commit && body.len() >= 8 {
                 record.publish_ms = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
@@ -253,10 +323,103 @@ impl Segments {
         let path = self.path(id);
         let file = File::options()
             .create_new(true)
-            .append(true)
+            .write(true)
             .read(true)
             .open(&path)
             .map_err(|e| io_error(&path, e))?;
+        Ok((id, file))
+    }
+
+    /// Starts writing `len` bytes of zeros to a new spare file, synced, on a thread of its own.
+    fn prepare_spare(&self, len: u64) -> Spare {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = SPARES.fetch_add(1, Relaxed);
+        let path = (self.dir).join(format!("{}-{n}{SPARE_SUFFIX}", std::process::id()));
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (at, stop) = (path.clone(), cancel.clone());
+        let dir = self.dir.clone();
+        let prepare = move || {
+            // A spare takes its whole size at once: never from a disk that is nearly full,
+            // where the space must stay for acks and the index.
+            let stat = rustix::fs::statvfs(&dir).map_err(std::io::Error::from)?;
+            let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+            if free < len.saturating_mul(SPARE_HEADROOM) {
+                return Err(std::io::Error::other(format!(
+                    "{free} bytes free: too little to preallocate a segment file"
+                )));
+            }
+            let zeroed = || {
+                let file = File::options()
+                    .create_new(true)
+                    .write(true)
+                    .read(true)
+                    .open(&at)?;
+                // The zeros go straight to the device where the filesystem allows it: through
+                // the page cache they would cost a copy, and their writeback would stand in
+                // front of the live segment's syncs.
+                let direct = {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
+                    File::options()
+                        .write(true)
+                        .custom_flags(flags)
+                        .open(&at)
+                        .ok()
+                };
+                // O_DIRECT wants its buffer aligned to the block size.
+                let buffer = vec![0u8; ZERO_CHUNK + DIRECT_ALIGN];
+                let aligned = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+                let zeros = &buffer[aligned..aligned + ZERO_CHUNK];
+                let (target, rounded) = match &direct {
+                    Some(direct) => (direct, len.next_multiple_of(DIRECT_ALIGN as u64)),
+                    None => (&file, len),
+                };
+                let mut written = 0;
+                while written < rounded {
+                    if stop.load(Relaxed) {
+                        return Err(std::io::Error::other("the store stopped"));
+                    }
+                    let n = (rounded - written).min(ZERO_CHUNK as u64) as usize;
+                    target.write_all_at(&zeros[..n], written)?;
+                    written += n as u64;
+                }
+                target.sync_all()?;
+                if direct.is_some() {
+                    // Read back through the page cache, clean: the frames written over them
+                    // then fill cached pages, instead of waiting on a read of each block.
+                    let mut chunk = vec![0u8; ZERO_CHUNK];
+                    let mut read = 0;
+                    while read < len {
+                        let n = (len - read).min(ZERO_CHUNK as u64) as usize;
+                        file.read_exact_at(&mut chunk[..n], read)?;
+                        read += n as u64;
+                    }
+                }
+                Ok(file)
+            };
+            // A spare that could not be finished (a full disk, a stop) gives its space back.
+            zeroed().inspect_err(|_| {
+                let _ = std::fs::remove_file(&at);
+            })
+        };
+        let spawned = std::thread::Builder::new()
+            .name("ferry-store-spare".into())
+            .spawn(prepare);
+        let handle = match spawned {
+            Ok(handle) => handle,
+            // No thread: the spare is simply never ready, and plain files are used.
+            Err(e) => std::thread::spawn(move || Err(e)),
+        };
+        Spare {
+            path,
+            cancel,
+            handle,
+        }
+    }
+
+    /// The spare at `path`, renamed to be segment `id`.
+    fn take_spare(&self, (path, file): (PathBuf, File), id: u32) -> std::io::Result<(u32, File)> {
+        std::fs::rename(&path, self.path(id))?;
         Ok((id, file))
     }
 
@@ -387,7 +550,30 @@ impl Appender {
 
     fn roll(&mut self) -> Result<()> {
         self.write()?;
-        let (id, file) = self.segments.create(next_id(self.id)?)?;
+        let id = next_id(self.id)?;
+        let taken = self.ready_spare();
+        if self.preallocate && self.spare.is_none() && self.spares_allowed {
+            self.spare = Some(self.segments.prepare_spare(self.limit));
+        }
+        let (spare, preallocated) = match taken {
+            Some(file) => match self.segments.take_spare(file, id) {
+                Ok(taken) => (taken, true),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot take the preallocated segment file; creating a plain one");
+                    (self.segments.create(id)?, false)
+                }
+            },
+            None => (self.segments.create(id)?, false),
+        };
+        let (id, file) = spare;
+        if self.preallocated {
+            // The zeros past the last frame go: a finished file ends where its log does.
+            let path = self.segments.path(self.id);
+            self.file
+                .set_len(self.len)
+                .map_err(|e| io_error(&path, e))?;
+        }
+        self.preallocated = preallocated;
         let finished = std::mem::replace(&mut self.file, file);
         if self.keep_finished {
             self.unsynced.push(Arc::new(finished));
@@ -399,13 +585,31 @@ impl Appender {
         Ok(())
     }
 
-    /// Writes the group's records to the file (not yet synced).
+    /// The spare (its path and file), if it is ready. One that could not be made (a full disk,
+    /// say) is logged, and another is tried for the roll after.
+    fn ready_spare(&mut self) -> Option<(PathBuf, File)> {
+        if !self.spare.as_ref()?.handle.is_finished() {
+            return None;
+        }
+        let spare = self.spare.take()?;
+        match spare.handle.join() {
+            Ok(Ok(file)) => Some((spare.path, file)),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot preallocate a segment file; using a plain one");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Writes the group's records to the file (not yet synced), where the log ends: over the
+    /// zeros of a preallocated file, or past the end of a plain one.
     pub(crate) fn write(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
         self.file
-            .write_all(&self.pending)
+            .write_all_at(&self.pending, self.len)
             .map_err(|e| io_error(&self.segments.path(self.id), e))?;
         self.len += self.pending.len() as u64;
         self.pending.clear();
@@ -461,8 +665,55 @@ impl Appender {
     }
 }
 
+impl Appender {
+    /// Tells how much room the disk has (`free` bytes, publishing refused below `watermark`,
+    /// or refused now: `low`). Spares are made only with room for several: otherwise one being
+    /// made is abandoned and one made is removed, its space going to acks and the index first.
+    pub(crate) fn space_is(&mut self, free: u64, watermark: u64, low: bool) {
+        let room = watermark.saturating_add(self.limit.saturating_mul(SPARE_HEADROOM));
+        let allowed = !low && free >= room;
+        self.spares_allowed = allowed;
+        if !allowed {
+            self.drop_spare();
+        }
+    }
+
+    fn drop_spare(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            spare
+                .cancel
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            // One already made: its file goes (one still being made removes its own).
+            if spare.handle.is_finished() {
+                let _ = std::fs::remove_file(&spare.path);
+            }
+        }
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        self.drop_spare();
+    }
+}
+
 /// A record is at most a group's cut (256 KiB) plus one message (at most 64 MiB).
 const MAX_RECORD_BYTES: u32 = 128 << 20;
+
+/// Whether the bytes of `file` from `at` (at most [`ZERO_WINDOW`] of them, up to `len`) are
+/// all zeros: what follows the log in a preallocated file.
+fn zeros_follow(file: &File, at: u64, len: u64) -> std::io::Result<bool> {
+    let mut window = vec![0u8; ZERO_WINDOW.min(len.saturating_sub(at)) as usize];
+    file.read_exact_at(&mut window, at)?;
+    Ok(window.iter().all(|&b| b == 0))
+}
+
+/// Whether a frame's body ends in zeros, as one does whose write a crash cut short over the
+/// zeros of a preallocated file (writes reach the disk a page at a time, from the start).
+fn ends_in_zeros(body: &[u8]) -> bool {
+    let tail = &body[body.len().saturating_sub(16)..];
+    !tail.is_empty() && tail.iter().all(|&b| b == 0)
+}
 
 fn next_id(id: u32) -> Result<u32> {
     id.checked_add(1)
@@ -482,12 +733,127 @@ fn sync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec;
+
+    /// Waits (bounded) until the appender's spare is ready.
+    fn spare_ready(appender: &Appender) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !appender
+            .spare
+            .as_ref()
+            .is_some_and(|s| s.handle.is_finished())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the spare was never ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Appends one commit (a commit frame of its own) as its own group, written.
+    fn commit(appender: &mut Appender, body: &[u8]) -> RecordLocation {
+        appender.begin_group().unwrap();
+        let at = appender
+            .append(|out| codec::frame_commit(0, body, out))
+            .unwrap();
+        appender.write().unwrap();
+        at
+    }
+
+    fn commits_in(segments: &Segments, id: u32) -> (Vec<u64>, ScanEnd) {
+        let mut found = Vec::new();
+        let end = segments
+            .scan_commits(id, 0, |commit| found.push(commit.end))
+            .unwrap();
+        (found, end)
+    }
+
+    #[test]
+    fn preallocated_files_end_where_their_log_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        let mut appender = segments
+            .start(0, 4096, (true, true), Arc::default())
+            .unwrap();
+        // The first file is plain, and filled before it is left.
+        commit(&mut appender, &[1u8; 5000]);
+        assert_eq!(appender.current(), 1);
+        spare_ready(&appender);
+        commit(&mut appender, b"second");
+        assert_eq!(appender.current(), 2);
+        let path = |id: u32| dir.path().join(format!("segments/{id:010}.seg"));
+        let size = |id| std::fs::metadata(path(id)).unwrap().len();
+        assert_eq!(size(2), 4096, "preallocated");
+        let (found, end) = commits_in(&segments, 2);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (end.stopped, end.len, end.damaged),
+            (found[0], found[0], None)
+        );
+
+        // Filled past its size, it is cut to its log when the next file starts.
+        let big = vec![7u8; 5000];
+        commit(&mut appender, &big);
+        let written = appender.end();
+        spare_ready(&appender);
+        commit(&mut appender, b"in the third file");
+        assert_eq!(appender.current(), 3);
+        assert_eq!(size(2), written);
+        let (found, end) = commits_in(&segments, 2);
+        assert_eq!((found.len(), end.stopped, end.len), (2, written, written));
+        drop(appender);
+        let spares = std::fs::read_dir(dir.path().join("segments"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(SPARE_SUFFIX))
+            .count();
+        assert!(
+            spares <= 1,
+            "at most one spare, removed soon after the store goes"
+        );
+    }
+
+    #[test]
+    fn a_write_cut_short_over_zeros_is_a_torn_tail_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        let mut appender = segments
+            .start(0, 1 << 20, (true, true), Arc::default())
+            .unwrap();
+        commit(&mut appender, &vec![1u8; 1 << 20]);
+        spare_ready(&appender);
+        let whole = commit(&mut appender, b"whole");
+        let torn = commit(&mut appender, &[9u8; 300]);
+        assert_eq!((whole.segment, torn.segment), (2, 2));
+        // The crash wrote the torn frame's start only: its end is still zeros.
+        let file = File::options()
+            .write(true)
+            .open(dir.path().join("segments/0000000002.seg"))
+            .unwrap();
+        file.write_all_at(&[0u8; 100], torn.offset + u64::from(torn.len) - 100)
+            .unwrap();
+        let (found, end) = commits_in(&segments, 2);
+        assert_eq!(found, [u64::from(whole.len)]);
+        assert_eq!(end.damaged, None, "a tear, not damage");
+        assert_eq!(end.stopped, torn.offset);
+        assert!(end.len > end.stopped, "reported as a torn tail");
+
+        // Zeros followed by something else are not the end of the log.
+        file.write_all_at(&[0u8; 300], torn.offset).unwrap();
+        file.write_all_at(b"not zeros", torn.offset + 400).unwrap();
+        let (_, end) = commits_in(&segments, 2);
+        assert_eq!(end.stopped, torn.offset);
+        assert!(end.len > end.stopped);
+    }
 
     #[test]
     fn a_group_never_spans_two_files_and_a_discarded_one_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
-        let mut appender = segments.start(0, 1000, true, Arc::default()).unwrap();
+        let mut appender = segments
+            .start(0, 1000, (true, false), Arc::default())
+            .unwrap();
         appender.begin_group().unwrap();
         appender.append(|out| out.extend([1u8; 600])).unwrap();
         appender.append(|out| out.extend([2u8; 600])).unwrap();

@@ -323,6 +323,9 @@ async fn a_segment_emptied_while_current_is_deleted_once_finished() {
     let options = StoreOptions {
         segment_bytes: 16 * 1024,
         tail_cache_bytes: 0,
+        // Plain files, so that which commit goes to which file depends on sizes alone, not
+        // on when a preallocated file is ready.
+        preallocate: false,
         ..StoreOptions::default()
     };
     let (store, _) = Store::open(dir.path(), options).unwrap();

@@ -285,7 +285,7 @@ impl Writer {
         let appender = segments.start(
             highest,
             options.segment_bytes,
-            keep_finished,
+            (keep_finished, options.preallocate),
             counters.clone(),
         )?;
 
@@ -548,6 +548,8 @@ impl Writer {
         if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
             return Err(StoreError::Failed(failure));
         }
+        let space = self.space.report();
+        (self.appender).space_is(space.free, space.watermark, space.low);
         self.appender.begin_group().inspect_err(|e| match e {
             StoreError::DiskFull { .. } => self.space.disk_full(),
             _ => fail(shared, e),
