@@ -75,6 +75,9 @@ pub(crate) struct Appender {
     preallocate: bool,
     /// Whether the disk has room for a spare now (the writer says, from the space monitor).
     spares_allowed: bool,
+    /// Bytes of disk that spares started since the writer last asked (see
+    /// [`Appender::disk_taken`]).
+    spare_bytes: u64,
     /// The next preallocated file, being prepared or ready.
     spare: Option<Spare>,
     /// Bytes of the current group, written in one call.
@@ -154,6 +157,7 @@ impl Segments {
             preallocated: false,
             preallocate,
             spares_allowed: true,
+            spare_bytes: if preallocate { limit } else { 0 },
             spare: preallocate.then(|| segments.prepare_spare(limit)),
             pending: Vec::new(),
             unsynced: Vec::new(),
@@ -518,6 +522,19 @@ impl Appender {
         })
     }
 
+    /// The disk space the current group's frames and any spare started since the last call
+    /// take: frames written over a preallocated file's zeros take none (the spare's space was
+    /// counted when it was started), so that the space monitor's estimate between two looks
+    /// at the disk is not lowered twice for the same blocks.
+    pub(crate) fn disk_taken(&mut self) -> u64 {
+        let pending = self.pending.len() as u64;
+        let frames = match self.preallocated {
+            true => (self.len + pending).saturating_sub(self.len.max(self.limit)),
+            false => pending,
+        };
+        frames + std::mem::take(&mut self.spare_bytes)
+    }
+
     /// Bytes of the current group not yet written.
     pub(crate) fn pending_len(&self) -> u64 {
         self.pending.len() as u64
@@ -554,6 +571,7 @@ impl Appender {
         let taken = self.ready_spare();
         if self.preallocate && self.spare.is_none() && self.spares_allowed {
             self.spare = Some(self.segments.prepare_spare(self.limit));
+            self.spare_bytes += self.limit;
         }
         let (spare, preallocated) = match taken {
             Some(file) => match self.segments.take_spare(file, id) {
@@ -667,13 +685,14 @@ impl Appender {
 
 impl Appender {
     /// Tells how much room the disk has (`free` bytes, publishing refused below `watermark`,
-    /// or refused now: `low`). Spares are made only with room for several: otherwise one being
-    /// made is abandoned and one made is removed, its space going to acks and the index first.
+    /// or refused now: `low`). A spare is started only with room for several segments; without,
+    /// one being made is abandoned (its file goes). One already made stays: its space is the
+    /// next segment's.
     pub(crate) fn space_is(&mut self, free: u64, watermark: u64, low: bool) {
         let room = watermark.saturating_add(self.limit.saturating_mul(SPARE_HEADROOM));
         let allowed = !low && free >= room;
         self.spares_allowed = allowed;
-        if !allowed {
+        if !allowed && self.spare.as_ref().is_some_and(|s| !s.handle.is_finished()) {
             self.drop_spare();
         }
     }

@@ -584,7 +584,7 @@ impl Writer {
     /// Writes the group's frames and syncs them (the commit is durable then: this is the only
     /// sync it waits for), then applies its batch to sled, in memory.
     fn make_durable(&mut self, group: &mut Group, log_bytes: u64) -> Result<()> {
-        self.space.wrote(log_bytes);
+        self.space.wrote(self.appender.disk_taken());
         self.appender.write()?;
         failpoint::hit("segment-written");
         match self.fsync {
