@@ -154,7 +154,13 @@ impl Space {
     /// Refuses a publish while free space is below the watermark (raised by the reserve's size
     /// while the reserve is released).
     pub(crate) fn check(&self) -> Result<()> {
-        let report = self.report();
+        let mut report = self.report();
+        // The estimate between two looks can only fall: before refusing on it, look at the
+        // disk, so that a refusal is the disk's state and not the estimate's.
+        if report.low && !self.low.load(Ordering::Acquire) {
+            let _ = self.refresh();
+            report = self.report();
+        }
         if !report.low {
             return Ok(());
         }
