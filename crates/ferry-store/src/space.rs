@@ -77,6 +77,9 @@ pub(crate) struct Space {
     reserved: AtomicBool,
     /// When a write last failed with ENOSPC.
     failed_at: Mutex<Option<std::time::Instant>>,
+    /// Set (and the condvar below notified) when a publish was refused on the estimate alone:
+    /// the monitor looks at the disk at once. A wake-up lost to a race waits one round.
+    probe_now: AtomicBool,
     /// Set (and the condvar notified) to stop the monitor.
     stop: (Mutex<bool>, Condvar),
 }
@@ -95,6 +98,7 @@ impl Space {
             written: AtomicU64::new(0),
             reserved: AtomicBool::new(dir.join("reserve").exists()),
             failed_at: Mutex::new(None),
+            probe_now: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
         });
         space.refresh()?;
@@ -114,7 +118,9 @@ impl Space {
                     let (stopped, wake) = &space.stop;
                     let guard = stopped.lock().expect("space stop lock");
                     let (guard, _) = wake
-                        .wait_timeout_while(guard, PROBE_EVERY, |stopped| !*stopped)
+                        .wait_timeout_while(guard, PROBE_EVERY, |stopped| {
+                            !*stopped && !space.probe_now.swap(false, Ordering::AcqRel)
+                        })
                         .expect("space stop lock");
                     if *guard {
                         return;
@@ -154,12 +160,14 @@ impl Space {
     /// Refuses a publish while free space is below the watermark (raised by the reserve's size
     /// while the reserve is released).
     pub(crate) fn check(&self) -> Result<()> {
-        let mut report = self.report();
-        // The estimate between two looks can only fall: before refusing on it, look at the
-        // disk, so that a refusal is the disk's state and not the estimate's.
+        let report = self.report();
+        // The estimate between two looks only falls: when it alone refuses, the monitor looks
+        // at the disk at once rather than at its next round, so that a refusal the disk does
+        // not bear out is lifted within moments. (The look stays the monitor's: it may make or
+        // release the reserve, which is no work for a publish.)
         if report.low && !self.low.load(Ordering::Acquire) {
-            let _ = self.refresh();
-            report = self.report();
+            self.probe_now.store(true, Ordering::Release);
+            self.stop.1.notify_all();
         }
         if !report.low {
             return Ok(());
