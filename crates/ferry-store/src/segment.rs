@@ -75,9 +75,6 @@ pub(crate) struct Appender {
     preallocate: bool,
     /// Whether the disk has room for a spare now (the writer says, from the space monitor).
     spares_allowed: bool,
-    /// Bytes of disk that spares started since the writer last asked (see
-    /// [`Appender::disk_taken`]).
-    spare_bytes: u64,
     /// The next preallocated file, being prepared or ready.
     spare: Option<Spare>,
     /// Bytes of the current group, written in one call.
@@ -157,7 +154,6 @@ impl Segments {
             preallocated: false,
             preallocate,
             spares_allowed: true,
-            spare_bytes: if preallocate { limit } else { 0 },
             spare: preallocate.then(|| segments.prepare_spare(limit)),
             pending: Vec::new(),
             unsynced: Vec::new(),
@@ -270,9 +266,9 @@ impl Segments {
     /// `found` says so or at the first frame that cannot be read: the end of the file, a torn
     /// tail, or a record of the old format. Returns where it stopped and the file's length.
     ///
-    /// In a preallocated file, zeros where a frame would start are the end of the log (the
-    /// length returned is then where they start), and a frame that fails its checksum with
-    /// zeros at its end and after it is a write a crash cut short: it is not handed to `found`,
+    /// In a preallocated file, zeros from where a frame would start to the end of the file are
+    /// the end of the log (the length returned is then where they start), and a frame that
+    /// fails its checksum with zeros at its end and after it is a write a crash cut short: it is not handed to `found`,
     /// and the length returned is its end, as for a frame cut short at the end of a plain file.
     pub(crate) fn scan(
         &self,
@@ -287,10 +283,13 @@ impl Segments {
         let mut header = [0u8; RECORD_HEADER_LEN];
         let mut body = Vec::new();
         let zeros_from = |at: u64| zeros_follow(&file, at, len).map_err(|e| io_error(&path, e));
+        // Zeros end the log only if nothing follows them: a zeroed hole inside a file is
+        // damage. Read at most once per scan, at the end of the current file.
+        let zeros_to_end = |at: u64| zeros_until(&file, at, len).map_err(|e| io_error(&path, e));
         while offset.saturating_add(RECORD_HEADER_LEN as u64) <= len {
             file.read_exact_at(&mut header, offset)
                 .map_err(|e| io_error(&path, e))?;
-            if header.iter().all(|&b| b == 0) && zeros_from(offset)? {
+            if header.iter().all(|&b| b == 0) && zeros_to_end(offset)? {
                 return Ok((offset, offset));
             }
             let Some(mut record) = RecordHeader::parse(&header) else {
@@ -304,7 +303,9 @@ impl Segments {
                 .map_err(|e| io_error(&path, e))?;
             let intact = record.matches(&body);
             let end = offset + record.len;
-            if !intact && ends_in_zeros(&body) && zeros_from(end)? {
+            // Only with zeros after it: the last frame of a file that fails its checksum is
+            // damage, as it always was.
+            if !intact && end < len && ends_in_zeros(&body) && zeros_from(end)? {
                 return Ok((offset, end));
             }
             // A message record's body starts with its (shared) publish time.
@@ -388,6 +389,9 @@ impl Segments {
                     written += n as u64;
                 }
                 target.sync_all()?;
+                if stop.load(Relaxed) {
+                    return Err(std::io::Error::other("the store stopped"));
+                }
                 if direct.is_some() {
                     // Read back through the page cache, clean: the frames written over them
                     // then fill cached pages, instead of waiting on a read of each block.
@@ -398,6 +402,10 @@ impl Segments {
                         file.read_exact_at(&mut chunk[..n], read)?;
                         read += n as u64;
                     }
+                }
+                // Abandoned meanwhile: nobody will take it, so it removes itself (below).
+                if stop.load(Relaxed) {
+                    return Err(std::io::Error::other("the store stopped"));
                 }
                 Ok(file)
             };
@@ -522,17 +530,16 @@ impl Appender {
         })
     }
 
-    /// The disk space the current group's frames and any spare started since the last call
-    /// take: frames written over a preallocated file's zeros take none (the spare's space was
-    /// counted when it was started), so that the space monitor's estimate between two looks
-    /// at the disk is not lowered twice for the same blocks.
-    pub(crate) fn disk_taken(&mut self) -> u64 {
+    /// The disk space the current group's frames take: none for frames written over a
+    /// preallocated file's zeros (the monitor saw that space go when the spare was made), so
+    /// that the estimate between two looks at the disk is not lowered for blocks already
+    /// taken.
+    pub(crate) fn disk_taken(&self) -> u64 {
         let pending = self.pending.len() as u64;
-        let frames = match self.preallocated {
+        match self.preallocated {
             true => (self.len + pending).saturating_sub(self.len.max(self.limit)),
             false => pending,
-        };
-        frames + std::mem::take(&mut self.spare_bytes)
+        }
     }
 
     /// Bytes of the current group not yet written.
@@ -568,29 +575,30 @@ impl Appender {
     fn roll(&mut self) -> Result<()> {
         self.write()?;
         let id = next_id(self.id)?;
+        if self.preallocated {
+            // The zeros past the last frame go: a finished file ends where its log does. Not
+            // vital (a scan ends at zeros), so a failure is said and the roll goes on, with
+            // nothing of it changed yet.
+            if let Err(e) = self.file.set_len(self.len) {
+                tracing::warn!(segment = self.id, error = %e, "cannot cut the zeros off a finished segment file");
+            }
+        }
         let taken = self.ready_spare();
         if self.preallocate && self.spare.is_none() && self.spares_allowed {
             self.spare = Some(self.segments.prepare_spare(self.limit));
-            self.spare_bytes += self.limit;
         }
         let (spare, preallocated) = match taken {
-            Some(file) => match self.segments.take_spare(file, id) {
+            Some((path, file)) => match self.segments.take_spare((path.clone(), file), id) {
                 Ok(taken) => (taken, true),
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot take the preallocated segment file; creating a plain one");
+                    tracing::warn!(error = %e, "cannot take the preallocated segment file; creating a plain one");
+                    let _ = std::fs::remove_file(&path);
                     (self.segments.create(id)?, false)
                 }
             },
             None => (self.segments.create(id)?, false),
         };
         let (id, file) = spare;
-        if self.preallocated {
-            // The zeros past the last frame go: a finished file ends where its log does.
-            let path = self.segments.path(self.id);
-            self.file
-                .set_len(self.len)
-                .map_err(|e| io_error(&path, e))?;
-        }
         self.preallocated = preallocated;
         let finished = std::mem::replace(&mut self.file, file);
         if self.keep_finished {
@@ -654,6 +662,8 @@ impl Appender {
         debug_assert_eq!(id, self.id, "a group never spans two files");
         let path = self.segments.path(id);
         self.file.set_len(len).map_err(|e| io_error(&path, e))?;
+        // Cut back, the file no longer has zeros ahead of its log.
+        self.preallocated = false;
         // The undo is made durable at once: a torn commit is ignored on replay anyway, but a
         // whole one whose callers were told it was refused must not come back.
         self.file.sync_data().map_err(|e| io_error(&path, e))?;
@@ -725,6 +735,20 @@ fn zeros_follow(file: &File, at: u64, len: u64) -> std::io::Result<bool> {
     let mut window = vec![0u8; ZERO_WINDOW.min(len.saturating_sub(at)) as usize];
     file.read_exact_at(&mut window, at)?;
     Ok(window.iter().all(|&b| b == 0))
+}
+
+/// Whether every byte of `file` from `at` to `len` is zero.
+fn zeros_until(file: &File, mut at: u64, len: u64) -> std::io::Result<bool> {
+    let mut chunk = vec![0u8; ZERO_CHUNK];
+    while at < len {
+        let n = (len - at).min(ZERO_CHUNK as u64) as usize;
+        file.read_exact_at(&mut chunk[..n], at)?;
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// Whether a frame's body ends in zeros, as one does whose write a crash cut short over the
@@ -831,6 +855,26 @@ mod tests {
             spares <= 1,
             "at most one spare, removed soon after the store goes"
         );
+    }
+
+    #[test]
+    fn the_last_frame_of_a_file_failing_its_checksum_is_damage_even_ending_in_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        let mut appender = segments
+            .start(0, 1 << 20, (true, false), Arc::default())
+            .unwrap();
+        commit(&mut appender, b"whole");
+        let last = commit(&mut appender, &[9u8; 300]);
+        let file = File::options()
+            .write(true)
+            .open(dir.path().join("segments/0000000001.seg"))
+            .unwrap();
+        // Its end damaged to zeros, but nothing after it: the file ends with the frame.
+        file.write_all_at(&[0u8; 100], last.offset + u64::from(last.len) - 100)
+            .unwrap();
+        let (_, end) = commits_in(&segments, 1);
+        assert_eq!(end.damaged, Some(last.offset));
     }
 
     #[test]
