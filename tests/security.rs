@@ -185,6 +185,13 @@ async fn mutual_tls_lets_in_only_clients_with_a_certificate_the_ca_signed() {
     assert!(out.contains("orders"), "{out}");
     let (code, _) = ferry(&[&["health"][..], &with_identity[..]].concat());
     assert_eq!(code, Some(0));
+    // Asking for TLS with an http:// address still speaks TLS (never plaintext, where a token
+    // would travel in the clear): this broker accepts nothing else.
+    let plain_url = daemon.url.clone();
+    let mut over_http = with_identity;
+    over_http[1] = &plain_url;
+    let (code, out) = ferry(&[&["channels", "list"][..], &over_http[..]].concat());
+    assert_eq!(code, Some(0), "{out}");
     let (code, _) = ferry(&["channels", "list", "--server", &url, "--tls-ca", &ca]);
     assert_eq!(code, Some(3), "refused without a client certificate");
     daemon.stop().await;

@@ -121,10 +121,13 @@ impl Client {
 
     async fn connect_with(address: impl Into<String>, tls: Option<Tls>) -> Result<Client> {
         let address = address.into();
-        let url = match (address.contains("://"), tls.is_some()) {
-            (true, _) => address.clone(),
-            (false, false) => format!("http://{address}"),
-            (false, true) => format!("https://{address}"),
+        // With TLS asked for, an `http://` address is taken as `https://`: tonic would
+        // otherwise connect in plaintext, and send the token in the clear.
+        let url = match (address.split_once("://"), tls.is_some()) {
+            (Some(("http", rest)), true) => format!("https://{rest}"),
+            (Some(_), _) => address.clone(),
+            (None, false) => format!("http://{address}"),
+            (None, true) => format!("https://{address}"),
         };
         let mut endpoint = Endpoint::from_shared(url)
             .map_err(|e| Error::Invalid(format!("bad broker address {address:?}: {e}")))?

@@ -194,6 +194,10 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
+    // Before the store opens, which may take a while: SIGHUP's default action would end the
+    // daemon, even without a file to reload.
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // Both are read before the store opens: a bad file must not leave a half-started broker.
     let tls = (config.server.tls.as_ref())
         .map(tls::Tls::load)
@@ -270,8 +274,8 @@ pub async fn serve(
             gate: gate.clone(),
             tls,
         };
-        let hangup = reload::on_hangup(source, config.clone(), live, stop.clone())?;
-        tokio::spawn(hangup);
+        let reloads = reload::on_hangup(hangup, source, config.clone(), live, stop.clone());
+        tokio::spawn(reloads);
     }
     ready(address);
     tracing::info!(%address, data_dir = %config.server.data_dir.display(), fsync = %config.storage.fsync, "ferry is serving");

@@ -27,40 +27,38 @@ pub struct Live {
     pub tls: Option<Tls>,
 }
 
-/// Listens for SIGHUP until `stop`; installed before the daemon says it is ready, so that a
-/// SIGHUP never finds the default action (which ends the process). `serving` is the
-/// configuration the daemon started with, environment and flags applied.
+/// Applies each SIGHUP `hangup` receives until `stop`. The handler is installed by the caller
+/// before the store opens, so that a SIGHUP never finds the default action (which ends the
+/// process). `serving` is the configuration the daemon started with, environment and flags
+/// applied.
 #[cfg(unix)]
-pub fn on_hangup(
+pub async fn on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
     path: Option<PathBuf>,
     serving: Config,
     live: Live,
     stop: CancellationToken,
-) -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = signal(SignalKind::hangup())?;
-    Ok(async move {
-        // Compared as the file says, before the environment and flags that override it.
-        let mut running = path
-            .as_deref()
-            .and_then(|path| Config::load(path).ok())
-            .unwrap_or_else(|| serving.clone());
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                received = hangup.recv() => if received.is_none() { return },
-            }
-            let Some(path) = &path else {
-                tracing::warn!(
-                    "SIGHUP: the broker runs on the built-in configuration: no file to reload"
-                );
-                continue;
-            };
-            if let Some(config) = reload(path, &running, &serving, &live).await {
-                running = config;
-            }
+) {
+    // Compared as the file says, before the environment and flags that override it.
+    let mut running = path
+        .as_deref()
+        .and_then(|path| Config::load(path).ok())
+        .unwrap_or_else(|| serving.clone());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            received = hangup.recv() => if received.is_none() { return },
         }
-    })
+        let Some(path) = &path else {
+            tracing::warn!(
+                "SIGHUP: the broker runs on the built-in configuration: no file to reload"
+            );
+            continue;
+        };
+        if let Some(config) = reload(path, &running, &serving, &live).await {
+            running = config;
+        }
+    }
 }
 
 /// Refuses a file that would leave the running daemon open to strangers: one that drops the

@@ -63,7 +63,7 @@ pub struct CredentialsArgs {
         value_name = "FILE",
         env = "FERRY_TLS_CERT",
         global = true,
-        requires = "tls_key"
+        requires_all = ["tls_key", "tls_ca"]
     )]
     pub tls_cert: Option<std::path::PathBuf>,
     /// ...and its PEM key.
