@@ -3,8 +3,9 @@
 //! `FERRY_FAILPOINT=NAME:N` makes the process abort the N-th time it reaches the point `NAME`
 //! (`NAME` alone: the first time), as if it were killed with SIGKILL at that instant: nothing
 //! is flushed or synced on the way out. The points sit between the steps a commit's durability
-//! rests on: `segment-written`, `segment-synced`, `index-applied` (in memory) and `synced`
-//! (just before the callers are answered); and `checkpointed`, after sled's copy is made
+//! rests on: `segment-written`, `segment-synced`, `synced` (just before the callers are
+//! answered) and `index-applied` (after they are, once sled holds the group in memory); and
+//! `checkpointed`, after sled's copy is made
 //! durable and before the segment files it no longer names are deleted.
 
 /// Aborts here if the fault suite asked for it.

@@ -102,6 +102,10 @@ struct LogState {
     tail: VecDeque<Arc<Message>>,
     /// Their heap size, counted in the cache's budget.
     tail_bytes: usize,
+    /// sled indexes every message below this sequence. The writer answers a commit before it
+    /// applies the commit's index, so the tail keeps the messages from here on whatever its
+    /// bounds: a reader that misses the tail must find what it missed in sled.
+    indexed: u64,
     stats: ChannelStats,
 }
 
@@ -118,6 +122,7 @@ impl ChannelLog {
             damaged: BTreeMap::new(),
             tail: VecDeque::new(),
             tail_bytes: 0,
+            indexed: stats.next_seq,
             stats,
         };
         Self {
@@ -193,6 +198,7 @@ impl ChannelLog {
     ) -> Result<Vec<Arc<Message>>> {
         self.last_read.store(self.cache.now_ms(), Ordering::Release);
         let mut out = Vec::new();
+        let mut from = from;
         loop {
             let cached_from = {
                 let state = self.lock();
@@ -203,22 +209,16 @@ impl ChannelLog {
                 }
                 cached_from
             };
-            self.read_stored(from, cached_from, max_messages, max_bytes, &mut out)?;
-            if out.len() >= max_messages || bytes_of(&out) >= max_bytes {
+            let whole = self.read_stored(from, cached_from, max_messages, max_bytes, &mut out)?;
+            if !whole || out.len() >= max_messages || bytes_of(&out) >= max_bytes {
                 return Ok(out);
             }
-            let next = out.last().map_or(cached_from, |m| m.sequence + 1);
-            let state = self.lock();
-            if next >= tail_start(&state) {
-                take_from_tail(&state, next, max_messages, max_bytes, &mut out);
-                return Ok(out);
-            }
-            // While sled was read the tail moved on past `next`: what lies between is in sled
-            // by now. Hand back what was read (the caller asks again from its end), or, with
-            // nothing read, read again rather than skip those messages.
-            if !out.is_empty() {
-                return Ok(out);
-            }
+            // The tail may have moved on past `cached_from` while sled was read: what lies
+            // between is in sled by now, so the next round reads it there.
+            from = out
+                .last()
+                .map_or(cached_from, |m| m.sequence + 1)
+                .max(cached_from);
         }
     }
 
@@ -228,7 +228,8 @@ impl ChannelLog {
         Ok(found.into_iter().next().filter(|m| m.sequence == sequence))
     }
 
-    /// Reads whole records from sled, keeping the messages in `[from, until)`.
+    /// Reads whole records from sled, keeping the messages in `[from, until)`; false if it
+    /// stopped short at a record it could not read (after handing back what came before it).
     fn read_stored(
         &self,
         from: u64,
@@ -236,7 +237,7 @@ impl ChannelLog {
         max_messages: usize,
         max_bytes: usize,
         out: &mut Vec<Arc<Message>>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let id = self.id;
         // The record holding `from` is the last one starting at or before it.
         let start = match self
@@ -259,7 +260,7 @@ impl ChannelLog {
             let messages = match decoded {
                 Ok(messages) => messages,
                 // What was read before it goes out first; the caller then asks from here.
-                Err(_) if !out.is_empty() => return Ok(()),
+                Err(_) if !out.is_empty() => return Ok(false),
                 Err(e) => return Err(self.damaged(first, at, e)),
             };
             for message in messages {
@@ -269,11 +270,11 @@ impl ChannelLog {
                 bytes += message.size();
                 out.push(Arc::new(message));
                 if out.len() >= max_messages || bytes >= max_bytes {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Records (and reports, the first time) a record that cannot be read; returns the error
@@ -346,6 +347,16 @@ impl ChannelLog {
         self.end.send_replace(stats.next_seq);
     }
 
+    /// Called by the writer once sled holds the index of every message below `end`: the tail
+    /// may let go of them.
+    pub(crate) fn indexed(&self, end: u64) {
+        let mut state = self.lock();
+        if end > state.indexed {
+            state.indexed = end;
+            self.trim(&mut state);
+        }
+    }
+
     /// Called by the writer after records were deleted.
     pub(crate) fn collected(&self, stats: ChannelStats) {
         let mut state = self.lock();
@@ -357,8 +368,8 @@ impl ChannelLog {
     fn trim(&self, state: &mut LogState) {
         let mut freed = 0;
         while let Some(front) = state.tail.front() {
-            if state.tail_bytes - freed <= self.cache.per_channel
-                && front.sequence >= state.stats.first_seq
+            let within = state.tail_bytes - freed <= self.cache.per_channel;
+            if front.sequence >= state.indexed || within && front.sequence >= state.stats.first_seq
             {
                 break;
             }
@@ -373,9 +384,11 @@ impl ChannelLog {
         let mut state = self.lock();
         let mut freed = 0;
         while freed < bytes {
-            let Some(front) = state.tail.pop_front() else {
-                break;
-            };
+            match state.tail.front() {
+                Some(front) if front.sequence < state.indexed => {}
+                _ => break,
+            }
+            let front = state.tail.pop_front().expect("looked at");
             freed += front.heap_size() + TAIL_ENTRY;
         }
         self.release(&mut state, freed);
@@ -439,5 +452,51 @@ fn take_from_tail(
         }
         bytes += message.size();
         out.push(message.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sequence: u64) -> Message {
+        Message {
+            sequence,
+            publish_time_ms: 0,
+            key: String::new(),
+            id: String::new(),
+            attributes: Default::default(),
+            payload: bytes::Bytes::from(vec![7u8; 100]),
+        }
+    }
+
+    /// The writer answers a commit before sled indexes it: until then the tail must hold its
+    /// messages whatever its bounds, or a reader would find them nowhere.
+    #[test]
+    fn the_tail_keeps_what_sled_does_not_index_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        // No room for any message in the tail, in its channel or in all.
+        let cache = Arc::new(MessageCache::new(0, 0));
+        let stats = |next_seq| ChannelStats {
+            next_seq,
+            first_seq: 1,
+            ..ChannelStats::default()
+        };
+        let log = ChannelLog::new(ChannelId(1), db, segments, stats(1), cache.clone());
+
+        let log = Arc::new(log);
+        let logs = RwLock::new(HashMap::from([(ChannelId(1), log.clone())]));
+        log.appended(vec![message(1), message(2)], stats(3));
+        cache.enforce(&logs);
+        log.shed(usize::MAX);
+        let read = log.read(1, 10, 1 << 20).unwrap();
+        let sequences: Vec<u64> = read.iter().map(|m| m.sequence).collect();
+        assert_eq!(sequences, [1, 2]);
+        assert!(cache.used() > 0);
+
+        log.indexed(3);
+        assert_eq!(cache.used(), 0, "indexed, the messages leave the tail");
     }
 }

@@ -4,9 +4,11 @@
 //! the group's message records, then one commit frame holding every other change it makes
 //! (ack states, channels, subscriptions; see `change.rs`), are appended to the segment log,
 //! which is the store's write-ahead log, and synced with **one** `fdatasync` (in
-//! `fsync = "always"` mode). Then the group's sled batch (the records' index, channel bounds,
-//! ack state, metadata, and the log position it reaches) is applied to sled in memory, readers
-//! see the new state, and the callers are answered. sled is made durable in the background
+//! `fsync = "always"` mode). Then readers see the new state and the callers are answered, and
+//! only then is the group's sled batch (the records' index, channel bounds, ack state,
+//! metadata, and the log position it reaches) applied to sled in memory: the commit is durable
+//! without it, and a channel's tail cache keeps its messages until sled indexes them, so no
+//! reader needs it sooner. sled is made durable in the background
 //! ([`checkpoint`]); after a crash, recovery replays the commits after sled's durable log
 //! position through the same [`State`] functions the live commits used. Concurrent publishers
 //! and ackers share each sync, and confirmation order equals commit order. Sequences are
@@ -491,8 +493,6 @@ impl Writer {
         if let Err(e) = self.make_durable(&mut group, built.log_bytes) {
             return self.fail_group(group, e, shared);
         }
-        checkpoints.applied(built.log_bytes, built.emptied);
-        self.index_ids(&group);
         {
             use std::sync::atomic::Ordering::Relaxed;
             let messages: usize = built.appended.iter().map(|(_, m)| m.len()).sum();
@@ -514,13 +514,29 @@ impl Writer {
                 });
             }
         }
-        self.announce(group, built.appended, built.collected, shared)
+        let batch = std::mem::take(&mut group.batch);
+        let changes = std::mem::take(&mut group.changes);
+        let (close, appended) = self.announce(group, built.appended, built.collected, shared);
+        // After the answers: the commit is durable in the log already, and its readers find
+        // its messages in the tail cache, which keeps them until sled indexes them.
+        if let Err(e) = self.db.apply_batch(batch) {
+            // Replay brings the index back from the log; until then nothing more is written.
+            fail(shared, &e.into());
+            return close;
+        }
+        failpoint::hit("index-applied");
+        for (log, end) in appended {
+            log.indexed(end);
+        }
+        checkpoints.applied(built.log_bytes, built.emptied);
+        self.index_ids(&changes);
+        close
     }
 
     /// Adds a committed group's published ids to the id index, and seals the channels holding
     /// the most while the ids in memory are past their bound.
-    fn index_ids(&mut self, group: &Group) {
-        for change in &group.changes {
+    fn index_ids(&mut self, changes: &[Change]) {
+        for change in changes {
             if let Change::Ids {
                 channel,
                 publish_ms,
@@ -581,8 +597,8 @@ impl Writer {
         })
     }
 
-    /// Writes the group's frames and syncs them (the commit is durable then: this is the only
-    /// sync it waits for), then applies its batch to sled, in memory.
+    /// Writes the group's frames and syncs them: the commit is durable then (this is the only
+    /// sync it waits for). Its sled batch is applied once its callers have been answered.
     fn make_durable(&mut self, group: &mut Group, log_bytes: u64) -> Result<()> {
         self.space.wrote(self.appender.disk_taken());
         self.appender.write()?;
@@ -599,8 +615,6 @@ impl Writer {
             _ => {}
         }
         failpoint::hit("segment-synced");
-        self.db.apply_batch(std::mem::take(&mut group.batch))?;
-        failpoint::hit("index-applied");
         Ok(())
     }
 
@@ -629,14 +643,16 @@ impl Writer {
     }
 
     /// Shows the committed group to readers, then answers its callers: readers see the new
-    /// state before any caller hears of it.
+    /// state before any caller hears of it. Returns whether the group asked the writer to
+    /// stop, and the logs it appended to with their new ends, to mark as indexed once sled
+    /// holds the group.
     fn announce(
         &mut self,
         mut group: Group,
         appended: Vec<(ChannelId, Vec<Message>)>,
         collected: Vec<ChannelId>,
         shared: &Shared,
-    ) -> bool {
+    ) -> (bool, Vec<(Arc<ChannelLog>, u64)>) {
         {
             let mut logs = shared.logs.write().expect("logs lock");
             for log in group.new_logs.drain(..) {
@@ -650,9 +666,11 @@ impl Writer {
             let record = self.state.channels.get(id)?;
             Some((self.logs.get(id)?.log.clone(), stats_of(record)))
         };
+        let mut ends = Vec::with_capacity(appended.len());
         for (id, messages) in appended {
             if let Some((log, stats)) = stats(&id) {
                 log.appended(messages, stats);
+                ends.push((log, stats.next_seq));
             }
         }
         let restated = group.restated.drain().filter(|id| !collected.contains(id));
@@ -671,7 +689,7 @@ impl Writer {
         for reply in group.replies.drain(..) {
             reply(None);
         }
-        group.close
+        (group.close, ends)
     }
 
     /// Refuses a group that could not be committed. A full disk is survivable: nothing of the
