@@ -161,12 +161,26 @@ async fn watermark_round(daemon: &Daemon) {
 
 #[tokio::test]
 async fn publishing_stops_at_the_watermark_and_resumes_once_acks_free_space() {
+    watermark_test("").await;
+}
+
+#[tokio::test]
+async fn the_watermark_holds_with_preallocated_segments() {
+    watermark_test(PREALLOCATED).await;
+}
+
+/// What the tests with preallocated segments add to the storage settings.
+const PREALLOCATED: &str = "preallocate_segments = true\n";
+
+async fn watermark_test(storage: &str) {
     let dir = tempfile::tempdir().unwrap();
     if let Some(disk) = SmallDisk::mount(64) {
         let options = options(
             dir.path(),
             disk.path.join("data"),
-            "min_free_bytes = \"24MiB\"\nmin_free_percent = 0\nreserve = \"4MiB\"\n",
+            &format!(
+                "min_free_bytes = \"24MiB\"\nmin_free_percent = 0\nreserve = \"4MiB\"\n{storage}"
+            ),
         );
         let daemon = Daemon::start_in(dir.path(), options).await;
         watermark_round(&daemon).await;
@@ -180,7 +194,7 @@ async fn publishing_stops_at_the_watermark_and_resumes_once_acks_free_space() {
     let mut options = options(
         dir.path(),
         dir.path().join("data"),
-        "min_free_bytes = \"24MiB\"\nmin_free_percent = 0\nreserve = \"0\"\n",
+        &format!("min_free_bytes = \"24MiB\"\nmin_free_percent = 0\nreserve = \"0\"\n{storage}"),
     );
     options
         .env
@@ -229,6 +243,17 @@ fn fill_up(path: &Path) {
 
 #[tokio::test]
 async fn a_disk_another_program_fills_is_survived_across_a_restart() {
+    filled_disk_test("").await;
+}
+
+/// Writes into preallocated blocks fail no write when the disk fills: the writer must notice
+/// by itself, before sled needs a block and finds none.
+#[tokio::test]
+async fn a_disk_filled_under_preallocated_segments_is_survived() {
+    filled_disk_test(PREALLOCATED).await;
+}
+
+async fn filled_disk_test(storage: &str) {
     let Some(disk) = SmallDisk::mount(64) else {
         eprintln!("skipped: cannot mount a tmpfs here (the test needs a real full disk)");
         return;
@@ -237,7 +262,7 @@ async fn a_disk_another_program_fills_is_survived_across_a_restart() {
     let options = options(
         dir.path(),
         disk.path.join("data"),
-        "min_free_bytes = \"1MiB\"\nmin_free_percent = 0\nreserve = \"8MiB\"\n",
+        &format!("min_free_bytes = \"1MiB\"\nmin_free_percent = 0\nreserve = \"8MiB\"\n{storage}"),
     );
     let daemon = Daemon::start_in(dir.path(), options.clone()).await;
     daemon.create("fill", &[("s", 60_000)]).await;

@@ -324,6 +324,11 @@ impl Segments {
         self.dir.join(format!("{id:010}.seg"))
     }
 
+    /// Where segment file `id` is.
+    pub(crate) fn path_of(&self, id: u32) -> PathBuf {
+        self.path(id)
+    }
+
     fn create(&self, id: u32) -> Result<(u32, File)> {
         let path = self.path(id);
         let file = File::options()
@@ -694,6 +699,12 @@ impl Appender {
 }
 
 impl Appender {
+    /// Whether the current file was preallocated: writes into it take no new blocks, so a
+    /// full disk does not fail them.
+    pub(crate) fn in_preallocated(&self) -> bool {
+        self.preallocated
+    }
+
     /// Tells how much room the disk has (`free` bytes, publishing refused below `watermark`,
     /// or refused now: `low`). A spare is started only with room for several segments; without,
     /// one being made is abandoned (its file goes). One already made stays: its space is the

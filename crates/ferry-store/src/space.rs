@@ -27,6 +27,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// free bytes look fine (inodes or a quota may be what ran out), so that the groups in between
 /// carry acks only and succeed.
 const FULL_HOLD: Duration = Duration::from_secs(5);
+/// With less free space than this (or than half the reserve) a disk counts as full.
+const NEARLY_FULL: u64 = 1 << 20;
 /// Fewer free inodes than this count as a full disk: a new segment file could not be created.
 const MIN_FREE_INODES: u64 = 64;
 
@@ -193,6 +195,14 @@ impl Space {
         }
         self.release_reserve();
         let _ = self.refresh();
+    }
+
+    /// Whether the filesystem is all but full, by a fresh look: what the writer asks while it
+    /// writes into preallocated blocks, where no write fails with ENOSPC to tell it. sled
+    /// still needs new blocks, and must find the reserve released before it does.
+    pub(crate) fn nearly_full(&self) -> bool {
+        let margin = (self.options.reserve_bytes / 2).max(NEARLY_FULL);
+        probe(&self.dir).is_ok_and(|(free, _, inodes_out)| free < margin || inodes_out)
     }
 
     /// Whether a recent ENOSPC still holds publishing back.

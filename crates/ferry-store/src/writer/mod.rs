@@ -50,6 +50,8 @@ const SWEPT_PER_CHECK: usize = 50_000;
 const CATCH_UP_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 /// How often channels that keep messages by age are looked at for what aged out.
 const RETENTION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the writer looks at free space itself while it writes into preallocated blocks.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 /// A group takes at most this many requests...
 const MAX_GROUP_OPS: usize = 4096;
 /// ...or this many payload bytes, whichever comes first.
@@ -202,6 +204,8 @@ pub(crate) struct Writer {
     spare_ids: HashMap<ChannelId, HashMap<String, u64>>,
     /// Per channel, when drops were last logged and how many came since.
     drops_logged: HashMap<ChannelId, (Option<Instant>, u64)>,
+    /// When the writer last looked at the disk's free space itself.
+    last_look: Instant,
 }
 
 /// A group built into frames and a batch, and what to announce once it is committed.
@@ -362,6 +366,7 @@ impl Writer {
             observer: options.observer.clone(),
             spare_ids: HashMap::new(),
             drops_logged: HashMap::new(),
+            last_look: Instant::now(),
         };
         Ok((writer, recovered, logs))
     }
@@ -566,6 +571,17 @@ impl Writer {
         }
         let space = self.space.report();
         (self.appender).space_is(space.free, space.watermark, space.low);
+        // Where a write takes no new blocks, a disk another program fills fails none of them:
+        // the writer looks at the disk itself, as often as a write would have told it.
+        if self.appender.in_preallocated() && self.last_look.elapsed() >= LOOK_EVERY {
+            self.last_look = Instant::now();
+            if self.space.nearly_full() {
+                self.space.disk_full();
+                return Err(StoreError::DiskFull {
+                    path: self.segments.path_of(self.appender.current()),
+                });
+            }
+        }
         self.appender.begin_group().inspect_err(|e| match e {
             StoreError::DiskFull { .. } => self.space.disk_full(),
             _ => fail(shared, e),
