@@ -13,7 +13,8 @@ pub struct Latencies {
     pub publish: Histogram,
     /// From a message's publish time to its first delivery to a consumer.
     pub delivery: Histogram,
-    /// From the store's writer taking a group to the group being durable and indexed.
+    /// From the store's writer taking a group to the group being durable (when its callers
+    /// are answered; sled indexes it after).
     pub commit: Histogram,
     /// The device sync (`fdatasync`) of the segment log in each commit that had one.
     pub sync: Histogram,

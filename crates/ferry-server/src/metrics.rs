@@ -265,7 +265,7 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
     );
     reg.register(
         "ferry_commit_latency_seconds",
-        "From the store's writer taking a group commit to it being durable and indexed",
+        "From the store's writer taking a group commit to it being durable (its answers go out then)",
         latencies.commit.clone(),
     );
     reg.register(

@@ -369,7 +369,8 @@ pub trait CommitObserver: Send + Sync + std::fmt::Debug {
 /// What one group commit took and carried.
 #[derive(Debug, Clone, Copy)]
 pub struct Commit {
-    /// From the writer taking the group to the group being durable and indexed.
+    /// From the writer taking the group to the group being durable (when its callers are
+    /// answered; sled indexes it after).
     pub took: Duration,
     /// The device sync of the segment log within it (`None` when the fsync mode did not sync).
     pub sync: Option<Duration>,
