@@ -533,6 +533,8 @@ impl Writer {
         for (log, end) in appended {
             log.indexed(end);
         }
+        // What the tail kept past the budget for want of an index can go now.
+        shared.cache.enforce(&shared.logs);
         checkpoints.applied(built.log_bytes, built.emptied);
         self.index_ids(&changes);
         close
