@@ -1068,3 +1068,83 @@ name = "audit"
     assert!(daemon.admin().await.get_channel(request()).await.is_ok());
     daemon.stop().await;
 }
+
+/// Processor time (user and system, in clock ticks) the process `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Sets the soft limit of open files of the process `pid` (the hard one stays as it was).
+fn set_open_files_limit(pid: u32, limit: u64) -> bool {
+    std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:"))
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// The soft limit of open files of the process `pid`.
+fn open_files_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// Out of file descriptors, every accept fails while the connection stays queued, and the
+/// server asks again at once: without a pause that loop takes a whole core.
+#[tokio::test]
+async fn out_of_file_descriptors_accepting_pauses_instead_of_spinning() {
+    let daemon = Daemon::start().await;
+    let pid = daemon.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let limit = open_files_limit(pid);
+    if !set_open_files_limit(pid, open + 2) {
+        eprintln!("skipped: prlimit cannot lower the daemon's open files limit here");
+        daemon.stop().await;
+        return;
+    }
+    let address = daemon.url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    daemon.wait_for_log("cannot accept a connection", 1).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 30,
+        "{used} ticks of CPU in a second while out of file descriptors"
+    );
+
+    // With room again, the broker serves new clients.
+    assert!(set_open_files_limit(pid, limit));
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(channel) = common::connect(&daemon.url).await
+            && pb::admin_client::AdminClient::new(channel)
+                .list_channels(pb::ListChannelsRequest {})
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+}

@@ -1,11 +1,16 @@
 //! At most `limits.max_connections` client connections at once: each accepted connection
 //! holds a permit until it closes, and one accepted while none is left is closed at once (its
 //! client sees UNAVAILABLE) and logged, without touching the connections already open.
+//!
+//! An accept that fails for want of a resource (file descriptors, memory) pauses accepting a
+//! moment: the pending connection stays queued, and retrying at once would fail the same way
+//! in a loop that takes a whole core (the server only traces such errors and asks again).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -14,6 +19,12 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
 use crate::activity::{Activity, Held, Open};
+use crate::throttle::Throttle;
+
+/// How long accepting pauses after it failed for want of a resource.
+const RESOURCE_PAUSE: Duration = Duration::from_millis(100);
+
+static FAILED_ACCEPTS: Throttle = Throttle::new();
 
 /// An accepted connection, counted until it is dropped.
 pub struct Counted {
@@ -29,24 +40,44 @@ pub fn limit(
     activity: Arc<Activity>,
 ) -> impl Stream<Item = io::Result<Counted>> {
     let permits = Arc::new(Semaphore::new(most as usize));
-    incoming.filter_map(move |accepted| match accepted {
-        Err(e) => Some(Err(e)),
-        Ok(stream) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(Ok(Counted {
-                stream,
-                _permit: permit,
-                _open: activity.open(Open::Connection),
-            })),
-            Err(_) => {
-                tracing::warn!(
-                    peer = ?stream.peer_addr().ok(),
-                    limit = most,
-                    "a connection was closed at once: limits.max_connections reached"
-                );
-                None
+    incoming
+        .then(pause_if_starved)
+        .filter_map(move |accepted| match accepted {
+            Err(e) => Some(Err(e)),
+            Ok(stream) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(Ok(Counted {
+                    stream,
+                    _permit: permit,
+                    _open: activity.open(Open::Connection),
+                })),
+                Err(_) => {
+                    tracing::warn!(
+                        peer = ?stream.peer_addr().ok(),
+                        limit = most,
+                        "a connection was closed at once: limits.max_connections reached"
+                    );
+                    None
+                }
+            },
+        })
+}
+
+/// Passes an accept's result on, after a pause if it failed for want of a resource.
+async fn pause_if_starved(accepted: io::Result<TcpStream>) -> io::Result<TcpStream> {
+    if let Err(e) = &accepted {
+        use rustix::io::Errno;
+        let starved = matches!(
+            Errno::from_io_error(e),
+            Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
+        );
+        if starved {
+            if let Some(left_out) = FAILED_ACCEPTS.pass() {
+                tracing::warn!(error = %e, left_out, "cannot accept a connection; pausing accepts for {RESOURCE_PAUSE:?}");
             }
-        },
-    })
+            tokio::time::sleep(RESOURCE_PAUSE).await;
+        }
+    }
+    accepted
 }
 
 impl AsyncRead for Counted {
