@@ -355,3 +355,39 @@ async fn certificates_are_read_again_on_sighup_and_bad_ones_are_not_taken() {
     assert!(lets_in(&url, trusting(&renewed.pem)).await.is_ok());
     daemon.stop().await;
 }
+
+/// A client that opens a connection and never finishes its TLS handshake holds up no one, and
+/// is cut off after the handshake's 5 s.
+#[tokio::test]
+async fn a_stalled_handshake_holds_up_no_one_and_is_cut_off() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path();
+    make_certificates(certs);
+    let daemon = Daemon::start_in(certs, with_config(certs, &tls_config(certs, false))).await;
+    let address = daemon.url.trim_start_matches("http://").to_owned();
+    let url = daemon.url.replace("http://", "https://");
+
+    let opened = std::time::Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        // The start of a TLS record and no more.
+        stream.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        stalled.push(stream);
+    }
+    assert!(lets_in(&url, tls(certs, false)).await.is_ok());
+
+    for mut stream in stalled {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut buf))
+            .await
+            .expect("the broker cuts a stalled handshake off");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    let waited = opened.elapsed();
+    assert!(waited >= Duration::from_secs(4), "cut off after {waited:?}");
+    daemon.wait_for_log("timed out after 5s", 1).await;
+    daemon.stop().await;
+}
