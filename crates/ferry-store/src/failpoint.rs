@@ -5,8 +5,8 @@
 //! is flushed or synced on the way out. The points sit between the steps a commit's durability
 //! rests on: `segment-written`, `segment-synced`, `synced` (just before the callers are
 //! answered) and `index-applied` (after they are, once sled holds the group in memory); and
-//! `checkpointed`, after sled's copy is made
-//! durable and before the segment files it no longer names are deleted.
+//! `checkpointed`, after sled's copy is made durable and before the segment files it no longer
+//! names are deleted.
 
 /// Aborts here if the fault suite asked for it.
 #[cfg(debug_assertions)]

@@ -369,7 +369,8 @@ impl ChannelLog {
         let mut freed = 0;
         while let Some(front) = state.tail.front() {
             let within = state.tail_bytes - freed <= self.cache.per_channel;
-            if front.sequence >= state.indexed || within && front.sequence >= state.stats.first_seq
+            if front.sequence >= state.indexed
+                || (within && front.sequence >= state.stats.first_seq)
             {
                 break;
             }
@@ -484,9 +485,13 @@ mod tests {
             first_seq: 1,
             ..ChannelStats::default()
         };
-        let log = ChannelLog::new(ChannelId(1), db, segments, stats(1), cache.clone());
-
-        let log = Arc::new(log);
+        let log = Arc::new(ChannelLog::new(
+            ChannelId(1),
+            db,
+            segments,
+            stats(1),
+            cache.clone(),
+        ));
         let logs = RwLock::new(HashMap::from([(ChannelId(1), log.clone())]));
         log.appended(vec![message(1), message(2)], stats(3));
         cache.enforce(&logs);

@@ -320,13 +320,9 @@ impl Segments {
         Ok((offset, len))
     }
 
-    fn path(&self, id: u32) -> PathBuf {
-        self.dir.join(format!("{id:010}.seg"))
-    }
-
     /// Where segment file `id` is.
-    pub(crate) fn path_of(&self, id: u32) -> PathBuf {
-        self.path(id)
+    pub(crate) fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(format!("{id:010}.seg"))
     }
 
     fn create(&self, id: u32) -> Result<(u32, File)> {

@@ -580,7 +580,7 @@ impl Writer {
             if self.space.nearly_full() {
                 self.space.disk_full();
                 return Err(StoreError::DiskFull {
-                    path: self.segments.path_of(self.appender.current()),
+                    path: self.segments.path(self.appender.current()),
                 });
             }
         }
