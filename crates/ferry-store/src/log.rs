@@ -169,9 +169,10 @@ impl ChannelLog {
                 bytes += u64::from(len);
             }
         }
-        // The last record below the floor ends there if the floor is the end of the log.
+        // The last record below the floor ends there if the floor is at or past the end of what
+        // sled indexes (read after the scan: the scan saw no record past it).
         if let Some(len) = previous
-            && floor >= self.stats().next_seq
+            && floor >= self.lock().indexed
         {
             bytes += u64::from(len);
         }
@@ -248,7 +249,8 @@ impl ChannelLog {
             Some(entry) => parse_record_key(&entry?.0)?,
             None => from,
         };
-        let mut bytes = 0;
+        // What earlier rounds of the read handed over counts too.
+        let mut bytes = bytes_of(out);
         for entry in self.db.range(record_key(id, start)..record_key(id, until)) {
             let (key, value) = entry?;
             let first = parse_record_key(&key)?;
@@ -280,13 +282,16 @@ impl ChannelLog {
     /// Records (and reports, the first time) a record that cannot be read; returns the error
     /// that tells readers which sequences it held.
     fn damaged(&self, first: u64, at: RecordLocation, cause: StoreError) -> StoreError {
+        // Read before sled is: with no record after it there, the damaged one ends where sled's
+        // index did then, not at the log's end, whose newest messages sled may not index yet.
+        let indexed = self.lock().indexed;
         let end = self
             .db
             .range(record_key(self.id, first + 1)..=record_key(self.id, u64::MAX))
             .next()
             .and_then(|entry| entry.ok())
             .and_then(|(key, _)| parse_record_key(&key).ok())
-            .unwrap_or_else(|| self.stats().next_seq);
+            .unwrap_or(indexed);
         let reason = match cause {
             StoreError::Corrupt(reason) => reason,
             other => other.to_string(),
@@ -503,5 +508,40 @@ mod tests {
 
         log.indexed(3);
         assert_eq!(cache.used(), 0, "indexed, the messages leave the tail");
+    }
+
+    /// A damaged record that is the last one sled indexes ends where sled's index does, not at
+    /// the log's end: the messages after it may be answered but not indexed yet, and are good.
+    #[test]
+    fn damage_does_not_reach_past_what_sled_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        std::fs::write(segments.path(1), vec![0xAB; 64]).unwrap();
+        let at = RecordLocation {
+            segment: 1,
+            offset: 0,
+            len: 64,
+            publish_ms: 0,
+        };
+        db.insert(record_key(ChannelId(1), 1), &at.encode()).unwrap();
+        let cache = Arc::new(MessageCache::new(0, 0));
+        let stats = |next_seq| ChannelStats {
+            next_seq,
+            first_seq: 1,
+            ..ChannelStats::default()
+        };
+        // Sequences 1 and 2 are in the damaged record; 3 and 4 are answered, not indexed.
+        let log = ChannelLog::new(ChannelId(1), db, segments, stats(3), cache);
+        log.appended(vec![message(3), message(4)], stats(5));
+        match log.read(1, 10, 1 << 20) {
+            Err(StoreError::Damaged {
+                first_seq, end_seq, ..
+            }) => assert_eq!((first_seq, end_seq), (1, 3)),
+            other => panic!("{other:?}"),
+        }
+        let read = log.read(3, 10, 1 << 20).unwrap();
+        let sequences: Vec<u64> = read.iter().map(|m| m.sequence).collect();
+        assert_eq!(sequences, [3, 4]);
     }
 }

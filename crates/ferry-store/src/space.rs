@@ -186,8 +186,9 @@ impl Space {
         })
     }
 
-    /// A write failed with ENOSPC: the disk filled faster than the monitor looked. Publishing
-    /// stops at once and the reserve goes, so that acks can still be written.
+    /// A write failed with ENOSPC, or the writer found the disk all but full while its writes
+    /// could not tell (see [`Space::nearly_full`]): the disk filled faster than the monitor
+    /// looked. Publishing stops at once and the reserve goes, so that acks can still be written.
     pub(crate) fn disk_full(&self) {
         *self.failed_at.lock().expect("failed_at lock") = Some(std::time::Instant::now());
         if !self.low.swap(true, Ordering::AcqRel) {

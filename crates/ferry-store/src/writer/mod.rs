@@ -526,6 +526,10 @@ impl Writer {
         // its messages in the tail cache, which keeps them until sled indexes them.
         if let Err(e) = self.db.apply_batch(batch) {
             // Replay brings the index back from the log; until then nothing more is written.
+            // What was answered is made durable first (in `interval` mode it may not be yet).
+            if let Err(sync) = self.appender.sync() {
+                tracing::error!(error = %sync, "cannot sync the segment log after a failed index update");
+            }
             fail(shared, &e.into());
             return close;
         }
@@ -575,13 +579,12 @@ impl Writer {
         (self.appender).space_is(space.free, space.watermark, space.low);
         // Where a write takes no new blocks, a disk another program fills fails none of them:
         // the writer looks at the disk itself, as often as a write would have told it.
+        // It then holds publishing back (the group's publishes are refused in planning) and
+        // releases the reserve for sled; acks, nacks and deletes go on, as they free space.
         if self.appender.in_preallocated() && self.last_look.elapsed() >= LOOK_EVERY {
             self.last_look = Instant::now();
             if self.space.nearly_full() {
                 self.space.disk_full();
-                return Err(StoreError::DiskFull {
-                    path: self.segments.path(self.appender.current()),
-                });
             }
         }
         self.appender.begin_group().inspect_err(|e| match e {
