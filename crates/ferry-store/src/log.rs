@@ -524,7 +524,8 @@ mod tests {
             len: 64,
             publish_ms: 0,
         };
-        db.insert(record_key(ChannelId(1), 1), &at.encode()).unwrap();
+        db.insert(record_key(ChannelId(1), 1), &at.encode())
+            .unwrap();
         let cache = Arc::new(MessageCache::new(0, 0));
         let stats = |next_seq| ChannelStats {
             next_seq,
