@@ -571,6 +571,31 @@ impl Bench<'_> {
         started + self.args.max_seconds
     }
 
+    /// What a measured publisher sends by default: `limit` messages of `payload` to `channel`
+    /// until `deadline`, batched, pipelined, keyed and identified as the options say, as fast
+    /// as confirmations allow. Scenarios change what they measure differently.
+    fn publish_plan(
+        &self,
+        channel: &str,
+        limit: u64,
+        deadline: Instant,
+        payload: Payload,
+    ) -> PublishPlan {
+        PublishPlan {
+            channel: channel.to_owned(),
+            limit,
+            batch: self.args.batch,
+            in_flight: self.args.in_flight,
+            deadline,
+            rate: None,
+            payload,
+            keys: self.args.keys,
+            ids: self.args.ids,
+            delay: None,
+            tag: false,
+        }
+    }
+
     /// Fills `channel` with up to `limit` messages of `size` bytes before `deadline`, on a
     /// connection of its own. Filling is preparation, not measurement, so it uses big pipelined
     /// batches, as big as the broker's limits allow.

@@ -33,19 +33,7 @@ pub(super) async fn publish_scenario(
         }
         tasks.spawn(publish(
             connection,
-            PublishPlan {
-                channel: channel.clone(),
-                limit,
-                batch: args.batch,
-                in_flight: args.in_flight,
-                deadline: bench.deadline(started),
-                rate: None,
-                payload: payload.clone(),
-                keys: args.keys,
-                ids: args.ids,
-                delay: None,
-                tag: false,
-            },
+            bench.publish_plan(&channel, limit, bench.deadline(started), payload.clone()),
         ));
     }
     let mut total = Published {
@@ -152,19 +140,8 @@ pub(super) async fn mixed_scenario(bench: &Bench<'_>) -> Result<()> {
     let consumer = Consumer::attach(bench.connect().await?, &channel, args.window).await?;
     let before = commits::snapshot(bench).await;
     let started = Instant::now();
-    let plan = PublishPlan {
-        channel: channel.clone(),
-        limit: args.messages,
-        batch: args.batch,
-        in_flight: args.in_flight,
-        deadline: bench.deadline(started),
-        rate: None,
-        payload: Payload::Fixed(Bytes::from(vec![b'x'; KIB])),
-        keys: args.keys,
-        ids: args.ids,
-        delay: None,
-        tag: false,
-    };
+    let payload = Payload::Fixed(Bytes::from(vec![b'x'; KIB]));
+    let plan = bench.publish_plan(&channel, args.messages, bench.deadline(started), payload);
     let (published, consumed) = publish_and_consume(
         publisher_connection,
         plan,
@@ -202,18 +179,15 @@ pub(super) async fn latency_scenario(bench: &Bench<'_>) -> Result<()> {
     let base = Instant::now();
     let deadline = base + args.latency_seconds;
     let plan = PublishPlan {
-        channel: channel.clone(),
-        limit,
         // One message per request: a latency figure for batches would measure the batching.
         batch: 1,
-        in_flight: args.in_flight,
-        deadline,
         rate: Some(args.rate),
-        payload: Payload::Stamped { size: KIB, base },
-        keys: args.keys,
-        ids: args.ids,
-        delay: None,
-        tag: false,
+        ..bench.publish_plan(
+            &channel,
+            limit,
+            deadline,
+            Payload::Stamped { size: KIB, base },
+        )
     };
     let (published, consumed) = publish_and_consume(
         publisher_connection,
