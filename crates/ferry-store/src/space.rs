@@ -234,7 +234,14 @@ impl Space {
             if reserved && free < reserve / 2 {
                 self.release_reserve();
                 free = probe(&self.dir)?.0;
-            } else if !reserved && free >= watermark.saturating_add(reserve) && !inodes_out {
+            // Made again only with half a reserve to spare beyond it: just after a release, free
+            // space is what was left plus the reserve, and where the watermark is under half
+            // the reserve, making it again at once would take it straight back and release it
+            // at the next look, over and over.
+            } else if !reserved
+                && free >= watermark.saturating_add(reserve + reserve / 2)
+                && !inodes_out
+            {
                 self.make_reserve();
                 free = probe(&self.dir)?.0;
             }
