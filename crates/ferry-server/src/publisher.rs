@@ -70,6 +70,19 @@ async fn submit(
         .map_err(to_status)
 }
 
+/// Judges `caller` again by the principals in force if a reload came since it was last judged.
+fn rejudge(
+    caller: &mut Caller,
+    reloads: &mut tokio::sync::watch::Receiver<Arc<crate::auth::Access>>,
+    gate: &Gate,
+) -> Result<(), Status> {
+    if reloads.has_changed().unwrap_or(false) {
+        reloads.mark_unchanged();
+        *caller = caller.current(gate)?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Publisher for PublisherService {
     async fn publish(
@@ -89,6 +102,8 @@ impl Publisher for PublisherService {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        // Watched from before the caller is judged, so that no reload slips between the two.
+        let mut reloads = self.gate.changes();
         let mut caller = Caller::of(&request, &self.gate)?;
         let gate = self.gate.clone();
         let mut inbound = request.into_inner();
@@ -110,12 +125,10 @@ impl Publisher for PublisherService {
                     request = inbound.message() => request,
                 };
                 let item = match request {
-                    // A reload may have taken the stream's rights away since its last batch.
-                    Ok(Some(request)) => match caller.current(&gate) {
-                        Ok(current) => {
-                            caller = current;
-                            submit(&broker, &caller, request).await
-                        }
+                    // A reload may have taken the stream's rights away since its last batch: the
+                    // caller is judged again then, and only then (one atomic load a batch).
+                    Ok(Some(request)) => match rejudge(&mut caller, &mut reloads, &gate) {
+                        Ok(()) => submit(&broker, &caller, request).await,
                         Err(status) => Err(status),
                     },
                     Ok(None) => return,
