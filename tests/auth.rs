@@ -659,6 +659,30 @@ async fn rights_reach_every_channel_a_call_writes_into_or_reads() {
     root.create_subscription("orders.eu", "theirs", SubscriptionOptions::default())
         .await
         .unwrap();
+    // Changing a subscription: keeping the dead-letter channel an operator set needs no right
+    // on it; naming one anew does.
+    let mut admin = AdminClient::new(daemon.channel().await);
+    let update = |name: &str| pb::CreateSubscriptionRequest {
+        channel: "orders.eu".into(),
+        name: name.into(),
+        max_delivery_attempts: 2,
+        dead_letter_channel: "other.dlq".into(),
+        ..Default::default()
+    };
+    let kept = admin
+        .update_subscription(request(update("billing"), Some(&bearer(OWNER))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.dead_letter_channel, "other.dlq");
+    let refused = admin
+        .update_subscription(request(update("theirs"), Some(&bearer(OWNER))))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("publish"), "{refused:?}");
+    let unchanged = root.subscription("orders.eu", "theirs").await.unwrap();
+    assert!(unchanged.dead_letter_channel.is_empty(), "{unchanged:?}");
 
     // A dead letter goes back only where the one redriving it has the admin right.
     root.publish("orders.eu", vec![Message::new("declined")])

@@ -129,7 +129,8 @@ impl Admin for AdminService {
     ) -> Answer<pb::SubscriptionInfo> {
         let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
-        may_configure(&caller, &request, None)?;
+        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
+        may_dead_letter_into(&caller, &request.dead_letter_channel)?;
         may_fork(&caller, &request.channel, request.start.as_ref())?;
         let settings = convert::subscription_settings(&request)?;
         let start = convert::position(request.start)?;
@@ -150,13 +151,19 @@ impl Admin for AdminService {
     ) -> Answer<pb::SubscriptionInfo> {
         let caller = Caller::of(&request, &self.gate)?;
         let request = request.into_inner();
-        // Keeping the dead-letter channel an operator set needs no right on it.
-        let current = (self.broker)
-            .subscription_info(&request.channel, &request.name)
-            .await
-            .ok()
-            .and_then(|s| s.dead_letter_channel);
-        may_configure(&caller, &request, current.as_deref())?;
+        caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
+        if let Err(refused) = may_dead_letter_into(&caller, &request.dead_letter_channel) {
+            // Keeping the dead-letter channel an operator set needs no right on it: looked up
+            // only for a caller who lacks one.
+            let current = (self.broker)
+                .subscription_info(&request.channel, &request.name)
+                .await
+                .ok()
+                .and_then(|s| s.dead_letter_channel);
+            if current.as_deref() != Some(request.dead_letter_channel.as_str()) {
+                return Err(refused);
+            }
+        }
         let settings = convert::subscription_settings(&request)?;
         self.broker
             .update_subscription(&request.channel, &request.name, settings)
@@ -355,18 +362,11 @@ fn visible(caller: &Caller, mut info: ChannelInfo) -> ChannelInfo {
     info
 }
 
-/// Creating or changing a subscription takes admin on it and, since its dead letters are
-/// written there, publish (or admin) on a dead-letter channel it names anew (`current`: the
-/// one it has).
-fn may_configure(
-    caller: &Caller,
-    request: &pb::CreateSubscriptionRequest,
-    current: Option<&str>,
-) -> Result<(), Status> {
-    caller.require(Right::Admin, subscription(&request.channel, &request.name))?;
-    match request.dead_letter_channel.as_str() {
+/// A subscription's dead letters are written to its dead-letter channel (`dead`, "" for none):
+/// naming one takes publish (or admin) on it.
+fn may_dead_letter_into(caller: &Caller, dead: &str) -> Result<(), Status> {
+    match dead {
         "" => Ok(()),
-        dead if Some(dead) == current => Ok(()),
         dead => caller.require_any(&[Right::Publish, Right::Admin], Resource::Channel(dead)),
     }
 }
