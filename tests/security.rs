@@ -313,7 +313,23 @@ async fn a_client_certificate_names_its_principal() {
         refused.to_string().contains("names no declared principal"),
         "{refused}"
     );
+
+    // Certificate names without mutual TLS could never match: a reload to that is refused and
+    // the broker goes on as it was; a start on it is refused.
+    let without_client_ca = config.replace(&tls_config(certs, true), &tls_config(certs, false));
+    std::fs::write(certs.join("ferry.toml"), &without_client_ca).unwrap();
+    common::signal(daemon.pid(), "HUP");
+    daemon.wait_for_log("reload refused", 1).await;
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("client_ca_file"), "{log}");
+    assert!(connect("billing").await.channels().await.is_ok());
     daemon.stop().await;
+    let other = tempfile::tempdir().unwrap();
+    let refused = Daemon::try_start_in(other.path(), with_config(other.path(), &without_client_ca))
+        .await
+        .err()
+        .expect("a start with certificate names and no client CA is refused");
+    assert!(refused.contains("client_ca_file"), "{refused}");
 }
 
 #[tokio::test]
