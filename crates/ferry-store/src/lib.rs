@@ -37,14 +37,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 pub use log::ChannelLog;
 use log::MessageCache;
 pub use message::{Attributes, Message, NewMessage};
 use space::Space;
 pub use space::{SpaceOptions, SpaceReport};
-use writer::{Op, Writer};
+use writer::{Op, Queued, Writer};
 
 /// Identifies a channel inside the store (names live in the channel's record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -652,14 +652,20 @@ pub struct ChannelStats {
     pub dropped: u64,
 }
 
-/// How many write requests may wait for the writer before callers wait to enqueue.
+/// How many write requests may wait for the writer before callers wait to enqueue...
 const WRITE_QUEUE: usize = 1024;
+/// ...and how many bytes of them (their messages, acks and dead letters): clients decide how
+/// big a request is, so the count alone would let 1,024 of the largest publishes queue. A
+/// request larger than this takes all of it, and waits for the queue to be empty.
+const WRITE_QUEUE_BYTES: usize = 64 << 20;
 
 /// A handle to the open store; cheap to clone. Writes go to one writer thread that commits them in
 /// groups (one sled batch and one fsync for many callers); reads run on the caller's thread.
 #[derive(Clone)]
 pub struct Store {
-    ops: mpsc::Sender<Op>,
+    ops: mpsc::Sender<Queued>,
+    /// The bytes the queue may still take: a request holds its share until the writer takes it.
+    queue_bytes: Arc<Semaphore>,
     shared: Arc<Shared>,
 }
 
@@ -724,7 +730,13 @@ impl Store {
         };
         *shared.writer.lock().expect("writer lock") = Some(handle);
         space.monitor()?;
-        Ok((Store { ops, shared }, recovered))
+        let queue_bytes = Arc::new(Semaphore::new(WRITE_QUEUE_BYTES));
+        let store = Store {
+            ops,
+            queue_bytes,
+            shared,
+        };
+        Ok((store, recovered))
     }
 
     /// Appends messages to a channel; resolves once they are durable, with their sequences.
@@ -972,11 +984,24 @@ impl Store {
         op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op,
     ) -> Result<Confirmation<T>> {
         let (reply, answer) = oneshot::channel();
+        let op = op(reply);
+        let bytes = op.bytes();
+        let share = bytes.min(WRITE_QUEUE_BYTES) as u32;
+        let permit = (self.queue_bytes.clone())
+            .acquire_many_owned(share)
+            .await
+            .map_err(|_| StoreError::Closed)?;
         self.ops
-            .send(op(reply))
+            .send(Queued { op, bytes, permit })
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(Confirmation { answer })
+    }
+
+    /// Bytes of requests queued for the writer now.
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
+        WRITE_QUEUE_BYTES - self.queue_bytes.available_permits()
     }
 }
 

@@ -1308,3 +1308,37 @@ async fn a_deleted_channels_ids_and_delayed_messages_are_swept_in_bounded_batche
         assert_eq!(left, 0, "{} keys left", kind as char);
     }
 }
+
+#[tokio::test]
+async fn a_request_larger_than_the_write_queue_goes_through_and_gives_its_share_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let channel = store
+        .create_channel("big".into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    // More than the queue's whole budget in one request, with smaller ones queued around it.
+    let big = messages(WRITE_QUEUE_BYTES / (1 << 20) + 6, 1 << 20);
+    let stored = |appended: Appended| appended.stored.end - appended.stored.start;
+    let confirmed = tokio::time::timeout(Duration::from_secs(30), async {
+        let before = store.submit_append(channel, messages(4, 1 << 20)).await?;
+        let huge = store.submit_append(channel, big).await?;
+        let after = store.submit_append(channel, messages(4, 1 << 20)).await?;
+        Ok::<_, StoreError>((
+            before.confirmed().await.map(stored),
+            huge.confirmed().await.map(stored),
+            after.confirmed().await.map(stored),
+        ))
+    })
+    .await
+    .expect("no request waits for good")
+    .unwrap();
+    assert_eq!(confirmed.0.unwrap(), 4);
+    assert_eq!(
+        confirmed.1.unwrap(),
+        WRITE_QUEUE_BYTES as u64 / (1 << 20) + 6
+    );
+    assert_eq!(confirmed.2.unwrap(), 4);
+    assert_eq!(store.queued_bytes(), 0, "every request gave its share back");
+    store.close().await.unwrap();
+}

@@ -124,8 +124,25 @@ pub(crate) enum Op {
     },
 }
 
+/// A request as queued, holding its share of the queue's bytes until the writer takes it.
+pub(crate) struct Queued {
+    pub(crate) op: Op,
+    /// [`Op::bytes`], counted once.
+    pub(crate) bytes: usize,
+    pub(crate) permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Queued {
+    /// The request, and its bytes; the queue's share goes back.
+    fn take(self) -> (Op, usize) {
+        drop(self.permit);
+        (self.op, self.bytes)
+    }
+}
+
 impl Op {
-    fn bytes(&self) -> usize {
+    /// What the request weighs in the queue and in a group: its encoded size, roughly.
+    pub(crate) fn bytes(&self) -> usize {
         match self {
             Op::Append { messages, .. } => messages.iter().map(NewMessage::size).sum(),
             // Its encoded size: a group's commit frame stays bounded too.
@@ -372,7 +389,7 @@ impl Writer {
     }
 
     /// The thread's body: commit groups until closed or every handle is gone.
-    pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Op>, shared: Arc<Shared>) {
+    pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Queued>, shared: Arc<Shared>) {
         let files = self.files.take().expect("files are handed over once");
         let checkpoints = match Checkpointer::start(
             self.db.clone(),
@@ -423,12 +440,13 @@ impl Writer {
                 None => runtime.block_on(ops.recv()),
             };
             let Some(first) = first else { break };
-            let mut bytes = first.bytes();
+            let (first, mut bytes) = first.take();
             let mut batch = vec![first];
             while batch.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
                 match ops.try_recv() {
-                    Ok(op) => {
-                        bytes += op.bytes();
+                    Ok(queued) => {
+                        let (op, op_bytes) = queued.take();
+                        bytes += op_bytes;
                         batch.push(op);
                     }
                     Err(_) => break,
@@ -456,8 +474,8 @@ impl Writer {
         }
         ops.close();
         // Whatever was already queued behind a close is refused rather than left hanging.
-        while let Ok(op) = ops.try_recv() {
-            refuse(op, &StoreError::Closed);
+        while let Ok(queued) = ops.try_recv() {
+            refuse(queued.take().0, &StoreError::Closed);
         }
         let failed = shared.failure.lock().expect("failure lock").is_some();
         if !failed && let Err(e) = self.appender.sync() {
