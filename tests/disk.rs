@@ -336,3 +336,68 @@ async fn filled_disk_test(storage: &str) {
     await_health(&daemon, ServingStatus::Serving).await;
     daemon.stop().await;
 }
+
+/// The run-time reserve can go to another program that is still filling the disk; the broker
+/// must still come up on a disk full to its last block, and deliver what it holds. Here the
+/// reserve is gone and the disk is filled while the broker is down, so the start depends on
+/// the start-up reserve alone (without it sled cannot open: it writes when it opens).
+#[tokio::test]
+async fn a_start_on_a_disk_full_to_the_last_block_comes_up() {
+    let Some(disk) = SmallDisk::mount(64) else {
+        eprintln!("skipped: cannot mount a tmpfs here (the test needs a real full disk)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = disk.path.join("data");
+    let options = options(
+        dir.path(),
+        data.clone(),
+        "min_free_bytes = \"1MiB\"\nmin_free_percent = 0\nreserve = \"8MiB\"\n",
+    );
+    let daemon = Daemon::start_in(dir.path(), options.clone()).await;
+    daemon.create("kept", &[("s", 60_000)]).await;
+    let confirmed = daemon
+        .publisher()
+        .await
+        .publish(batch("kept", (0..50u8).map(|i| vec![i; 1000])))
+        .await
+        .unwrap()
+        .into_inner()
+        .sequences;
+    daemon.stop().await;
+    assert!(
+        data.join("reserve.start").exists(),
+        "the start-up reserve is made"
+    );
+
+    // The run-time reserve went to another program, which then filled the disk.
+    std::fs::remove_file(data.join("reserve")).unwrap();
+    let filler = disk.path.join("filler");
+    fill_up(&filler);
+
+    let daemon = Daemon::start_in(dir.path(), options).await;
+    daemon
+        .wait_for_log("released the start-up reserve", 1)
+        .await;
+    let seen = drain(&daemon, "kept", confirmed.len()).await;
+    assert_eq!(seen, confirmed.iter().copied().collect::<BTreeSet<_>>());
+    let refused = daemon
+        .publisher()
+        .await
+        .publish(batch("kept", [b"no room".to_vec()]))
+        .await
+        .expect_err("no room to publish");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    // Once there is room, the start-up reserve is made again.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !data.join("reserve.start").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the start-up reserve never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+}

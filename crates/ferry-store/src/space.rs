@@ -13,6 +13,12 @@
 //! still write the ack states and index changes that drain the backlog. Publishing needs the
 //! reserve in place, so the space it gave back goes to acks, not to new messages; it is made
 //! again (and publishing resumes) once there is room for it above the watermark.
+//!
+//! When the other program is still writing, the space the reserve gives back may go to it, and
+//! the disk ends up full to the last block. sled cannot open then (it writes the rest of its
+//! log segment when it opens), so a second, small file (`data/reserve.start`) is kept for a
+//! start on a full disk: never released while the store runs, released when it opens on a disk
+//! with almost nothing free, and made again once there is room.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +33,12 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// free bytes look fine (inodes or a quota may be what ran out), so that the groups in between
 /// carry acks only and succeed.
 const FULL_HOLD: Duration = Duration::from_secs(5);
+/// A look that finds the disk all but full looks again this much later, and releases the
+/// reserve only if free space did not fall meanwhile.
+const SETTLE: Duration = Duration::from_millis(20);
+/// The reserve kept for opening the store on a full disk (when a reserve is kept at all).
+const START_RESERVE: u64 = 1 << 20;
+const START_RESERVE_FILE: &str = "reserve.start";
 /// With less free space than this (or than half the reserve) a disk counts as full.
 const NEARLY_FULL: u64 = 1 << 20;
 /// Fewer free inodes than this count as a full disk: a new segment file could not be created.
@@ -77,6 +89,8 @@ pub(crate) struct Space {
     /// probe interval's worth.
     written: AtomicU64,
     reserved: AtomicBool,
+    /// The start-up reserve is in place.
+    start_reserved: AtomicBool,
     /// When a write last failed with ENOSPC.
     failed_at: Mutex<Option<std::time::Instant>>,
     /// Set (and the condvar below notified) when a publish was refused on the estimate alone:
@@ -90,6 +104,15 @@ impl Space {
     /// Looks at the filesystem once (releasing the reserve if the disk is full, so that opening
     /// the store can write) and returns the shared state; [`Space::monitor`] keeps it current.
     pub(crate) fn open(dir: &Path, options: SpaceOptions) -> Result<Arc<Space>> {
+        let start_reserve = dir.join(START_RESERVE_FILE);
+        if start_reserve.exists() && probe(dir).is_ok_and(|(free, ..)| free < NEARLY_FULL) {
+            match std::fs::remove_file(&start_reserve) {
+                Ok(()) => tracing::warn!(
+                    "the disk is full: released the start-up reserve so that the store can open"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot delete the start-up reserve file"),
+            }
+        }
         let space = Arc::new(Space {
             dir: dir.to_owned(),
             reserve: dir.join("reserve"),
@@ -99,6 +122,7 @@ impl Space {
             low: AtomicBool::new(false),
             written: AtomicU64::new(0),
             reserved: AtomicBool::new(dir.join("reserve").exists()),
+            start_reserved: AtomicBool::new(start_reserve.exists()),
             failed_at: Mutex::new(None),
             probe_now: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
@@ -232,8 +256,18 @@ impl Space {
         if reserve > 0 {
             let reserved = self.reserved.load(Ordering::Acquire);
             if reserved && free < reserve / 2 {
-                self.release_reserve();
-                free = probe(&self.dir)?.0;
+                // While another program is still filling the disk, what the reserve gives back
+                // would go to it: the reserve goes once free space stops falling. (A write of
+                // the store's own that fails releases it at once: see `disk_full`.)
+                std::thread::sleep(SETTLE);
+                let again = probe(&self.dir)?.0;
+                if again < free {
+                    free = again;
+                    self.probe_now.store(true, Ordering::Release);
+                } else {
+                    self.release_reserve();
+                    free = probe(&self.dir)?.0;
+                }
             // Made again only with half a reserve to spare beyond it: just after a release, free
             // space is what was left plus the reserve, and where the watermark is under half
             // the reserve, making it again at once would take it straight back and release it
@@ -247,6 +281,11 @@ impl Space {
             }
             if !self.reserved.load(Ordering::Acquire) {
                 watermark = watermark.saturating_add(reserve);
+            } else if !self.start_reserved.load(Ordering::Acquire)
+                && free >= watermark.saturating_add(START_RESERVE)
+            {
+                self.make_start_reserve();
+                free = probe(&self.dir)?.0;
             }
         }
         self.free.store(free, Ordering::Release);
@@ -284,26 +323,21 @@ impl Space {
         }
     }
 
-    /// Allocates the reserve's blocks (written as zeros where the filesystem cannot allocate
-    /// without writing).
-    fn make_reserve(&self) {
-        let bytes = self.options.reserve_bytes;
-        let made = std::fs::File::create(&self.reserve).and_then(|mut file| {
-            match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes) {
-                Ok(()) => Ok(()),
-                Err(rustix::io::Errno::OPNOTSUPP) => {
-                    let zeros = vec![0; 1 << 20];
-                    let mut left = bytes;
-                    while left > 0 {
-                        let n = left.min(zeros.len() as u64) as usize;
-                        std::io::Write::write_all(&mut file, &zeros[..n])?;
-                        left -= n as u64;
-                    }
-                    file.sync_all()
-                }
-                Err(e) => Err(e.into()),
+    /// Allocates the start-up reserve (see the module's doc).
+    fn make_start_reserve(&self) {
+        let path = self.dir.join(START_RESERVE_FILE);
+        match allocate(&path, START_RESERVE) {
+            Ok(()) => self.start_reserved.store(true, Ordering::Release),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::debug!(error = %e, "cannot allocate the start-up reserve; trying again later");
             }
-        });
+        }
+    }
+
+    /// Allocates the reserve's blocks.
+    fn make_reserve(&self) {
+        let made = allocate(&self.reserve, self.options.reserve_bytes);
         match made {
             Ok(()) => {
                 self.reserved.store(true, Ordering::Release);
@@ -317,6 +351,26 @@ impl Space {
                 tracing::warn!(error = %e, "cannot allocate the reserve file; trying again later");
             }
         }
+    }
+}
+
+/// Creates `path` with `bytes` allocated (written as zeros where the filesystem cannot allocate
+/// without writing).
+fn allocate(path: &Path, bytes: u64) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            let zeros = vec![0; 1 << 20];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                std::io::Write::write_all(&mut file, &zeros[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
