@@ -742,6 +742,9 @@ impl Appender {
         let room = watermark.saturating_add(self.limit.saturating_mul(SPARE_HEADROOM));
         let allowed = !low && free >= room;
         self.spares_allowed = allowed;
+        // Zeros ahead take little, but never from the room acks and the index need.
+        let zeros_room = watermark.saturating_add(ahead::ROOM);
+        self.ahead.allow(!low && free >= zeros_room);
         if !allowed && self.spare.as_ref().is_some_and(|s| !s.handle.is_finished()) {
             self.drop_spare();
         }
@@ -844,6 +847,15 @@ mod tests {
         at
     }
 
+    /// How the tests' appenders write: finished files kept for syncing, as in `always` mode.
+    fn mode(preallocate: bool, zero_ahead: bool) -> AppendMode {
+        AppendMode {
+            keep_finished: true,
+            preallocate,
+            zero_ahead,
+        }
+    }
+
     fn commits_in(segments: &Segments, id: u32) -> (Vec<u64>, ScanEnd) {
         let mut found = Vec::new();
         let end = segments
@@ -857,7 +869,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
         let mut appender = segments
-            .start(0, 4096, AppendMode { keep_finished: true, preallocate: true, zero_ahead: false }, Arc::default())
+            .start(0, 4096, mode(true, false), Arc::default())
             .unwrap();
         // The first file is plain, and filled before it is left.
         commit(&mut appender, &[1u8; 5000]);
@@ -898,11 +910,53 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_log_writes_over_zeros_kept_ahead_and_a_scan_ends_where_the_log_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        let mut appender = segments
+            .start(0, 1 << 20, mode(false, true), Arc::default())
+            .unwrap();
+        let path = dir.path().join("segments/0000000001.seg");
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let mut ends = Vec::new();
+        // A commit now and then: the log is slow.
+        for _ in 0..6 {
+            std::thread::sleep(ahead::RATE_WINDOW + std::time::Duration::from_millis(10));
+            let at = commit(&mut appender, &[5u8; 30_000]);
+            ends.push(at.offset + u64::from(at.len));
+        }
+        appender.ahead.finish();
+        let log_end = appender.end();
+        assert!(log_end > 64 << 10, "the log reached the first zeros");
+        assert!(appender.ahead.zeroed() > log_end, "zeros are kept ahead");
+        assert!(size() > log_end, "the zeros are in the file");
+        let (found, end) = commits_in(&segments, 1);
+        assert_eq!(found, ends, "every commit, over zeros or not, is found");
+        assert_eq!(
+            (end.stopped, end.len, end.damaged),
+            (log_end, log_end, None)
+        );
+
+        // A discarded group leaves nothing: the file ends where the log does, zeros and all.
+        appender.begin_group().unwrap();
+        appender.append(|out| out.extend([3u8; 500])).unwrap();
+        appender.write().unwrap();
+        appender.discard().unwrap();
+        assert_eq!(size(), log_end);
+        let (found, end) = commits_in(&segments, 1);
+        assert_eq!(found, ends);
+        assert_eq!(
+            (end.stopped, end.len, end.damaged),
+            (log_end, log_end, None)
+        );
+    }
+
+    #[test]
     fn the_last_frame_of_a_file_failing_its_checksum_is_damage_even_ending_in_zeros() {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
         let mut appender = segments
-            .start(0, 1 << 20, AppendMode { keep_finished: true, preallocate: false, zero_ahead: false }, Arc::default())
+            .start(0, 1 << 20, mode(false, false), Arc::default())
             .unwrap();
         commit(&mut appender, b"whole");
         let last = commit(&mut appender, &[9u8; 300]);
@@ -922,7 +976,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
         let mut appender = segments
-            .start(0, 1 << 20, AppendMode { keep_finished: true, preallocate: true, zero_ahead: false }, Arc::default())
+            .start(0, 1 << 20, mode(true, false), Arc::default())
             .unwrap();
         commit(&mut appender, &vec![1u8; 1 << 20]);
         spare_ready(&appender);
@@ -955,7 +1009,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (segments, _) = Segments::open(dir.path()).unwrap();
         let mut appender = segments
-            .start(0, 1000, AppendMode { keep_finished: true, preallocate: false, zero_ahead: false }, Arc::default())
+            .start(0, 1000, mode(false, false), Arc::default())
             .unwrap();
         appender.begin_group().unwrap();
         appender.append(|out| out.extend([1u8; 600])).unwrap();

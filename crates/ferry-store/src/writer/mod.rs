@@ -31,7 +31,7 @@ use crate::change::{self, Change};
 use crate::codec::{self, KEY_VERSION, RecordLocation};
 use crate::ids::IdIndex;
 use crate::log::MessageCache;
-use crate::segment::{Appender, Segments};
+use crate::segment::{AppendMode, Appender, Segments};
 use crate::space::Space;
 use crate::{
     AckState, AckUpdate, Appended, ChannelId, ChannelLog, ChannelSettings, ChannelStats, Counters,
@@ -308,7 +308,11 @@ impl Writer {
         let appender = segments.start(
             highest,
             options.segment_bytes,
-            (keep_finished, options.preallocate),
+            AppendMode {
+                keep_finished,
+                preallocate: options.preallocate,
+                zero_ahead: options.fsync == FsyncMode::Always,
+            },
             counters.clone(),
         )?;
 
