@@ -136,11 +136,25 @@ impl Daemon {
     /// Sends SIGTERM and waits for a clean exit (status 0).
     pub async fn stop(mut self) {
         signal(self.pid(), "TERM");
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("ferry exits within the patience after SIGTERM")
-            .expect("wait");
+        let waited = tokio::time::timeout(PATIENCE, self.child.wait()).await;
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let Ok(status) = waited else {
+            // Its threads' stacks say where it hangs; then it goes.
+            let stacks = std::process::Command::new("gdb")
+                .args([
+                    "-p",
+                    &self.pid().to_string(),
+                    "-batch",
+                    "-ex",
+                    "thread apply all bt 8",
+                ])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default();
+            signal(self.pid(), "KILL");
+            panic!("ferry did not exit within the patience after SIGTERM; log:\n{log}\n{stacks}");
+        };
+        let status = status.expect("wait");
         assert!(
             status.success(),
             "ferry exited with {status} after SIGTERM; log:\n{log}"

@@ -34,8 +34,11 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// carry acks only and succeed.
 const FULL_HOLD: Duration = Duration::from_secs(5);
 /// A look that finds the disk all but full looks again this much later, and releases the
-/// reserve only if free space did not fall meanwhile.
+/// reserve only if free space did not fall meanwhile by more than this...
 const SETTLE: Duration = Duration::from_millis(20);
+const SETTLE_TOLERANCE: u64 = 64 << 10;
+/// ...or once it has waited this long.
+const SETTLE_LIMIT: Duration = Duration::from_millis(250);
 /// The reserve kept for opening the store on a full disk (when a reserve is kept at all).
 const START_RESERVE: u64 = 1 << 20;
 const START_RESERVE_FILE: &str = "reserve.start";
@@ -91,6 +94,10 @@ pub(crate) struct Space {
     reserved: AtomicBool,
     /// The start-up reserve is in place.
     start_reserved: AtomicBool,
+    /// Since when the monitor has held the reserve back while free space fell.
+    settling_since: Mutex<Option<std::time::Instant>>,
+    /// The monitor runs (before it does, the store is opening: the reserve goes at once).
+    monitoring: AtomicBool,
     /// When a write last failed with ENOSPC.
     failed_at: Mutex<Option<std::time::Instant>>,
     /// Set (and the condvar below notified) when a publish was refused on the estimate alone:
@@ -101,10 +108,15 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    /// Looks at the filesystem once (releasing the reserve if the disk is full, so that opening
+    /// Looks at the filesystem once (releasing the reserves if the disk is full, so that opening
     /// the store can write) and returns the shared state; [`Space::monitor`] keeps it current.
     pub(crate) fn open(dir: &Path, options: SpaceOptions) -> Result<Arc<Space>> {
         let start_reserve = dir.join(START_RESERVE_FILE);
+        // One cut short by a crash while it was made does not count.
+        let whole = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.len() >= START_RESERVE);
+        if start_reserve.exists() && !whole(&start_reserve) {
+            let _ = std::fs::remove_file(&start_reserve);
+        }
         if start_reserve.exists() && probe(dir).is_ok_and(|(free, ..)| free < NEARLY_FULL) {
             match std::fs::remove_file(&start_reserve) {
                 Ok(()) => tracing::warn!(
@@ -123,6 +135,8 @@ impl Space {
             written: AtomicU64::new(0),
             reserved: AtomicBool::new(dir.join("reserve").exists()),
             start_reserved: AtomicBool::new(start_reserve.exists()),
+            settling_since: Mutex::new(None),
+            monitoring: AtomicBool::new(false),
             failed_at: Mutex::new(None),
             probe_now: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
@@ -133,6 +147,7 @@ impl Space {
 
     /// Starts the monitor thread; it runs until [`Space::stop`].
     pub(crate) fn monitor(self: &Arc<Self>) -> Result<()> {
+        self.monitoring.store(true, Ordering::Release);
         let space = self.clone();
         std::thread::Builder::new()
             .name("ferry-store-space".into())
@@ -243,6 +258,28 @@ impl Space {
         }
     }
 
+    /// Whether the reserve may go now, with free space as last seen. While another program is
+    /// still filling the disk, what the reserve gives back would go to it, so the monitor looks
+    /// again [`SETTLE`] later and releases it once free space stopped falling (by more than the
+    /// store's own writes could take), or once it has waited [`SETTLE_LIMIT`]: sled must find
+    /// room before it needs it. At open it goes at once. (A failed write of the store's own
+    /// releases it at once too: see `disk_full`.)
+    fn settled(&self, free: u64) -> Result<(bool, u64)> {
+        let mut since = self.settling_since.lock().expect("settling lock");
+        if !self.monitoring.load(Ordering::Acquire) {
+            return Ok((true, free));
+        }
+        let waited = since.get_or_insert_with(std::time::Instant::now).elapsed();
+        std::thread::sleep(SETTLE);
+        let again = probe(&self.dir)?.0;
+        let falling = free.saturating_sub(again) > SETTLE_TOLERANCE;
+        let settled = !falling || waited >= SETTLE_LIMIT;
+        if settled {
+            *since = None;
+        }
+        Ok((settled, again))
+    }
+
     /// Looks at the filesystem and applies what it shows.
     fn refresh(&self) -> Result<()> {
         let options = &self.options;
@@ -256,17 +293,13 @@ impl Space {
         if reserve > 0 {
             let reserved = self.reserved.load(Ordering::Acquire);
             if reserved && free < reserve / 2 {
-                // While another program is still filling the disk, what the reserve gives back
-                // would go to it: the reserve goes once free space stops falling. (A write of
-                // the store's own that fails releases it at once: see `disk_full`.)
-                std::thread::sleep(SETTLE);
-                let again = probe(&self.dir)?.0;
-                if again < free {
-                    free = again;
-                    self.probe_now.store(true, Ordering::Release);
-                } else {
+                let (settled, now_free) = self.settled(free)?;
+                free = now_free;
+                if settled {
                     self.release_reserve();
                     free = probe(&self.dir)?.0;
+                } else {
+                    self.probe_now.store(true, Ordering::Release);
                 }
             // Made again only with half a reserve to spare beyond it: just after a release, free
             // space is what was left plus the reserve, and where the watermark is under half
@@ -282,7 +315,8 @@ impl Space {
             if !self.reserved.load(Ordering::Acquire) {
                 watermark = watermark.saturating_add(reserve);
             } else if !self.start_reserved.load(Ordering::Acquire)
-                && free >= watermark.saturating_add(START_RESERVE)
+                && free >= watermark.saturating_add(reserve / 2 + START_RESERVE)
+                && !inodes_out
             {
                 self.make_start_reserve();
                 free = probe(&self.dir)?.0;

@@ -4,7 +4,9 @@
 //! size and block map the append changed: a second I/O in series behind the data. Over blocks
 //! that already hold synced zeros, the same sync writes the data alone. So while the log takes
 //! less than [`SLOW_RATE`], a helper thread keeps up to [`WINDOW`] of synced zeros ahead of it,
-//! off the commit path, and a commit of a few messages costs one device write instead of two.
+//! off the commit path, and a commit of a few messages written over them costs one device
+//! write instead of two. (Where the log has outrun the zeros, the next ones start a little
+//! ahead of it, and the log fills the gap by appending, as before.)
 //! Under heavy load the zeros would double what reaches the disk for nothing (a group's data
 //! write then outweighs the inode's), so none are written and the log appends as before.
 //!
@@ -18,6 +20,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -41,7 +44,10 @@ const PAGE: u64 = 4096;
 
 /// Zeros to write into a file, and where to say how it went.
 struct Job {
-    file: Arc<File>,
+    /// The file is opened again for the zeros: a failed write-back is then reported to the
+    /// log's own sync too (Linux reports it once per open file, and the zeros' sync flushes the
+    /// log's pages as well).
+    path: PathBuf,
     range: Range<u64>,
     done: Sender<std::io::Result<()>>,
 }
@@ -116,7 +122,13 @@ impl ZeroAhead {
 
     /// After the log reached `end` in `file` (of at most `limit` bytes): measures the rate,
     /// and starts more zeros when the log is slow and near their end.
-    pub(super) fn after_write(&mut self, file: &Arc<File>, end: u64, written: u64, limit: u64) {
+    pub(super) fn after_write(
+        &mut self,
+        path: impl FnOnce() -> PathBuf,
+        end: u64,
+        written: u64,
+        limit: u64,
+    ) {
         if !self.enabled {
             return;
         }
@@ -143,7 +155,7 @@ impl ZeroAhead {
         }
         let (done, answer) = std::sync::mpsc::channel();
         let job = Job {
-            file: file.clone(),
+            path: path(),
             range: from..to,
             done,
         };
@@ -187,9 +199,11 @@ impl ZeroAhead {
                 .spawn(move || {
                     let zeros = vec![0u8; 256 << 10];
                     for job in queue {
-                        let _ = job
-                            .done
-                            .send(write_zeros(&job.file, job.range, &zeros, &counters));
+                        let zeroed = File::options()
+                            .write(true)
+                            .open(&job.path)
+                            .and_then(|file| write_zeros(&file, job.range, &zeros, &counters));
+                        let _ = job.done.send(zeroed);
                     }
                 });
             // Without the thread the queue is gone with it: sending fails, and the log appends.

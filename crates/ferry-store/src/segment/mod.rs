@@ -68,8 +68,7 @@ const ZERO_WINDOW: u64 = 4096;
 pub(crate) struct Appender {
     segments: Arc<Segments>,
     id: u32,
-    /// Shared with the thread writing zeros ahead of the log.
-    file: Arc<File>,
+    file: File,
     len: u64,
     limit: u64,
     /// The current file was preallocated: it is cut to its length when the next one starts.
@@ -169,7 +168,7 @@ impl Segments {
         let appender = Appender {
             segments: segments.clone(),
             id,
-            file: Arc::new(file),
+            file,
             len: 0,
             limit,
             preallocated: false,
@@ -625,9 +624,9 @@ impl Appender {
         };
         let (id, file) = spare;
         self.preallocated = preallocated;
-        let finished = std::mem::replace(&mut self.file, Arc::new(file));
+        let finished = std::mem::replace(&mut self.file, file);
         if self.keep_finished {
-            self.unsynced.push(finished);
+            self.unsynced.push(Arc::new(finished));
         }
         self.finished.push(self.id);
         self.id = id;
@@ -668,7 +667,8 @@ impl Appender {
         self.len += written;
         self.pending.clear();
         if !self.preallocated {
-            (self.ahead).after_write(&self.file, self.len, written, self.limit);
+            let (segments, id) = (&self.segments, self.id);
+            (self.ahead).after_write(|| segments.path(id), self.len, written, self.limit);
         }
         Ok(())
     }
@@ -766,6 +766,9 @@ impl Appender {
 impl Drop for Appender {
     fn drop(&mut self) {
         self.drop_spare();
+        // No zeros may land in a file once the store is gone (a store opened again in this
+        // process recovers it).
+        self.ahead.finish();
     }
 }
 
