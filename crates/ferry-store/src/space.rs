@@ -112,10 +112,16 @@ impl Space {
     /// the store can write) and returns the shared state; [`Space::monitor`] keeps it current.
     pub(crate) fn open(dir: &Path, options: SpaceOptions) -> Result<Arc<Space>> {
         let start_reserve = dir.join(START_RESERVE_FILE);
-        // One cut short by a crash while it was made does not count.
-        let whole = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.len() >= START_RESERVE);
-        if start_reserve.exists() && !whole(&start_reserve) {
-            let _ = std::fs::remove_file(&start_reserve);
+        // A reserve cut short by a crash while it was made does not count: it goes, and is made
+        // again whole.
+        let reserve = dir.join("reserve");
+        for (path, size) in [
+            (&start_reserve, START_RESERVE),
+            (&reserve, options.reserve_bytes),
+        ] {
+            if std::fs::metadata(path).is_ok_and(|m| m.len() < size) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         if start_reserve.exists() && probe(dir).is_ok_and(|(free, ..)| free < NEARLY_FULL) {
             match std::fs::remove_file(&start_reserve) {
@@ -127,13 +133,13 @@ impl Space {
         }
         let space = Arc::new(Space {
             dir: dir.to_owned(),
-            reserve: dir.join("reserve"),
+            reserve: reserve.clone(),
             options,
             free: AtomicU64::new(u64::MAX),
             watermark: AtomicU64::new(0),
             low: AtomicBool::new(false),
             written: AtomicU64::new(0),
-            reserved: AtomicBool::new(dir.join("reserve").exists()),
+            reserved: AtomicBool::new(reserve.exists()),
             start_reserved: AtomicBool::new(start_reserve.exists()),
             settling_since: Mutex::new(None),
             monitoring: AtomicBool::new(false),
@@ -433,4 +439,28 @@ fn test_probe() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut numbers = text.split_whitespace().map(str::parse::<u64>);
     Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserves_cut_short_by_a_crash_are_made_again_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SpaceOptions {
+            min_free_bytes: 1 << 20,
+            min_free_percent: 0,
+            reserve_bytes: 4 << 20,
+        };
+        // A crash between creating the files and allocating their blocks.
+        std::fs::File::create(dir.path().join("reserve")).unwrap();
+        std::fs::File::create(dir.path().join(START_RESERVE_FILE)).unwrap();
+        let space = Space::open(dir.path(), options).unwrap();
+        let size = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
+        assert_eq!(size("reserve"), 4 << 20);
+        assert_eq!(size(START_RESERVE_FILE), START_RESERVE);
+        assert!(space.reserved.load(Ordering::Acquire));
+        assert!(space.start_reserved.load(Ordering::Acquire));
+    }
 }
