@@ -271,19 +271,16 @@ impl Space {
     /// room before it needs it. At open it goes at once. (A failed write of the store's own
     /// releases it at once too: see `disk_full`.)
     fn settled(&self, free: u64) -> Result<(bool, u64)> {
-        let mut since = self.settling_since.lock().expect("settling lock");
         if !self.monitoring.load(Ordering::Acquire) {
             return Ok((true, free));
         }
-        let waited = since.get_or_insert_with(std::time::Instant::now).elapsed();
+        let waited = (self.settling_since.lock().expect("settling lock"))
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
         std::thread::sleep(SETTLE);
         let again = probe(&self.dir)?.0;
         let falling = free.saturating_sub(again) > SETTLE_TOLERANCE;
-        let settled = !falling || waited >= SETTLE_LIMIT;
-        if settled {
-            *since = None;
-        }
-        Ok((settled, again))
+        Ok((!falling || waited >= SETTLE_LIMIT, again))
     }
 
     /// Looks at the filesystem and applies what it shows.
@@ -353,6 +350,7 @@ impl Space {
 
     fn release_reserve(&self) {
         self.reserved.store(false, Ordering::Release);
+        *self.settling_since.lock().expect("settling lock") = None;
         match std::fs::remove_file(&self.reserve) {
             Ok(()) => tracing::warn!(
                 reserve_mib = self.options.reserve_bytes >> 20,
