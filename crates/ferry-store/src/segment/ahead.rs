@@ -99,6 +99,17 @@ impl ZeroAhead {
         self.zeroed
     }
 
+    /// How many of `len` bytes written at `at` take new blocks: none over zeros written or
+    /// being written (their space was counted when they were started).
+    pub(super) fn new_blocks(&self, at: u64, len: u64) -> u64 {
+        let overlap = |r: &Range<u64>| (at + len).min(r.end).saturating_sub(at.max(r.start));
+        let mut over_zeros = overlap(&(0..self.zeroed));
+        if let Some((range, _)) = &self.job {
+            over_zeros += overlap(range);
+        }
+        len - over_zeros.min(len)
+    }
+
     /// Whether the disk has room for zeros now.
     pub(super) fn allow(&mut self, allowed: bool) {
         self.allowed = allowed;

@@ -105,7 +105,8 @@ pub(crate) struct AppendMode {
     pub keep_finished: bool,
     /// Each next file is preallocated whole (`preallocate_segments`).
     pub preallocate: bool,
-    /// Zeros are kept ahead of a slow log (`fsync = "always"`: where every commit syncs).
+    /// Zeros are kept ahead of a slow log (`fsync = "always"`, where every commit syncs, and
+    /// without `preallocate`).
     pub zero_ahead: bool,
 }
 
@@ -558,11 +559,11 @@ impl Appender {
     /// between two looks at the disk is not lowered for blocks already taken.
     pub(crate) fn disk_taken(&mut self) -> u64 {
         let pending = self.pending.len() as u64;
-        let zeros_end = match self.preallocated {
-            true => self.limit,
-            false => self.ahead.zeroed(),
+        let frames = match self.preallocated {
+            true => (self.len + pending).saturating_sub(self.len.max(self.limit)),
+            false => self.ahead.new_blocks(self.len, pending),
         };
-        (self.len + pending).saturating_sub(self.len.max(zeros_end)) + self.ahead.take_started()
+        frames + self.ahead.take_started()
     }
 
     /// Bytes of the current group not yet written.

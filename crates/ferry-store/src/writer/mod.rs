@@ -311,7 +311,8 @@ impl Writer {
             AppendMode {
                 keep_finished,
                 preallocate: options.preallocate,
-                zero_ahead: options.fsync == FsyncMode::Always,
+                // Preallocated files are zeros already.
+                zero_ahead: options.fsync == FsyncMode::Always && !options.preallocate,
             },
             counters.clone(),
         )?;
