@@ -179,3 +179,49 @@ async fn the_weaker_fsync_modes_lose_nothing_confirmed_when_the_broker_is_killed
         daemon.stop().await;
     }
 }
+
+/// A slow log writes its commits over zeros kept ahead of it (so that a commit's sync writes
+/// its data alone); a crash then leaves a segment file that ends in zeros past the log, and
+/// every confirmed message comes back, in order, with publishing going on after it.
+#[tokio::test]
+async fn a_crash_over_the_zeros_kept_ahead_of_a_slow_log_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    daemon.create("slow", &[("s", 60_000)]).await;
+    let payloads: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 20_000]).collect();
+    for payload in &payloads {
+        // Slower than the rate below which zeros are kept ahead.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        daemon.publish("slow", [payload.clone()]).await;
+    }
+    let newest = std::fs::read_dir(daemon.data_dir.join("segments"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a segment file");
+    let written: usize = payloads.iter().map(Vec::len).sum();
+    let file = std::fs::read(&newest).unwrap();
+    assert!(
+        file.len() > written + 64 * 1024,
+        "zeros ahead of the log: {} bytes for {written} of payloads",
+        file.len()
+    );
+    assert!(file[file.len() - 4096..].iter().all(|&b| b == 0));
+    daemon.kill().await;
+
+    let daemon = Daemon::start_in(dir.path(), Options::default()).await;
+    daemon.publish("slow", [b"after".to_vec()]).await;
+    let mut consumer = Consumer::attach(&daemon, "slow", "s", 20).await;
+    let got = consumer.take(payloads.len() + 1).await;
+    let bodies: Vec<&[u8]> = got
+        .iter()
+        .map(|d| d.message.as_ref().unwrap().payload.as_ref())
+        .collect();
+    let mut expected: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    expected.push(b"after");
+    assert_eq!(bodies, expected);
+    drop(consumer);
+    daemon.stop().await;
+}
