@@ -774,6 +774,7 @@ impl Config {
                 // The broker supplies its dead-letter format.
                 dead_letter: None,
                 observer: None,
+                ..StoreOptions::default()
             },
             on_damage: match storage.on_damage {
                 DamageSetting::Skip => DamagePolicy::Skip,

@@ -21,6 +21,7 @@
 
 use std::collections::HashSet;
 
+use crate::batch::Batch;
 use crate::change;
 use crate::codec::{
     KEY_LOG_END, KEY_NEXT_ID, LogPosition, RecordHeader, RecordLocation, orphan_key, record_key,
@@ -108,7 +109,7 @@ pub(crate) fn reconcile(
 /// checkpointed) can leave entries of records that are gone from the channel's bounds: they
 /// would pin their segment files for good.
 fn drop_collected(db: &sled::Db, state: &mut State) -> Result<()> {
-    let mut batch = sled::Batch::default();
+    let mut batch = Batch::default();
     let mut touched = Touched::default();
     let firsts: Vec<(ChannelId, u64)> = state
         .channels
@@ -129,7 +130,7 @@ fn drop_collected(db: &sled::Db, state: &mut State) -> Result<()> {
     }
     if !touched.segments.is_empty() {
         state.finish(&mut batch, &mut touched, None);
-        db.apply_batch(batch)?;
+        db.apply_batch(batch.into_sled())?;
     }
     Ok(())
 }
@@ -261,11 +262,11 @@ fn apply_commit(
     next_id: u32,
     replayed: &mut Replayed,
 ) -> Result<()> {
-    let mut batch = sled::Batch::default();
+    let mut batch = Batch::default();
     let mut touched = Touched::default();
     if let Some(body) = &commit.changes {
         for change in change::decode(body)? {
-            state.apply(db, &change, &mut batch, &mut touched)?;
+            state.apply(&**db, &change, &mut batch, &mut touched)?;
         }
     }
     for (offset, record) in &commit.records {
@@ -286,7 +287,7 @@ fn apply_commit(
     };
     state.finish(&mut batch, &mut touched, None);
     batch.insert(KEY_LOG_END, &replayed.end.encode());
-    db.apply_batch(batch)?;
+    db.apply_batch(batch.into_sled())?;
     replayed.commits += 1;
     Ok(())
 }
@@ -294,7 +295,7 @@ fn apply_commit(
 /// Indexes one replayed record, or pins it when its channel is unknown and was not deleted.
 #[allow(clippy::too_many_arguments)]
 fn index(
-    batch: &mut sled::Batch,
+    batch: &mut Batch,
     touched: &mut Touched,
     state: &mut State,
     next_id: u32,

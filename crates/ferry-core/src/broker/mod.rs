@@ -738,7 +738,11 @@ impl Broker {
             .min()
             .unwrap_or(stats.next_seq);
         let retained_bytes = match settings.retention.keeps() {
-            true => self.inner.store.retained_bytes(shared.id, lowest_floor)?,
+            true => {
+                (self.inner.store)
+                    .retained_bytes(shared.id, lowest_floor)
+                    .await?
+            }
             false => 0,
         };
         Ok(ChannelInfo {

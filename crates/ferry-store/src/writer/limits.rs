@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::plan::now_ms;
 use super::{Group, Writer};
+use crate::batch::Read;
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, record_key};
 use crate::{
@@ -127,8 +128,8 @@ impl Writer {
         let mut dropped_to = floor;
         let mut retained_to = 0;
         let mut dropped_bytes = 0;
-        let mut records = (self.db)
-            .range(record_key(channel, 0)..record_key(channel, end))
+        let mut records = (self.index)
+            .range(&record_key(channel, 0), &record_key(channel, end))
             .peekable();
         while fill.full() {
             let Some(entry) = records.next() else { break };
@@ -187,17 +188,19 @@ impl Writer {
     /// The first sequence of the record of `channel` that holds `seq` (or `seq` if none does:
     /// every record before it ends at or before it).
     fn record_at(&self, channel: ChannelId, seq: u64) -> Result<u64> {
-        let last = self
-            .db
-            .range(record_key(channel, 0)..=record_key(channel, seq))
-            .next_back();
+        let last = (self.index).last_below(
+            &record_key(channel, 0),
+            &record_key(channel, seq.saturating_add(1)),
+        )?;
         let Some(entry) = last else {
             return Ok(seq);
         };
-        let first = codec::parse_record_key(&entry?.0)?;
-        let next = self
-            .db
-            .range(record_key(channel, first + 1)..=record_key(channel, u64::MAX))
+        let first = codec::parse_record_key(&entry.0)?;
+        let next = (self.index)
+            .range(
+                &record_key(channel, first + 1),
+                &record_key(channel, u64::MAX),
+            )
             .next();
         let end = match next {
             Some(entry) => codec::parse_record_key(&entry?.0)?,
@@ -292,7 +295,7 @@ impl Writer {
 
     /// How many deliveries of `seq` to `subscription` failed, as its failure record says.
     fn failed_attempts(&self, subscription: SubscriptionId, seq: u64) -> u32 {
-        let raw = self.db.get(codec::failure_key(subscription, seq));
+        let raw = self.index.get(&codec::failure_key(subscription, seq));
         raw.ok()
             .flatten()
             .and_then(|raw| codec::decode_failure(&mut raw.as_ref()).ok())

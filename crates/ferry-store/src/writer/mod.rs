@@ -5,16 +5,18 @@
 //! (ack states, channels, subscriptions; see `change.rs`), are appended to the segment log,
 //! which is the store's write-ahead log, and synced with **one** `fdatasync` (in
 //! `fsync = "always"` mode). Then readers see the new state and the callers are answered, and
-//! only then is the group's sled batch (the records' index, channel bounds, ack state,
-//! metadata, and the log position it reaches) applied to sled in memory: the commit is durable
-//! without it, and a channel's tail cache keeps its messages until sled indexes them, so no
-//! reader needs it sooner. sled is made durable in the background
+//! only then does the group's sled batch (the records' index, channel bounds, ack state,
+//! metadata, and the log position it reaches) go to sled, in memory and merged with those of
+//! the next commits for up to 10 ms ([`index`]): the commit is durable without it, and a
+//! channel's tail cache keeps its messages until sled indexes them, so no reader needs it
+//! sooner. sled is made durable in the background
 //! ([`checkpoint`]); after a crash, recovery replays the commits after sled's durable log
 //! position through the same [`State`] functions the live commits used. Concurrent publishers
 //! and ackers share each sync, and confirmation order equals commit order. Sequences are
 //! assigned here, so a channel's order is exactly the order of its commits.
 
 mod checkpoint;
+mod index;
 mod limits;
 mod plan;
 mod state;
@@ -27,6 +29,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Verify;
+use crate::batch::Batch;
 use crate::change::{self, Change};
 use crate::codec::{self, KEY_VERSION, RecordLocation};
 use crate::ids::IdIndex;
@@ -41,6 +44,7 @@ use crate::{
 use crate::{failpoint, recovery};
 use checkpoint::Checkpointer;
 pub(crate) use checkpoint::DurableFiles;
+use index::Index;
 pub(crate) use state::{State, Touched, id_of};
 
 /// The most keys of deleted channels removed at one check (one sled batch: sled holds a big
@@ -119,6 +123,10 @@ pub(crate) enum Op {
         value: Option<Vec<u8>>,
         reply: Reply<()>,
     },
+    /// Brings sled up to date with every commit so far, for a read that goes to sled alone.
+    CatchUp {
+        reply: Reply<()>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -189,7 +197,8 @@ impl WriterLog {
 
 /// The writer's state: the authoritative view of channels and subscriptions.
 pub(crate) struct Writer {
-    db: sled::Db,
+    /// sled, with the index writes of the last commits that it does not hold yet.
+    index: Index,
     fsync: FsyncMode,
     cache: Arc<MessageCache>,
     /// Told when a write finds the disk full.
@@ -250,7 +259,7 @@ fn pending<T: Send + 'static>(reply: Reply<T>, value: T) -> Pending {
 /// What one group changes, collected before it is committed.
 #[derive(Default)]
 struct Group {
-    batch: sled::Batch,
+    batch: Batch,
     /// The changes to write in the commit frame, in the order they were applied.
     changes: Vec<Change>,
     /// Where each subscription's ack state is in `changes`: a later state of the same group
@@ -280,6 +289,8 @@ struct Group {
     collect_below: HashMap<ChannelId, u64>,
     dropped_logs: Vec<ChannelId>,
     replies: Vec<Pending>,
+    /// Answered once sled holds the group ([`Op::CatchUp`]).
+    catch_ups: Vec<Reply<()>>,
     /// Ack states the group saves.
     ack_states: u64,
     /// How long its device sync took, if it had one.
@@ -369,7 +380,7 @@ impl Writer {
         // After the replay: the ids since the last seal are in sled's `E` keys.
         let ids = IdIndex::open(dir, &db)?;
         let writer = Writer {
-            db,
+            index: Index::new(db, options.index_lag),
             fsync: options.fsync,
             cache,
             space,
@@ -397,7 +408,7 @@ impl Writer {
     pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Queued>, shared: Arc<Shared>) {
         let files = self.files.take().expect("files are handed over once");
         let checkpoints = match Checkpointer::start(
-            self.db.clone(),
+            self.index.sled().clone(),
             files,
             self.segments.clone(),
             self.fsync,
@@ -424,6 +435,7 @@ impl Writer {
                 self.sync_deadline(),
                 self.retention_deadline(),
                 self.delay_deadline(),
+                self.index.due(),
             ]
             .into_iter()
             .flatten()
@@ -487,6 +499,10 @@ impl Writer {
             // No checkpoint may then make the index durable past the log.
             fail(&shared, &e);
         }
+        if !failed {
+            // Refused at failure: the log holds it, and the next start replays it.
+            let _ = self.apply_index(&shared, &checkpoints);
+        }
         // The last checkpoint: a clean stop leaves nothing to replay.
         checkpoints.stop();
     }
@@ -516,10 +532,10 @@ impl Writer {
         self.spare_ids.values_mut().for_each(HashMap::clear);
         let built = match self.build(&mut group) {
             Ok(built) => built,
-            Err(e) => return self.fail_group(group, e, shared),
+            Err(e) => return self.fail_group(group, e, shared, checkpoints),
         };
         if let Err(e) = self.make_durable(&mut group, built.log_bytes) {
-            return self.fail_group(group, e, shared);
+            return self.fail_group(group, e, shared, checkpoints);
         }
         {
             use std::sync::atomic::Ordering::Relaxed;
@@ -544,32 +560,61 @@ impl Writer {
         }
         let batch = std::mem::take(&mut group.batch);
         let changes = std::mem::take(&mut group.changes);
+        let catch_ups = std::mem::take(&mut group.catch_ups);
         let (close, appended) = self.announce(group, built.appended, built.collected, shared);
         // After the answers: the commit is durable in the log already, and its readers find
         // its messages in the tail cache, which keeps them until sled indexes them.
-        if let Err(e) = self.db.apply_batch(batch) {
-            // Replay brings the index back from the log; until then nothing more is written.
+        (self.index).defer(batch, built.log_bytes, built.emptied, appended);
+        let due = self.index.due().is_some_and(|due| Instant::now() >= due);
+        if due || !catch_ups.is_empty() {
+            let applied = self.apply_index(shared, checkpoints);
+            for reply in catch_ups {
+                let _ = reply.send(applied.clone());
+            }
+            if applied.is_err() {
+                return close;
+            }
+        }
+        self.index_ids(&changes, shared, checkpoints);
+        close
+    }
+
+    /// Applies the index writes of the commits sled does not hold yet, as one sled batch.
+    /// A failure stops all writes: replay brings the index back from the log at the next
+    /// start.
+    fn apply_index(&mut self, shared: &Shared, checkpoints: &Checkpointer) -> Result<()> {
+        let Some(waiting) = self.index.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.index.sled().apply_batch(waiting.batch.into_sled()) {
             // What was answered is made durable first (in `interval` mode it may not be yet).
             if let Err(sync) = self.appender.sync() {
                 tracing::error!(error = %sync, "cannot sync the segment log after a failed index update");
             }
-            fail(shared, &e.into());
-            return close;
+            let e = StoreError::from(e);
+            fail(shared, &e);
+            return Err(e);
         }
         failpoint::hit("index-applied");
-        for (log, end) in appended {
+        for (log, end) in waiting.ends {
             log.indexed(end);
         }
         // What the tail kept past the budget for want of an index can go now.
         shared.cache.enforce(&shared.logs);
-        checkpoints.applied(built.log_bytes, built.emptied);
-        self.index_ids(&changes);
-        close
+        checkpoints.applied(waiting.log_bytes, waiting.emptied);
+        Ok(())
+    }
+
+    /// sled, holding every commit's index writes: for what writes to it outside a commit
+    /// (which must come after them) or reads it whole.
+    fn caught_up(&mut self, shared: &Shared, checkpoints: &Checkpointer) -> Result<&sled::Db> {
+        self.apply_index(shared, checkpoints)?;
+        Ok(self.index.sled())
     }
 
     /// Adds a committed group's published ids to the id index, and seals the channels holding
     /// the most while the ids in memory are past their bound.
-    fn index_ids(&mut self, changes: &[Change]) {
+    fn index_ids(&mut self, changes: &[Change], shared: &Shared, checkpoints: &Checkpointer) {
         for change in changes {
             if let Change::Ids {
                 channel,
@@ -584,7 +629,8 @@ impl Writer {
             // A sealed file must not hold ids of commits a crash could still take back.
             let sealed = self
                 .sync_if_unsynced()
-                .and_then(|()| self.ids.seal(&self.db, channel));
+                .and_then(|()| self.apply_index(shared, checkpoints))
+                .and_then(|()| self.ids.seal(self.index.sled(), channel));
             if let Err(e) = sealed {
                 tracing::warn!(error = %e, "cannot seal de-duplication ids; trying again later");
                 break;
@@ -739,13 +785,19 @@ impl Writer {
     /// Refuses a group that could not be committed. A full disk is survivable: nothing of the
     /// group reached sled, so the writer forgets what planning it changed and goes on (the
     /// next groups' acks free space). Any other failure stops all writes.
-    fn fail_group(&mut self, mut group: Group, e: StoreError, shared: &Shared) -> bool {
+    fn fail_group(
+        &mut self,
+        mut group: Group,
+        e: StoreError,
+        shared: &Shared,
+        checkpoints: &Checkpointer,
+    ) -> bool {
         self.appender
             .restore_finished(std::mem::take(&mut group.finished));
         let survivable = matches!(e, StoreError::DiskFull { .. });
         if survivable {
             self.space.disk_full();
-            if let Err(reload) = self.forget_group(shared) {
+            if let Err(reload) = self.forget_group(shared, checkpoints) {
                 fail(shared, &reload);
             }
         } else {
@@ -758,15 +810,18 @@ impl Writer {
         for reply in group.replies {
             reply(Some(&e));
         }
+        for reply in group.catch_ups {
+            let _ = reply.send(Err(e.clone()));
+        }
         group.close
     }
 
     /// Undoes a group that failed before sled saw it: its frames are cut from the segment
     /// file, and the writer's state is read back from sled, which holds exactly what was
     /// committed.
-    fn forget_group(&mut self, shared: &Shared) -> Result<()> {
+    fn forget_group(&mut self, shared: &Shared, checkpoints: &Checkpointer) -> Result<()> {
         self.appender.discard()?;
-        self.state = State::load(&self.db)?;
+        self.state = State::load(self.caught_up(shared, checkpoints)?)?;
         // A channel created by the failed group has no record; one it deleted still has its
         // log among the announced ones.
         let announced = shared.logs.read().expect("logs lock").clone();
@@ -796,6 +851,11 @@ impl Writer {
     /// delayed messages that are due, and collection of what channels keep by age only (time
     /// passes with no commit to notice).
     fn on_timer(&mut self, shared: &Shared, checkpoints: &Checkpointer) {
+        if self.index.due().is_some_and(|at| Instant::now() >= at)
+            && self.apply_index(shared, checkpoints).is_err()
+        {
+            return;
+        }
         if self.sync_deadline().is_some_and(|at| Instant::now() >= at)
             && let Err(e) = self.sync_now()
         {
@@ -833,12 +893,16 @@ impl Writer {
             if let Err(e) = self.sync_if_unsynced() {
                 fail(shared, &e);
             }
+            // Both write to sled outside a commit: after every commit's own writes.
+            if self.apply_index(shared, checkpoints).is_err() {
+                return;
+            }
             let channels = &self.state.channels;
             let windows = |id: ChannelId| channels.get(&id).map(|c| c.settings.dedup_window_ms);
-            if let Err(e) = self.ids.maintain(&self.db, now, windows) {
+            if let Err(e) = self.ids.maintain(self.index.sled(), now, windows) {
                 tracing::warn!(error = %e, "cannot seal or expire de-duplication ids; trying again later");
             }
-            let swept_all = (self.state.sweep_deleted(&self.db, SWEPT_PER_CHECK))
+            let swept_all = (self.state.sweep_deleted(self.index.sled(), SWEPT_PER_CHECK))
                 .map(|left| !left)
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "cannot sweep a deleted channel's keys; trying again later");
@@ -1020,6 +1084,7 @@ fn refuse(op: Op, e: &StoreError) {
         | Op::UpdateSubscription { reply, .. }
         | Op::DeleteSubscription { reply, .. }
         | Op::Catalog { reply, .. }
+        | Op::CatchUp { reply }
         | Op::Close { reply } => send(pending(reply, ())),
         Op::CreateChannel { reply, .. } => send(pending(reply, ChannelId(0))),
         Op::Redrive { reply, .. } => send(pending(reply, Vec::new())),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Group, Op, Reply, Writer, WriterLog, pending, state, stats_of};
+use crate::batch::Read;
 use crate::change::Change;
 use crate::codec::{self, RecordLocation, SubscriptionRecord, record_key};
 use crate::{
@@ -131,6 +132,7 @@ impl Writer {
                 let planned = self.change(Change::Catalog { key, value }, group, None);
                 answer(group, reply, planned.map(drop));
             }
+            Op::CatchUp { reply } => group.catch_ups.push(reply),
             Op::Close { reply } => {
                 group.close = true;
                 answer(group, reply, Ok(()));
@@ -275,7 +277,7 @@ impl Writer {
             let mut messages = Vec::new();
             let mut entries = Vec::new();
             let mut next = None;
-            for entry in self.db.scan_prefix(codec::delayed_prefix(channel)) {
+            for entry in self.index.scan_prefix(&codec::delayed_prefix(channel)) {
                 let read = entry
                     .map_err(StoreError::from)
                     .and_then(|(key, value)| Ok((codec::parse_delayed_key(&key)?, value)));
@@ -479,7 +481,7 @@ impl Writer {
         }
         let log = Arc::new(ChannelLog::new(
             id,
-            self.db.clone(),
+            self.index.sled().clone(),
             self.segments.clone(),
             stats_of(&self.state.channels[&id]),
             self.cache.clone(),
@@ -648,9 +650,8 @@ impl Writer {
                 // for the first record published at or after `ms` (a few index lookups, however
                 // long the channel).
                 let record_from = |seq: u64| -> Result<Option<(u64, u64)>> {
-                    match self
-                        .db
-                        .range(record_key(channel, seq)..record_key(channel, u64::MAX))
+                    match (self.index)
+                        .range(&record_key(channel, seq), &record_key(channel, u64::MAX))
                         .next()
                     {
                         Some(entry) => {
@@ -688,8 +689,8 @@ impl Writer {
     /// The publish time of the first record still stored in `channel`.
     pub(super) fn first_time(&self, channel: ChannelId) -> Result<Option<u64>> {
         match self
-            .db
-            .range(record_key(channel, 0)..record_key(channel, u64::MAX))
+            .index
+            .range(&record_key(channel, 0), &record_key(channel, u64::MAX))
             .next()
         {
             Some(entry) => Ok(Some(RecordLocation::decode(&entry?.1)?.publish_ms)),
@@ -721,7 +722,7 @@ impl Writer {
         slot: Option<usize>,
     ) -> Result<usize> {
         self.state
-            .apply(&self.db, &change, &mut group.batch, &mut group.touched)?;
+            .apply(&self.index, &change, &mut group.batch, &mut group.touched)?;
         match slot {
             Some(at) => {
                 group.changes[at] = change;
@@ -782,7 +783,7 @@ impl Writer {
             let mut bytes = record.bytes;
             let mut kept_from = None;
             let mut doomed: Vec<(u64, sled::IVec, RecordLocation)> = Vec::new();
-            for entry in self.db.range(record_key(id, 0)..record_key(id, below)) {
+            for entry in (self.index).range(&record_key(id, 0), &record_key(id, below)) {
                 let (key, value) = entry?;
                 let first = codec::parse_record_key(&key)?;
                 let at = RecordLocation::decode(&value)?;
@@ -804,9 +805,8 @@ impl Writer {
                 // Not collected as far as the floors allow: look again next time.
                 log.collected_below = 0;
             } else {
-                let next_record = match self
-                    .db
-                    .range(record_key(id, below)..=record_key(id, u64::MAX))
+                let next_record = match (self.index)
+                    .range(&record_key(id, below), &record_key(id, u64::MAX))
                     .next()
                 {
                     Some(entry) => Some(codec::parse_record_key(&entry?.0)?),

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::batch::{Batch, Read};
 use crate::change::Change;
 use crate::codec::{
     self, ChannelRecord, KEY_NEXT_ID, RecordLocation, SegmentUsage, SubscriptionRecord, ack_key,
@@ -227,12 +228,7 @@ impl State {
     }
 
     /// Forgets withdrawn ranges below `first_seq` (their records are collected).
-    pub(crate) fn trim_withdrawn(
-        &mut self,
-        channel: ChannelId,
-        first_seq: u64,
-        batch: &mut sled::Batch,
-    ) {
+    pub(crate) fn trim_withdrawn(&mut self, channel: ChannelId, first_seq: u64, batch: &mut Batch) {
         let Some(ranges) = self.withdrawn.get_mut(&channel) else {
             return;
         };
@@ -247,9 +243,9 @@ impl State {
     /// exists changes nothing (on replay, a later commit may already be in the index).
     pub(crate) fn apply(
         &mut self,
-        db: &sled::Db,
+        db: &impl Read,
         change: &Change,
-        batch: &mut sled::Batch,
+        batch: &mut Batch,
         touched: &mut Touched,
     ) -> Result<()> {
         match change {
@@ -414,13 +410,13 @@ impl State {
     /// before anything changes, so that a failed read leaves the channel whole.
     fn delete_channel(
         &mut self,
-        db: &sled::Db,
+        db: &impl Read,
         id: ChannelId,
-        batch: &mut sled::Batch,
+        batch: &mut Batch,
         touched: &mut Touched,
     ) -> Result<()> {
         let mut records = Vec::new();
-        for entry in db.scan_prefix(codec::channel_log_prefix(id)) {
+        for entry in db.scan_prefix(&codec::channel_log_prefix(id)) {
             let (key, value) = entry?;
             records.push((key, RecordLocation::decode(&value)?));
         }
@@ -505,7 +501,7 @@ impl State {
         &mut self,
         channel: ChannelId,
         ranges: &[(u64, u64)],
-        batch: &mut sled::Batch,
+        batch: &mut Batch,
         touched: &mut Touched,
     ) {
         if self.channels.contains_key(&channel) {
@@ -516,7 +512,7 @@ impl State {
         }
     }
 
-    fn saw_id(&mut self, id: u32, batch: &mut sled::Batch) {
+    fn saw_id(&mut self, id: u32, batch: &mut Batch) {
         if id >= self.next_id {
             self.next_id = id.saturating_add(1);
             batch.insert(KEY_NEXT_ID, &self.next_id.to_le_bytes());
@@ -530,7 +526,7 @@ impl State {
         first_seq: u64,
         count: u32,
         at: RecordLocation,
-        batch: &mut sled::Batch,
+        batch: &mut Batch,
         touched: &mut Touched,
     ) {
         let Some(record) = self.channels.get_mut(&channel) else {
@@ -564,7 +560,7 @@ impl State {
     /// to be deleted once that is durable.
     pub(crate) fn finish(
         &mut self,
-        batch: &mut sled::Batch,
+        batch: &mut Batch,
         touched: &mut Touched,
         current: Option<u32>,
     ) -> Vec<u32> {
@@ -589,14 +585,14 @@ impl State {
 }
 
 /// Drops every failure record of a subscription.
-fn remove_failures(db: &sled::Db, id: SubscriptionId, batch: &mut sled::Batch) -> Result<()> {
-    for entry in db.scan_prefix(codec::failure_prefix(id)) {
+fn remove_failures(db: &impl Read, id: SubscriptionId, batch: &mut Batch) -> Result<()> {
+    for entry in db.scan_prefix(&codec::failure_prefix(id)) {
         batch.remove(entry?.0);
     }
     Ok(())
 }
 
-fn write_withdrawn(channel: ChannelId, ranges: &[(u64, u64)], batch: &mut sled::Batch) {
+fn write_withdrawn(channel: ChannelId, ranges: &[(u64, u64)], batch: &mut Batch) {
     let key = codec::withdrawn_key(channel);
     match ranges.is_empty() {
         true => batch.remove(&key),
