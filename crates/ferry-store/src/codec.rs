@@ -285,6 +285,7 @@ fn record_crc(channel: ChannelId, first_seq: u64, count: u32, body: &[u8]) -> u3
 }
 
 /// Appends a framed message record (header, then the body) to `out`.
+#[cfg(test)]
 pub(crate) fn frame_record(
     channel: ChannelId,
     first_seq: u64,
@@ -292,7 +293,35 @@ pub(crate) fn frame_record(
     body: &[u8],
     out: &mut Vec<u8>,
 ) {
-    frame(RECORD_MAGIC, channel, first_seq, count, body, out);
+    write_record(channel, first_seq, out, |out| {
+        out.extend_from_slice(body);
+        count
+    });
+}
+
+/// Appends a message record to `out` whose body `body` encodes in place (returning how many
+/// messages it wrote), so that no message is copied twice on its way to the log.
+pub(crate) fn write_record(
+    channel: ChannelId,
+    first_seq: u64,
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&mut Vec<u8>) -> u32,
+) {
+    let start = out.len();
+    out.resize(start + RECORD_HEADER_LEN, 0);
+    let count = body(out);
+    let body = &out[start + RECORD_HEADER_LEN..];
+    let (len, crc) = (
+        body.len() as u32,
+        record_crc(channel, first_seq, count, body),
+    );
+    let mut header = &mut out[start..start + RECORD_HEADER_LEN];
+    header.put_u8(RECORD_MAGIC);
+    header.put_u32_le(channel.0);
+    header.put_u64_le(first_seq);
+    header.put_u32_le(count);
+    header.put_u32_le(len);
+    header.put_u32_le(crc);
 }
 
 /// Appends the commit frame that ends a commit of `records` message records, carrying the

@@ -899,30 +899,35 @@ impl Writer {
                 // Older records are still being collected: store these too, collect all later.
                 self.pending_collects.insert(id);
             }
-            let mut body = Vec::new();
+            // Records of about RECORD_TARGET_BYTES, encoded straight into the log's buffer.
             let mut start = 0;
-            for end in 1..=messages.len() {
-                let last = end == messages.len();
-                codec::encode_body(&messages[end - 1..end], now, &mut body);
-                if body.len() >= codec::RECORD_TARGET_BYTES || last {
-                    let count = (end - start) as u32;
-                    let record_first = first + start as u64;
-                    let mut at = self
-                        .appender
-                        .append(|out| codec::frame_record(id, record_first, count, &body, out))?;
-                    at.publish_ms = now;
-                    self.state.index_record(
-                        id,
-                        record_first,
-                        count,
-                        at,
-                        &mut group.batch,
-                        &mut group.touched,
-                    );
-                    group.records += 1;
-                    body.clear();
-                    start = end;
-                }
+            while start < messages.len() {
+                let record_first = first + start as u64;
+                let mut count = 0;
+                let mut at = self.appender.append(|out| {
+                    codec::write_record(id, record_first, out, |body| {
+                        let from = body.len();
+                        for message in &messages[start..] {
+                            codec::encode_body(std::slice::from_ref(message), now, body);
+                            count += 1;
+                            if body.len() - from >= codec::RECORD_TARGET_BYTES {
+                                break;
+                            }
+                        }
+                        count
+                    })
+                })?;
+                at.publish_ms = now;
+                self.state.index_record(
+                    id,
+                    record_first,
+                    count,
+                    at,
+                    &mut group.batch,
+                    &mut group.touched,
+                );
+                group.records += 1;
+                start += count as usize;
             }
             let messages = messages
                 .into_iter()
