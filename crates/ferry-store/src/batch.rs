@@ -64,14 +64,15 @@ impl Batch {
     }
 
     /// What it writes under keys starting with `prefix`, in key order.
-    fn prefixed<'a, 'p>(
+    fn prefixed<'a>(
         &'a self,
-        prefix: &'p [u8],
-    ) -> impl Iterator<Item = (&'a IVec, &'a Option<IVec>)> + use<'a, 'p> {
+        prefix: &[u8],
+    ) -> impl Iterator<Item = (&'a IVec, &'a Option<IVec>)> + use<'a> {
         let bounds = (Bound::Included(prefix), Bound::Unbounded);
+        let prefix = IVec::from(prefix);
         self.writes
             .range::<[u8], _>(bounds)
-            .take_while(move |(key, _)| key.starts_with(prefix))
+            .take_while(move |(key, _)| key.starts_with(&prefix))
     }
 }
 
@@ -128,10 +129,9 @@ impl<'a> Overlay<'a> {
 
     /// [`Read::range`], for as long as the overlay's parts live.
     pub(crate) fn range(self, from: &[u8], to: &[u8]) -> Entries<'a> {
-        // The bounds are the caller's: what the batch writes there is collected now.
-        let writes: Vec<_> = self.waiting.range(from..to).collect();
+        let writes = self.waiting.range(from..to);
         let under = sled::Tree::range(self.db, from..to);
-        Box::new(merged(under, writes.into_iter()))
+        Box::new(merged(under, writes))
     }
 
     /// [`Read::last_below`].
@@ -156,9 +156,9 @@ impl<'a> Overlay<'a> {
 
     /// [`Read::scan_prefix`], for as long as the overlay's parts live.
     pub(crate) fn scan_prefix(self, prefix: &[u8]) -> Entries<'a> {
-        let writes: Vec<_> = self.waiting.prefixed(prefix).collect();
+        let writes = self.waiting.prefixed(prefix);
         let under = sled::Tree::scan_prefix(self.db, prefix);
-        Box::new(merged(under, writes.into_iter()))
+        Box::new(merged(under, writes))
     }
 }
 

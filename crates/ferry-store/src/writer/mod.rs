@@ -499,10 +499,8 @@ impl Writer {
             // No checkpoint may then make the index durable past the log.
             fail(&shared, &e);
         }
-        if !failed {
-            // Refused at failure: the log holds it, and the next start replays it.
-            let _ = self.apply_index(&shared, &checkpoints);
-        }
+        // Refused after a failure (the next start replays it from the log).
+        let _ = self.apply_index(&shared, &checkpoints);
         // The last checkpoint: a clean stop leaves nothing to replay.
         checkpoints.stop();
     }
@@ -586,6 +584,11 @@ impl Writer {
         let Some(waiting) = self.index.take() else {
             return Ok(());
         };
+        // After a failure sled must not move past what the log surely holds: the writes go,
+        // and the next start replays them from the log.
+        if let Some(failure) = shared.failure.lock().expect("failure lock").clone() {
+            return Err(StoreError::Failed(failure));
+        }
         if let Err(e) = self.index.sled().apply_batch(waiting.batch.into_sled()) {
             // What was answered is made durable first (in `interval` mode it may not be yet).
             if let Err(sync) = self.appender.sync() {
