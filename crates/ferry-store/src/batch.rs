@@ -114,7 +114,9 @@ impl Read for sled::Tree {
 /// sled as it will be once `waiting` is applied to it.
 #[derive(Clone, Copy)]
 pub(crate) struct Overlay<'a> {
+    /// What sled holds.
     pub(crate) db: &'a sled::Db,
+    /// Writes not applied to it yet, which win over it.
     pub(crate) waiting: &'a Batch,
 }
 

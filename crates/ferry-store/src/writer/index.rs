@@ -37,6 +37,7 @@ pub(super) struct Index {
 /// The index writes of commits made since sled was last brought up to date, and what to do
 /// once it is.
 pub(super) struct Waiting {
+    /// Their writes, merged: a later commit's write of a key replaces an earlier one's.
     pub(super) batch: Batch,
     /// When the first of them committed.
     since: Instant,
@@ -49,6 +50,7 @@ pub(super) struct Waiting {
 }
 
 impl Index {
+    /// sled, with nothing waiting; writes wait up to `lag`.
     pub(super) fn new(db: sled::Db, lag: Duration) -> Self {
         Self {
             db,
