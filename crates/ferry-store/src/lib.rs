@@ -697,13 +697,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         // First, so that on a full disk the reserve is released before sled needs to write.
         let space = Space::open(dir, options.space)?;
-        // sled's own background flusher is off: the checkpoint thread flushes it, and syncs
-        // what sled's flush leaves out.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity_bytes)
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_sled(dir, &options)?;
         let cache = Arc::new(MessageCache::new(
             options.message_cache_bytes,
             options.tail_cache_bytes,
@@ -1043,6 +1037,37 @@ fn io_error(path: &Path, e: std::io::Error) -> StoreError {
 
 /// A watch on a channel's durable end, so readers can wait for new messages.
 pub type EndWatch = watch::Receiver<u64>;
+
+/// How long opening waits for sled's lock on its files to be let go.
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens sled in `dir`. Its lock on its files goes only once its last handle does, and its I/O
+/// pool may still hold one for a moment after a store in this process closed: opening waits for
+/// it a little, then says who holds the directory.
+fn open_sled(dir: &Path, options: &StoreOptions) -> Result<sled::Db> {
+    // sled's own background flusher is off: the checkpoint thread flushes it, and syncs what
+    // sled's flush leaves out.
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(options.cache_capacity_bytes)
+        .flush_every_ms(None);
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match config.open() {
+            // sled reports its lock taken as an `Other` error with this text.
+            Err(sled::Error::Io(e)) if e.to_string().starts_with("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Failed(format!(
+                        "{} is in use by another process (is another broker running on it?)",
+                        dir.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => return Ok(opened?),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests;

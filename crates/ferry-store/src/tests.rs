@@ -1348,3 +1348,22 @@ async fn a_request_larger_than_the_write_queue_goes_through_and_gives_its_share_
     assert_eq!(store.queued_bytes(), 0, "every request gave its share back");
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_directory_open_elsewhere_is_refused_with_what_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let second = Store::open(dir.path(), options(0));
+    let why = match second {
+        Err(StoreError::Failed(why)) => why,
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a second store opened on a directory in use"),
+    };
+    assert!(why.contains("in use by another process"), "{why}");
+    shut(store).await;
+    // Closed, the directory opens again at once (sled's pool may hold it a moment longer).
+    for _ in 0..5 {
+        let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+        shut(store).await;
+    }
+}
