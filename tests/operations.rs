@@ -1148,3 +1148,25 @@ async fn out_of_file_descriptors_accepting_pauses_instead_of_spinning() {
     }
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_second_broker_on_a_data_directory_in_use_stops_saying_so() {
+    let daemon = Daemon::start().await;
+    daemon.create("orders", &[("all", 30_000)]).await;
+    let data_dir = daemon.data_dir.to_string_lossy().into_owned();
+    let (code, _, stderr) = tokio::task::spawn_blocking(move || {
+        common::run_ferry(
+            &["serve", "--listen", "127.0.0.1:0", "--data-dir", &data_dir],
+            &[],
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    // The first one goes on as if nothing happened.
+    let confirmed = daemon.publish("orders", [b"after".to_vec()]).await;
+    assert_eq!(confirmed, vec![1]);
+    daemon.stop().await;
+}
