@@ -860,6 +860,17 @@ mod tests {
         }
     }
 
+    /// Overwrites the last 100 bytes of the frame at `at` with zeros; returns its file.
+    fn zero_frame_end(segments: &Segments, at: RecordLocation) -> File {
+        let file = File::options()
+            .write(true)
+            .open(segments.path(at.segment))
+            .unwrap();
+        file.write_all_at(&[0u8; 100], at.offset + u64::from(at.len) - 100)
+            .unwrap();
+        file
+    }
+
     fn commits_in(segments: &Segments, id: u32) -> (Vec<u64>, ScanEnd) {
         let mut found = Vec::new();
         let end = segments
@@ -964,13 +975,8 @@ mod tests {
             .unwrap();
         commit(&mut appender, b"whole");
         let last = commit(&mut appender, &[9u8; 300]);
-        let file = File::options()
-            .write(true)
-            .open(dir.path().join("segments/0000000001.seg"))
-            .unwrap();
         // Its end damaged to zeros, but nothing after it: the file ends with the frame.
-        file.write_all_at(&[0u8; 100], last.offset + u64::from(last.len) - 100)
-            .unwrap();
+        zero_frame_end(&segments, last);
         let (_, end) = commits_in(&segments, 1);
         assert_eq!(end.damaged, Some(last.offset));
     }
@@ -988,12 +994,7 @@ mod tests {
         let torn = commit(&mut appender, &[9u8; 300]);
         assert_eq!((whole.segment, torn.segment), (2, 2));
         // The crash wrote the torn frame's start only: its end is still zeros.
-        let file = File::options()
-            .write(true)
-            .open(dir.path().join("segments/0000000002.seg"))
-            .unwrap();
-        file.write_all_at(&[0u8; 100], torn.offset + u64::from(torn.len) - 100)
-            .unwrap();
+        let file = zero_frame_end(&segments, torn);
         let (found, end) = commits_in(&segments, 2);
         assert_eq!(found, [u64::from(whole.len)]);
         assert_eq!(end.damaged, None, "a tear, not damage");
