@@ -345,6 +345,49 @@ async fn a_publish_stream_confirms_pipelined_batches_in_order() {
 }
 
 #[tokio::test]
+async fn batches_a_publish_stream_sent_at_once_share_a_commit() {
+    let daemon = Daemon::start().await;
+    daemon.create("together", &[("s", 30_000)]).await;
+    let mut admin = daemon.admin().await;
+    let figures = |info: pb::BrokerInfo| (info.commits, info.messages_written);
+    let before = figures(
+        admin
+            .get_broker(pb::GetBrokerRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // Each round's 20 batches reach the broker together, so they are queued together and one
+    // sync makes them all durable; queued one by one, the first would start a commit alone.
+    const ROUNDS: u64 = 5;
+    for round in 0..ROUNDS as u32 {
+        let batches = (0..20u32)
+            .map(|b| batch("together", [(round * 20 + b).to_le_bytes().to_vec()]))
+            .collect();
+        let mut responses = daemon.publish_stream(batches).await;
+        let mut expected = u64::from(round) * 20 + 1;
+        while let Some(response) = responses.message().await.unwrap() {
+            assert_eq!(response.sequences, vec![expected], "in order, one each");
+            expected += 1;
+        }
+        assert_eq!(expected, u64::from(round + 1) * 20 + 1);
+    }
+    let after = figures(
+        admin
+            .get_broker(pb::GetBrokerRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(after.1 - before.1, ROUNDS * 20);
+    let commits = after.0 - before.0;
+    assert!(
+        (1..=ROUNDS + 1).contains(&commits),
+        "{commits} commits for {ROUNDS} rounds of batches sent at once"
+    );
+}
+
+#[tokio::test]
 async fn a_consumer_that_half_closes_its_requests_keeps_receiving() {
     let daemon = Daemon::start().await;
     daemon.create("feed", &[("reader", 30_000)]).await;

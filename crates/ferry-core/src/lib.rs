@@ -32,7 +32,7 @@ mod dispatcher;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use broker::{Broker, ConsumerHandle, PublishConfirmation};
+pub use broker::{Broker, ConsumerHandle, PreparedPublish, PublishConfirmation};
 pub use error::{CoreError, Result};
 pub use ferry_store::{
     Appended, Attributes, ChannelLimits, ChannelSettings, DEFAULT_DEDUP_WINDOW_MS, FsyncMode,

@@ -1,9 +1,11 @@
 //! The `Publisher` service: unary batches and pipelined publish streams.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
-use ferry_core::{Broker, PublishConfirmation};
+use ferry_core::{Broker, PreparedPublish, PublishConfirmation};
 use ferry_proto::pb::{self, publisher_server::Publisher};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -19,6 +21,11 @@ use crate::status::{to_status, transport_status};
 /// How many batches one publish stream may have queued but not yet confirmed; past that the
 /// broker stops reading the stream, which pushes back on the client through HTTP/2 flow control.
 const PIPELINE_DEPTH: usize = 1024;
+/// What a publish stream reads at most before queuing it, of what the client has already
+/// sent: batches...
+const READY_BATCHES: usize = 64;
+/// ...and bytes of messages.
+const READY_BYTES: usize = 1 << 20;
 
 /// Serves `ferry.v1.Publisher`.
 pub struct PublisherService {
@@ -53,11 +60,13 @@ impl PublisherService {
     }
 }
 
-async fn submit(
+/// Checks a request (the caller's right, each message, the channel's limits) and gets it ready
+/// to be queued.
+fn prepare(
     broker: &Broker,
     caller: &Caller,
     request: pb::PublishRequest,
-) -> Result<PublishConfirmation, Status> {
+) -> Result<PreparedPublish, Status> {
     caller.require(Right::Publish, Resource::Channel(&request.channel))?;
     let messages = request
         .messages
@@ -65,9 +74,20 @@ async fn submit(
         .map(convert::new_message)
         .collect::<Result<_, _>>()?;
     broker
-        .submit_publish(&request.channel, messages)
-        .await
+        .prepare_publish(&request.channel, messages)
         .map_err(to_status)
+}
+
+/// Polls `future` once: its output if it is ready now.
+async fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Judges `caller` again by the principals in force if a reload came since it was last judged.
@@ -90,7 +110,8 @@ impl Publisher for PublisherService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let caller = Caller::of(&request, &self.gate)?;
-        let confirmation = submit(&self.broker, &caller, request.into_inner()).await?;
+        let publish = prepare(&self.broker, &caller, request.into_inner())?;
+        let confirmation = (self.broker.submit_prepared(publish).await).map_err(to_status)?;
         let appended = confirmation.confirmed().await.map_err(to_status)?;
         Ok(Response::new(convert::published(&appended)))
     }
@@ -117,29 +138,65 @@ impl Publisher for PublisherService {
         // Reads and queues batches in order; stops at the first one that is refused.
         tokio::spawn(async move {
             loop {
-                let request = tokio::select! {
+                let first = tokio::select! {
                     _ = shutdown.cancelled() => {
                         let _ = pipeline.send(Err(Status::unavailable("the broker is shutting down"))).await;
                         return;
                     }
                     request = inbound.message() => request,
                 };
-                let item = match request {
-                    // A reload may have taken the stream's rights away since its last batch: the
-                    // caller is judged again then, and only then (one atomic load a batch).
-                    Ok(Some(request)) => match rejudge(&mut caller, &mut reloads, &gate) {
-                        Ok(()) => submit(&broker, &caller, request).await,
-                        Err(status) => Err(status),
+                // The requests that arrived with it are read now too and queued with it, so
+                // that one commit makes them all durable.
+                let mut ready = Vec::new();
+                let mut bytes = 0;
+                let mut next = Some(first);
+                let mut end = None;
+                while let Some(request) = next.take() {
+                    match request {
+                        // A reload may have taken the stream's rights away since its last
+                        // batch: the caller is judged again then, and only then (one atomic
+                        // load a batch).
+                        Ok(Some(request)) => {
+                            match rejudge(&mut caller, &mut reloads, &gate)
+                                .and_then(|()| prepare(&broker, &caller, request))
+                            {
+                                Ok(publish) => {
+                                    bytes += publish.bytes();
+                                    ready.push(publish);
+                                }
+                                Err(status) => end = Some(Err(status)),
+                            }
+                        }
+                        Ok(None) => end = Some(Ok(())),
+                        // A request that cannot be decoded ends the stream with its status,
+                        // after the batches before it are confirmed (if the client is gone
+                        // instead, no one reads it).
+                        Err(status) => end = Some(Err(transport_status(status, max_request))),
+                    }
+                    if end.is_none() && ready.len() < READY_BATCHES && bytes < READY_BYTES {
+                        next = ready_now(inbound.message()).await;
+                    }
+                }
+                let queued = match ready.is_empty() {
+                    true => Vec::new(),
+                    false => match broker.submit_publishes(ready).await {
+                        Ok(confirmations) => confirmations.into_iter().map(Ok).collect(),
+                        Err(e) => vec![Err(to_status(e))],
                     },
-                    Ok(None) => return,
-                    // A request that cannot be decoded ends the stream with its status, after
-                    // the batches before it are confirmed (if the client is gone instead, no
-                    // one reads it).
-                    Err(status) => Err(transport_status(status, max_request)),
                 };
-                let refused = item.is_err();
-                if pipeline.send(item).await.is_err() || refused {
-                    return;
+                for item in queued {
+                    let refused = item.is_err();
+                    if pipeline.send(item).await.is_err() || refused {
+                        return;
+                    }
+                }
+                match end {
+                    None => {}
+                    Some(Ok(())) => return,
+                    Some(Err(status)) => {
+                        let _ = pipeline.send(Err(status)).await;
+                        return;
+                    }
                 }
             }
         });

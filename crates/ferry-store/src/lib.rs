@@ -762,6 +762,36 @@ impl Store {
         .await
     }
 
+    /// Queues several appends at once, in order, as [`Store::submit_append`] would one after
+    /// another, except that the writer takes them together, so that they share a commit: what a
+    /// publisher sent at once is made durable by one sync, not by as many as were ready before
+    /// the writer woke. Each keeps its own confirmation (and is refused or not on its own).
+    pub async fn submit_appends(
+        &self,
+        appends: Vec<(ChannelId, Vec<NewMessage>)>,
+    ) -> Result<Vec<Confirmation<Appended>>> {
+        if appends.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.shared.space.check()?;
+        let mut confirmations = Vec::with_capacity(appends.len());
+        let mut ops = appends.into_iter().map(|(channel, messages)| {
+            let (reply, answer) = oneshot::channel();
+            confirmations.push(Confirmation { answer });
+            Op::Append {
+                channel,
+                messages,
+                reply,
+            }
+        });
+        let Some(op) = ops.next() else {
+            return Ok(Vec::new());
+        };
+        let more: Vec<Op> = ops.collect();
+        self.enqueue(op, more).await?;
+        Ok(confirmations)
+    }
+
     /// Replaces a subscription's ack state; resolves once it is durable.
     pub async fn save_acks(&self, subscription: SubscriptionId, state: AckState) -> Result<()> {
         let update = AckUpdate {
@@ -989,18 +1019,25 @@ impl Store {
         op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op,
     ) -> Result<Confirmation<T>> {
         let (reply, answer) = oneshot::channel();
-        let op = op(reply);
-        let bytes = op.bytes();
+        self.enqueue(op(reply), Vec::new()).await?;
+        Ok(Confirmation { answer })
+    }
+
+    /// Queues `op` and `more` after it for the writer, once the queue has room for their bytes.
+    async fn enqueue(&self, op: Op, more: Vec<Op>) -> Result<()> {
+        let bytes = op.bytes() + more.iter().map(Op::bytes).sum::<usize>();
         let share = bytes.min(WRITE_QUEUE_BYTES) as u32;
         let permit = (self.queue_bytes.clone())
             .acquire_many_owned(share)
             .await
             .map_err(|_| StoreError::Closed)?;
-        self.ops
-            .send(Queued { op, bytes, permit })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(Confirmation { answer })
+        let queued = Queued {
+            op,
+            more,
+            bytes,
+            permit,
+        };
+        self.ops.send(queued).await.map_err(|_| StoreError::Closed)
     }
 
     /// Bytes of requests queued for the writer now.

@@ -1367,3 +1367,42 @@ async fn a_directory_open_elsewhere_is_refused_with_what_holds_it() {
         shut(store).await;
     }
 }
+
+#[tokio::test]
+async fn appends_queued_together_share_a_commit_and_keep_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let create = |name: &str| store.create_channel(name.into(), ChannelSettings::default());
+    let a = create("a").await.unwrap();
+    let b = create("b").await.unwrap();
+    let gone = create("gone").await.unwrap();
+    store.delete_channel(gone).await.unwrap();
+    let commits = store.counters().commits;
+
+    let appends = vec![
+        (a, messages(3, 10)),
+        (b, messages(2, 10)),
+        (gone, messages(1, 10)),
+        (a, messages(1, 10)),
+    ];
+    let mut answers = Vec::new();
+    for confirmation in store.submit_appends(appends).await.unwrap() {
+        answers.push(
+            confirmation
+                .confirmed()
+                .await
+                .map(|appended| appended.stored),
+        );
+    }
+    assert_eq!(answers[0].as_ref().unwrap(), &(1..4));
+    assert_eq!(answers[1].as_ref().unwrap(), &(1..3));
+    assert!(matches!(answers[2], Err(StoreError::ChannelNotFound)));
+    assert_eq!(
+        answers[3].as_ref().unwrap(),
+        &(4..5),
+        "after the first, in order"
+    );
+    assert_eq!(store.counters().commits, commits + 1, "one commit for all");
+    assert!(store.submit_appends(Vec::new()).await.unwrap().is_empty());
+    shut(store).await;
+}

@@ -125,6 +125,20 @@ impl ChannelShared {
     }
 }
 
+/// A batch checked for its channel and ready to be queued ([`Broker::submit_publishes`]).
+pub struct PreparedPublish {
+    channel: Arc<ChannelShared>,
+    messages: Vec<NewMessage>,
+    traced: Vec<(usize, String)>,
+}
+
+impl PreparedPublish {
+    /// Its messages' size, as the store's queue counts them.
+    pub fn bytes(&self) -> usize {
+        self.messages.iter().map(NewMessage::size).sum()
+    }
+}
+
 /// A publish the store has queued; resolves once it is durable.
 pub struct PublishConfirmation {
     confirmation: Confirmation<Appended>,
@@ -522,13 +536,13 @@ impl Broker {
             .map(|c| c.name.clone())
     }
 
-    /// Checks a batch against the limits and queues it; the confirmation resolves once durable.
-    /// Batches queued one after another from one task get increasing sequences in that order.
-    pub async fn submit_publish(
+    /// Checks a batch for `channel` and gets it ready to be queued: what
+    /// [`Broker::submit_publish`] refuses, this refuses.
+    pub fn prepare_publish(
         &self,
         channel: &str,
         messages: Vec<NewMessage>,
-    ) -> Result<PublishConfirmation> {
+    ) -> Result<PreparedPublish> {
         self.check_open()?;
         let shared = self.channel(channel)?;
         self.inner.limits.check_batch(&messages)?;
@@ -547,15 +561,72 @@ impl Broker {
                 .collect(),
             false => Vec::new(),
         };
-        let submitted = std::time::Instant::now();
-        let confirmation = self.inner.store.submit_append(shared.id, messages).await?;
-        Ok(PublishConfirmation {
-            confirmation,
+        Ok(PreparedPublish {
             channel: shared,
+            messages,
+            traced,
+        })
+    }
+
+    /// Queues a batch for `channel`; the confirmation resolves once it is durable. Batches
+    /// queued one after another from one task get increasing sequences in that order.
+    pub async fn submit_publish(
+        &self,
+        channel: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<PublishConfirmation> {
+        self.submit_prepared(self.prepare_publish(channel, messages)?)
+            .await
+    }
+
+    /// Queues a prepared batch; the confirmation resolves once it is durable.
+    pub async fn submit_prepared(&self, publish: PreparedPublish) -> Result<PublishConfirmation> {
+        let submitted = std::time::Instant::now();
+        let confirmation = (self.inner.store)
+            .submit_append(publish.channel.id, publish.messages)
+            .await?;
+        Ok(self.confirmation(publish.channel, publish.traced, confirmation, submitted))
+    }
+
+    /// Queues prepared batches together, in order: they reach the store's writer at once and
+    /// share a commit (one device sync), where queued one by one the writer could start a
+    /// commit with the first alone. Each keeps its own confirmation.
+    pub async fn submit_publishes(
+        &self,
+        publishes: Vec<PreparedPublish>,
+    ) -> Result<Vec<PublishConfirmation>> {
+        self.check_open()?;
+        let submitted = std::time::Instant::now();
+        let mut owners = Vec::with_capacity(publishes.len());
+        let appends = (publishes.into_iter())
+            .map(|publish| {
+                let id = publish.channel.id;
+                owners.push((publish.channel, publish.traced));
+                (id, publish.messages)
+            })
+            .collect();
+        let confirmations = self.inner.store.submit_appends(appends).await?;
+        Ok((owners.into_iter().zip(confirmations))
+            .map(|((channel, traced), confirmation)| {
+                self.confirmation(channel, traced, confirmation, submitted)
+            })
+            .collect())
+    }
+
+    fn confirmation(
+        &self,
+        channel: Arc<ChannelShared>,
+        traced: Vec<(usize, String)>,
+        confirmation: ferry_store::Confirmation<Appended>,
+        submitted: std::time::Instant,
+    ) -> PublishConfirmation {
+        PublishConfirmation {
+            confirmation,
+            channel,
             submitted,
             latencies: self.inner.latencies.clone(),
             traced,
-        })
+        }
     }
 
     /// Publishes a batch and waits until it is durable; returns the sequences assigned.

@@ -132,19 +132,26 @@ pub(crate) enum Op {
     },
 }
 
-/// A request as queued, holding its share of the queue's bytes until the writer takes it.
+/// Requests as queued together (one, or several a caller had ready at once, which then reach
+/// the writer together and so share a commit), holding their share of the queue's bytes until
+/// the writer takes them.
 pub(crate) struct Queued {
     pub(crate) op: Op,
-    /// [`Op::bytes`], counted once.
+    /// Requests queued with `op`, in order after it.
+    pub(crate) more: Vec<Op>,
+    /// [`Op::bytes`] of them all, counted once.
     pub(crate) bytes: usize,
     pub(crate) permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Queued {
-    /// The request, and its bytes; the queue's share goes back.
-    fn take(self) -> (Op, usize) {
+    /// Adds the requests to `batch`, in order, and returns their bytes; the queue's share goes
+    /// back.
+    fn take_into(self, batch: &mut Vec<Op>) -> usize {
         drop(self.permit);
-        (self.op, self.bytes)
+        batch.push(self.op);
+        batch.extend(self.more);
+        self.bytes
     }
 }
 
@@ -457,15 +464,11 @@ impl Writer {
                 None => runtime.block_on(ops.recv()),
             };
             let Some(first) = first else { break };
-            let (first, mut bytes) = first.take();
-            let mut batch = vec![first];
+            let mut batch = Vec::new();
+            let mut bytes = first.take_into(&mut batch);
             while batch.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
                 match ops.try_recv() {
-                    Ok(queued) => {
-                        let (op, op_bytes) = queued.take();
-                        bytes += op_bytes;
-                        batch.push(op);
-                    }
+                    Ok(queued) => bytes += queued.take_into(&mut batch),
                     Err(_) => break,
                 }
             }
@@ -492,7 +495,11 @@ impl Writer {
         ops.close();
         // Whatever was already queued behind a close is refused rather than left hanging.
         while let Ok(queued) = ops.try_recv() {
-            refuse(queued.take().0, &StoreError::Closed);
+            let mut left = Vec::new();
+            queued.take_into(&mut left);
+            for op in left {
+                refuse(op, &StoreError::Closed);
+            }
         }
         let failed = shared.failure.lock().expect("failure lock").is_some();
         if !failed && let Err(e) = self.appender.sync() {
