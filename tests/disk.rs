@@ -245,15 +245,9 @@ async fn a_disk_another_program_fills_is_survived_across_a_restart() {
 
 /// Writes into preallocated blocks fail no write when the disk fills: the writer must notice
 /// by itself, before sled needs a block and finds none. It looks every 5 ms, which narrows the
-/// race without closing it: sled still meets ENOSPC first in about 1 run in 100 since its
-/// batches are applied every 10 ms (3 in 100 before); its error is sticky, and the store
-/// stops. The start-up reserve makes the restart work; it cannot keep sled from the disk the
-/// other program filled. Preallocation is off by default for that reason among others. To be
-/// run again, and kept, once sled's ENOSPC is survivable in-process (reopen sled and replay the
-/// log from its durable position, as a start does) or sled's writes have space no other
-/// program can take.
+/// race; what closes it is the room the store keeps allocated ahead of sled's log, so that
+/// sled's writes never need a block the other program could take.
 #[tokio::test]
-#[ignore = "preallocation near a full disk: sled still meets ENOSPC first in about 1 run in 100; run with --ignored"]
 async fn a_disk_filled_under_preallocated_segments_is_survived() {
     filled_disk_test(PREALLOCATED).await;
 }

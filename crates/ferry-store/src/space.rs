@@ -39,6 +39,10 @@ const SETTLE: Duration = Duration::from_millis(20);
 const SETTLE_TOLERANCE: u64 = 64 << 10;
 /// ...or once it has waited this long.
 const SETTLE_LIMIT: Duration = Duration::from_millis(250);
+/// sled's log file, in the data directory...
+const SLED_LOG_FILE: &str = "db";
+/// ...and the room kept allocated ahead of its end, while a reserve is kept at all.
+const SLED_HEADROOM: u64 = 4 << 20;
 /// The reserve kept for opening the store on a full disk (when a reserve is kept at all).
 const START_RESERVE: u64 = 1 << 20;
 const START_RESERVE_FILE: &str = "reserve.start";
@@ -325,6 +329,9 @@ impl Space {
                 free = probe(&self.dir)?.0;
             }
         }
+        if reserve > 0 && free >= watermark.saturating_add(SLED_HEADROOM) {
+            self.keep_sled_headroom();
+        }
         self.free.store(free, Ordering::Release);
         self.watermark.store(watermark, Ordering::Release);
         let low = free < watermark || inodes_out || self.failed_recently();
@@ -346,6 +353,30 @@ impl Space {
             );
         }
         Ok(())
+    }
+
+    /// Keeps blocks allocated (past its end, its size unchanged) for the next [`SLED_HEADROOM`]
+    /// of sled's log file. sled writes its log from its I/O threads whenever a buffer fills,
+    /// and an `ENOSPC` there is sticky: the store would stop. A program that fills the disk
+    /// between two looks would win that race against the reserve's release; over blocks
+    /// already its own, sled's writes cannot fail for space.
+    fn keep_sled_headroom(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = self.dir.join(SLED_LOG_FILE);
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            return;
+        };
+        let Ok(metadata) = file.metadata() else {
+            return;
+        };
+        let allocated = metadata.blocks() * 512;
+        if allocated >= metadata.len() + SLED_HEADROOM / 2 {
+            return;
+        }
+        let keep = rustix::fs::FallocateFlags::KEEP_SIZE;
+        if let Err(e) = rustix::fs::fallocate(&file, keep, 0, metadata.len() + SLED_HEADROOM) {
+            tracing::debug!(error = %e, "cannot allocate room ahead of sled's log");
+        }
     }
 
     fn release_reserve(&self) {
