@@ -1406,3 +1406,42 @@ async fn appends_queued_together_share_a_commit_and_keep_their_own_answers() {
     assert!(store.submit_appends(Vec::new()).await.unwrap().is_empty());
     shut(store).await;
 }
+
+#[tokio::test]
+async fn acks_replayed_after_a_crash_collect_at_start_without_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let channel = store
+        .create_channel("c".into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    let sub = subscribe(&store, channel, "s").await;
+    store.append(channel, messages(10, 100)).await.unwrap();
+    shut(store).await;
+    copy_index(dir.path(), saved.path());
+
+    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
+    let all_acked = AckState {
+        floor: 11,
+        acked_total: 10,
+        acked_above_floor: Vec::new(),
+    };
+    store.save_acks(sub, all_acked).await.unwrap();
+    assert_eq!(store.log(channel).unwrap().stats().first_seq, 11);
+    shut(store).await;
+    // sled comes back as it was before the acks: the log holds them, and replay restores
+    // them, but collection is not in the log.
+    copy_index(saved.path(), dir.path());
+
+    let (store, recovered) = Store::open(dir.path(), options(0)).unwrap();
+    assert_eq!(recovered.subscriptions[0].acks.floor, 11);
+    let log = store.log(channel).unwrap();
+    // No request comes: the writer collects on its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log.stats().first_seq != 11 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(log.stats().first_seq, 11, "{:?}", log.stats());
+    shut(store).await;
+}

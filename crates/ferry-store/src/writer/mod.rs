@@ -437,6 +437,13 @@ impl Writer {
                 return;
             }
         };
+        // Replay does not collect (collection is not in the log): what the replayed acks allow
+        // goes now, in a group of its own, not at the first request after the restart, which
+        // may never come (all acked, nothing published), leaving the records and their segment
+        // files pinned until the next start.
+        if !self.pending_collects.is_empty() {
+            self.commit(Vec::new(), &shared, &checkpoints);
+        }
         loop {
             let wake = [
                 self.sync_deadline(),

@@ -739,7 +739,7 @@ impl Writer {
     /// have moved (all of them once no subscription is left); returns the channels changed. As
     /// this happens in the same batch as the ack state that allows it, a crash never leaves
     /// collection half done. Collection is not written to the log: replay leaves it to the
-    /// first group after a restart.
+    /// group the writer runs first after a restart.
     ///
     /// A record's last sequence is one before the next record's first, or the channel's last
     /// committed sequence when it is the newest record, so no record needs to be read.
