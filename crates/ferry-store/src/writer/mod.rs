@@ -394,7 +394,7 @@ impl Writer {
             counters,
             segments,
             appender,
-            // Replay does not collect: the first group does.
+            // Replay does not collect: the group the writer runs at start does.
             pending_collects: state.channels.keys().copied().collect(),
             state,
             logs: writer_logs,
