@@ -349,14 +349,11 @@ async fn batches_a_publish_stream_sent_at_once_share_a_commit() {
     let daemon = Daemon::start().await;
     daemon.create("together", &[("s", 30_000)]).await;
     let mut admin = daemon.admin().await;
-    let figures = |info: pb::BrokerInfo| (info.commits, info.messages_written);
-    let before = figures(
-        admin
-            .get_broker(pb::GetBrokerRequest {})
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let mut figures = async || {
+        let info = admin.get_broker(pb::GetBrokerRequest {}).await.unwrap();
+        (info.get_ref().commits, info.get_ref().messages_written)
+    };
+    let before = figures().await;
     // Each round's 20 batches reach the broker together, so they are queued together and one
     // sync makes them all durable; queued one by one, the first would start a commit alone.
     const ROUNDS: u64 = 5;
@@ -372,13 +369,7 @@ async fn batches_a_publish_stream_sent_at_once_share_a_commit() {
         }
         assert_eq!(expected, u64::from(round + 1) * 20 + 1);
     }
-    let after = figures(
-        admin
-            .get_broker(pb::GetBrokerRequest {})
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let after = figures().await;
     assert_eq!(after.1 - before.1, ROUNDS * 20);
     let commits = after.0 - before.0;
     assert!(

@@ -482,6 +482,26 @@ async fn shut(store: Store) {
 }
 
 /// Copies sled's own files (not the segment log) from `from` to `to`, replacing those there.
+/// A store in `dir` with a channel, a subscription to it and 10 messages, closed, its index
+/// copied to `saved`: to be put back later, as sled's durable copy lagging the log would.
+async fn ten_stored_and_saved(
+    dir: &std::path::Path,
+    saved: &std::path::Path,
+    channel: &str,
+    subscription: &str,
+) -> (ChannelId, SubscriptionId) {
+    let (store, _) = Store::open(dir, options(0)).unwrap();
+    let channel = store
+        .create_channel(channel.into(), ChannelSettings::default())
+        .await
+        .unwrap();
+    let subscription = subscribe(&store, channel, subscription).await;
+    store.append(channel, messages(10, 100)).await.unwrap();
+    shut(store).await;
+    copy_index(dir, saved);
+    (channel, subscription)
+}
+
 fn copy_index(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(to).unwrap().flatten() {
@@ -533,15 +553,7 @@ async fn replaying_the_log_from_an_older_index_gives_exactly_what_was_committed(
     // be replayed from the segment log to the very same state.
     let dir = tempfile::tempdir().unwrap();
     let saved = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let orders = store
-        .create_channel("orders".into(), ChannelSettings::default())
-        .await
-        .unwrap();
-    let audit = subscribe(&store, orders, "audit").await;
-    store.append(orders, messages(10, 100)).await.unwrap();
-    shut(store).await;
-    copy_index(dir.path(), saved.path());
+    let (orders, audit) = ten_stored_and_saved(dir.path(), saved.path(), "orders", "audit").await;
 
     // Every kind of change after the copy.
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
@@ -1411,15 +1423,7 @@ async fn appends_queued_together_share_a_commit_and_keep_their_own_answers() {
 async fn acks_replayed_after_a_crash_collect_at_start_without_a_request() {
     let dir = tempfile::tempdir().unwrap();
     let saved = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), options(0)).unwrap();
-    let channel = store
-        .create_channel("c".into(), ChannelSettings::default())
-        .await
-        .unwrap();
-    let sub = subscribe(&store, channel, "s").await;
-    store.append(channel, messages(10, 100)).await.unwrap();
-    shut(store).await;
-    copy_index(dir.path(), saved.path());
+    let (channel, sub) = ten_stored_and_saved(dir.path(), saved.path(), "c", "s").await;
 
     let (store, _) = Store::open(dir.path(), options(0)).unwrap();
     let all_acked = AckState {
