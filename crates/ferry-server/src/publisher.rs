@@ -3,17 +3,16 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 
-use ferry_core::{Broker, PreparedPublish, PublishConfirmation};
+use ferry_core::{Appended, Broker, PreparedPublish, PublishConfirmation};
 use ferry_proto::pb::{self, publisher_server::Publisher};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::activity::{Activity, Open};
+use crate::activity::{Activity, Held, Open};
 use crate::auth::{Caller, Gate, Resource, Right};
 use crate::convert;
 use crate::status::{to_status, transport_status};
@@ -57,6 +56,45 @@ impl PublisherService {
             activity,
             gate,
         }
+    }
+}
+
+/// A publish stream's responses: the queued batches' confirmations, in order, each once it is
+/// durable; it ends after the first refusal. Polled by the response body itself, so that a
+/// confirmation reaches gRPC without passing through a task and a queue of its own.
+struct Confirmations {
+    queued: mpsc::Receiver<Result<PublishConfirmation, Status>>,
+    /// The confirmation being awaited.
+    waiting: Option<Pin<Box<dyn Future<Output = ferry_core::Result<Appended>> + Send>>>,
+    ended: bool,
+    /// The stream counts as open until its responses are dropped.
+    _open: Held,
+}
+
+impl Stream for Confirmations {
+    type Item = Result<pb::PublishResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let waiting = match self.waiting.as_mut() {
+            Some(waiting) => waiting,
+            None => match ready!(self.queued.poll_recv(cx)) {
+                Some(Ok(confirmation)) => self.waiting.insert(Box::pin(confirmation.confirmed())),
+                Some(Err(status)) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                None => return Poll::Ready(None),
+            },
+        };
+        let answer = ready!(waiting.as_mut().poll(cx))
+            .map(|appended| convert::published(&appended))
+            .map_err(to_status);
+        self.waiting = None;
+        self.ended = answer.is_err();
+        Poll::Ready(Some(answer))
     }
 }
 
@@ -128,9 +166,8 @@ impl Publisher for PublisherService {
         let mut caller = Caller::of(&request, &self.gate)?;
         let gate = self.gate.clone();
         let mut inbound = request.into_inner();
-        let (pipeline, mut queued) =
+        let (pipeline, queued) =
             mpsc::channel::<Result<PublishConfirmation, Status>>(PIPELINE_DEPTH);
-        let (responses, outbound) = mpsc::channel(PIPELINE_DEPTH);
         let broker = self.broker.clone();
         let shutdown = self.shutdown.clone();
         let max_request = self.max_request;
@@ -201,27 +238,14 @@ impl Publisher for PublisherService {
             }
         });
 
-        // Confirms queued batches in order, each once it is durable; the stream is open until
-        // this ends.
-        let open = self.activity.open(Open::PublishStream);
-        tokio::spawn(async move {
-            let _open = open;
-            while let Some(item) = queued.recv().await {
-                let answer = match item {
-                    Ok(confirmation) => confirmation
-                        .confirmed()
-                        .await
-                        .map(|appended| convert::published(&appended))
-                        .map_err(to_status),
-                    Err(status) => Err(status),
-                };
-                let failed = answer.is_err();
-                if responses.send(answer).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+        // The responses: each queued batch's confirmation, in order, once it is durable,
+        // made only as gRPC asks for the next, so unread ones wait as confirmations (bounded by
+        // the pipeline) and HTTP/2 flow control bounds what is sent and not read.
+        Ok(Response::new(Box::pin(Confirmations {
+            queued,
+            waiting: None,
+            ended: false,
+            _open: self.activity.open(Open::PublishStream),
+        })))
     }
 }
