@@ -128,17 +128,111 @@ async fn ready_now<F: Future>(future: F) -> Option<F::Output> {
     .await
 }
 
-/// Judges `caller` again by the principals in force if a reload came since it was last judged.
-fn rejudge(
-    caller: &mut Caller,
-    reloads: &mut tokio::sync::watch::Receiver<Arc<crate::auth::Access>>,
-    gate: &Gate,
-) -> Result<(), Status> {
-    if reloads.has_changed().unwrap_or(false) {
-        reloads.mark_unchanged();
-        *caller = caller.current(gate)?;
+/// A publish stream's request side: reads batches, checks them and queues them in order,
+/// handing their confirmations to the response side; it stops at the first one refused.
+struct StreamReader {
+    inbound: Streaming<pb::PublishRequest>,
+    caller: Caller,
+    /// Reloads of the principals, after which the caller is judged again.
+    reloads: tokio::sync::watch::Receiver<Arc<crate::auth::Access>>,
+    gate: Gate,
+    broker: Broker,
+    /// The server's decoding limit, named when a request is refused for its size.
+    max_request: usize,
+    pipeline: mpsc::Sender<Result<PublishConfirmation, Status>>,
+}
+
+/// How a stream's request side ends: cleanly, or with a status for the client.
+type End = Result<(), Status>;
+
+impl StreamReader {
+    async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let shutting_down = Status::unavailable("the broker is shutting down");
+                    let _ = self.pipeline.send(Err(shutting_down)).await;
+                    return;
+                }
+                request = self.inbound.message() => request,
+            };
+            let (ready, end) = self.read_ready(first).await;
+            if !self.queue(ready).await {
+                return;
+            }
+            if let Some(end) = end {
+                if let Err(status) = end {
+                    let _ = self.pipeline.send(Err(status)).await;
+                }
+                return;
+            }
+        }
     }
-    Ok(())
+
+    /// Checks `first` and whatever else the client has already sent (up to [`READY_BATCHES`]
+    /// or [`READY_BYTES`]), so that they are queued together and one commit makes them all
+    /// durable; returns them, and the end of the stream if one of them ended it.
+    async fn read_ready(
+        &mut self,
+        first: Result<Option<pb::PublishRequest>, Status>,
+    ) -> (Vec<PreparedPublish>, Option<End>) {
+        let mut ready = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            let publish = match request {
+                Ok(Some(request)) => self.check(request),
+                Ok(None) => return (ready, Some(Ok(()))),
+                // A request that cannot be decoded ends the stream with its status, after the
+                // batches before it are confirmed (if the client is gone instead, no one reads
+                // it).
+                Err(status) => Err(transport_status(status, self.max_request)),
+            };
+            match publish {
+                Ok(publish) => {
+                    bytes += publish.bytes();
+                    ready.push(publish);
+                }
+                Err(status) => return (ready, Some(Err(status))),
+            }
+            if ready.len() < READY_BATCHES && bytes < READY_BYTES {
+                next = ready_now(self.inbound.message()).await;
+            }
+        }
+        (ready, None)
+    }
+
+    /// Checks one request. A reload may have taken the stream's rights away since its last
+    /// batch: the caller is judged again then, and only then (one atomic load a batch).
+    fn check(&mut self, request: pb::PublishRequest) -> Result<PreparedPublish, Status> {
+        if self.reloads.has_changed().unwrap_or(false) {
+            self.reloads.mark_unchanged();
+            self.caller = self.caller.current(&self.gate)?;
+        }
+        prepare(&self.broker, &self.caller, request)
+    }
+
+    /// Queues `ready` and hands their confirmations on; false once the stream must stop (a
+    /// refusal was handed on, or nobody reads the responses any more).
+    async fn queue(&self, ready: Vec<PreparedPublish>) -> bool {
+        if ready.is_empty() {
+            return true;
+        }
+        match self.broker.submit_publishes(ready).await {
+            Ok(confirmations) => {
+                for confirmation in confirmations {
+                    if self.pipeline.send(Ok(confirmation)).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                let _ = self.pipeline.send(Err(to_status(e))).await;
+                false
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -162,81 +256,20 @@ impl Publisher for PublisherService {
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         // Watched from before the caller is judged, so that no reload slips between the two.
-        let mut reloads = self.gate.changes();
-        let mut caller = Caller::of(&request, &self.gate)?;
-        let gate = self.gate.clone();
-        let mut inbound = request.into_inner();
+        let reloads = self.gate.changes();
+        let caller = Caller::of(&request, &self.gate)?;
         let (pipeline, queued) =
             mpsc::channel::<Result<PublishConfirmation, Status>>(PIPELINE_DEPTH);
-        let broker = self.broker.clone();
-        let shutdown = self.shutdown.clone();
-        let max_request = self.max_request;
-
-        // Reads and queues batches in order; stops at the first one that is refused.
-        tokio::spawn(async move {
-            loop {
-                let first = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let _ = pipeline.send(Err(Status::unavailable("the broker is shutting down"))).await;
-                        return;
-                    }
-                    request = inbound.message() => request,
-                };
-                // The requests that arrived with it are read now too and queued with it, so
-                // that one commit makes them all durable.
-                let mut ready = Vec::new();
-                let mut bytes = 0;
-                let mut next = Some(first);
-                let mut end = None;
-                while let Some(request) = next.take() {
-                    match request {
-                        // A reload may have taken the stream's rights away since its last
-                        // batch: the caller is judged again then, and only then (one atomic
-                        // load a batch).
-                        Ok(Some(request)) => {
-                            match rejudge(&mut caller, &mut reloads, &gate)
-                                .and_then(|()| prepare(&broker, &caller, request))
-                            {
-                                Ok(publish) => {
-                                    bytes += publish.bytes();
-                                    ready.push(publish);
-                                }
-                                Err(status) => end = Some(Err(status)),
-                            }
-                        }
-                        Ok(None) => end = Some(Ok(())),
-                        // A request that cannot be decoded ends the stream with its status,
-                        // after the batches before it are confirmed (if the client is gone
-                        // instead, no one reads it).
-                        Err(status) => end = Some(Err(transport_status(status, max_request))),
-                    }
-                    if end.is_none() && ready.len() < READY_BATCHES && bytes < READY_BYTES {
-                        next = ready_now(inbound.message()).await;
-                    }
-                }
-                let queued = match ready.is_empty() {
-                    true => Vec::new(),
-                    false => match broker.submit_publishes(ready).await {
-                        Ok(confirmations) => confirmations.into_iter().map(Ok).collect(),
-                        Err(e) => vec![Err(to_status(e))],
-                    },
-                };
-                for item in queued {
-                    let refused = item.is_err();
-                    if pipeline.send(item).await.is_err() || refused {
-                        return;
-                    }
-                }
-                match end {
-                    None => {}
-                    Some(Ok(())) => return,
-                    Some(Err(status)) => {
-                        let _ = pipeline.send(Err(status)).await;
-                        return;
-                    }
-                }
-            }
-        });
+        let reader = StreamReader {
+            inbound: request.into_inner(),
+            caller,
+            reloads,
+            gate: self.gate.clone(),
+            broker: self.broker.clone(),
+            max_request: self.max_request,
+            pipeline,
+        };
+        tokio::spawn(reader.run(self.shutdown.clone()));
 
         // The responses: each queued batch's confirmation, in order, once it is durable,
         // made only as gRPC asks for the next, so unread ones wait as confirmations (bounded by
