@@ -67,6 +67,14 @@ name = "live"
         .into_inner();
     assert_eq!(info.first_sequence, 1, "acked, and kept");
     assert!(info.retained_bytes > 3 << 20, "{info:?}");
+    let listed = admin
+        .list_channels(pb::ListChannelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .channels;
+    let events = listed.iter().find(|c| c.name == "events").unwrap();
+    assert_eq!(events.retained_bytes, info.retained_bytes, "listed as described");
     assert_eq!(info.retention.unwrap().max_age.unwrap().seconds, 4);
 
     // It survives a crash, and so does the retention setting.

@@ -770,10 +770,6 @@ impl Store {
         &self,
         appends: Vec<(ChannelId, Vec<NewMessage>)>,
     ) -> Result<Vec<Confirmation<Appended>>> {
-        if appends.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.shared.space.check()?;
         let mut confirmations = Vec::with_capacity(appends.len());
         let mut ops = appends.into_iter().map(|(channel, messages)| {
             let (reply, answer) = oneshot::channel();
@@ -787,6 +783,7 @@ impl Store {
         let Some(op) = ops.next() else {
             return Ok(Vec::new());
         };
+        self.shared.space.check()?;
         let more: Vec<Op> = ops.collect();
         self.enqueue(op, more).await?;
         Ok(confirmations)
@@ -868,16 +865,20 @@ impl Store {
     }
 
     /// Bytes of the records of `channel` below `floor`: what retention alone keeps when
-    /// `floor` is the lowest ack floor of its subscriptions.
-    pub async fn retained_bytes(&self, channel: ChannelId, floor: u64) -> Result<u64> {
-        let log = self.log(channel)?;
-        // Counted from sled's index of the records, which lags the last commits by up to
-        // 10 ms: the writer catches up first. Where it cannot (a failed store, a group refused
-        // for a full disk), the count is what sled holds: a figure a little behind, not an error.
+    /// `floor` is the lowest ack floor of its subscriptions. Counted from sled's index of the
+    /// records, which lags the last commits by up to `index_lag`: [`Store::catch_up`] first
+    /// counts them too.
+    pub fn retained_bytes(&self, channel: ChannelId, floor: u64) -> Result<u64> {
+        self.log(channel)?.bytes_below(floor)
+    }
+
+    /// Brings sled up to date with every commit so far, for reads that go to sled alone
+    /// ([`Store::retained_bytes`]). Where the writer cannot (a failed store, a group refused for
+    /// a full disk), sled stays as it is: such reads then give a figure a little behind.
+    pub async fn catch_up(&self) {
         if let Err(e) = self.call(|reply| Op::CatchUp { reply }).await {
-            tracing::debug!(error = %e, "retained bytes counted without the newest commits");
+            tracing::debug!(error = %e, "sled's index not brought up to date; reads of it lag");
         }
-        log.bytes_below(floor)
     }
 
     /// Deletes a channel with its messages and subscriptions.

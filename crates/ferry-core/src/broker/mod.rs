@@ -106,6 +106,15 @@ struct SubscriptionHandle {
 }
 
 impl ChannelShared {
+    /// Whether its retention keeps acked messages (what it keeps is counted from sled's index).
+    fn retains(&self) -> bool {
+        self.settings
+            .lock()
+            .expect("settings lock")
+            .retention
+            .keeps()
+    }
+
     fn subscription(&self, name: &str) -> Result<Arc<SubscriptionHandle>> {
         self.subscriptions
             .read()
@@ -799,8 +808,38 @@ impl Broker {
     /// Describes a channel and its subscriptions.
     pub async fn channel_info(&self, name: &str) -> Result<ChannelInfo> {
         let shared = self.channel(name)?;
+        if shared.retains() {
+            self.inner.store.catch_up().await;
+        }
+        self.describe(&shared).await
+    }
+
+    /// Describes every channel, by name.
+    pub async fn list_channels(&self) -> Vec<ChannelInfo> {
+        let channels: Vec<Arc<ChannelShared>> = (self.inner.channels.read())
+            .expect("channels lock")
+            .values()
+            .cloned()
+            .collect();
+        // Once for all: what retention keeps is counted from sled's index.
+        if channels.iter().any(|c| c.retains()) {
+            self.inner.store.catch_up().await;
+        }
+        let mut out = Vec::with_capacity(channels.len());
+        for shared in channels {
+            // A channel deleted meanwhile is simply left out.
+            if let Ok(info) = self.describe(&shared).await {
+                out.push(info);
+            }
+        }
+        out
+    }
+
+    /// Describes a channel and its subscriptions, what retention keeps counted from sled's index
+    /// as it stands.
+    async fn describe(&self, shared: &ChannelShared) -> Result<ChannelInfo> {
         let stats = shared.log.stats();
-        let subscriptions = self.subscription_stats(&shared).await;
+        let subscriptions = self.subscription_stats(shared).await;
         let (damaged_records, damaged_messages) = shared.log.damage();
         let settings = *shared.settings.lock().expect("settings lock");
         let lowest_floor = subscriptions
@@ -809,11 +848,7 @@ impl Broker {
             .min()
             .unwrap_or(stats.next_seq);
         let retained_bytes = match settings.retention.keeps() {
-            true => {
-                (self.inner.store)
-                    .retained_bytes(shared.id, lowest_floor)
-                    .await?
-            }
+            true => (self.inner.store).retained_bytes(shared.id, lowest_floor)?,
             false => 0,
         };
         Ok(ChannelInfo {
@@ -831,26 +866,6 @@ impl Broker {
             first_sequence: stats.first_seq,
             subscriptions,
         })
-    }
-
-    /// Describes every channel, by name.
-    pub async fn list_channels(&self) -> Vec<ChannelInfo> {
-        let names: Vec<String> = self
-            .inner
-            .channels
-            .read()
-            .expect("channels lock")
-            .keys()
-            .cloned()
-            .collect();
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            // A channel deleted meanwhile is simply left out.
-            if let Ok(info) = self.channel_info(&name).await {
-                out.push(info);
-            }
-        }
-        out
     }
 
     async fn subscription_stats(&self, channel: &ChannelShared) -> Vec<SubscriptionStats> {
