@@ -1170,3 +1170,24 @@ async fn a_second_broker_on_a_data_directory_in_use_stops_saying_so() {
     assert_eq!(confirmed, vec![1]);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn sleds_log_file_keeps_room_allocated_ahead_of_its_end() {
+    use std::os::unix::fs::MetadataExt as _;
+    let daemon = Daemon::start().await;
+    daemon.create("orders", &[("all", 30_000)]).await;
+    daemon.publish("orders", [vec![1u8; 1000]]).await;
+    // Its writes then cannot fail for space when another program fills the disk: the broker's
+    // space monitor keeps blocks allocated past the file's end (its size unchanged).
+    let db = daemon.data_dir.join("db");
+    let room = || {
+        let m = std::fs::metadata(&db).unwrap();
+        (m.blocks() * 512).saturating_sub(m.len())
+    };
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while room() < 2 << 20 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(room() >= 2 << 20, "{} bytes allocated past the end", room());
+    daemon.stop().await;
+}
