@@ -74,7 +74,10 @@ name = "live"
         .into_inner()
         .channels;
     let events = listed.iter().find(|c| c.name == "events").unwrap();
-    assert_eq!(events.retained_bytes, info.retained_bytes, "listed as described");
+    assert_eq!(
+        events.retained_bytes, info.retained_bytes,
+        "listed as described"
+    );
     assert_eq!(info.retention.unwrap().max_age.unwrap().seconds, 4);
 
     // It survives a crash, and so does the retention setting.
