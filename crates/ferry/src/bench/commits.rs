@@ -15,8 +15,10 @@ use ferry_client::BrokerInfo;
 
 use super::{Bench, millis, percentile};
 
-/// How many 4 KiB writes, each followed by `fdatasync`, the disk probe makes.
-const PROBE_SYNCS: usize = 200;
+/// How many 4 KiB writes, each followed by `fdatasync`, the disk probe makes: enough that
+/// its p99 is the tenth slowest, not the second (this disk's tail shows in 1-3 % of syncs,
+/// which 200 often missed), for a quarter to half a second of probing.
+const PROBE_SYNCS: usize = 1000;
 
 /// The disk's own `fdatasync` latency on `dir`: p50 and p99 in nanoseconds, over 4 KiB
 /// appends each followed by `fdatasync`, in a file removed afterwards.
