@@ -565,7 +565,16 @@ impl Config {
         Ok(config)
     }
 
+    /// Every section's checks; the error names the key and what it must be.
     fn validate(&self) -> Result<(), String> {
+        self.validate_storage()?;
+        self.validate_limits()?;
+        crate::auth::Access::of(self)?;
+        self.validate_channels()?;
+        self.validate_derived()
+    }
+
+    fn validate_storage(&self) -> Result<(), String> {
         let storage = &self.storage;
         let interval = storage.fsync_interval.0;
         if interval.is_zero() || interval > Duration::from_secs(3600) {
@@ -603,6 +612,10 @@ impl Config {
                 storage.reserve.0
             ));
         }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), String> {
         let limits = &self.limits;
         if !(1..=64 << 20).contains(&limits.max_message_bytes.0) {
             return Err(format!(
@@ -661,7 +674,11 @@ impl Config {
                 "limits.consumer_stall_timeout is {stall:?}; it must be from 100ms to 1h"
             ));
         }
-        crate::auth::Access::of(self)?;
+        Ok(())
+    }
+
+    /// Channel names (or patterns) and their subscriptions, each declared once.
+    fn validate_channels(&self) -> Result<(), String> {
         let mut channels = HashSet::new();
         for (i, channel) in self.channels.iter().enumerate() {
             let key = format!("channels[{i}]");
@@ -704,6 +721,11 @@ impl Config {
                 ferry_core::check_settings(&sub.settings()).map_err(|e| format!("{key}: {e}"))?;
             }
         }
+        Ok(())
+    }
+
+    /// Derived channels: valid names, never their own source, each pair once.
+    fn validate_derived(&self) -> Result<(), String> {
         let mut derived = HashSet::new();
         for (i, d) in self.derived.iter().enumerate() {
             let key = format!("derived[{i}]");

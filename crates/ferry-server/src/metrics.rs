@@ -137,7 +137,20 @@ fn count(family: &Family<Labels, Counter>, labels: &Labels, value: u64) {
 /// The whole exposition, from the broker's figures now.
 pub async fn render(broker: &Broker, activity: &Activity) -> String {
     let mut registry = Registry::default();
-    let reg = &mut registry;
+    channels(&mut registry, broker).await;
+    derived(&mut registry, broker);
+    latencies(&mut registry, broker);
+    calls(&mut registry, activity);
+    store(&mut registry, broker);
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
+}
+
+/// Each channel's figures, and each of its subscriptions'.
+async fn channels(reg: &mut Registry, broker: &Broker) {
     let messages = family::<Gauge>(reg, "ferry_channel_messages", "Messages a channel stores");
     let bytes = family::<Gauge>(reg, "ferry_channel_bytes", "Bytes a channel's records take");
     let published = family::<Counter>(
@@ -155,64 +168,7 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
         "ferry_channel_dropped",
         "Messages dropped to keep a channel within its limits",
     );
-    let backlog = family::<Gauge>(
-        reg,
-        "ferry_subscription_backlog_messages",
-        "Messages waiting to be delivered",
-    );
-    let in_flight = family::<Gauge>(
-        reg,
-        "ferry_subscription_in_flight_messages",
-        "Deliveries not acked yet",
-    );
-    let unacked = family::<Gauge>(
-        reg,
-        "ferry_subscription_unacked_messages",
-        "Messages not acked yet",
-    );
-    let acked = family::<Counter>(reg, "ferry_subscription_acked", "Messages acked");
-    let delivered = family::<Counter>(
-        reg,
-        "ferry_subscription_delivered",
-        "Deliveries made, first or not, since start",
-    );
-    let redelivered = family::<Counter>(
-        reg,
-        "ferry_subscription_redelivered",
-        "Deliveries after the first, since start",
-    );
-    let nacked = family::<Counter>(reg, "ferry_subscription_nacked", "Nacks, since start");
-    let dead = family::<Counter>(
-        reg,
-        "ferry_subscription_dead_lettered",
-        "Messages dead-lettered, since start",
-    );
-    let expired = family::<Counter>(
-        reg,
-        "ferry_subscription_expired",
-        "Messages expired before delivery, since start",
-    );
-    let filtered = family::<Counter>(
-        reg,
-        "ferry_subscription_filtered",
-        "Messages a filter kept from the subscription, since start",
-    );
-    let consumers = family::<Gauge>(reg, "ferry_subscription_consumers", "Consumers attached");
-    let oldest = family::<Gauge>(
-        reg,
-        "ferry_subscription_oldest_unacked_age_seconds",
-        "Age of the oldest unacked message",
-    );
-    let lag = family::<Gauge>(
-        reg,
-        "ferry_derived_lag_messages",
-        "Source messages a derived channel has not processed",
-    );
-    let store = family::<Counter>(
-        reg,
-        "ferry_store_operations",
-        "What the store has done since start, by kind",
-    );
+    let subscriptions = SubscriptionFamilies::new(reg);
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -224,27 +180,124 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
         set(&delayed, &labels, channel.delayed);
         count(&dropped, &labels, channel.dropped);
         for s in &channel.subscriptions {
-            let labels = vec![
-                ("channel".to_owned(), channel.name.clone()),
-                ("subscription".to_owned(), s.name.clone()),
-            ];
-            set(&backlog, &labels, s.backlog);
-            set(&in_flight, &labels, s.in_flight);
-            set(&unacked, &labels, s.unacked);
-            count(&acked, &labels, s.acked);
-            count(&delivered, &labels, s.delivered);
-            count(&redelivered, &labels, s.redelivered);
-            count(&nacked, &labels, s.nacked);
-            count(&dead, &labels, s.dead_lettered);
-            count(&expired, &labels, s.expired);
-            count(&filtered, &labels, s.filtered);
-            set(&consumers, &labels, u64::from(s.consumers));
-            let age = s
-                .oldest_unacked_publish_time_ms
-                .map_or(0, |t| now_ms.saturating_sub(t) / 1000);
-            set(&oldest, &labels, age);
+            subscriptions.record(&channel.name, s, now_ms);
         }
     }
+}
+
+/// The per-subscription families.
+struct SubscriptionFamilies {
+    backlog: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
+    unacked: Family<Labels, Gauge>,
+    acked: Family<Labels, Counter>,
+    delivered: Family<Labels, Counter>,
+    redelivered: Family<Labels, Counter>,
+    nacked: Family<Labels, Counter>,
+    dead: Family<Labels, Counter>,
+    expired: Family<Labels, Counter>,
+    filtered: Family<Labels, Counter>,
+    consumers: Family<Labels, Gauge>,
+    oldest: Family<Labels, Gauge>,
+}
+
+impl SubscriptionFamilies {
+    fn new(reg: &mut Registry) -> Self {
+        let backlog = family::<Gauge>(
+            reg,
+            "ferry_subscription_backlog_messages",
+            "Messages waiting to be delivered",
+        );
+        let in_flight = family::<Gauge>(
+            reg,
+            "ferry_subscription_in_flight_messages",
+            "Deliveries not acked yet",
+        );
+        let unacked = family::<Gauge>(
+            reg,
+            "ferry_subscription_unacked_messages",
+            "Messages not acked yet",
+        );
+        let acked = family::<Counter>(reg, "ferry_subscription_acked", "Messages acked");
+        let delivered = family::<Counter>(
+            reg,
+            "ferry_subscription_delivered",
+            "Deliveries made, first or not, since start",
+        );
+        let redelivered = family::<Counter>(
+            reg,
+            "ferry_subscription_redelivered",
+            "Deliveries after the first, since start",
+        );
+        let nacked = family::<Counter>(reg, "ferry_subscription_nacked", "Nacks, since start");
+        let dead = family::<Counter>(
+            reg,
+            "ferry_subscription_dead_lettered",
+            "Messages dead-lettered, since start",
+        );
+        let expired = family::<Counter>(
+            reg,
+            "ferry_subscription_expired",
+            "Messages expired before delivery, since start",
+        );
+        let filtered = family::<Counter>(
+            reg,
+            "ferry_subscription_filtered",
+            "Messages a filter kept from the subscription, since start",
+        );
+        let consumers = family::<Gauge>(reg, "ferry_subscription_consumers", "Consumers attached");
+        let oldest = family::<Gauge>(
+            reg,
+            "ferry_subscription_oldest_unacked_age_seconds",
+            "Age of the oldest unacked message",
+        );
+        SubscriptionFamilies {
+            backlog,
+            in_flight,
+            unacked,
+            acked,
+            delivered,
+            redelivered,
+            nacked,
+            dead,
+            expired,
+            filtered,
+            consumers,
+            oldest,
+        }
+    }
+
+    /// One subscription of `channel`; `now_ms` dates its oldest unacked message.
+    fn record(&self, channel: &str, s: &ferry_core::SubscriptionStats, now_ms: u64) {
+        let labels = vec![
+            ("channel".to_owned(), channel.to_owned()),
+            ("subscription".to_owned(), s.name.clone()),
+        ];
+        set(&self.backlog, &labels, s.backlog);
+        set(&self.in_flight, &labels, s.in_flight);
+        set(&self.unacked, &labels, s.unacked);
+        count(&self.acked, &labels, s.acked);
+        count(&self.delivered, &labels, s.delivered);
+        count(&self.redelivered, &labels, s.redelivered);
+        count(&self.nacked, &labels, s.nacked);
+        count(&self.dead, &labels, s.dead_lettered);
+        count(&self.expired, &labels, s.expired);
+        count(&self.filtered, &labels, s.filtered);
+        set(&self.consumers, &labels, u64::from(s.consumers));
+        let age = s
+            .oldest_unacked_publish_time_ms
+            .map_or(0, |t| now_ms.saturating_sub(t) / 1000);
+        set(&self.oldest, &labels, age);
+    }
+}
+
+/// How far each derived channel lags its source.
+fn derived(reg: &mut Registry, broker: &Broker) {
+    let lag = family::<Gauge>(
+        reg,
+        "ferry_derived_lag_messages",
+        "Source messages a derived channel has not processed",
+    );
     for d in broker.list_derived() {
         let labels = vec![
             ("source".to_owned(), d.spec.source.clone()),
@@ -252,6 +305,10 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
         ];
         set(&lag, &labels, d.lag);
     }
+}
+
+/// The latency histograms of publishing, delivery and the store's commits.
+fn latencies(reg: &mut Registry, broker: &Broker) {
     let latencies = broker.latencies();
     reg.register(
         "ferry_publish_latency_seconds",
@@ -278,6 +335,10 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
         "Messages per group commit",
         latencies.group_messages.clone(),
     );
+}
+
+/// Connections and streaming calls open now.
+fn calls(reg: &mut Registry, activity: &Activity) {
     let connections = Gauge::<i64>::default();
     reg.register(
         "ferry_connections",
@@ -296,6 +357,15 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
             activity.now(what),
         );
     }
+}
+
+/// What the store has done since start.
+fn store(reg: &mut Registry, broker: &Broker) {
+    let store = family::<Counter>(
+        reg,
+        "ferry_store_operations",
+        "What the store has done since start, by kind",
+    );
     let counters = broker.store_counters();
     for (kind, value) in [
         ("commit", counters.commits),
@@ -306,9 +376,4 @@ pub async fn render(broker: &Broker, activity: &Activity) -> String {
     ] {
         count(&store, &vec![("kind".to_owned(), kind.to_owned())], value);
     }
-    let mut out = String::new();
-    if let Err(e) = encode(&mut out, &registry) {
-        tracing::warn!(error = %e, "cannot encode the metrics");
-    }
-    out
 }

@@ -413,29 +413,8 @@ impl Writer {
 
     /// The thread's body: commit groups until closed or every handle is gone.
     pub(crate) fn run(mut self, mut ops: mpsc::Receiver<Queued>, shared: Arc<Shared>) {
-        let files = self.files.take().expect("files are handed over once");
-        let checkpoints = match Checkpointer::start(
-            self.index.sled().clone(),
-            files,
-            self.segments.clone(),
-            self.fsync,
-            shared.clone(),
-        ) {
-            Ok(checkpoints) => checkpoints,
-            Err(e) => {
-                fail(&shared, &e);
-                return;
-            }
-        };
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                tracing::error!(error = %e, "store writer could not start its timer");
-                return;
-            }
+        let Some((checkpoints, runtime)) = self.start(&shared) else {
+            return;
         };
         // Replay does not collect (collection is not in the log): what the replayed acks allow
         // goes now, in a group of its own, not at the first request after the restart, which
@@ -444,7 +423,46 @@ impl Writer {
         if !self.pending_collects.is_empty() {
             self.commit(Vec::new(), &shared, &checkpoints);
         }
-        loop {
+        while let Some(group) = self.next_group(&runtime, &mut ops, &shared, &checkpoints) {
+            if self.commit(group, &shared, &checkpoints) {
+                break;
+            }
+            self.keep_deadlines(&shared, &checkpoints);
+        }
+        self.stop(ops, &shared, checkpoints);
+    }
+
+    /// The checkpoint thread and the writer's timer; `None`, said, if either cannot start.
+    fn start(&mut self, shared: &Arc<Shared>) -> Option<(Checkpointer, tokio::runtime::Runtime)> {
+        let files = self.files.take().expect("files are handed over once");
+        let checkpoints = Checkpointer::start(
+            self.index.sled().clone(),
+            files,
+            self.segments.clone(),
+            self.fsync,
+            shared.clone(),
+        )
+        .inspect_err(|e| fail(shared, e))
+        .ok()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .inspect_err(|e| tracing::error!(error = %e, "store writer could not start its timer"))
+            .ok()?;
+        Some((checkpoints, runtime))
+    }
+
+    /// The requests of the next group: the first to arrive and whatever is queued behind it,
+    /// up to a group's bounds. What falls due while none arrives is done meanwhile. `None`
+    /// once every handle is gone.
+    fn next_group(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+        ops: &mut mpsc::Receiver<Queued>,
+        shared: &Shared,
+        checkpoints: &Checkpointer,
+    ) -> Option<Vec<Op>> {
+        let first = loop {
             let wake = [
                 self.sync_deadline(),
                 self.retention_deadline(),
@@ -454,51 +472,46 @@ impl Writer {
             .into_iter()
             .flatten()
             .min();
-            let first = match wake {
-                Some(deadline) => {
-                    // The timer must be created inside the runtime, hence the async block.
-                    let next = runtime.block_on(async {
-                        tokio::time::timeout_at(deadline.into(), ops.recv()).await
-                    });
-                    match next {
-                        Ok(op) => op,
-                        Err(_) => {
-                            self.on_timer(&shared, &checkpoints);
-                            continue;
-                        }
-                    }
-                }
-                None => runtime.block_on(ops.recv()),
+            let Some(deadline) = wake else {
+                break runtime.block_on(ops.recv())?;
             };
-            let Some(first) = first else { break };
-            let mut batch = Vec::new();
-            let mut bytes = first.take_into(&mut batch);
-            while batch.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
-                match ops.try_recv() {
-                    Ok(queued) => bytes += queued.take_into(&mut batch),
-                    Err(_) => break,
-                }
+            // The timer must be created inside the runtime, hence the async block.
+            let next = runtime
+                .block_on(async { tokio::time::timeout_at(deadline.into(), ops.recv()).await });
+            match next {
+                Ok(first) => break first?,
+                Err(_) => self.on_timer(shared, checkpoints),
             }
-            if self.commit(batch, &shared, &checkpoints) {
-                break;
-            }
-            // Under a steady stream of writes the idle timeout above never fires: collection by
-            // age and the expiry of ids must still happen.
-            if self
-                .retention_deadline()
-                .is_some_and(|deadline| Instant::now() >= deadline)
-            {
-                self.on_timer(&shared, &checkpoints);
-            }
-            // Keep the interval's promise here too.
-            if self
-                .sync_deadline()
-                .is_some_and(|deadline| Instant::now() >= deadline)
-                && let Err(e) = self.sync_now()
-            {
-                fail(&shared, &e);
+        };
+        let mut batch = Vec::new();
+        let mut bytes = first.take_into(&mut batch);
+        while batch.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+            match ops.try_recv() {
+                Ok(queued) => bytes += queued.take_into(&mut batch),
+                Err(_) => break,
             }
         }
+        Some(batch)
+    }
+
+    /// What is due after a group: under a steady stream of writes the idle timeout of
+    /// [`Writer::next_group`] never fires, and collection by age, the expiry of ids and the
+    /// interval's sync must still happen.
+    fn keep_deadlines(&mut self, shared: &Shared, checkpoints: &Checkpointer) {
+        let due = |deadline: Option<Instant>| deadline.is_some_and(|at| Instant::now() >= at);
+        if due(self.retention_deadline()) {
+            self.on_timer(shared, checkpoints);
+        }
+        if due(self.sync_deadline())
+            && let Err(e) = self.sync_now()
+        {
+            fail(shared, &e);
+        }
+    }
+
+    /// Refuses what was queued behind the stop, syncs the log and leaves sled checkpointed
+    /// with everything: a clean stop leaves nothing to replay.
+    fn stop(mut self, mut ops: mpsc::Receiver<Queued>, shared: &Shared, checkpoints: Checkpointer) {
         ops.close();
         // Whatever was already queued behind a close is refused rather than left hanging.
         while let Ok(queued) = ops.try_recv() {
@@ -511,11 +524,10 @@ impl Writer {
         let failed = shared.failure.lock().expect("failure lock").is_some();
         if !failed && let Err(e) = self.appender.sync() {
             // No checkpoint may then make the index durable past the log.
-            fail(&shared, &e);
+            fail(shared, &e);
         }
         // Refused after a failure (the next start replays it from the log).
-        let _ = self.apply_index(&shared, &checkpoints);
-        // The last checkpoint: a clean stop leaves nothing to replay.
+        let _ = self.apply_index(shared, &checkpoints);
         checkpoints.stop();
     }
 

@@ -146,31 +146,7 @@ pub(super) async fn publish(connection: Channel, plan: PublishPlan) -> Result<Pu
                     break 'sending;
                 };
                 permit.forget();
-                let request = pb::PublishRequest {
-                    channel: plan.channel.clone(),
-                    messages: (0..u64::from(count))
-                        .map(|i| pb::OutgoingMessage {
-                            payload: plan.payload.next(),
-                            id: match plan.ids {
-                                true => format!("{publisher:x}-{}", sent + i),
-                                false => String::new(),
-                            },
-                            key: match plan.keys {
-                                0 => String::new(),
-                                keys => format!("k{}", (sent + i) % u64::from(keys)),
-                            },
-                            delay: plan.delay.map(|d| prost_types::Duration {
-                                seconds: d.as_secs() as i64,
-                                nanos: d.subsec_nanos() as i32,
-                            }),
-                            attributes: match plan.tag {
-                                true => [("n".to_owned(), ((sent + i) % 10).to_string())].into(),
-                                false => Default::default(),
-                            },
-                            ..Default::default()
-                        })
-                        .collect(),
-                };
+                let request = request(&plan, publisher, sent, count);
                 // A closed stream is reported by the confirming side, which has the status.
                 if requests.send(request).await.is_err() || sizes.send(count).is_err() {
                     break 'sending;
@@ -227,6 +203,36 @@ pub(super) async fn publish(connection: Channel, plan: PublishPlan) -> Result<Pu
         finished,
         timed_out,
     })
+}
+
+/// The request carrying messages `sent` to `sent + count` of `publisher`, as `plan` shapes
+/// them.
+fn request(plan: &PublishPlan, publisher: u64, sent: u64, count: u32) -> pb::PublishRequest {
+    pb::PublishRequest {
+        channel: plan.channel.clone(),
+        messages: (0..u64::from(count))
+            .map(|i| pb::OutgoingMessage {
+                payload: plan.payload.next(),
+                id: match plan.ids {
+                    true => format!("{publisher:x}-{}", sent + i),
+                    false => String::new(),
+                },
+                key: match plan.keys {
+                    0 => String::new(),
+                    keys => format!("k{}", (sent + i) % u64::from(keys)),
+                },
+                delay: plan.delay.map(|d| prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                }),
+                attributes: match plan.tag {
+                    true => [("n".to_owned(), ((sent + i) % 10).to_string())].into(),
+                    false => Default::default(),
+                },
+                ..Default::default()
+            })
+            .collect(),
+    }
 }
 
 /// How many messages a paced publisher should have sent `elapsed` after it started.
