@@ -205,17 +205,7 @@ pub async fn serve(
         .map_err(ServeError::Tls)?;
     let gate = auth::Gate::new(auth::Access::of(&config).map_err(ServeError::Auth)?);
     warn_of_clear_tokens(&config, &gate.current());
-    let broker = Broker::open(&config.server.data_dir, config.broker_options()).await?;
-    if let Err(e) = broker.declare(&config.declarations()).await {
-        let _ = broker.shutdown().await;
-        return Err(e.into());
-    }
-    for (i, derived) in config.derived.iter().enumerate() {
-        if let Err(e) = broker.declare_derived(&[derived.spec()]).await {
-            let _ = broker.shutdown().await;
-            return Err(CoreError::InvalidArgument(format!("derived[{i}]: {e}")).into());
-        }
-    }
+    let broker = open_broker(&config).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;
@@ -247,22 +237,10 @@ pub async fn serve(
             }
         };
 
-    if let Some(address) = config.metrics.listen {
-        let listener = TcpListener::bind(address).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot serve metrics on {address}: {e}"))
-        });
-        let listener = match listener {
-            Ok(listener) => listener,
-            Err(e) => {
-                stop.cancel();
-                let _ = broker.shutdown().await;
-                return Err(e.into());
-            }
-        };
-        let bound = listener.local_addr()?;
-        tracing::info!(address = %bound, "metrics at GET /metrics");
-        let metrics = metrics::serve(listener, broker.clone(), activity.clone(), stop.clone());
-        tokio::spawn(metrics);
+    if let Err(e) = start_metrics(&config, &broker, &activity, &stop).await {
+        stop.cancel();
+        let _ = broker.shutdown().await;
+        return Err(e);
     }
     let watchdog = tokio::spawn(watch_health(broker.clone(), health.clone(), stop.clone()));
     // Installed even without a file to read: SIGHUP's default action would end the daemon.
@@ -304,6 +282,45 @@ pub async fn serve(
     watchdog.abort();
     closed?;
     tracing::info!("ferry stopped cleanly");
+    Ok(())
+}
+
+/// Opens the store and declares the configuration's channels, subscriptions and derived
+/// channels; a broker that cannot be set up is shut down again (its store synced).
+async fn open_broker(config: &Config) -> Result<Broker, ServeError> {
+    let broker = Broker::open(&config.server.data_dir, config.broker_options()).await?;
+    let declared = async {
+        broker.declare(&config.declarations()).await?;
+        for (i, derived) in config.derived.iter().enumerate() {
+            (broker.declare_derived(&[derived.spec()]).await)
+                .map_err(|e| CoreError::InvalidArgument(format!("derived[{i}]: {e}")))?;
+        }
+        Ok::<(), ServeError>(())
+    };
+    if let Err(e) = declared.await {
+        let _ = broker.shutdown().await;
+        return Err(e);
+    }
+    Ok(broker)
+}
+
+/// Serves `GET /metrics` on the configured address, if there is one, until `stop`.
+async fn start_metrics(
+    config: &Config,
+    broker: &Broker,
+    activity: &std::sync::Arc<activity::Activity>,
+    stop: &CancellationToken,
+) -> Result<(), ServeError> {
+    let Some(address) = config.metrics.listen else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(address).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot serve metrics on {address}: {e}"))
+    })?;
+    let bound = listener.local_addr()?;
+    tracing::info!(address = %bound, "metrics at GET /metrics");
+    let metrics = metrics::serve(listener, broker.clone(), activity.clone(), stop.clone());
+    tokio::spawn(metrics);
     Ok(())
 }
 

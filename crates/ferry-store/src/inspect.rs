@@ -659,9 +659,59 @@ fn compare(index: &Index, log: &Log, report: &mut Report) {
 fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> Result<()> {
     let found = &log.found;
     let mut batch = sled::Batch::default();
+    let mut next_id = recreate_unknown(&mut index, found, report);
+    let (usage, indexed) = index_records(&mut index, found, &mut batch);
+    index_delayed(&mut index, &mut batch);
+    for (id, channel) in &index.channels {
+        batch.insert(&codec::channel_key(*id), channel.encode());
+        next_id = next_id.max(id.0.saturating_add(1));
+    }
+    for (id, (sub, acks)) in &index.subscriptions {
+        let Some(channel) = index.channels.get(&sub.channel) else {
+            report.actions.push(format!(
+                "dropped subscription {:?}: its channel is gone",
+                sub.name
+            ));
+            continue;
+        };
+        let acks = acks.clone().unwrap_or_else(|| {
+            report.actions.push(format!(
+                "subscription {:?} had no readable ack state: it starts again at sequence {} (redelivery, never loss)",
+                sub.name, channel.first_seq
+            ));
+            AckState {
+                floor: channel.first_seq,
+                ..AckState::default()
+            }
+        });
+        batch.insert(&codec::subscription_key(*id), sub.encode());
+        batch.insert(&codec::ack_key(*id), codec::encode_ack_state(&acks));
+        next_id = next_id.max(id.0.saturating_add(1));
+    }
+    for (segment, use_) in &usage {
+        batch.insert(&codec::segment_key(*segment), &use_.encode());
+    }
+    for (name, value) in &index.catalog {
+        batch.insert(codec::catalog_key(name), value.as_slice());
+    }
+    batch.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes());
+    batch.insert(KEY_NEXT_ID, &next_id.to_le_bytes());
+    // Replay starts after the last whole commit: nothing the rebuilt index holds is replayed
+    // again.
+    batch.insert(KEY_LOG_END, &log.end.encode());
+    db.apply_batch(batch)?;
+    report.actions.push(format!(
+        "rebuilt the index: {} channel(s), {} subscription(s), {indexed} record(s)",
+        index.channels.len(),
+        index.subscriptions.len()
+    ));
+    Ok(())
+}
+
+/// Channels the old index does not know, and did not delete, come back under a name that
+/// says so, with a subscription that keeps their messages. Returns the next free id.
+fn recreate_unknown(index: &mut Index, found: &[Found], report: &mut Report) -> u32 {
     let mut next_id = index.next_id.max(1);
-    // Channels the old index does not know, and did not delete, come back under a name that
-    // says so, with a subscription that keeps their messages.
     let mut ends: BTreeMap<ChannelId, (u64, u64)> = BTreeMap::new();
     for f in found {
         let span = ends.entry(f.channel).or_insert((f.first, f.end()));
@@ -707,11 +757,17 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
             channel.0
         ));
     }
-    // Every intact record of a known channel that is not collected is indexed.
+    next_id
+}
+
+/// Indexes every intact record of a known channel that is not collected; returns each
+/// segment's usage and how many records were indexed.
+fn index_records(
+    index: &mut Index,
+    found: &[Found],
+    batch: &mut sled::Batch,
+) -> (BTreeMap<u32, SegmentUsage>, u64) {
     let mut usage: BTreeMap<u32, SegmentUsage> = BTreeMap::new();
-    // Replay starts after the last whole commit: nothing the rebuilt index holds is replayed
-    // again.
-    let log_end = log.end;
     let mut indexed = 0u64;
     for channel in index.channels.values_mut() {
         channel.bytes = 0;
@@ -737,6 +793,11 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
         use_.bytes += f.len;
         indexed += 1;
     }
+    (usage, indexed)
+}
+
+/// Indexes the delayed messages of known channels, and counts them in their channels.
+fn index_delayed(index: &mut Index, batch: &mut sled::Batch) {
     for channel in index.channels.values_mut() {
         (channel.delayed, channel.delayed_bytes) = (0, 0);
     }
@@ -749,48 +810,6 @@ fn rebuild(db: &sled::Db, mut index: Index, log: &Log, report: &mut Report) -> R
         channel.delayed_bytes += body.len() as u64;
         channel.next_delayed = channel.next_delayed.max(number + 1);
     }
-    for (id, channel) in &index.channels {
-        batch.insert(&codec::channel_key(*id), channel.encode());
-        next_id = next_id.max(id.0.saturating_add(1));
-    }
-    for (id, (sub, acks)) in &index.subscriptions {
-        let Some(channel) = index.channels.get(&sub.channel) else {
-            report.actions.push(format!(
-                "dropped subscription {:?}: its channel is gone",
-                sub.name
-            ));
-            continue;
-        };
-        let acks = acks.clone().unwrap_or_else(|| {
-            report.actions.push(format!(
-                "subscription {:?} had no readable ack state: it starts again at sequence {} (redelivery, never loss)",
-                sub.name, channel.first_seq
-            ));
-            AckState {
-                floor: channel.first_seq,
-                ..AckState::default()
-            }
-        });
-        batch.insert(&codec::subscription_key(*id), sub.encode());
-        batch.insert(&codec::ack_key(*id), codec::encode_ack_state(&acks));
-        next_id = next_id.max(id.0.saturating_add(1));
-    }
-    for (segment, use_) in &usage {
-        batch.insert(&codec::segment_key(*segment), &use_.encode());
-    }
-    for (name, value) in &index.catalog {
-        batch.insert(codec::catalog_key(name), value.as_slice());
-    }
-    batch.insert(KEY_VERSION, &codec::FORMAT_VERSION.to_le_bytes());
-    batch.insert(KEY_NEXT_ID, &next_id.to_le_bytes());
-    batch.insert(KEY_LOG_END, &log_end.encode());
-    db.apply_batch(batch)?;
-    report.actions.push(format!(
-        "rebuilt the index: {} channel(s), {} subscription(s), {indexed} record(s)",
-        index.channels.len(),
-        index.subscriptions.len()
-    ));
-    Ok(())
 }
 
 /// Puts the old index aside in `index.old-TIME/` and the rebuilt one in its place.
