@@ -776,53 +776,20 @@ impl Writer {
                 continue;
             }
             log.collected_below = below;
-            // With retention, only what has aged out, or what takes the channel past its size,
-            // goes: the scan stops at the first record kept (ages and sizes only grow from
-            // the oldest), so it costs what it collects, not what is retained.
-            let now = now_ms();
-            let mut bytes = record.bytes;
-            let mut kept_from = None;
-            let mut doomed: Vec<(u64, sled::IVec, RecordLocation)> = Vec::new();
-            for entry in (self.index).range(&record_key(id, 0), &record_key(id, below)) {
-                let (key, value) = entry?;
-                let first = codec::parse_record_key(&key)?;
-                let at = RecordLocation::decode(&value)?;
-                if retention.keeps() {
-                    let aged = retention.max_age_ms > 0
-                        && at.publish_ms.saturating_add(retention.max_age_ms) <= now;
-                    let over = retention.max_bytes > 0 && bytes > retention.max_bytes;
-                    if !(aged || over || first < forced_below) {
-                        kept_from = Some(first);
-                        break;
-                    }
-                    bytes = bytes.saturating_sub(u64::from(at.len));
+            let retained = Retained {
+                retention,
+                bytes: record.bytes,
+                forced_below,
+            };
+            let (mut doomed, kept_from) = doomed_below(&self.index, id, below, retained)?;
+            let new_first = match kept_from {
+                Some(kept) => {
+                    // Not collected as far as the floors allow: look again next time.
+                    log.collected_below = 0;
+                    kept
                 }
-                doomed.push((first, key, at));
-            }
-            let mut new_first;
-            if let Some(kept) = kept_from {
-                new_first = kept;
-                // Not collected as far as the floors allow: look again next time.
-                log.collected_below = 0;
-            } else {
-                let next_record = match (self.index)
-                    .range(&record_key(id, below), &record_key(id, u64::MAX))
-                    .next()
-                {
-                    Some(entry) => Some(codec::parse_record_key(&entry?.0)?),
-                    None => None,
-                };
-                // The newest record found may reach past `below`: keep it then.
-                let last_ends_below = match next_record {
-                    Some(next) => next <= below,
-                    None => committed_end <= below,
-                };
-                new_first = next_record.unwrap_or(committed_end);
-                if !last_ends_below && let Some(&(last_first, _, _)) = doomed.last() {
-                    doomed.retain(|(first, _, _)| *first != last_first);
-                    new_first = last_first;
-                }
-            }
+                None => first_after(&self.index, id, below, committed_end, &mut doomed)?,
+            };
             if doomed.is_empty() {
                 continue;
             }
@@ -985,4 +952,79 @@ fn answer<T: Send + 'static>(group: &mut Group, reply: Reply<T>, planned: Result
             let _ = reply.send(Err(e));
         }
     }
+}
+
+/// A record to collect: its first sequence, its index key and where it is.
+type Doomed = (u64, sled::IVec, RecordLocation);
+
+/// What decides which of a channel's records its retention keeps.
+#[derive(Clone, Copy)]
+struct Retained {
+    retention: crate::Retention,
+    /// The channel's stored bytes.
+    bytes: u64,
+    /// Retained records below this sequence go anyway (a full channel gives them up).
+    forced_below: u64,
+}
+
+/// The records of channel `id` wholly below `below` that go, oldest first, and the first
+/// sequence retention keeps, if it keeps any. With retention, only what has aged out, or what
+/// takes the channel past its size, goes: the scan stops at the first record kept (ages and
+/// sizes only grow from the oldest), so it costs what it collects, not what is retained.
+fn doomed_below(
+    index: &impl Read,
+    id: ChannelId,
+    below: u64,
+    retained: Retained,
+) -> Result<(Vec<Doomed>, Option<u64>)> {
+    let Retained {
+        retention,
+        mut bytes,
+        forced_below,
+    } = retained;
+    let now = now_ms();
+    let mut doomed = Vec::new();
+    for entry in index.range(&record_key(id, 0), &record_key(id, below)) {
+        let (key, value) = entry?;
+        let first = codec::parse_record_key(&key)?;
+        let at = RecordLocation::decode(&value)?;
+        if retention.keeps() {
+            let aged = retention.max_age_ms > 0
+                && at.publish_ms.saturating_add(retention.max_age_ms) <= now;
+            let over = retention.max_bytes > 0 && bytes > retention.max_bytes;
+            if !(aged || over || first < forced_below) {
+                return Ok((doomed, Some(first)));
+            }
+            bytes = bytes.saturating_sub(u64::from(at.len));
+        }
+        doomed.push((first, key, at));
+    }
+    Ok((doomed, None))
+}
+
+/// The channel's first sequence once all of `doomed` goes, where no record below `below` is
+/// kept; the newest of `doomed` stays (and leaves the list) when it reaches past `below`.
+fn first_after(
+    index: &impl Read,
+    id: ChannelId,
+    below: u64,
+    committed_end: u64,
+    doomed: &mut Vec<Doomed>,
+) -> Result<u64> {
+    let next_record = match index
+        .range(&record_key(id, below), &record_key(id, u64::MAX))
+        .next()
+    {
+        Some(entry) => Some(codec::parse_record_key(&entry?.0)?),
+        None => None,
+    };
+    let last_ends_below = match next_record {
+        Some(next) => next <= below,
+        None => committed_end <= below,
+    };
+    if !last_ends_below && let Some(&(last_first, _, _)) = doomed.last() {
+        doomed.retain(|(first, _, _)| *first != last_first);
+        return Ok(last_first);
+    }
+    Ok(next_record.unwrap_or(committed_end))
 }
