@@ -71,6 +71,16 @@ impl Fill {
     }
 }
 
+/// What making room in a channel decided.
+struct Room {
+    /// The channel's fill once it is made.
+    fill: Fill,
+    /// Unacked messages from the floor up to this sequence are dropped.
+    dropped_to: u64,
+    /// Records only retention keeps, below this sequence, go (0: none).
+    retained_to: u64,
+}
+
 impl Writer {
     /// Makes room in `channel` for `incoming` messages of `incoming_bytes` (encoded), or
     /// refuses them, as its limits and policy say.
@@ -83,11 +93,6 @@ impl Writer {
     ) -> Result<()> {
         let record = (self.state.channels.get(&channel)).ok_or(StoreError::ChannelNotFound)?;
         let limits = record.settings.limits;
-        let name = record.name.clone();
-        let refuse = |fill: Fill| StoreError::ChannelFull {
-            channel: name.clone(),
-            limit: fill.describe(incoming),
-        };
         let alone = Fill {
             limits,
             messages: incoming,
@@ -95,7 +100,7 @@ impl Writer {
         };
         if alone.full() {
             return Err(StoreError::ChannelFull {
-                channel: name.clone(),
+                channel: record.name.clone(),
                 limit: format!(
                     "the batch alone is {incoming} messages of {incoming_bytes} bytes, more than \
                      max_messages {} or max_bytes {} allow",
@@ -104,8 +109,37 @@ impl Writer {
             });
         }
         let floor = self.state.collect_floor(channel);
+        let fill = self.fill_with(channel, floor, alone, group)?;
+        if !fill.full() {
+            return Ok(());
+        }
+        let room = self.room_for(channel, floor, fill, incoming)?;
+        // What is left is planned in this group, or delayed: neither can make room.
+        if room.fill.full() && limits.policy == LimitPolicy::Reject {
+            return Err(self.full(channel, room.fill, incoming));
+        }
+        if room.retained_to > 0 {
+            group.collect_below.insert(channel, room.retained_to);
+            group.touched.collects.insert(channel);
+        }
+        if room.dropped_to > floor {
+            self.plan_drop(channel, floor..room.dropped_to, group)?;
+        }
+        Ok(())
+    }
+
+    /// What `channel` would hold with `incoming` added: its retained and unacked messages,
+    /// delayed ones, and what the group planned already. Acked messages that share a record
+    /// with unacked ones go with it: they do not count.
+    fn fill_with(
+        &self,
+        channel: ChannelId,
+        floor: u64,
+        incoming: Fill,
+        group: &Group,
+    ) -> Result<Fill> {
+        let record = (self.state.channels.get(&channel)).ok_or(StoreError::ChannelNotFound)?;
         let planned = group.planned_bytes.get(&channel).copied().unwrap_or(0);
-        // Acked messages that share a record with unacked ones go with it: they do not count.
         let retained = match floor > record.first_seq {
             true => self
                 .state
@@ -115,14 +149,23 @@ impl Writer {
         let unacked = self
             .state
             .live(channel, floor.max(record.first_seq), record.next_seq);
-        let mut fill = Fill {
-            limits,
-            messages: retained + unacked + record.delayed + incoming,
-            bytes: record.bytes + record.delayed_bytes + planned + incoming_bytes,
-        };
-        if !fill.full() {
-            return Ok(());
-        }
+        Ok(Fill {
+            limits: incoming.limits,
+            messages: retained + unacked + record.delayed + incoming.messages,
+            bytes: record.bytes + record.delayed_bytes + planned + incoming.bytes,
+        })
+    }
+
+    /// Walks `channel`'s records from the oldest until `fill` is within its limits: records
+    /// only retention keeps go first, then (policy `drop_oldest`) unacked messages, up to the
+    /// bounds of one group; policy `reject` refuses instead.
+    fn room_for(
+        &self,
+        channel: ChannelId,
+        floor: u64,
+        mut fill: Fill,
+        incoming: u64,
+    ) -> Result<Room> {
         let end = (self.logs.get(&channel)).map_or(floor, |l| l.log.stats().next_seq);
         // Messages in [floor, dropped_to) are dropped; retained records below `retained_to` go.
         let mut dropped_to = floor;
@@ -151,8 +194,8 @@ impl Writer {
                 fill.bytes -= len.min(fill.bytes);
                 continue;
             }
-            if limits.policy == LimitPolicy::Reject {
-                return Err(refuse(fill));
+            if fill.limits.policy == LimitPolicy::Reject {
+                return Err(self.full(channel, fill, incoming));
             }
             if dropped_to - floor >= MAX_DROPPED || dropped_bytes >= MAX_DROPPED_BYTES {
                 break;
@@ -170,19 +213,20 @@ impl Writer {
                 fill.messages -= need;
             }
         }
-        drop(records);
-        // What is left is planned in this group, or delayed: neither can make room.
-        if fill.full() && limits.policy == LimitPolicy::Reject {
-            return Err(refuse(fill));
+        Ok(Room {
+            fill,
+            dropped_to,
+            retained_to,
+        })
+    }
+
+    /// The refusal of `incoming` messages to `channel`, as full as `fill` says.
+    fn full(&self, channel: ChannelId, fill: Fill, incoming: u64) -> StoreError {
+        let name = (self.state.channels.get(&channel)).map_or_else(String::new, |r| r.name.clone());
+        StoreError::ChannelFull {
+            channel: name,
+            limit: fill.describe(incoming),
         }
-        if retained_to > 0 {
-            group.collect_below.insert(channel, retained_to);
-            group.touched.collects.insert(channel);
-        }
-        if dropped_to > floor {
-            self.plan_drop(channel, floor..dropped_to, group)?;
-        }
-        Ok(())
     }
 
     /// The first sequence of the record of `channel` that holds `seq` (or `seq` if none does:
