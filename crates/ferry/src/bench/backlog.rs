@@ -53,39 +53,16 @@ pub(super) async fn backlog_scenario(
     }
 
     // Kept for the end: the first process's peak is gone once the restart stops it.
-    let mut peak_before_restart = None;
-    match broker.as_deref_mut() {
-        Some(broker) => {
-            print_data_size("backlog  data dir on disk", broker);
-            match broker.memory() {
-                Ok(memory) => {
-                    println!(
-                        "{:<32}: {}  (peak so far {})",
-                        "backlog  broker RSS (VmRSS)",
-                        mib(memory.now_kib * 1024),
-                        mib(memory.peak_kib * 1024)
-                    );
-                    peak_before_restart = Some(memory.peak_kib);
-                }
-                Err(e) => println!("{:<32}: unavailable ({e})", "backlog  broker RSS (VmRSS)"),
-            }
-            let startup = broker.restart().await?;
-            let rss = match broker.memory() {
-                Ok(memory) => mib(memory.now_kib * 1024),
-                Err(e) => format!("unavailable ({e})"),
-            };
+    let peak_before_restart = match broker.as_deref_mut() {
+        Some(broker) => weigh_and_restart(broker).await?,
+        None => {
             println!(
-                "{:<32}: {:.2} s  (new pid {}, RSS when ready {rss})",
-                "backlog  restart to ready",
-                startup.as_secs_f64(),
-                broker.process.pid
+                "{:<32}: skipped: the broker was not started by the bench",
+                "backlog  disk, memory, restart"
             );
+            None
         }
-        None => println!(
-            "{:<32}: skipped: the broker was not started by the bench",
-            "backlog  disk, memory, restart"
-        ),
-    }
+    };
 
     let connection = bench.connect().await?;
     let started = Instant::now();
@@ -119,25 +96,61 @@ pub(super) async fn backlog_scenario(
         DELETION_SETTLE.as_secs()
     );
     if let Some(broker) = broker {
-        // Weighed again because sled keeps the space deletions free for its own reuse rather
-        // than giving it back: this is what a drained broker still occupies.
-        print_data_size("backlog  data dir after drain", broker);
-        let peak_after = broker.memory().map(|memory| mib(memory.peak_kib * 1024));
-        let before =
-            peak_before_restart.map_or_else(|| "unavailable".to_owned(), |kib| mib(kib * 1024));
-        match peak_after {
-            Ok(after) => println!(
-                "{:<32}: {before} before the restart, {after} after it",
-                "backlog  broker peak RSS (VmHWM)"
-            ),
-            Err(e) => println!(
-                "{:<32}: {before} before the restart, unavailable after it ({e})",
-                "backlog  broker peak RSS (VmHWM)"
-            ),
-        }
+        weigh_after_drain(broker, peak_before_restart);
     }
     bench.remove_channel(&channel).await;
     Ok(())
+}
+
+/// Weighs the backlog on disk and in memory, then restarts the broker on it; returns its peak
+/// RSS before the restart (KiB), when it could be read.
+async fn weigh_and_restart(broker: &mut BrokerChild) -> Result<Option<u64>> {
+    print_data_size("backlog  data dir on disk", broker);
+    let mut peak = None;
+    match broker.memory() {
+        Ok(memory) => {
+            println!(
+                "{:<32}: {}  (peak so far {})",
+                "backlog  broker RSS (VmRSS)",
+                mib(memory.now_kib * 1024),
+                mib(memory.peak_kib * 1024)
+            );
+            peak = Some(memory.peak_kib);
+        }
+        Err(e) => println!("{:<32}: unavailable ({e})", "backlog  broker RSS (VmRSS)"),
+    }
+    let startup = broker.restart().await?;
+    let rss = match broker.memory() {
+        Ok(memory) => mib(memory.now_kib * 1024),
+        Err(e) => format!("unavailable ({e})"),
+    };
+    println!(
+        "{:<32}: {:.2} s  (new pid {}, RSS when ready {rss})",
+        "backlog  restart to ready",
+        startup.as_secs_f64(),
+        broker.process.pid
+    );
+    Ok(peak)
+}
+
+/// Weighs the data directory again once the backlog is drained (sled keeps the space deletions
+/// free for its own reuse rather than giving it back: this is what a drained broker still
+/// occupies), and prints the peak RSS before and after the restart.
+fn weigh_after_drain(broker: &BrokerChild, peak_before_restart: Option<u64>) {
+    print_data_size("backlog  data dir after drain", broker);
+    let peak_after = broker.memory().map(|memory| mib(memory.peak_kib * 1024));
+    let before =
+        peak_before_restart.map_or_else(|| "unavailable".to_owned(), |kib| mib(kib * 1024));
+    match peak_after {
+        Ok(after) => println!(
+            "{:<32}: {before} before the restart, {after} after it",
+            "backlog  broker peak RSS (VmHWM)"
+        ),
+        Err(e) => println!(
+            "{:<32}: {before} before the restart, unavailable after it ({e})",
+            "backlog  broker peak RSS (VmHWM)"
+        ),
+    }
 }
 
 /// Prints what the private broker's data directory takes on disk.
