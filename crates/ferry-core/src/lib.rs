@@ -141,8 +141,9 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Checks one publish batch; the error names the limit broken.
-    pub fn check_batch(&self, messages: &[NewMessage]) -> Result<()> {
+    /// Checks one publish batch and returns its size in bytes (payload, key, id and
+    /// attributes); the error names the limit broken.
+    pub fn check_batch(&self, messages: &[NewMessage]) -> Result<usize> {
         let invalid = |m: String| Err(CoreError::InvalidArgument(m));
         if messages.is_empty() {
             return invalid("a publish request needs at least one message".into());
@@ -190,7 +191,7 @@ impl Limits {
                 self.max_batch_bytes
             ));
         }
-        Ok(())
+        Ok(total)
     }
 }
 

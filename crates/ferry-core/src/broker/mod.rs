@@ -139,12 +139,14 @@ pub struct PreparedPublish {
     channel: Arc<ChannelShared>,
     messages: Vec<NewMessage>,
     traced: Vec<(usize, String)>,
+    /// Its messages' size, as the limits and the store's queue count them.
+    bytes: usize,
 }
 
 impl PreparedPublish {
-    /// Its messages' size, as the store's queue counts them.
+    /// Its messages' size, as the limits and the store's queue count them.
     pub fn bytes(&self) -> usize {
-        self.messages.iter().map(NewMessage::size).sum()
+        self.bytes
     }
 }
 
@@ -554,7 +556,7 @@ impl Broker {
     ) -> Result<PreparedPublish> {
         self.check_open()?;
         let shared = self.channel(channel)?;
-        self.inner.limits.check_batch(&messages)?;
+        let bytes = self.inner.limits.check_batch(&messages)?;
         let ttl = shared
             .settings
             .lock()
@@ -574,6 +576,7 @@ impl Broker {
             channel: shared,
             messages,
             traced,
+            bytes,
         })
     }
 
