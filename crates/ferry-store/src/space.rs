@@ -109,6 +109,8 @@ pub(crate) struct Space {
     probe_now: AtomicBool,
     /// Set (and the condvar notified) to stop the monitor.
     stop: (Mutex<bool>, Condvar),
+    /// sled's log file, once it exists, held open for [`Space::keep_sled_headroom`].
+    sled_log: Mutex<Option<std::fs::File>>,
 }
 
 impl Space {
@@ -150,6 +152,7 @@ impl Space {
             failed_at: Mutex::new(None),
             probe_now: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
+            sled_log: Mutex::new(None),
         });
         space.refresh()?;
         Ok(space)
@@ -362,8 +365,13 @@ impl Space {
     /// already its own, sled's writes cannot fail for space.
     fn keep_sled_headroom(&self) {
         use std::os::unix::fs::MetadataExt as _;
-        let path = self.dir.join(SLED_LOG_FILE);
-        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+        let mut held = self.sled_log.lock().expect("sled log lock");
+        if held.is_none() {
+            // Before the store's first start it does not exist yet.
+            let path = self.dir.join(SLED_LOG_FILE);
+            *held = std::fs::OpenOptions::new().write(true).open(&path).ok();
+        }
+        let Some(file) = held.as_ref() else {
             return;
         };
         let Ok(metadata) = file.metadata() else {
@@ -374,7 +382,7 @@ impl Space {
             return;
         }
         let keep = rustix::fs::FallocateFlags::KEEP_SIZE;
-        if let Err(e) = rustix::fs::fallocate(&file, keep, 0, metadata.len() + SLED_HEADROOM) {
+        if let Err(e) = rustix::fs::fallocate(file, keep, 0, metadata.len() + SLED_HEADROOM) {
             tracing::debug!(error = %e, "cannot allocate room ahead of sled's log");
         }
     }
