@@ -111,7 +111,8 @@ impl Services<'_> {
         config: &Config,
         health: HealthServer<impl Health>,
     ) -> Result<Routes, ServeError> {
-        let guard = |guarded| auth::Authenticator::new(self.gate.clone(), guarded);
+        let seen = Arc::new(auth::certificate::Seen::default());
+        let guard = |guarded| auth::Authenticator::new(self.gate.clone(), guarded, seen.clone());
         // Generic tools (grpcurl, grpcui, Postman) speak either version of the reflection
         // protocol.
         let reflection = || {

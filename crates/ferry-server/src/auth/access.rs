@@ -8,11 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ferry_core::names::quote;
-use tokio_rustls::rustls::pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
 
 use super::rules::{Right, Rule};
-use super::{certificate, token};
+use super::token;
 use crate::Config;
 use crate::config::{AuthConfig, PrincipalConfig};
 
@@ -47,14 +46,15 @@ pub enum Credential {
     /// A bearer token, by its SHA-256 digest.
     Token(token::Digest),
     /// A client certificate (mutual TLS), by the names it carries.
-    Certificate(Vec<String>),
+    Certificate(Arc<[String]>),
 }
 
 impl Credential {
-    /// What `metadata` and, under mutual TLS, `certificates` (the client's chain, its own
-    /// certificate first) present. A token, when given, is the credential even beside a
-    /// certificate: it is the more specific of the two.
-    pub fn of(metadata: &MetadataMap, certificates: Option<&[CertificateDer<'static>]>) -> Self {
+    /// What `metadata` and, under mutual TLS, the client certificate present; `certificate`
+    /// gives the names of the latter, if any, and is asked only when no token is given. A
+    /// token, when given, is the credential even beside a certificate: it is the more specific
+    /// of the two.
+    pub fn of(metadata: &MetadataMap, certificate: impl FnOnce() -> Option<Arc<[String]>>) -> Self {
         if let Some(value) = metadata.get("authorization") {
             let token = value
                 .to_str()
@@ -68,8 +68,8 @@ impl Credential {
                 None => Credential::Malformed,
             };
         }
-        match certificates.and_then(<[_]>::first) {
-            Some(leaf) => Credential::Certificate(certificate::names(leaf)),
+        match certificate() {
+            Some(names) => Credential::Certificate(names),
             None => Credential::Nothing,
         }
     }
@@ -270,7 +270,7 @@ mod tests {
         let mut metadata = MetadataMap::new();
         let value: MetadataValue<_> = authorization.parse().unwrap();
         metadata.insert("authorization", value);
-        Credential::of(&metadata, None)
+        Credential::of(&metadata, || None)
     }
 
     #[test]

@@ -174,12 +174,20 @@ pub enum Guarded {
 pub struct Authenticator {
     gate: Gate,
     guarded: Guarded,
+    /// The names of the certificates of recent connections, shared by every service's
+    /// authenticator.
+    seen: Arc<certificate::Seen>,
 }
 
 impl Authenticator {
-    /// Guards `guarded` with the table `gate` holds at each call.
-    pub fn new(gate: Gate, guarded: Guarded) -> Authenticator {
-        Authenticator { gate, guarded }
+    /// Guards `guarded` with the table `gate` holds at each call, reading certificates'
+    /// names through `seen`.
+    pub fn new(gate: Gate, guarded: Guarded, seen: Arc<certificate::Seen>) -> Authenticator {
+        Authenticator {
+            gate,
+            guarded,
+            seen,
+        }
     }
 }
 
@@ -191,13 +199,12 @@ impl tonic::service::Interceptor for Authenticator {
             Guarded::Health => access.auth.open_health,
             Guarded::Reflection => access.auth.open_reflection,
         };
-        // A certificate's names are read (an x509 parse) only when principals could match
-        // them: with none declared, every caller may do everything anyway.
-        let certificates = request.peer_certs().filter(|_| access.is_enforced());
-        let credential = Credential::of(
-            request.metadata(),
-            certificates.as_deref().map(Vec::as_slice),
-        );
+        // A certificate's names are read (an x509 parse, once per connection) only when
+        // principals could match them: with none declared, every caller may do everything.
+        let credential = Credential::of(request.metadata(), || {
+            let chain = request.peer_certs().filter(|_| access.is_enforced())?;
+            Some(self.seen.names(&chain))
+        });
         match access.identify(&credential) {
             Ok(principal) => {
                 request.extensions_mut().insert(Caller {
