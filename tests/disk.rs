@@ -403,18 +403,15 @@ async fn assert_refused_for_space(daemon: &Daemon, channel: &str) {
         .publish(batch(channel, [b"no room".to_vec()]))
         .await;
     let Err(refused) = published else {
-        let listing = std::process::Command::new("ls")
-            .args(["-ls"])
-            .arg(&daemon.data_dir)
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-            .unwrap_or_default();
-        let df = std::process::Command::new("df")
-            .args(["-B1"])
-            .arg(&daemon.data_dir)
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-            .unwrap_or_default();
+        let on_data_dir = |command: &[&str]| {
+            std::process::Command::new(command[0])
+                .args(&command[1..])
+                .arg(&daemon.data_dir)
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let (df, listing) = (on_data_dir(&["df", "-B1"]), on_data_dir(&["ls", "-ls"]));
         let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
         panic!("a publish was accepted on a full disk\n{df}\n{listing}\nlog:\n{log}");
     };
