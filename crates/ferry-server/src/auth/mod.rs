@@ -202,7 +202,9 @@ impl tonic::service::Interceptor for Authenticator {
         // A certificate's names are read (an x509 parse, once per connection) only when
         // principals could match them: with none declared, every caller may do everything.
         let credential = Credential::of(request.metadata(), || {
-            let chain = request.peer_certs().filter(|_| access.is_enforced())?;
+            let chain = request
+                .peer_certs()
+                .filter(|chain| access.is_enforced() && !chain.is_empty())?;
             Some(self.seen.names(&chain))
         });
         match access.identify(&credential) {
