@@ -203,67 +203,55 @@ struct SubscriptionFamilies {
 
 impl SubscriptionFamilies {
     fn new(reg: &mut Registry) -> Self {
-        let backlog = family::<Gauge>(
-            reg,
-            "ferry_subscription_backlog_messages",
-            "Messages waiting to be delivered",
-        );
-        let in_flight = family::<Gauge>(
-            reg,
-            "ferry_subscription_in_flight_messages",
-            "Deliveries not acked yet",
-        );
-        let unacked = family::<Gauge>(
-            reg,
-            "ferry_subscription_unacked_messages",
-            "Messages not acked yet",
-        );
-        let acked = family::<Counter>(reg, "ferry_subscription_acked", "Messages acked");
-        let delivered = family::<Counter>(
-            reg,
-            "ferry_subscription_delivered",
-            "Deliveries made, first or not, since start",
-        );
-        let redelivered = family::<Counter>(
-            reg,
-            "ferry_subscription_redelivered",
-            "Deliveries after the first, since start",
-        );
-        let nacked = family::<Counter>(reg, "ferry_subscription_nacked", "Nacks, since start");
-        let dead = family::<Counter>(
-            reg,
-            "ferry_subscription_dead_lettered",
-            "Messages dead-lettered, since start",
-        );
-        let expired = family::<Counter>(
-            reg,
-            "ferry_subscription_expired",
-            "Messages expired before delivery, since start",
-        );
-        let filtered = family::<Counter>(
-            reg,
-            "ferry_subscription_filtered",
-            "Messages a filter kept from the subscription, since start",
-        );
-        let consumers = family::<Gauge>(reg, "ferry_subscription_consumers", "Consumers attached");
-        let oldest = family::<Gauge>(
-            reg,
-            "ferry_subscription_oldest_unacked_age_seconds",
-            "Age of the oldest unacked message",
-        );
         SubscriptionFamilies {
-            backlog,
-            in_flight,
-            unacked,
-            acked,
-            delivered,
-            redelivered,
-            nacked,
-            dead,
-            expired,
-            filtered,
-            consumers,
-            oldest,
+            backlog: family::<Gauge>(
+                reg,
+                "ferry_subscription_backlog_messages",
+                "Messages waiting to be delivered",
+            ),
+            in_flight: family::<Gauge>(
+                reg,
+                "ferry_subscription_in_flight_messages",
+                "Deliveries not acked yet",
+            ),
+            unacked: family::<Gauge>(
+                reg,
+                "ferry_subscription_unacked_messages",
+                "Messages not acked yet",
+            ),
+            acked: family::<Counter>(reg, "ferry_subscription_acked", "Messages acked"),
+            delivered: family::<Counter>(
+                reg,
+                "ferry_subscription_delivered",
+                "Deliveries made, first or not, since start",
+            ),
+            redelivered: family::<Counter>(
+                reg,
+                "ferry_subscription_redelivered",
+                "Deliveries after the first, since start",
+            ),
+            nacked: family::<Counter>(reg, "ferry_subscription_nacked", "Nacks, since start"),
+            dead: family::<Counter>(
+                reg,
+                "ferry_subscription_dead_lettered",
+                "Messages dead-lettered, since start",
+            ),
+            expired: family::<Counter>(
+                reg,
+                "ferry_subscription_expired",
+                "Messages expired before delivery, since start",
+            ),
+            filtered: family::<Counter>(
+                reg,
+                "ferry_subscription_filtered",
+                "Messages a filter kept from the subscription, since start",
+            ),
+            consumers: family::<Gauge>(reg, "ferry_subscription_consumers", "Consumers attached"),
+            oldest: family::<Gauge>(
+                reg,
+                "ferry_subscription_oldest_unacked_age_seconds",
+                "Age of the oldest unacked message",
+            ),
         }
     }
 
