@@ -109,7 +109,7 @@ impl Writer {
             });
         }
         let floor = self.state.collect_floor(channel);
-        let fill = self.fill_with(channel, floor, alone, group)?;
+        let fill = self.fill_with(channel, record, floor, alone, group)?;
         if !fill.full() {
             return Ok(());
         }
@@ -128,17 +128,17 @@ impl Writer {
         Ok(())
     }
 
-    /// What `channel` would hold with `incoming` added: its retained and unacked messages,
-    /// delayed ones, and what the group planned already. Acked messages that share a record
-    /// with unacked ones go with it: they do not count.
+    /// What `channel` (whose figures `record` holds) would hold with `incoming` added: its
+    /// retained and unacked messages, delayed ones, and what the group planned already. Acked
+    /// messages that share a record with unacked ones go with it: they do not count.
     fn fill_with(
         &self,
         channel: ChannelId,
+        record: &codec::ChannelRecord,
         floor: u64,
         incoming: Fill,
         group: &Group,
     ) -> Result<Fill> {
-        let record = (self.state.channels.get(&channel)).ok_or(StoreError::ChannelNotFound)?;
         let planned = group.planned_bytes.get(&channel).copied().unwrap_or(0);
         let retained = match floor > record.first_seq {
             true => self
