@@ -309,7 +309,7 @@ async fn open_broker(config: &Config) -> Result<Broker, ServeError> {
 async fn start_metrics(
     config: &Config,
     broker: &Broker,
-    activity: &std::sync::Arc<activity::Activity>,
+    activity: &Arc<activity::Activity>,
     stop: &CancellationToken,
 ) -> Result<(), ServeError> {
     let Some(address) = config.metrics.listen else {
