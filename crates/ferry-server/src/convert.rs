@@ -18,31 +18,40 @@ use tonic::Status;
 /// The longest time to live a message may have.
 const MAX_TTL_MS: u64 = 100 * 365 * 86_400_000;
 
+/// A message to publish as the core takes it: its times become the reserved attributes, and
+/// its payload gets a buffer of its own.
 pub fn new_message(m: pb::OutgoingMessage) -> Result<NewMessage, Status> {
-    let mut attributes: Vec<(String, String)> = m.attributes.into_iter().collect();
-    if let Some((name, _)) = attributes
-        .iter()
-        .find(|(name, _)| name == EXPIRE_AT || name == DELIVER_AT)
+    if let Some(name) = (m.attributes.keys()).find(|name| *name == EXPIRE_AT || *name == DELIVER_AT)
     {
         return Err(Status::invalid_argument(format!(
             "the attribute {name:?} is reserved: set the message's ttl, deliver_time or delay instead"
         )));
     }
-    let now = UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64);
+    // Most messages are neither delayed nor expire: they cost no read of the clock.
+    let timed = m.deliver_time.is_some() || m.delay.is_some() || m.ttl.is_some();
+    let now = match timed {
+        true => UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64),
+        false => 0,
+    };
     let due = deliver_at(m.deliver_time, m.delay, now)?;
-    if let Some(due) = due {
-        attributes.push((DELIVER_AT.to_owned(), due.to_string()));
-    }
-    if let Some(ttl) = millis("ttl", m.ttl)? {
-        if !(1..=MAX_TTL_MS).contains(&ttl) {
+    let expire = match millis("ttl", m.ttl)? {
+        Some(ttl) if !(1..=MAX_TTL_MS).contains(&ttl) => {
             return Err(Status::invalid_argument(format!(
                 "ttl is {ttl} ms: it must be from 1 ms to 100 years"
             )));
         }
         // A delayed message's time to live starts when it is due.
-        let from = due.unwrap_or(now).max(now);
-        attributes.push((EXPIRE_AT.to_owned(), (from + ttl).to_string()));
-    }
+        Some(ttl) => Some(due.unwrap_or(now).max(now) + ttl),
+        None => None,
+    };
+    let (due, expire) = (
+        due.map(|at| at.to_string()),
+        expire.map(|at| at.to_string()),
+    );
+    let attributes = (m.attributes.iter())
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .chain(due.as_deref().map(|at| (DELIVER_AT, at)))
+        .chain(expire.as_deref().map(|at| (EXPIRE_AT, at)));
     Ok(NewMessage {
         // The decoded payload is a slice of the request's receive buffer; a cached message must
         // not keep that whole buffer alive, so it gets its own copy.
@@ -85,6 +94,7 @@ fn deliver_at(
     Ok((due > now).then_some(due))
 }
 
+/// A stored message as clients see it: its reserved attributes become its times.
 pub fn message(m: &Message) -> pb::Message {
     let time = |name: &str| {
         (m.attributes.get(name))
@@ -108,6 +118,7 @@ pub fn message(m: &Message) -> pb::Message {
     }
 }
 
+/// A delivery as a subscribe stream sends it.
 pub fn delivery(d: Delivery) -> pb::Delivery {
     pb::Delivery {
         message: Some(message(&d.message)),
@@ -117,6 +128,7 @@ pub fn delivery(d: Delivery) -> pb::Delivery {
     }
 }
 
+/// What became of one ack id, as the consumer is told.
 pub fn ack_result(outcome: AckOutcome) -> pb::AckResult {
     let status = match outcome.result {
         AckResult::Ok => pb::AckStatus::Ok,
@@ -129,6 +141,7 @@ pub fn ack_result(outcome: AckOutcome) -> pb::AckResult {
     }
 }
 
+/// A consumer's window as its request gives it (none given: all zero).
 pub fn window(w: Option<pb::FlowControl>) -> Window {
     let w = w.unwrap_or_default();
     Window {
@@ -137,6 +150,7 @@ pub fn window(w: Option<pb::FlowControl>) -> Window {
     }
 }
 
+/// A window as the wire carries it.
 pub fn flow_control(w: Window) -> pb::FlowControl {
     pb::FlowControl {
         max_messages: w.max_messages,
@@ -144,6 +158,7 @@ pub fn flow_control(w: Window) -> pb::FlowControl {
     }
 }
 
+/// Milliseconds since the epoch as a protobuf timestamp.
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (ms / 1000) as i64,
@@ -151,6 +166,7 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// A duration as protobuf carries it.
 pub fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
@@ -311,6 +327,7 @@ fn retry_policy(policy: &RetryPolicy) -> Option<pb::RetryPolicy> {
     })
 }
 
+/// A subscription's settings and figures, as Admin reports them.
 pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::SubscriptionInfo {
     let oldest = s.oldest_unacked_publish_time_ms;
     let now_ms = UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64);
@@ -346,6 +363,7 @@ pub fn subscription_info(channel: &str, s: SubscriptionStats) -> pb::Subscriptio
     }
 }
 
+/// A channel's settings and figures, as Admin reports them.
 pub fn channel_info(c: ChannelInfo) -> pb::ChannelInfo {
     let name = c.name;
     pb::ChannelInfo {
@@ -396,6 +414,7 @@ pub fn derived_spec(d: pb::DerivedChannel) -> DerivedSpec {
     }
 }
 
+/// A derived channel's definition and state, as Admin reports them.
 pub fn derived_info(info: DerivedInfo) -> pb::DerivedInfo {
     let spec = info.spec;
     pb::DerivedInfo {
@@ -415,6 +434,7 @@ pub fn derived_info(info: DerivedInfo) -> pb::DerivedInfo {
     }
 }
 
+/// One step of a configuration plan, as Admin reports it.
 pub fn config_step(step: ferry_core::broker::Step) -> pb::ConfigStep {
     use ferry_core::broker::Action;
     let action = match step.action {
