@@ -106,8 +106,7 @@ pub(super) async fn backlog_scenario(
 /// RSS before the restart (KiB), when it could be read.
 async fn weigh_and_restart(broker: &mut BrokerChild) -> Result<Option<u64>> {
     print_data_size("backlog  data dir on disk", broker);
-    let mut peak = None;
-    match broker.memory() {
+    let peak = match broker.memory() {
         Ok(memory) => {
             println!(
                 "{:<32}: {}  (peak so far {})",
@@ -115,10 +114,13 @@ async fn weigh_and_restart(broker: &mut BrokerChild) -> Result<Option<u64>> {
                 mib(memory.now_kib * 1024),
                 mib(memory.peak_kib * 1024)
             );
-            peak = Some(memory.peak_kib);
+            Some(memory.peak_kib)
         }
-        Err(e) => println!("{:<32}: unavailable ({e})", "backlog  broker RSS (VmRSS)"),
-    }
+        Err(e) => {
+            println!("{:<32}: unavailable ({e})", "backlog  broker RSS (VmRSS)");
+            None
+        }
+    };
     let startup = broker.restart().await?;
     let rss = match broker.memory() {
         Ok(memory) => mib(memory.now_kib * 1024),
@@ -138,19 +140,16 @@ async fn weigh_and_restart(broker: &mut BrokerChild) -> Result<Option<u64>> {
 /// occupies), and prints the peak RSS before and after the restart.
 fn weigh_after_drain(broker: &BrokerChild, peak_before_restart: Option<u64>) {
     print_data_size("backlog  data dir after drain", broker);
-    let peak_after = broker.memory().map(|memory| mib(memory.peak_kib * 1024));
     let before =
         peak_before_restart.map_or_else(|| "unavailable".to_owned(), |kib| mib(kib * 1024));
-    match peak_after {
-        Ok(after) => println!(
-            "{:<32}: {before} before the restart, {after} after it",
-            "backlog  broker peak RSS (VmHWM)"
-        ),
-        Err(e) => println!(
-            "{:<32}: {before} before the restart, unavailable after it ({e})",
-            "backlog  broker peak RSS (VmHWM)"
-        ),
-    }
+    let after = broker.memory().map_or_else(
+        |e| format!("unavailable ({e})"),
+        |memory| mib(memory.peak_kib * 1024),
+    );
+    println!(
+        "{:<32}: {before} before the restart, {after} after it",
+        "backlog  broker peak RSS (VmHWM)"
+    );
 }
 
 /// Prints what the private broker's data directory takes on disk.
